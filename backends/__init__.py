@@ -1,0 +1,1 @@
+"""Storage backends: each module opens one kind of member URI as a BlockDevice."""

@@ -1,0 +1,77 @@
+"""memory:// members: RAM-backed block devices for tests and benchmarks.
+
+Devices with the same name in one process share their bytes, so a test can
+"reopen" a memory member and see what was written (like a disk that stays).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.errors import ConfigError, NotFoundError
+from vstore.sizes import parse_size
+
+_STORES: dict[str, np.ndarray] = {}
+
+
+class MemoryDevice(DeviceBase):
+    """A block device whose bytes live in a numpy array."""
+
+    def __init__(self, store: np.ndarray, block_size: int = 512, name: str = "") -> None:
+        self.store = store
+        self.size = len(store)
+        self.block_size = block_size
+        self.name = name
+        self.closed = False
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Return a copy of the bytes (a copy, so later writes do not change it)."""
+        self.check(offset, length)
+        return self.store[offset : offset + length].copy()
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Store the bytes."""
+        buf = as_u8(data)
+        self.check(offset, len(buf))
+        self.store[offset : offset + len(buf)] = buf
+
+    async def flush(self) -> None:
+        """Memory is as durable as it gets."""
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discarded ranges read back as zeros."""
+        self.check(offset, length)
+        self.store[offset : offset + length] = 0
+
+    async def aclose(self) -> None:
+        """Nothing to release; the store stays for a later reopen."""
+        self.closed = True
+
+    def identity(self) -> str:
+        """A string that is equal for two devices exactly when they share storage."""
+        return f"memory:{id(self.store)}"
+
+
+def forget(name: str | None = None) -> None:
+    """Drop one named memory store (or all of them)."""
+    if name is None:
+        _STORES.clear()
+    else:
+        _STORES.pop(name, None)
+
+
+async def open_uri(uri, *, create_size: int | None = None, **opts) -> MemoryDevice:
+    """Open memory://NAME?size=SIZE, creating the store on first use."""
+    params = uri.params
+    block_size = int(params.get("block_size", 512))
+    store = _STORES.get(uri.host)
+    if store is None:
+        size_text = params.get("size")
+        size = parse_size(size_text) if size_text else create_size
+        if size is None:
+            raise NotFoundError(f"memory member {uri.host!r} does not exist and has no size")
+        if size <= 0 or size % block_size:
+            raise ConfigError(f"memory member size must be a positive multiple of {block_size}")
+        store = _STORES[uri.host] = np.zeros(size, dtype=np.uint8)
+    return MemoryDevice(store, block_size, uri.host)

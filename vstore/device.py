@@ -1,0 +1,77 @@
+"""The one interface every layer implements: an async block device.
+
+Reads return 1-D ``numpy.uint8`` arrays (possibly views into a larger buffer, so
+callers must not keep them across a later write to the same device). Writes take
+any buffer: bytes, bytearray, memoryview or a uint8 array; ``as_u8`` views it
+without copying.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from vstore.errors import OutOfRangeError
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """An async block device: the face of every backend and every layer."""
+
+    size: int
+    block_size: int
+
+    async def read(self, offset: int, length: int) -> np.ndarray: ...
+
+    async def write(self, offset: int, data: Buffer) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def as_u8(data: Buffer) -> np.ndarray:
+    """View a buffer as a 1-D uint8 array without copying."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            data = data.view(np.uint8)
+        return data.reshape(-1)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def check_range(dev: BlockDevice, offset: int, length: int, *, aligned: bool = False) -> None:
+    """Raise OutOfRangeError unless [offset, offset+length) lies inside the device."""
+    if offset < 0 or length < 0 or offset + length > dev.size:
+        raise OutOfRangeError(
+            f"I/O at offset {offset} length {length} is outside the device (size {dev.size})"
+        )
+    if aligned and (offset % dev.block_size or length % dev.block_size):
+        raise OutOfRangeError(
+            f"I/O at offset {offset} length {length} is not aligned to {dev.block_size} bytes"
+        )
+
+
+class DeviceBase:
+    """Helpers shared by concrete devices: size bookkeeping and range checks."""
+
+    size: int = 0
+    block_size: int = 512
+
+    def check(self, offset: int, length: int) -> None:
+        """Raise OutOfRangeError unless the range lies inside this device."""
+        check_range(self, offset, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard is advisory; the default does nothing."""
+        self.check(offset, length)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
