@@ -1,0 +1,147 @@
+"""A fault-injecting wrapper device for tests, like QEMU's blkdebug.
+
+``FaultDevice(dev)`` passes I/O through to ``dev`` until told otherwise:
+
+    f.fail("read")                 # every read raises MemberIOError from now on
+    f.fail("write", after=3)       # the 4th write from now, and every one after, fails
+    f.fail("all", after=10, count=1)   # only the 11th operation fails (once)
+    f.corrupt_reads(after=0, count=1)  # the next read returns flipped bytes
+    f.heal()                       # forget every rule
+
+Operation kinds are ``read``, ``write``, ``flush``, ``discard``; ``all`` means
+any of them. Counters (``ops``) record what passed through, so tests can check
+that a layout did or did not touch a member. A failed write leaves the device
+unchanged (``torn=True`` writes the first half first, as a crash might).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.errors import ConfigError, MemberIOError
+
+KINDS = ("read", "write", "flush", "discard")
+
+
+@dataclass
+class FaultRule:
+    """One armed fault: which operations, how many to let pass first, how many to hit."""
+
+    kinds: frozenset[str]
+    action: str  # "fail" or "corrupt"
+    after: int = 0
+    count: int | None = None  # None: forever
+    torn: bool = False
+
+    def matches(self, kind: str) -> bool:
+        """Count this operation; True when the fault hits it."""
+        if kind not in self.kinds:
+            return False
+        if self.after > 0:
+            self.after -= 1
+            return False
+        if self.count is not None:
+            if self.count <= 0:
+                return False
+            self.count -= 1
+        return True
+
+
+def _kinds(kind: str) -> frozenset[str]:
+    if kind == "all":
+        return frozenset(KINDS)
+    if kind not in KINDS:
+        raise ConfigError(f"unknown operation kind {kind!r} (known: all, {', '.join(KINDS)})")
+    return frozenset([kind])
+
+
+class FaultDevice(DeviceBase):
+    """A BlockDevice that forwards to another and injects failures and corruption on command."""
+
+    def __init__(self, inner: BlockDevice, name: str = "", delay: float = 0.0) -> None:
+        self.inner = inner
+        self.name = name or repr(inner)
+        self.size = inner.size
+        self.block_size = inner.block_size
+        self.delay = delay  # seconds each operation sleeps first: widens race windows
+        self.rules: list[FaultRule] = []
+        self.ops = dict.fromkeys(KINDS, 0)
+        self.faults_hit = 0
+
+    def fail(self, kind: str = "all", *, after: int = 0, count: int | None = None, torn: bool = False) -> None:
+        """Make operations of a kind raise MemberIOError, after letting `after` pass."""
+        self.rules.append(FaultRule(_kinds(kind), "fail", after, count, torn))
+
+    def corrupt_reads(self, *, after: int = 0, count: int | None = None) -> None:
+        """Make reads return their bytes inverted, after letting `after` reads pass."""
+        self.rules.append(FaultRule(_kinds("read"), "corrupt", after, count))
+
+    def heal(self) -> None:
+        """Forget every armed fault."""
+        self.rules.clear()
+
+    def _hit(self, kind: str) -> FaultRule | None:
+        self.ops[kind] += 1
+        hit = None
+        for rule in self.rules:
+            if rule.matches(kind) and hit is None:
+                hit = rule
+        if hit is not None:
+            self.faults_hit += 1
+        return hit
+
+    def _error(self, kind: str, offset: int | None = None) -> MemberIOError:
+        where = f" at {offset}" if offset is not None else ""
+        return MemberIOError(f"{self.name}: injected {kind} failure{where}")
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Read, unless a rule fails or corrupts it."""
+        self.check(offset, length)
+        if self.delay:
+            await trio.sleep(self.delay)
+        rule = self._hit("read")
+        if rule is not None and rule.action == "fail":
+            raise self._error("read", offset)
+        data = as_u8(await self.inner.read(offset, length))
+        if rule is not None:  # corrupt
+            data = data ^ np.uint8(0xFF)
+        return data
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write, unless a rule fails it (possibly after writing half of it)."""
+        buf = as_u8(data)
+        self.check(offset, len(buf))
+        if self.delay:
+            await trio.sleep(self.delay)
+        rule = self._hit("write")
+        if rule is not None:
+            if rule.torn and len(buf) > 1:
+                await self.inner.write(offset, buf[: len(buf) // 2])
+            raise self._error("write", offset)
+        await self.inner.write(offset, buf)
+
+    async def flush(self) -> None:
+        """Flush, unless a rule fails it."""
+        if self._hit("flush") is not None:
+            raise self._error("flush")
+        await self.inner.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard, unless a rule fails it."""
+        self.check(offset, length)
+        if self._hit("discard") is not None:
+            raise self._error("discard", offset)
+        await self.inner.discard(offset, length)
+
+    async def aclose(self) -> None:
+        """Close the wrapped device."""
+        await self.inner.aclose()
+
+    def identity(self) -> str:
+        """The wrapped device's identity, when it has one."""
+        ident = getattr(self.inner, "identity", None)
+        return ident() if ident is not None else f"fault:{id(self)}"

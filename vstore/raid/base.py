@@ -1,0 +1,464 @@
+"""What every RAID layout shares: member bookkeeping, failure handling, locks, member I/O.
+
+A ``RaidLayout`` is a BlockDevice over member BlockDevices. A member that raises
+``MemberIOError`` is marked failed (and ``on_member_failed(index, exc)`` is told,
+so the pool can persist it); the request is then retried without it while the
+level's redundancy allows, and otherwise fails with ``DegradedError``. Data is
+never returned from a layout that cannot compute it.
+
+All member writes of one update go through ``_submit_member_writes`` as a list
+of ``(member, member offset, bytes)``, the seam where a journal can later
+intercept a stripe update. ``ParityLayout`` (raid5/raid6) lives here too
+because both levels share its stripe machinery and differ only in geometry and
+kernels.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import trio
+
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.errors import ConfigError, DegradedError, MemberIOError
+from vstore.raid import geometry
+
+# Kernel calls on at least this many bytes run in a worker thread (numba kernels are
+# nogil), so that the trio thread keeps serving other requests meanwhile.
+KERNEL_THREAD_BYTES = 256 * 1024
+
+MemberWrite = tuple[int, int, np.ndarray]
+OnMemberFailed = Callable[[int, BaseException], Any]
+
+
+class MemberFailed(Exception):
+    """Internal: a member failed during a request; retry it against the new failed set."""
+
+
+async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a kernel inline, or in a worker thread when it is long."""
+    if nbytes >= KERNEL_THREAD_BYTES:
+        return await trio.to_thread.run_sync(fn, *args)
+    return fn(*args)
+
+
+async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run async jobs concurrently to completion; return their results or raise the first error.
+
+    Every job runs to its end even when another fails (a member write must not be
+    cancelled half way because a sibling failed), and the error comes out unwrapped.
+    """
+    if len(jobs) == 1:
+        return [await jobs[0]()]
+    results: list[Any] = [None] * len(jobs)
+    errors: list[Exception] = []
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await jobs[i]()
+        except Exception as e:  # Cancelled is a BaseException and passes through
+            errors.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(jobs)):
+            nursery.start_soon(one, i)
+    if errors:
+        # A DegradedError says more than a retry signal; prefer it.
+        errors.sort(key=lambda e: not isinstance(e, DegradedError))
+        raise errors[0]
+    return results
+
+
+class RaidLayout(DeviceBase):
+    """Base of every layout: a BlockDevice over members, with failure handling."""
+
+    level: str = ""
+
+    def __init__(
+        self,
+        members: Sequence[BlockDevice],
+        chunk: int = 65536,
+        failed: Iterable[int] = frozenset(),
+        on_member_failed: OnMemberFailed | None = None,
+    ) -> None:
+        geometry.check_member_count(self.level, len(members))
+        geometry.check_chunk(chunk)
+        self.members: list[BlockDevice] = list(members)
+        self.n = len(self.members)
+        self.chunk = chunk
+        self.block_size = max(m.block_size for m in self.members)
+        for i, m in enumerate(self.members):
+            if chunk % m.block_size:
+                raise ConfigError(
+                    f"chunk size {chunk} is not a multiple of member {i}'s block size {m.block_size}"
+                )
+        self.failed: set[int] = set()
+        for i in failed:
+            if not 0 <= i < self.n:
+                raise ConfigError(f"failed member index {i} out of range 0..{self.n - 1}")
+            self.failed.add(i)
+        self.on_member_failed = on_member_failed
+        self.inflight = [0] * self.n
+        self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
+        self.closed = False
+
+    # --- state --------------------------------------------------------------------------
+
+    @property
+    def redundancy(self) -> int:
+        """How many failed members this layout always survives."""
+        return geometry.redundancy(self.level, self.n)
+
+    @property
+    def state(self) -> str:
+        """'clean', 'degraded' (failed members within redundancy) or 'failed'."""
+        if not self.failed:
+            return "clean"
+        return "degraded" if geometry.survives(self.level, self.n, self.failed) else "failed"
+
+    def healthy(self) -> list[int]:
+        """Indexes of the members in use."""
+        return [i for i in range(self.n) if i not in self.failed]
+
+    def fail_member(self, i: int) -> None:
+        """Stop using member i (an operator's or the pool's decision; no callback)."""
+        if not 0 <= i < self.n:
+            raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
+        self.failed.add(i)
+
+    def require_usable(self) -> None:
+        """Raise DegradedError when too many members have failed to serve data."""
+        if self.state == "failed":
+            lost = ", ".join(str(i) for i in sorted(self.failed))
+            raise DegradedError(
+                f"{self.level} array of {self.n} members has failed members {lost}; "
+                f"it survives at most {self.redundancy}: data cannot be returned"
+            )
+
+    async def _member_failed(self, i: int, exc: BaseException) -> None:
+        """Mark member i failed after an I/O error and tell the owner once."""
+        if i in self.failed:
+            return
+        self.failed.add(i)
+        if self.on_member_failed is not None:
+            res = self.on_member_failed(i, exc)
+            if inspect.isawaitable(res):
+                await res
+
+    # --- member I/O ---------------------------------------------------------------------
+
+    async def _read_member(self, i: int, offset: int, length: int) -> np.ndarray:
+        """Read from member i; a failure marks it failed and raises MemberFailed."""
+        if i in self.failed:
+            raise MemberFailed(i)
+        self.inflight[i] += 1
+        try:
+            return as_u8(await self.members[i].read(offset, length))
+        except MemberIOError as e:
+            await self._member_failed(i, e)
+            raise MemberFailed(i) from e
+        finally:
+            self.inflight[i] -= 1
+
+    async def _read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+        """Read (member, offset, length) ranges concurrently; MemberFailed if any failed."""
+        return await run_all([lambda r=r: self._read_member(*r) for r in reqs])
+
+    async def _write_member(self, i: int, offset: int, data: np.ndarray) -> None:
+        if i in self.failed:
+            return
+        self.inflight[i] += 1
+        try:
+            await self.members[i].write(offset, data)
+        except MemberIOError as e:
+            await self._member_failed(i, e)
+        finally:
+            self.inflight[i] -= 1
+
+    async def _submit_member_writes(self, writes: Sequence[MemberWrite]) -> None:
+        """Issue one update's member writes concurrently, skipping failed members.
+
+        A member that fails here is marked failed but the update is not retried:
+        the bytes written to the others were computed for the whole update, so the
+        failed member's intended content stays computable from them.
+        """
+        writes = [w for w in writes if w[0] not in self.failed and len(w[2])]
+        if writes:
+            await run_all([lambda w=w: self._write_member(*w) for w in writes])
+        self.require_usable()
+
+    # --- per-key locks ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def locked(self, keys: Iterable[int]):
+        """Hold the locks of these keys (stripe rows or chunks), taken in order."""
+        held: list[tuple[int, list[Any]]] = []
+        entries: list[tuple[int, list[Any]]] = []
+        try:
+            for key in sorted(set(keys)):
+                ent = self._locks.get(key)
+                if ent is None:
+                    ent = self._locks[key] = [trio.Lock(), 0]
+                ent[1] += 1
+                entries.append((key, ent))
+                await ent[0].acquire()
+                held.append((key, ent))
+            yield
+        finally:
+            for _, ent in held:
+                ent[0].release()
+            for key, ent in entries:
+                ent[1] -= 1
+                if ent[1] == 0:
+                    del self._locks[key]
+
+    # --- BlockDevice --------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Read length bytes at offset, reconstructing from redundancy where needed."""
+        self.check(offset, length)
+        while True:
+            self.require_usable()
+            try:
+                return await self._read(offset, length)
+            except MemberFailed:
+                continue
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write the bytes at offset to every copy / with parity."""
+        buf = as_u8(data)
+        self.check(offset, len(buf))
+        if not len(buf):
+            return
+        self.require_usable()
+        await self._write(offset, buf)
+
+    async def flush(self) -> None:
+        """Flush every healthy member concurrently."""
+        self.require_usable()
+
+        async def one(i: int) -> None:
+            if i in self.failed:
+                return
+            try:
+                await self.members[i].flush()
+            except MemberIOError as e:
+                await self._member_failed(i, e)
+
+        await run_all([lambda i=i: one(i) for i in self.healthy()])
+        self.require_usable()
+
+    async def aclose(self) -> None:
+        """Close every member."""
+        if self.closed:
+            return
+        self.closed = True
+        for m in self.members:
+            try:
+                await m.aclose()
+            except MemberIOError:
+                pass  # closing a dead member is not worth an error
+
+    async def _read(self, offset: int, length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    async def _write(self, offset: int, buf: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.level} n={self.n} chunk={self.chunk} size={self.size} {self.state}>"
+
+
+class ParityLayout(RaidLayout):
+    """raid5 and raid6: rows of k data chunks plus P (and Q), rotating across members.
+
+    Subclasses give ``row_members`` (geometry), ``compute_parity`` (P or P+Q of a
+    (k, span) data array), ``update_parity`` (read-modify-write of the parity for
+    one data chunk) and ``recover`` (rebuild missing data rows in place).
+    """
+
+    nparity = 1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.k = self.n - self.nparity
+        self.rows = min(m.size for m in self.members) // self.chunk
+        self.row_bytes = self.k * self.chunk
+        self.size = self.rows * self.row_bytes
+        self._row_cache: dict[int, tuple[list[int], list[int]]] = {}
+
+    # --- geometry and kernels (subclasses) ------------------------------------------------
+
+    def row_members(self, row: int) -> tuple[list[int], list[int]]:
+        """(data members j = 0..k-1, parity members) of a row."""
+        got = self._row_cache.get(row % self.n)
+        if got is None:
+            got = self._row_cache[row % self.n] = geometry.parity_row_members(self.level, row, self.n)
+        return got
+
+    async def compute_parity(self, data: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def update_parity(self, parity: list[np.ndarray], old: np.ndarray, new: np.ndarray, j: int) -> None:
+        raise NotImplementedError
+
+    def recover(self, data: np.ndarray, parity: list[np.ndarray | None], missing: list[int]) -> None:
+        raise NotImplementedError
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def _read(self, offset: int, length: int) -> np.ndarray:
+        C = self.chunk
+        pieces: list[tuple[int, int, int, int]] = []  # member, member offset, length, out offset
+        degraded_rows: dict[int, list[tuple[int, int, int]]] = {}  # row -> (row offset, len, out off)
+        for c, start, n, at in geometry.split_chunks(offset, length, C):
+            row, j = divmod(c, self.k)
+            m = self.row_members(row)[0][j]
+            if m in self.failed:
+                degraded_rows.setdefault(row, []).append((j * C + start, n, at))
+            else:
+                pieces.append((m, row * C + start, n, at))
+        if len(pieces) == 1 and not degraded_rows:
+            m, off, n, _ = pieces[0]
+            return await self._read_member(m, off, n)
+        out = np.empty(length, dtype=np.uint8)
+
+        async def plain(p: tuple[int, int, int, int]) -> None:
+            out[p[3] : p[3] + p[2]] = await self._read_member(p[0], p[1], p[2])
+
+        async def rebuilt(row: int, parts: list[tuple[int, int, int]]) -> None:
+            # Reconstruct only the columns the request touches in this row.
+            c0 = min(s % C for s, _, _ in parts)
+            c1 = max((s % C) + n for s, n, _ in parts)
+            async with self.locked([row]):
+                data, _ = await self.read_row(row, c0, c1)
+            for s, n, at in parts:
+                j, cs = divmod(s, C)
+                out[at : at + n] = data[j, cs - c0 : cs - c0 + n]
+
+        jobs = [lambda p=p: plain(p) for p in pieces]
+        jobs += [lambda r=r, ps=ps: rebuilt(r, ps) for r, ps in degraded_rows.items()]
+        await run_all(jobs)
+        return out
+
+    async def read_row(
+        self, row: int, c0: int = 0, c1: int | None = None, *, with_parity: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Columns [c0, c1) of a row's data (k, span), reconstructed where members failed.
+
+        With ``with_parity`` the parity columns come back too (recomputed when their
+        member failed) — what a rebuild of one member needs. The caller holds the
+        row's lock when writers may be active.
+        """
+        c1 = self.chunk if c1 is None else c1
+        span = c1 - c0
+        dmem, pmem = self.row_members(row)
+        base = row * self.chunk + c0
+        missing = [j for j, m in enumerate(dmem) if m in self.failed]
+        live_par = [i for i, m in enumerate(pmem) if m not in self.failed]
+        data = np.empty((self.k, span), dtype=np.uint8)
+        reqs = [(m, base, span) for m in dmem if m not in self.failed]
+        need_par = live_par if (missing or with_parity) else []
+        reqs += [(pmem[i], base, span) for i in need_par]
+        got = await self._read_members(reqs)
+        it = iter(got)
+        for j, m in enumerate(dmem):
+            if m not in self.failed:
+                data[j] = next(it)
+        parity: list[np.ndarray | None] = [None] * self.nparity
+        for i in need_par:
+            parity[i] = next(it)
+        if missing:
+            if len(missing) > len(live_par):
+                self.require_usable()
+                raise DegradedError(f"{self.level} row {row}: too many failed members to reconstruct")
+            await run_kernel(data.nbytes, self.recover, data, parity, missing)
+        if with_parity and len(live_par) < self.nparity:
+            fresh = await self.compute_parity(data)
+            parity = [p if p is not None else fresh[i] for i, p in enumerate(parity)]
+        # Without with_parity, parity holds what was read (None where not needed).
+        return data, parity
+
+    # --- writes -------------------------------------------------------------------------
+
+    async def _write(self, offset: int, buf: np.ndarray) -> None:
+        jobs = [
+            lambda r=r, s=s, n=n, at=at: self._write_row(r, s, buf[at : at + n])
+            for r, s, n, at in geometry.split_rows(offset, len(buf), self.row_bytes)
+        ]
+        await run_all(jobs)
+
+    async def _write_row(self, row: int, start: int, src: np.ndarray) -> None:
+        """Update one row under its lock: plan the member writes, then submit them."""
+        async with self.locked([row]):
+            while True:
+                self.require_usable()
+                try:
+                    writes = await self.plan_row_write(row, start, src)
+                except MemberFailed:
+                    continue  # nothing was written yet; plan again without that member
+                await self._submit_member_writes(writes)
+                return
+
+    async def plan_row_write(self, row: int, start: int, src: np.ndarray) -> list[MemberWrite]:
+        """The member writes (data and parity) that store src at byte start of a row."""
+        C, k = self.chunk, self.k
+        dmem, pmem = self.row_members(row)
+        base = row * C
+        if start == 0 and len(src) == self.row_bytes:
+            # Full stripe: parity straight from the caller's buffer, no reads.
+            data = src.reshape(k, C)
+            parity = await self.compute_parity(data)
+            writes = [(dmem[j], base, data[j]) for j in range(k)]
+            return writes + [(pmem[i], base, parity[i]) for i in range(self.nparity)]
+
+        # Per data chunk j touched: bytes [a, b) of the chunk come from src[at:at+b-a].
+        touched = [(c, s, s + n, at) for c, s, n, at in geometry.split_chunks(start, len(src), C)]
+        c0 = min(t[1] for t in touched)
+        c1 = max(t[2] for t in touched)
+        span = c1 - c0
+        writes = [(dmem[j], base + a, src[at : at + b - a]) for j, a, b, at in touched]
+        row_members = set(dmem) | set(pmem)
+
+        if row_members & self.failed:
+            # Degraded: rebuild the row's columns, overlay, recompute parity. Rare, so simple.
+            data, _ = await self.read_row(row, c0, c1)
+            for j, a, b, at in touched:
+                data[j, a - c0 : b - c0] = src[at : at + b - a]
+            parity = await self.compute_parity(data)
+            return writes + [(pmem[i], base + c0, parity[i]) for i in range(self.nparity)]
+
+        covering = {j for j, a, b, _ in touched if a == c0 and b == c1}
+        rmw_reads = len(touched) + self.nparity
+        rcw_reads = k - len(covering)
+        if rmw_reads < rcw_reads or (
+            rmw_reads == rcw_reads and sum(b - a for _, a, b, _ in touched) < (k - len(covering)) * span
+        ):
+            # Read-modify-write: old data of the touched ranges and the parity columns.
+            reqs = [(dmem[j], base + a, b - a) for j, a, b, _ in touched]
+            reqs += [(pmem[i], base + c0, span) for i in range(self.nparity)]
+            got = await self._read_members(reqs)
+            # Copy the parity: a member's read buffer may be shared with a cache.
+            parity = [g.copy() for g in got[len(touched) :]]
+            for (j, a, b, at), old in zip(touched, got, strict=False):
+                cols = [p[a - c0 : b - c0] for p in parity]
+                self.update_parity(cols, old, src[at : at + b - a], j)
+        else:
+            # Reconstruct-write: read the untouched data columns, compute parity afresh.
+            data = np.empty((k, span), dtype=np.uint8)
+            fill = [j for j in range(k) if j not in covering]
+            got = await self._read_members([(dmem[j], base + c0, span) for j in fill])
+            for j, g in zip(fill, got, strict=True):
+                data[j] = g
+            for j, a, b, at in touched:
+                data[j, a - c0 : b - c0] = src[at : at + b - a]
+            parity = await self.compute_parity(data)
+        return writes + [(pmem[i], base + c0, parity[i]) for i in range(self.nparity)]
+
+    async def discard(self, offset: int, length: int) -> None:
+        """A no-op: discarding member ranges would leave parity inconsistent."""
+        self.check(offset, length)

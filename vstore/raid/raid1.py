@@ -1,0 +1,69 @@
+"""raid1: an n-way mirror; every member holds the whole array at the same offsets.
+
+Reads go to the healthy mirror with the fewest requests in flight (ties taken
+in turn), and a large read is split across the mirrors so that they all work.
+Writes go to every healthy mirror, under per-chunk locks so that two
+concurrent writes to the same chunk land in the same order on every mirror.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vstore.raid.base import RaidLayout, run_all
+
+
+class Raid1Layout(RaidLayout):
+    """Mirror over n >= 2 members; survives n - 1 failed members."""
+
+    level = "raid1"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = min(m.size for m in self.members) // self.chunk
+        self.size = self.rows * self.chunk
+        self._turn = 0
+
+    def pick_mirror(self) -> int:
+        """The healthy member to read from: fewest in flight, ties taken in turn."""
+        live = self.healthy()
+        self._turn += 1
+        best = min(self.inflight[i] for i in live)
+        ties = [i for i in live if self.inflight[i] == best]
+        return ties[self._turn % len(ties)]
+
+    async def _read(self, offset: int, length: int) -> np.ndarray:
+        live = len(self.healthy())
+        parts = min(live, length // self.chunk)
+        if parts <= 1:
+            return await self._read_member(self.pick_mirror(), offset, length)
+        # Split at chunk boundaries into one part per mirror.
+        step = -(-length // parts)
+        step = -(-step // self.chunk) * self.chunk
+        out = np.empty(length, dtype=np.uint8)
+
+        async def one(at: int) -> None:
+            n = min(step, length - at)
+            # pick_mirror runs as each part starts, so the parts spread out.
+            out[at : at + n] = await self._read_member(self.pick_mirror(), offset + at, n)
+
+        await run_all([lambda at=at: one(at) for at in range(0, length, step)])
+        return out
+
+    def chunks_of(self, offset: int, length: int) -> range:
+        """Chunk indexes a range touches (the keys of its locks)."""
+        return range(offset // self.chunk, (offset + length - 1) // self.chunk + 1)
+
+    async def _write(self, offset: int, buf: np.ndarray) -> None:
+        async with self.locked(self.chunks_of(offset, len(buf))):
+            await self._submit_member_writes([(i, offset, buf) for i in self.healthy()])
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Pass the discard through to every healthy mirror."""
+        self.check(offset, length)
+        if length:
+            async with self.locked(self.chunks_of(offset, length)):
+                for i in self.healthy():
+                    await self.members[i].discard(offset, length)

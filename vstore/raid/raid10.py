@@ -1,0 +1,76 @@
+"""raid10: md's near layout with 2 copies, any n >= 2 (odd n allowed).
+
+Device chunk position ``d`` is member ``d mod n``, row ``d // n`` (row-major
+across the members); logical chunk ``c`` has its copies at positions ``2c``
+and ``2c + 1``. Reads go to the copy whose member has fewer requests in flight;
+writes go to both copies under a per-chunk lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vstore.raid import geometry
+from vstore.raid.base import RaidLayout, run_all
+
+
+class Raid10Layout(RaidLayout):
+    """Striped mirrors over n >= 2 members; survives one failure per copy pair."""
+
+    level = "raid10"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = min(m.size for m in self.members) // self.chunk
+        self.chunks = self.n * self.rows // 2
+        self.size = self.chunks * self.chunk
+        self._turn = 0
+
+    def copies(self, c: int) -> list[tuple[int, int]]:
+        """(member, member offset of the chunk) of both copies of logical chunk c."""
+        return [(m, row * self.chunk) for m, row in geometry.raid10_copies(c, self.n)]
+
+    def pick_copy(self, c: int) -> tuple[int, int]:
+        """The healthy copy to read from: fewer in flight, ties taken in turn."""
+        live = [x for x in self.copies(c) if x[0] not in self.failed]
+        if len(live) == 2 and self.inflight[live[0][0]] == self.inflight[live[1][0]]:
+            self._turn += 1
+            return live[self._turn % 2]
+        return min(live, key=lambda x: self.inflight[x[0]])
+
+    async def _read(self, offset: int, length: int) -> np.ndarray:
+        pieces = list(geometry.split_chunks(offset, length, self.chunk))
+        if len(pieces) == 1:
+            c, start, n, _ = pieces[0]
+            m, base = self.pick_copy(c)
+            return await self._read_member(m, base + start, n)
+        out = np.empty(length, dtype=np.uint8)
+
+        async def one(c: int, start: int, n: int, at: int) -> None:
+            m, base = self.pick_copy(c)
+            out[at : at + n] = await self._read_member(m, base + start, n)
+
+        await run_all([lambda p=p: one(*p) for p in pieces])
+        return out
+
+    async def _write(self, offset: int, buf: np.ndarray) -> None:
+        pieces = list(geometry.split_chunks(offset, len(buf), self.chunk))
+        writes = [
+            (m, base + start, buf[at : at + n])
+            for c, start, n, at in pieces
+            for m, base in self.copies(c)
+        ]
+        async with self.locked([p[0] for p in pieces]):
+            await self._submit_member_writes(writes)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Pass the discard through to both copies."""
+        self.check(offset, length)
+        pieces = list(geometry.split_chunks(offset, length, self.chunk))
+        async with self.locked([p[0] for p in pieces]):
+            for c, start, n, _ in pieces:
+                for m, base in self.copies(c):
+                    if m not in self.failed:
+                        await self.members[m].discard(base + start, n)
