@@ -1,11 +1,457 @@
-"""RAID kernels (placeholder: the numpy references until the numba kernels land)."""
+"""Fast RAID kernels: numba over 64-bit lanes, same API as ``vstore.raid.reference``.
 
-from vstore.raid.reference import (  # noqa: F401
-    pq_syndrome,
-    recover_data2,
-    recover_data_p,
-    recover_data_q,
-    rmw_p,
-    rmw_pq,
-    xor_parity,
-)
+GF(2^8) with polynomial 0x11d and generator {02} (Linux md, ISA-L).
+
+How they are fast:
+
+* Bytes are processed eight at a time as uint64 lanes (LLVM then vectorises the
+  lane loop); a byte loop handles the ``n % 8`` tail, so any length works.
+* XOR and P+Q are compiled once per number of data rows k from generated,
+  straight-line source (one load per row per lane, P and Q held in registers,
+  Q by Horner's rule with multiply-by-{02} as shifts and masks, like Linux
+  lib/raid6 ``int.uc``). A loop with k as a runtime value keeps P and Q in
+  memory and is 3-4x slower for P+Q.
+* Multiplication by an arbitrary constant c is done on the same lanes by
+  Horner over the bits of c (``r = 2*r ^ (v & mask_b)``), 8 steps, no table
+  lookups: per-byte tables run at about 1 GB/s, this runs near memory speed.
+* Recovery kernels zero the lost rows (they are overwritten anyway), reuse the
+  k-specialised syndrome kernel for what survives, then combine in one pass.
+
+Every kernel releases the GIL (``nogil=True``) so callers may run it in a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+import numba
+import numpy as np
+
+from vstore.raid.reference import gf_inv, gf_pow2
+from vstore.raid.reference import GF_MUL as _GF_MUL
+
+__all__ = [
+    "aligned_empty",
+    "gf_mul_const",
+    "pq_syndrome",
+    "precompile",
+    "recover_data2",
+    "recover_data_p",
+    "recover_data_q",
+    "rmw_p",
+    "rmw_pq",
+    "xor_parity",
+]
+
+_JIT = {"nogil": True, "cache": True}
+
+# 64-bit lane constants for multiply-by-{02} (typed so numba keeps uint64 arithmetic).
+_H = np.uint64(0x8080808080808080)
+_FE = np.uint64(0xFEFEFEFEFEFEFEFE)
+_R = np.uint64(0x1D1D1D1D1D1D1D1D)
+_ONE = np.uint64(1)
+_SEVEN = np.uint64(7)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+# The byte-wise multiplication table, for byte tails (n % 8) only.
+_MUL = _GF_MUL
+
+
+@numba.njit(inline="always", **_JIT)
+def _mul2(v: np.uint64) -> np.uint64:
+    # Every byte times {02}: shift left within the byte, then reduce by 0x1d
+    # the bytes whose top bit fell out. (h << 1) - (h >> 7) turns each 0x80
+    # into 0xff without a multiply.
+    h = v & _H
+    return ((v << _ONE) & _FE) ^ (((h << _ONE) - (h >> _SEVEN)) & _R)
+
+
+@numba.njit(inline="always", **_JIT)
+def _bit_masks(c: int) -> tuple:
+    # Lane masks for the bits of c, highest first: all ones where the bit is set.
+    m7 = _ALL if (c >> 7) & 1 else np.uint64(0)
+    m6 = _ALL if (c >> 6) & 1 else np.uint64(0)
+    m5 = _ALL if (c >> 5) & 1 else np.uint64(0)
+    m4 = _ALL if (c >> 4) & 1 else np.uint64(0)
+    m3 = _ALL if (c >> 3) & 1 else np.uint64(0)
+    m2 = _ALL if (c >> 2) & 1 else np.uint64(0)
+    m1 = _ALL if (c >> 1) & 1 else np.uint64(0)
+    m0 = _ALL if c & 1 else np.uint64(0)
+    return (m7, m6, m5, m4, m3, m2, m1, m0)
+
+
+@numba.njit(inline="always", **_JIT)
+def _mulc(v: np.uint64, m: tuple) -> np.uint64:
+    # c * v on every byte, Horner over the bits of c (masks from _bit_masks).
+    r = v & m[0]
+    r = _mul2(r) ^ (v & m[1])
+    r = _mul2(r) ^ (v & m[2])
+    r = _mul2(r) ^ (v & m[3])
+    r = _mul2(r) ^ (v & m[4])
+    r = _mul2(r) ^ (v & m[5])
+    r = _mul2(r) ^ (v & m[6])
+    return _mul2(r) ^ (v & m[7])
+
+
+@numba.njit(inline="always", **_JIT)
+def _mulc2(a: np.uint64, ma: tuple, b: np.uint64, mb: tuple) -> np.uint64:
+    # ca * a ^ cb * b in one Horner pass: the two products share the doublings.
+    r = (a & ma[0]) ^ (b & mb[0])
+    r = _mul2(r) ^ (a & ma[1]) ^ (b & mb[1])
+    r = _mul2(r) ^ (a & ma[2]) ^ (b & mb[2])
+    r = _mul2(r) ^ (a & ma[3]) ^ (b & mb[3])
+    r = _mul2(r) ^ (a & ma[4]) ^ (b & mb[4])
+    r = _mul2(r) ^ (a & ma[5]) ^ (b & mb[5])
+    r = _mul2(r) ^ (a & ma[6]) ^ (b & mb[6])
+    return _mul2(r) ^ (a & ma[7]) ^ (b & mb[7])
+
+
+# --------------------------------------------------------------------------
+# k-specialised XOR and P+Q, generated per k.
+
+_XOR_TEMPLATE = """
+def _xor_k{k}(d, p):
+    n = d.shape[1]
+    e = n - n % 8
+{rows}
+    p64 = p[:e].view(np.uint64)
+    for i in range(e // 8):
+        p64[i] = {xor_expr}
+    for i in range(e, n):
+        p[i] = {xor_tail}
+"""
+
+_PQ_TEMPLATE = """
+def _pq_k{k}(d, p, q):
+    n = d.shape[1]
+    e = n - n % 8
+{rows}
+    p64 = p[:e].view(np.uint64)
+    q64 = q[:e].view(np.uint64)
+    for i in range(e // 8):
+        v = r{last}[i]
+        pp = v
+        qq = v
+{horner}
+        p64[i] = pp
+        q64[i] = qq
+    for i in range(e, n):
+        v = d[{last}, i]
+        pp = v
+        qq = v
+{horner_tail}
+        p[i] = pp
+        q[i] = qq
+"""
+
+
+def _xor_source(k: int) -> str:
+    rows = "\n".join(f"    r{j} = d[{j}, :e].view(np.uint64)" for j in range(k))
+    return _XOR_TEMPLATE.format(
+        k=k,
+        rows=rows,
+        xor_expr=" ^ ".join(f"r{j}[i]" for j in range(k)),
+        xor_tail=" ^ ".join(f"d[{j}, i]" for j in range(k)),
+    )
+
+
+def _pq_source(k: int) -> str:
+    rows = "\n".join(f"    r{j} = d[{j}, :e].view(np.uint64)" for j in range(k))
+    horner, tail = [], []
+    # Q = D0 ^ g*(D1 ^ g*(D2 ^ ...)): start from the last row and walk down.
+    for j in range(k - 2, -1, -1):
+        horner += [f"        v = r{j}[i]", "        pp ^= v", "        qq = _mul2(qq) ^ v"]
+        tail += [f"        v = d[{j}, i]", "        pp ^= v", "        qq = _MUL[2, qq] ^ v"]
+    return _PQ_TEMPLATE.format(
+        k=k,
+        rows=rows,
+        last=k - 1,
+        horner="\n".join(horner),
+        horner_tail="\n".join(tail),
+    )
+
+
+_specialised: dict[tuple[str, int], Callable] = {}
+_specialised_lock = threading.Lock()
+
+
+def _kernel_for(kind: str, k: int) -> Callable:
+    """The compiled-on-first-use kernel ``kind`` ('xor' or 'pq') for k rows."""
+    key = (kind, k)
+    fn = _specialised.get(key)
+    if fn is not None:
+        return fn
+    with _specialised_lock:
+        fn = _specialised.get(key)
+        if fn is None:
+            src = _xor_source(k) if kind == "xor" else _pq_source(k)
+            # Compiled under this file's name so numba's on-disk cache (keyed by
+            # source file, function name and bytecode) works for generated code:
+            # each k gets its own cache entry, invalidated when this file changes.
+            code = compile(src, __file__, "exec")
+            namespace = {"np": np, "_mul2": _mul2, "_MUL": _MUL, "__name__": __name__}
+            exec(code, namespace)  # noqa: S102 - source built above from integers only
+            fn = numba.njit(**_JIT)(namespace[f"_{kind}_k{k}"])
+            _specialised[key] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------
+# Generic (k-independent) lane kernels.
+
+
+@numba.njit(**_JIT)
+def _xor3_inplace(p, a, b):  # p ^= a ^ b
+    n = p.shape[0]
+    e = n - n % 8
+    p64 = p[:e].view(np.uint64)
+    a64 = a[:e].view(np.uint64)
+    b64 = b[:e].view(np.uint64)
+    for i in range(e // 8):
+        p64[i] ^= a64[i] ^ b64[i]
+    for i in range(e, n):
+        p[i] ^= a[i] ^ b[i]
+
+
+@numba.njit(**_JIT)
+def _rmw_pq(p, q, old, new, c):  # p ^= old ^ new; q ^= c * (old ^ new)
+    n = p.shape[0]
+    e = n - n % 8
+    m = _bit_masks(c)
+    p64 = p[:e].view(np.uint64)
+    q64 = q[:e].view(np.uint64)
+    o64 = old[:e].view(np.uint64)
+    w64 = new[:e].view(np.uint64)
+    for i in range(e // 8):
+        delta = o64[i] ^ w64[i]
+        p64[i] ^= delta
+        q64[i] ^= _mulc(delta, m)
+    for i in range(e, n):
+        delta = old[i] ^ new[i]
+        p[i] ^= delta
+        q[i] ^= _MUL[c, delta]
+
+
+@numba.njit(**_JIT)
+def _mul_xor(c, a, b, out):  # out = c * (a ^ b)
+    n = out.shape[0]
+    e = n - n % 8
+    m = _bit_masks(c)
+    a64 = a[:e].view(np.uint64)
+    b64 = b[:e].view(np.uint64)
+    o64 = out[:e].view(np.uint64)
+    for i in range(e // 8):
+        o64[i] = _mulc(a64[i] ^ b64[i], m)
+    for i in range(e, n):
+        out[i] = _MUL[c, a[i] ^ b[i]]
+
+
+@numba.njit(**_JIT)
+def _xor_into(a, b, out):  # out = a ^ b
+    n = out.shape[0]
+    e = n - n % 8
+    a64 = a[:e].view(np.uint64)
+    b64 = b[:e].view(np.uint64)
+    o64 = out[:e].view(np.uint64)
+    for i in range(e // 8):
+        o64[i] = a64[i] ^ b64[i]
+    for i in range(e, n):
+        out[i] = a[i] ^ b[i]
+
+
+@numba.njit(**_JIT)
+def _combine2(p, q, pxy, qxy, ca, cb, dx, dy):
+    # With pxy/qxy the syndromes of the surviving rows:
+    #   Dx = ca*(P^Pxy) ^ cb*(Q^Qxy),  Dy = (P^Pxy) ^ Dx   (H. P. Anvin, raid6.pdf)
+    n = p.shape[0]
+    e = n - n % 8
+    ma = _bit_masks(ca)
+    mb = _bit_masks(cb)
+    p64 = p[:e].view(np.uint64)
+    q64 = q[:e].view(np.uint64)
+    px64 = pxy[:e].view(np.uint64)
+    qx64 = qxy[:e].view(np.uint64)
+    dx64 = dx[:e].view(np.uint64)
+    dy64 = dy[:e].view(np.uint64)
+    for i in range(e // 8):
+        a = p64[i] ^ px64[i]
+        b = q64[i] ^ qx64[i]
+        x = _mulc2(a, ma, b, mb)
+        dx64[i] = x
+        dy64[i] = a ^ x
+    for i in range(e, n):
+        a = p[i] ^ pxy[i]
+        x = _MUL[ca, a] ^ _MUL[cb, q[i] ^ qxy[i]]
+        dx[i] = x
+        dy[i] = a ^ x
+
+
+# --------------------------------------------------------------------------
+# Public API (signatures and semantics of vstore.raid.reference).
+
+
+def aligned_empty(shape: int | tuple[int, ...], align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous uint8 array whose first byte is ``align``-aligned."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    size = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(size + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + size].reshape(shape)
+
+
+def _c1(a: np.ndarray) -> np.ndarray:
+    # Kernels need contiguous rows; copy only when the caller's array is not.
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _c2(data: np.ndarray) -> np.ndarray:
+    if data.ndim != 2:
+        raise ValueError(f"data must be 2-D (k, n), got shape {data.shape}")
+    return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+
+
+def _check_u8(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        if a.dtype != np.uint8:
+            raise TypeError(f"RAID kernels work on uint8 arrays, got {a.dtype}")
+
+
+def _out(buf: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    # (where the kernel writes, where the result must be copied to afterwards)
+    if buf is None:
+        return np.empty(n, dtype=np.uint8), None
+    if buf.flags.c_contiguous and buf.dtype == np.uint8 and buf.flags.writeable:
+        return buf, None
+    return np.empty(n, dtype=np.uint8), buf
+
+
+def xor_parity(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """P = XOR of the k rows of data (k, n). Also recovers one lost member of raid5."""
+    d = _c2(data)
+    _check_u8(d)
+    k, n = d.shape
+    dst, copy_to = _out(out, n)
+    if k == 0:
+        dst[:] = 0
+    else:
+        _kernel_for("xor", k)(d, dst)
+    if copy_to is not None:
+        copy_to[:] = dst
+        return copy_to
+    return dst
+
+
+def pq_syndrome(
+    data: np.ndarray, p_out: np.ndarray | None = None, q_out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P, Q) of the k data rows."""
+    d = _c2(data)
+    _check_u8(d)
+    k, n = d.shape
+    p, p_copy = _out(p_out, n)
+    q, q_copy = _out(q_out, n)
+    if k == 0:
+        p[:] = 0
+        q[:] = 0
+    else:
+        _kernel_for("pq", k)(d, p, q)
+    if p_copy is not None:
+        p_copy[:] = p
+        p = p_copy
+    if q_copy is not None:
+        q_copy[:] = q
+        q = q_copy
+    return p, q
+
+
+def _writeback(data: np.ndarray, d: np.ndarray, rows: Iterable[int]) -> None:
+    if d is not data:
+        for r in rows:
+            data[r] = d[r]
+
+
+def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int) -> None:
+    """Rebuild lost data rows x and y (x != y) of data in place from the rest, P and Q."""
+    if x == y:
+        raise ValueError("recover_data2 needs two different rows")
+    if x > y:
+        x, y = y, x
+    d = _c2(data)
+    _check_u8(d, p, q)
+    k, n = d.shape
+    # Zeroed lost rows drop out of the syndromes, which become Pxy and Qxy.
+    d[x] = 0
+    d[y] = 0
+    pxy, qxy = pq_syndrome(d)
+    gyx = gf_pow2(y - x)
+    denom = gf_inv(gyx ^ 1)
+    ca = int(_GF_MUL[gyx, denom])
+    cb = int(_GF_MUL[gf_pow2(-x), denom])
+    _combine2(_c1(p), _c1(q), pxy, qxy, ca, cb, d[x], d[y])
+    _writeback(data, d, (x, y))
+
+
+def recover_data_p(data: np.ndarray, q: np.ndarray, x: int) -> None:
+    """Rebuild lost data row x in place from the other rows and Q (P is lost too)."""
+    d = _c2(data)
+    _check_u8(d, q)
+    d[x] = 0
+    _, qx = pq_syndrome(d)
+    _mul_xor(gf_pow2(-x), _c1(q), qx, d[x])
+    _writeback(data, d, (x,))
+
+
+def recover_data_q(data: np.ndarray, p: np.ndarray, x: int) -> None:
+    """Rebuild lost data row x in place from the other rows and P (Q is lost too)."""
+    d = _c2(data)
+    _check_u8(d, p)
+    d[x] = 0
+    px = xor_parity(d)
+    _xor_into(_c1(p), px, d[x])
+    _writeback(data, d, (x,))
+
+
+def rmw_p(p: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+    """Partial-stripe update of P in place: P ^= old ^ new."""
+    _check_u8(p, old, new)
+    dst = _c1(p)
+    _xor3_inplace(dst, _c1(old), _c1(new))
+    if dst is not p:
+        p[:] = dst
+
+
+def rmw_pq(p: np.ndarray, q: np.ndarray, old: np.ndarray, new: np.ndarray, j: int) -> None:
+    """Partial-stripe update of P and Q in place for data row j changing from old to new."""
+    _check_u8(p, q, old, new)
+    pd, qd = _c1(p), _c1(q)
+    _rmw_pq(pd, qd, _c1(old), _c1(new), gf_pow2(j))
+    if pd is not p:
+        p[:] = pd
+    if qd is not q:
+        q[:] = qd
+
+
+def gf_mul_const(c: int, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Multiply every byte of v by the constant c (fast twin of the reference's)."""
+    _check_u8(v)
+    src = _c1(v).reshape(-1)
+    dst, copy_to = _out(out, src.shape[0])
+    _mul_xor(int(c) & 0xFF, src, np.zeros_like(src), dst)
+    if copy_to is not None:
+        copy_to[:] = dst
+        return copy_to
+    return dst.reshape(np.shape(v)) if out is None else dst
+
+
+def precompile(ks: Iterable[int] = range(1, 17)) -> None:
+    """Compile (or load from numba's cache) the XOR and P+Q variants for these k."""
+    one = np.zeros(8, dtype=np.uint8)
+    for k in ks:
+        xor_parity(np.zeros((k, 8), dtype=np.uint8))
+        pq_syndrome(np.zeros((k, 8), dtype=np.uint8))
+    rmw_pq(one, one.copy(), one, one, 0)
+    rmw_p(one, one, one)
+    _combine2(one, one, one, one, 1, 1, one.copy(), one.copy())
+    _xor_into(one, one, one.copy())
+    _mul_xor(1, one, one, one.copy())
