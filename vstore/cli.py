@@ -1,0 +1,366 @@
+"""The `vstore` command line.
+
+Every command opens what it needs inside one ``trio.run``; a pool that a
+``vstore mount`` process holds is reached through that process's control socket
+instead, so nothing opens a pool twice. Errors are one line on stderr and a
+non-zero exit code; a traceback is shown only with VSTORE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import click
+import trio
+
+from vstore.aio import unwrap
+from vstore.errors import ConfigError, NotFoundError, VstoreError
+from vstore.home import Home
+from vstore.progress import progress_bar
+from vstore.sizes import format_size, parse_size
+
+LEVELS = ["linear", "raid0", "raid1", "raid5", "raid6", "raid10"]
+
+
+class SizeType(click.ParamType):
+    """A size such as 64K or 1G."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def run(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run an async function under trio, turning exception groups into their leaf error."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as eg:
+        raise unwrap(eg) from None
+
+
+def home_of(ctx: click.Context) -> Home:
+    """The Home chosen by --home / VSTORE_HOME."""
+    return ctx.obj["home"]
+
+
+def mounted_call(home: Home, pool: str, request: dict[str, Any]) -> dict[str, Any] | None:
+    """Send a command to the mount process that owns the pool, or None when it is not mounted."""
+    sock = _mount_socket(home, pool)
+    if sock is None:
+        return None
+    from vstore.control import call_sync
+
+    return call_sync(sock, request)
+
+
+def _mount_socket(home: Home, pool: str) -> Any:
+    try:
+        from fuse_mount.daemon import mounted_pool_socket
+    except ImportError:  # the FUSE front end is optional at import time
+        return None
+    return mounted_pool_socket(home.root, pool)
+
+
+async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
+                    read_only: bool = False) -> Any:
+    """Open the pool, run fn(pool), close it (cleanly, also on error)."""
+    from vstore.pool import Pool
+
+    p = await Pool.open(home, pool, read_only=read_only)
+    try:
+        return await fn(p)
+    finally:
+        with trio.CancelScope(shield=True):
+            await p.aclose()
+
+
+def pool_command(ctx: click.Context, pool: str, request: dict[str, Any],
+                 local: Callable[[Any], Awaitable[Any]], *, read_only: bool = False) -> Any:
+    """Carry out a command on a pool: through its mount if mounted, else by opening it."""
+    home = home_of(ctx)
+    reply = mounted_call(home, pool, request)
+    if reply is not None:
+        return reply
+    return run(partial(with_pool, home, pool, local, read_only=read_only))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), envvar="VSTORE_HOME",
+              help="Config directory (default: $VSTORE_HOME or ~/.local/share/vstore).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+@click.version_option(package_name="vstore")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
+    """vstore: pool local files, NFS files and iSCSI LUNs into RAID-protected volumes."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="vstore: %(levelname)s: %(message)s")
+    ctx.obj = {"home": Home(home)}
+
+
+# ---------------------------------------------------------------------------- pools
+@cli.command()
+@click.argument("pool")
+@click.argument("members", nargs=-1, required=True, metavar="URI...")
+@click.option("--level", type=click.Choice(LEVELS), required=True, help="RAID level.")
+@click.option("--chunk", type=SIZE, default="64K", show_default=True, help="Chunk size.")
+@click.option("--size", type=SIZE, default=None,
+              help="Create missing file:// members with this size (sparse).")
+@click.option("--force", is_flag=True, help="Overwrite members that belong to another pool.")
+@click.pass_context
+def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
+           size: int | None, force: bool) -> None:
+    """Create POOL from member URIs (comma-separate several paths to one member)."""
+    from vstore.pool import Pool
+
+    async def go() -> dict[str, Any]:
+        p = await Pool.create(home_of(ctx), pool, level, list(members), chunk=chunk,
+                              size=size, force=force)
+        try:
+            return p.status()
+        finally:
+            await p.aclose()
+
+    st = run(go)
+    click.echo(f"created {level} pool {pool!r}: {len(members)} members, "
+               f"{format_size(st['size'])} usable, chunk {format_size(chunk)}")
+
+
+@cli.command()
+@click.argument("pool")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, pool: str, as_json: bool) -> None:
+    """Show a pool's level, size, state, members and volumes."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        return p.status()
+
+    st = pool_command(ctx, pool, {"cmd": "status"}, local, read_only=True)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    from vstore.status_view import render_status
+
+    render_status(st)
+    for m in st["members"]:
+        if m["state"] == "bad":
+            click.echo(f"vstore: warning: member {m['index']} ({m['uri']}) is bad: {m.get('error')}",
+                       err=True)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_pools(ctx: click.Context, as_json: bool) -> None:
+    """List the pools known in the config directory."""
+    home = home_of(ctx)
+    rows = []
+    for name in home.list_pools():
+        rec = home.read_pool(name)
+        from vstore.uri import split_paths
+
+        uris = [",".join(p.redacted() for p in split_paths(",".join(m))) for m in rec["members"]]
+        rows.append({"name": name, "uuid": rec.get("pool_uuid"), "members": uris})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"no pools in {home.root}")
+    else:
+        for r in rows:
+            click.echo(f"{r['name']}  {r['uuid']}  {len(r['members'])} members")
+
+
+@cli.command("import-pool")
+@click.argument("members", nargs=-1, required=True, metavar="URI...")
+@click.option("--name", default=None, help="Record the pool under this name.")
+@click.pass_context
+def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | None) -> None:
+    """Record a pool in the config directory from its members alone."""
+    from vstore.importer import import_pool
+
+    result = run(import_pool, home_of(ctx), list(members), name)
+    click.echo(f"imported pool {result['name']!r} ({result['level']}, "
+               f"{result['found']}/{result['members']} members found)")
+
+
+@cli.command()
+@click.argument("pool")
+@click.argument("index", type=int)
+@click.option("--force", is_flag=True, help="Fail it even if that loses the pool's data.")
+@click.pass_context
+def fail(ctx: click.Context, pool: str, index: int, force: bool) -> None:
+    """Mark member INDEX of POOL failed (for tests and drills)."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        await p.fail_member(index, force=force)
+        return p.status()
+
+    st = pool_command(ctx, pool, {"cmd": "fail", "index": index, "force": force}, local)
+    click.echo(f"member {index} of pool {pool!r} marked failed; pool is {st['state']}")
+
+
+# ---------------------------------------------------------------------------- volumes
+@cli.group()
+def volume() -> None:
+    """Create, list, remove and resize logical volumes."""
+
+
+@volume.command("create")
+@click.argument("pool")
+@click.argument("name")
+@click.option("--size", type=SIZE, required=True, help="Volume size (rounded up to 4K).")
+@click.pass_context
+def volume_create(ctx: click.Context, pool: str, name: str, size: int) -> None:
+    """Create volume NAME in POOL (its bytes read as zeros)."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        with progress_bar(f"zeroing {name}") as cb:
+            v = await p.create_volume(name, size, progress=cb)
+        return {"name": v.name, "size": v.size}
+
+    r = pool_command(ctx, pool, {"cmd": "volume_create", "name": name, "size": size}, local)
+    click.echo(f"created volume {r['name']!r} of {format_size(r['size'])} in pool {pool!r}")
+
+
+@volume.command("list")
+@click.argument("pool")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
+    """List the volumes of POOL."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        return {"volumes": p.status()["volumes"]}
+
+    r = pool_command(ctx, pool, {"cmd": "volume_list"}, local, read_only=True)
+    if as_json:
+        click.echo(json.dumps(r["volumes"], indent=2))
+    else:
+        for v in r["volumes"]:
+            click.echo(f"{v['name']}\t{format_size(v['size'])}\t{v['size']}")
+
+
+@volume.command("remove")
+@click.argument("pool")
+@click.argument("name")
+@click.pass_context
+def volume_remove(ctx: click.Context, pool: str, name: str) -> None:
+    """Remove volume NAME from POOL."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        await p.remove_volume(name)
+        return {}
+
+    pool_command(ctx, pool, {"cmd": "volume_remove", "name": name}, local)
+    click.echo(f"removed volume {name!r} from pool {pool!r}")
+
+
+@volume.command("resize")
+@click.argument("pool")
+@click.argument("name")
+@click.option("--size", type=SIZE, required=True, help="New size (grow only).")
+@click.pass_context
+def volume_resize(ctx: click.Context, pool: str, name: str, size: int) -> None:
+    """Grow volume NAME of POOL to SIZE."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        with progress_bar(f"zeroing {name}") as cb:
+            v = await p.resize_volume(name, size, progress=cb)
+        return {"name": v.name, "size": v.size}
+
+    r = pool_command(ctx, pool, {"cmd": "volume_resize", "name": name, "size": size}, local)
+    click.echo(f"volume {r['name']!r} is now {format_size(r['size'])}")
+
+
+# ---------------------------------------------------------------------------- data
+def _refuse_if_mounted(home: Home, pool: str) -> None:
+    if _mount_socket(home, pool) is not None:
+        raise VstoreError(
+            f"pool {pool!r} is mounted: copy to or from the volume file in its mount instead"
+        )
+
+
+@cli.command("import")
+@click.argument("pool")
+@click.argument("vol")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+    """Create volume VOL sized to FILE (rounded up) and copy FILE into it."""
+    from vstore.transfer import import_file
+
+    home = home_of(ctx)
+    _refuse_if_mounted(home, pool)
+    if not os.path.isfile(file):
+        raise NotFoundError(f"{file}: no such file")
+    size = os.path.getsize(file)
+    if size == 0:
+        raise ConfigError(f"{file}: empty file, nothing to import")
+    n = run(partial(with_pool, home, pool, partial(import_file, vol=vol, path=file)))
+    click.echo(f"imported {format_size(n)} from {file} into volume {vol!r}")
+
+
+@cli.command("export")
+@click.argument("pool")
+@click.argument("vol")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+    """Copy volume VOL of POOL out into FILE."""
+    from vstore.transfer import export_file
+
+    home = home_of(ctx)
+    _refuse_if_mounted(home, pool)
+    n = run(partial(with_pool, home, pool, partial(export_file, vol=vol, path=file),
+                    read_only=True))
+    click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning every VstoreError into one line and an exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vstore: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
+        leaf = unwrap(e)
+        if isinstance(leaf, SystemExit):
+            raise
+        if os.environ.get("VSTORE_DEBUG"):
+            raise
+        if isinstance(leaf, VstoreError):
+            click.echo(f"vstore: error: {leaf}", err=True)
+            sys.exit(leaf.exit_code)
+        if isinstance(leaf, KeyboardInterrupt):
+            click.echo("vstore: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(leaf, OSError):
+            click.echo(f"vstore: error: {leaf}", err=True)
+            sys.exit(1)
+        click.echo(f"vstore: internal error: {type(leaf).__name__}: {leaf} "
+                   "(set VSTORE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,629 @@
+"""A pool: members -> RAID layout -> logical volumes, with its metadata and its owner.
+
+``Pool.create`` writes a new pool onto its members; ``Pool.open`` assembles one
+from the member URIs recorded in the config directory (``vstore import-pool``
+records them again from the members alone). The pool object then owns the
+device graph and every metadata change (``commit``), and answers the commands
+that the CLI (or the control socket of a mounted pool) sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from vstore import owner as owner_mod
+from vstore.device import BlockDevice
+from vstore.errors import (
+    ConfigError,
+    DegradedError,
+    ExistsError,
+    MemberIOError,
+    MetadataError,
+    NoSpaceError,
+    NotFoundError,
+    PoolBusyError,
+    VstoreError,
+)
+from vstore.home import Home, check_name
+from vstore.metadata import (
+    DATA_OFFSET,
+    LEVEL_CODES,
+    MemberScan,
+    Superblock,
+    scan_member,
+    write_slot,
+    write_superblock,
+)
+from vstore.offset import OffsetDevice
+from vstore.raid import make_layout, min_members, redundancy, usable_size
+from vstore.raid.geometry import survives
+from vstore.sizes import format_size
+from vstore.uri import MemberURI, open_uri, split_paths
+from vstore.volume import EXTENT_SIZE, Volume, list_to_runs, runs_to_list
+
+log = logging.getLogger("vstore.pool")
+
+DEFAULT_CHUNK = 64 << 10
+ZERO_IO = 4 << 20
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Member:
+    """One member of an open pool: its paths, its device and its state."""
+
+    index: int
+    uuid: str
+    paths: list[MemberURI]
+    state: str = "active"  # active | failed | missing | bad
+    data_size: int = 0
+    dev: BlockDevice | None = None
+    data_dev: BlockDevice | None = None
+    error: str | None = None
+    scan: MemberScan | None = field(default=None, repr=False)
+
+    @property
+    def uri_text(self) -> str:
+        """All paths, redacted, comma-separated."""
+        return ",".join(p.redacted() for p in self.paths)
+
+    def to_meta(self) -> dict[str, Any]:
+        """The member's record in the pool metadata (no secrets)."""
+        rec = {"index": self.index, "uuid": self.uuid, "paths": [p.redacted() for p in self.paths],
+               "state": "active" if self.state == "active" else "failed",
+               "data_size": self.data_size}
+        if self.state != "active":
+            rec["reason"] = f"{self.state}: {self.error}" if self.error else self.state
+        return rec
+
+
+def extent_size_for(level: str, n: int, chunk: int) -> int:
+    """Extent size: about 4 MiB, a whole number of full stripes so zeroing never reads."""
+    width = chunk * {"raid5": n - 1, "raid6": n - 2, "raid0": n, "raid10": n}.get(level, 1)
+    if level == "raid10":
+        width = chunk * n // 2 if n % 2 == 0 else chunk * n  # odd n: rows repeat every 2 rows
+    return max(1, -(-EXTENT_SIZE // width)) * width
+
+
+async def _open_paths(paths: list[MemberURI], create_size: int | None) -> BlockDevice:
+    # Multipath arrives with its own issue; until then the first path is used.
+    return await open_uri(paths[0], create_size=create_size)
+
+
+class Pool:
+    """An open pool."""
+
+    def __init__(self, home: Home, name: str, record: dict[str, Any]) -> None:
+        self.home = home
+        self.name = name
+        self.record = record
+        self.meta: dict[str, Any] = {}
+        self.members: list[Member] = []
+        self.layout: Any = None
+        self.data_dev: BlockDevice | None = None
+        self.volumes: dict[str, Volume] = {}
+        self.read_only = True
+        self.lock: owner_mod.PoolLock | None = None
+        self.recovered_from: dict[str, Any] | None = None
+        self._commit_lock = trio.Lock()
+        self._pending_failures: set[int] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def level(self) -> str:
+        """RAID level."""
+        return self.meta["level"]
+
+    @property
+    def extent_size(self) -> int:
+        """Bytes per extent."""
+        return int(self.meta["extent_size"])
+
+    @property
+    def n_extents(self) -> int:
+        """Extents in the pool's address space."""
+        return int(self.meta["n_extents"])
+
+    def used_extents(self) -> set[int]:
+        """Extents allocated to some volume."""
+        used: set[int] = set()
+        for v in self.meta["volumes"]:
+            used.update(runs_to_list(v["extents"]))
+        return used
+
+    @property
+    def state(self) -> str:
+        """clean, degraded or failed."""
+        failed = {m.index for m in self.members if m.state != "active"}
+        if not failed:
+            return "clean"
+        return "degraded" if survives(self.level, len(self.members), failed) else "failed"
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    async def create(cls, home: Home, name: str, level: str, member_args: list[str], *,
+                     chunk: int = DEFAULT_CHUNK, size: int | None = None,
+                     force: bool = False) -> Pool:
+        """Write a new pool onto its members and record it in the config directory."""
+        check_name("pool", name)
+        if level not in LEVEL_CODES:
+            raise ConfigError(f"unknown RAID level {level!r} (choose from {', '.join(LEVEL_CODES)})")
+        if home.pool_record_path(name).exists():
+            raise ExistsError(f"pool {name!r} already exists in {home.root}")
+        n = len(member_args)
+        if n < min_members(level):
+            raise ConfigError(f"{level} needs at least {min_members(level)} members, got {n}")
+        if chunk < 4096 or chunk & (chunk - 1):
+            raise ConfigError(f"chunk size must be a power of two >= 4K, got {chunk}")
+        paths_list = [split_paths(a) for a in member_args]
+        seen: set[str] = set()
+        for paths in paths_list:
+            for p in paths:
+                if p.text in seen:
+                    raise ConfigError(f"member {p.redacted()} is listed twice")
+                seen.add(p.text)
+        if size is not None and size <= DATA_OFFSET:
+            raise ConfigError(f"--size must be larger than the {format_size(DATA_OFFSET)} metadata area")
+        devs: list[BlockDevice] = []
+        try:
+            for paths in paths_list:
+                devs.append(await _open_paths(paths, size))
+            for paths, dev in zip(paths_list, devs, strict=True):
+                if dev.size < DATA_OFFSET + chunk:
+                    raise ConfigError(f"member {paths[0].redacted()} is too small ({dev.size} bytes)")
+                scan = await scan_member(dev)
+                if scan.superblock is not None and not force:
+                    raise ExistsError(
+                        f"member {paths[0].redacted()} already belongs to vstore pool "
+                        f"{scan.superblock.pool_uuid} (use --force to overwrite)"
+                    )
+            sizes = [dev.size - DATA_OFFSET for dev in devs]
+            sizes = [s - s % chunk for s in sizes] if level != "linear" else sizes
+            total = usable_size(level, sizes, chunk)
+            ext = extent_size_for(level, n, chunk)
+            n_extents = total // ext
+            if n_extents < 1:
+                raise ConfigError(
+                    f"pool too small: {format_size(total)} usable, one extent is {format_size(ext)}"
+                )
+            pool_uuid = str(uuid.uuid4())
+            pool = cls(home, name, {})
+            pool.read_only = False
+            pool.members = [
+                Member(i, str(uuid.uuid4()), paths_list[i], "active", sizes[i], devs[i],
+                       OffsetDevice(devs[i], DATA_OFFSET, sizes[i]))
+                for i in range(n)
+            ]
+            # Every extent starts zeroed: the whole data area of each member is zeroed
+            # below unless it was created here (sparse, so already zero).
+            pool.meta = {
+                "format": 1, "name": name, "pool_uuid": pool_uuid, "generation": 0,
+                "level": level, "chunk": chunk, "extent_size": ext, "n_extents": n_extents,
+                "created": int(time.time()), "members": [m.to_meta() for m in pool.members],
+                "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
+                "owner": None, "clean": True,
+            }
+            pool.record = {"name": name, "pool_uuid": pool_uuid,
+                           "members": [[p.text for p in paths] for paths in paths_list]}
+            pool._build_stack()
+            await pool.commit()
+            home.write_pool(name, pool.record, new=True)
+            return pool
+        except BaseException:
+            for dev in devs:
+                with trio.CancelScope(shield=True):
+                    await dev.aclose()
+            raise
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    async def open(cls, home: Home, name: str, *, read_only: bool = False) -> Pool:
+        """Assemble a pool from its recorded members; take ownership unless read-only."""
+        record = home.read_pool(name)
+        pool = cls(home, name, record)
+        pool.read_only = read_only
+        pool.lock = owner_mod.PoolLock(home.lock_path(name))
+        pool.lock.acquire(name)
+        try:
+            await pool._assemble()
+            if not read_only:
+                await pool._take_ownership()
+            return pool
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await pool._close_devices()
+            raise
+
+    async def _assemble(self) -> None:
+        paths_list = [split_paths(",".join(m)) for m in self.record["members"]]
+        devs: list[BlockDevice | None] = [None] * len(paths_list)
+        errors: list[str | None] = [None] * len(paths_list)
+        scans: list[MemberScan | None] = [None] * len(paths_list)
+
+        async def open_one(i: int) -> None:
+            try:
+                devs[i] = await _open_paths(paths_list[i], None)
+                scans[i] = await scan_member(devs[i])
+            except VstoreError as e:
+                errors[i] = str(e)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(paths_list)):
+                nursery.start_soon(open_one, i)
+        want_uuid = self.record.get("pool_uuid")
+        best: MemberScan | None = None
+        for s in scans:
+            if s and s.meta and s.superblock and s.superblock.pool_uuid == want_uuid:
+                if best is None or s.generation > best.generation:
+                    best = s
+        if best is None:
+            for d in devs:
+                if d is not None:
+                    await d.aclose()
+            detail = "; ".join(f"member {i}: {e or (s and s.error)}"
+                               for i, (e, s) in enumerate(zip(errors, scans, strict=True)))
+            raise MetadataError(f"pool {self.name!r}: no member holds valid metadata ({detail})")
+        self.meta = best.meta
+        by_uuid = {}
+        for i, s in enumerate(scans):
+            if s and s.superblock and s.superblock.pool_uuid == want_uuid:
+                by_uuid[s.superblock.member_uuid] = i
+        self.members = []
+        for mm in self.meta["members"]:
+            idx = mm["index"]
+            slot = by_uuid.get(mm["uuid"], idx if idx < len(paths_list) else None)
+            paths = paths_list[slot] if slot is not None else split_paths(",".join(mm["paths"]))
+            m = Member(idx, mm["uuid"], paths, "active", int(mm["data_size"]))
+            dev = devs[slot] if slot is not None else None
+            scan = scans[slot] if slot is not None else None
+            m.dev, m.scan = dev, scan
+            if mm["state"] != "active":
+                m.state, m.error = "failed", mm.get("reason", "marked failed in pool metadata")
+            elif dev is None:
+                m.state, m.error = "missing", errors[slot] if slot is not None else "no path"
+            elif scan is None or scan.superblock is None:
+                m.state, m.error = "bad", scan.error if scan else "unreadable"
+            elif scan.superblock.pool_uuid != want_uuid or scan.superblock.member_uuid != mm["uuid"]:
+                m.state, m.error = "bad", "superblock belongs to another pool or member"
+            if m.state == "active":
+                m.data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
+            self.members.append(m)
+        used = {m.dev for m in self.members}
+        for d in devs:
+            if d is not None and d not in used:
+                await d.aclose()
+        self._build_stack()
+
+    def _build_stack(self) -> None:
+        failed = {m.index for m in self.members if m.state != "active"}
+        if not survives(self.level, len(self.members), failed):
+            self.layout = None
+            self.data_dev = None
+            self.volumes = {}
+            if not self.read_only:
+                raise DegradedError(self._degraded_message(failed))
+            return
+        devs = [m.data_dev if m.data_dev is not None else _AbsentDevice(m.data_size)
+                for m in self.members]
+        self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
+                                  on_member_failed=self._on_member_failed)
+        self.data_dev = self.layout
+        self.volumes = {
+            v["name"]: Volume(v["name"], v["size"], runs_to_list(v["extents"]), self.data_dev,
+                              self.extent_size, read_only=self.read_only)
+            for v in self.meta["volumes"]
+        }
+
+    def _degraded_message(self, failed: set[int]) -> str:
+        detail = ", ".join(f"member {m.index} {m.state}" + (f" ({m.error})" if m.error else "")
+                           for m in self.members if m.index in failed)
+        return (f"pool {self.name!r} ({self.level}) has {len(failed)} failed members, more than "
+                f"it can survive ({redundancy(self.level, len(self.members))}): {detail}")
+
+    async def _take_ownership(self) -> None:
+        token = self.meta.get("owner")
+        if token and not owner_mod.token_is_stale(token):
+            raise PoolBusyError(f"pool {self.name!r} is in use by {owner_mod.describe(token)}")
+        if token or not self.meta.get("clean", True):
+            # The previous owner died without closing: remember it for recovery.
+            self.recovered_from = token or {}
+            log.warning("pool %s was not closed cleanly (owner %s)", self.name,
+                        owner_mod.describe(token))
+        self.meta["owner"] = owner_mod.my_token()
+        self.meta["clean"] = False
+        await self.commit()
+
+    # ------------------------------------------------------------------ metadata
+    def _on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
+        m = self.members[index]
+        if m.state == "active":
+            m.state, m.error = "failed", f"I/O error: {exc}" if exc else "failed"
+            log.error("pool %s: member %d failed: %s", self.name, index, exc)
+        self._pending_failures.add(index)
+
+    async def commit(self) -> None:
+        """Write a new generation of the metadata to every active member, durably."""
+        if self.read_only:
+            raise VstoreError("internal: commit on a read-only pool")
+        async with self._commit_lock:
+            for _ in range(len(self.members) + 1):
+                self.meta["members"] = [m.to_meta() for m in self.members]
+                self.meta["generation"] = gen = int(self.meta["generation"]) + 1
+                active = [m for m in self.members if m.state == "active"]
+                if not active:
+                    raise DegradedError(f"pool {self.name!r}: no member left to hold metadata")
+                failures: list[tuple[Member, MemberIOError]] = []
+
+                async def step(m: Member, fn: Callable, failures=failures) -> None:
+                    try:
+                        await fn(m)
+                    except MemberIOError as e:
+                        failures.append((m, e))
+
+                async def slot(m: Member, gen=gen) -> None:
+                    await write_slot(m.dev, gen, self.meta)
+                    await m.dev.flush()
+
+                async def superblock(m: Member, gen=gen) -> None:
+                    sb = Superblock(self.meta["pool_uuid"], m.uuid, m.index, len(self.members),
+                                    self.level, self.meta["chunk"], DATA_OFFSET, m.data_size, gen)
+                    await write_superblock(m.dev, sb)
+                    await m.dev.flush()
+
+                for fn in (slot, superblock):
+                    async with trio.open_nursery() as nursery:
+                        for m in active:
+                            if m not in [f[0] for f in failures]:
+                                nursery.start_soon(step, m, fn)
+                if not failures:
+                    self._pending_failures.clear()
+                    return
+                for m, err in failures:
+                    if self.layout is not None:
+                        self.layout.fail_member(m.index)
+                    self._on_member_failed(m.index, err)
+                failed = {m.index for m in self.members if m.state != "active"}
+                if not survives(self.level, len(self.members), failed):
+                    raise DegradedError(self._degraded_message(failed))
+            raise MetadataError("metadata commit kept failing")
+
+    async def flush(self) -> None:
+        """Flush the whole stack, then persist any member failure seen meanwhile."""
+        if self.data_dev is not None:
+            await self.data_dev.flush()
+        if self._pending_failures and not self.read_only:
+            await self.commit()
+
+    # ------------------------------------------------------------------ volumes
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise VstoreError(f"pool {self.name!r} is open read-only")
+        if self.data_dev is None:
+            raise DegradedError(self._degraded_message(
+                {m.index for m in self.members if m.state != "active"}))
+
+    def free_extents(self) -> list[int]:
+        """Unallocated extents, those already zeroed first."""
+        used = self.used_extents()
+        zeroed = set(runs_to_list(self.meta["zeroed"]))
+        free = [e for e in range(self.n_extents) if e not in used]
+        return sorted(free, key=lambda e: (e not in zeroed, e))
+
+    async def _allocate(self, count: int, progress: Progress | None) -> list[int]:
+        free = self.free_extents()
+        if count > len(free):
+            raise NoSpaceError(
+                f"pool {self.name!r} has {format_size(len(free) * self.extent_size)} free, "
+                f"{format_size(count * self.extent_size)} needed"
+            )
+        chosen = sorted(free[:count])
+        zeroed = set(runs_to_list(self.meta["zeroed"]))
+        dirty = [e for e in chosen if e not in zeroed]
+        # A fresh extent must never show a removed volume's bytes: zero it first
+        # (an extent is whole stripes, so these are full-stripe writes).
+        zeros = np.zeros(min(ZERO_IO, self.extent_size), dtype=np.uint8)
+        total = len(dirty) * self.extent_size
+        done = 0
+        for e in dirty:
+            pos = 0
+            while pos < self.extent_size:
+                n = min(len(zeros), self.extent_size - pos)
+                await self.data_dev.write(e * self.extent_size + pos, zeros[:n])
+                pos += n
+                done += n
+                if progress:
+                    progress(done, total)
+        if dirty:
+            await self.data_dev.flush()
+        return chosen
+
+    async def create_volume(self, name: str, size: int, progress: Progress | None = None) -> Volume:
+        """Create a volume of at least size bytes (rounded up to 4 KiB), reading as zeros."""
+        self._require_writable()
+        check_name("volume", name)
+        if name in self.volumes:
+            raise ExistsError(f"volume {name!r} already exists in pool {self.name!r}")
+        if size <= 0:
+            raise ConfigError("volume size must be positive")
+        size = -(-size // 4096) * 4096
+        count = -(-size // self.extent_size)
+        extents = await self._allocate(count, progress)
+        vol = Volume(name, size, extents, self.data_dev, self.extent_size)
+        self.meta["volumes"].append(vol.to_meta())
+        self.meta["zeroed"] = list_to_runs(
+            sorted(set(runs_to_list(self.meta["zeroed"])) - set(extents)))
+        self.volumes[name] = vol
+        await self.commit()
+        return vol
+
+    def get_volume(self, name: str) -> Volume:
+        """The named volume or NotFoundError."""
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise NotFoundError(f"volume {name!r} not found in pool {self.name!r}") from None
+
+    async def remove_volume(self, name: str) -> None:
+        """Remove a volume; its extents become free (and are zeroed before reuse)."""
+        self._require_writable()
+        self.get_volume(name)
+        self.meta["volumes"] = [v for v in self.meta["volumes"] if v["name"] != name]
+        del self.volumes[name]
+        await self.commit()
+
+    async def resize_volume(self, name: str, size: int, progress: Progress | None = None) -> Volume:
+        """Grow a volume (shrinking would cut a filesystem short, so it is refused)."""
+        self._require_writable()
+        vol = self.get_volume(name)
+        size = -(-size // 4096) * 4096
+        if size < vol.size:
+            raise ConfigError(f"volume {name!r} is {format_size(vol.size)}: shrinking is not supported")
+        need = -(-size // self.extent_size) - len(vol.extents)
+        if need > 0:
+            new = await self._allocate(need, progress)
+            vol.extents.extend(new)
+            self.meta["zeroed"] = list_to_runs(
+                sorted(set(runs_to_list(self.meta["zeroed"])) - set(new)))
+        vol.size = size
+        for v in self.meta["volumes"]:
+            if v["name"] == name:
+                v.update(vol.to_meta())
+        await self.commit()
+        return vol
+
+    # ------------------------------------------------------------------ members
+    async def fail_member(self, index: int, *, force: bool = False) -> None:
+        """Mark a member failed (for drills and tests); refuses to lose data unless forced."""
+        if self.read_only:
+            raise VstoreError(f"pool {self.name!r} is open read-only")
+        if not 0 <= index < len(self.members):
+            raise ConfigError(f"pool {self.name!r} has members 0..{len(self.members) - 1}, not {index}")
+        m = self.members[index]
+        if m.state != "active":
+            raise ConfigError(f"member {index} is already {m.state}")
+        failed = {x.index for x in self.members if x.state != "active"} | {index}
+        lost = not survives(self.level, len(self.members), failed)
+        if lost and not force:
+            raise DegradedError(
+                f"failing member {index} would leave {self.level} pool {self.name!r} without "
+                f"its data ({len(failed) - 1} member(s) already failed); use --force to insist"
+            )
+        m.state, m.error = "failed", "failed by administrator"
+        if self.layout is not None:
+            self.layout.fail_member(index)
+        if lost:
+            self.layout = self.data_dev = None
+            self.volumes = {}
+        await self.commit()
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        """Everything `vstore status --json` shows (never any secret)."""
+        used = len(self.used_extents())
+        ext = self.extent_size
+        return {
+            "name": self.name,
+            "uuid": self.meta.get("pool_uuid"),
+            "level": self.level,
+            "chunk": self.meta["chunk"],
+            "state": self.state,
+            "size": self.n_extents * ext,
+            "used": used * ext,
+            "free": (self.n_extents - used) * ext,
+            "extent_size": ext,
+            "generation": self.meta["generation"],
+            "owner": self.meta.get("owner"),
+            "recovered": self.recovered_from is not None,
+            "members": [
+                {"index": m.index, "uri": m.uri_text, "state": m.state,
+                 "data_offset": DATA_OFFSET, "data_size": m.data_size,
+                 **({"error": m.error} if m.error else {})}
+                for m in self.members
+            ],
+            "volumes": [{"name": v["name"], "size": v["size"]} for v in self.meta["volumes"]],
+        }
+
+    async def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one control command (from the CLI through a mount's control socket)."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "fail":
+            await self.fail_member(int(request["index"]), force=bool(request.get("force")))
+            return self.status()
+        if cmd == "volume_create":
+            vol = await self.create_volume(request["name"], int(request["size"]))
+            return {"name": vol.name, "size": vol.size}
+        if cmd == "volume_remove":
+            await self.remove_volume(request["name"])
+            return {}
+        if cmd == "volume_resize":
+            vol = await self.resize_volume(request["name"], int(request["size"]))
+            return {"name": vol.name, "size": vol.size}
+        if cmd == "volume_list":
+            return {"volumes": self.status()["volumes"]}
+        raise ConfigError(f"unknown command {cmd!r}")
+
+    # ------------------------------------------------------------------ close
+    async def _close_devices(self) -> None:
+        for m in self.members:
+            if m.dev is not None:
+                try:
+                    await m.dev.aclose()
+                except VstoreError as e:
+                    log.warning("closing member %d: %s", m.index, e)
+                m.dev = m.data_dev = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    async def aclose(self, clean: bool = True) -> None:
+        """Flush, mark the pool clean and unowned (when clean), release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.read_only:
+                try:
+                    await self.flush()
+                finally:
+                    if clean and any(m.state == "active" for m in self.members):
+                        self.meta["owner"] = None
+                        self.meta["clean"] = True
+                        await self.commit()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_devices()
+
+
+class _AbsentDevice:
+    """Stands in for a member that could not be opened; the layout never touches it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.block_size = 512
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        raise MemberIOError("member is not present")
+
+    async def write(self, offset: int, data: Any) -> None:
+        raise MemberIOError("member is not present")
+
+    async def flush(self) -> None:
+        raise MemberIOError("member is not present")
+
+    async def discard(self, offset: int, length: int) -> None:
+        raise MemberIOError("member is not present")
+
+    async def aclose(self) -> None:
+        return None
