@@ -1,0 +1,1 @@
+"""FUSE front end: each logical volume of a mounted pool appears as one regular file."""
