@@ -1,0 +1,17 @@
+"""nfs:// members: a file on an NFSv3 export, reached by vstore's own trio RPC client.
+
+URI: ``nfs://HOST[:PORT]/EXPORT/PATH/FILE[?nfsport=2049&mountport=20048&uid=0&gid=0]``
+(libnfs style; an explicit port skips the rpcbind GETPORT). Further query
+parameters: ``depth`` (RPCs in flight, 32), ``timeout`` (seconds per try, 10),
+``retrans`` (retransmissions before failing, 2), ``cache_bytes`` (bound on
+uncommitted data remembered for resending, 64 MiB).
+
+Modules: ``xdr``, ``rpc`` and ``nfs3`` are sans-IO codecs over bytes; ``client``
+is the trio transport; ``device`` is the BlockDevice and the opening sequence.
+"""
+
+from .device import NfsDevice, open_uri
+from .nfs3 import NfsError, NfsNotFoundError
+from .rpc import RpcError
+
+__all__ = ["NfsDevice", "NfsError", "NfsNotFoundError", "RpcError", "open_uri"]

@@ -1,0 +1,459 @@
+"""NfsDevice: one file on an NFSv3 export as a BlockDevice, and opening it from a URI.
+
+Writes go UNSTABLE and are remembered (a copy of each range, with the write
+verifier the server returned) until a COMMIT proves them stable: ``flush()``
+sends COMMIT, and when its verifier differs from a range's (the server
+restarted and may have lost its cache), that range is written again and
+COMMIT repeated. The remembered ranges are bounded in memory: past half the
+bound a writer commits early, at the bound writers wait for that commit, and a
+single write bigger than half the bound goes FILE_SYNC and is not remembered.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trio
+
+from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.errors import ConfigError, ProtocolError
+from vstore.uri import MemberURI
+
+from . import nfs3
+from .client import RpcClient
+from .nfs3 import NfsError, NfsJukeboxError, NfsNotFoundError
+from .rpc import auth_sys
+
+MAX_TRANSFER = 1 << 20  # clamp rtmax/wtmax: Ganesha offers 64 MiB
+MIN_TRANSFER = 4096
+DEFAULT_CACHE = 64 << 20
+
+
+@dataclass(slots=True)
+class _Range:
+    """An uncommitted range: its data, the verifier of the WRITE that sent it, and its order."""
+
+    start: int
+    data: np.ndarray
+    verf: bytes
+    seq: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+
+class UncommittedRanges:
+    """Non-overlapping ranges written UNSTABLE and not yet proven stable; newest data wins."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._by_start: dict[int, _Range] = {}
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self):
+        return iter([self._by_start[s] for s in self._starts])
+
+    def _drop(self, r: _Range) -> None:
+        i = bisect.bisect_left(self._starts, r.start)
+        del self._starts[i]
+        del self._by_start[r.start]
+        self.nbytes -= len(r.data)
+
+    def _put(self, r: _Range) -> None:
+        bisect.insort(self._starts, r.start)
+        self._by_start[r.start] = r
+        self.nbytes += len(r.data)
+
+    def add(self, start: int, data: np.ndarray, verf: bytes, seq: int) -> None:
+        """Record data written at start; older overlapping ranges are trimmed away."""
+        end = start + len(data)
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        victims = []
+        while i < len(self._starts) and self._starts[i] < end:
+            r = self._by_start[self._starts[i]]
+            if r.end > start:
+                victims.append(r)
+            i += 1
+        for r in victims:
+            self._drop(r)
+            if r.start < start:
+                self._put(_Range(r.start, r.data[: start - r.start], r.verf, r.seq))
+            if r.end > end:
+                self._put(_Range(end, r.data[end - r.start :], r.verf, r.seq))
+        self._put(_Range(start, data, verf, seq))
+
+    def discard(self, r: _Range) -> None:
+        """Forget a range (it is stable), if it is still recorded."""
+        if self._by_start.get(r.start) is r:
+            self._drop(r)
+
+    def holds(self, r: _Range) -> bool:
+        """Whether r is still recorded as it is."""
+        return self._by_start.get(r.start) is r
+
+
+class NfsDevice(DeviceBase):
+    """A regular file on an NFSv3 server as a block device."""
+
+    def __init__(self, client: RpcClient, fh: bytes, attrs: nfs3.Fattr3, fsinfo: nfs3.FsInfo,
+                 label: str, *, cache_bytes: int = DEFAULT_CACHE,
+                 jukebox_timeout: float = 60.0) -> None:
+        self._nfs = client
+        self.fh = fh
+        self.label = label
+        self.block_size = 512
+        self.size = attrs.size - attrs.size % self.block_size
+        self.fsid, self.fileid = attrs.fsid, attrs.fileid
+        self.rsize = _transfer_size(fsinfo.rtmax)
+        self.wsize = _transfer_size(fsinfo.wtmax)
+        self._jukebox_timeout = jukebox_timeout
+        self._cache = UncommittedRanges()
+        self._cache_limit = cache_bytes
+        self._seq = 0
+        self._commit_lock = trio.Lock()
+        self._gate_closed = False  # writers wait while uncommitted ranges are resent
+        self._gate_open = trio.Event()
+        self._writes_in_flight = 0
+        self._drained = trio.Event()
+        self.stats = {"commits": 0, "resent_ranges": 0, "short_writes": 0, "verifier_changes": 0}
+
+    # ---- identity and liveness (multipath) --------------------------------------------
+
+    def identity(self) -> str:
+        """fsid, fileid and file handle: equal for two paths exactly when they reach the same file."""
+        return f"nfs:{self.fsid:x}:{self.fileid:x}:{self.fh.hex()}"
+
+    async def probe(self, timeout: float | None = None) -> None:
+        """GETATTR on the file: raises MemberIOError unless the path works and the file is there."""
+        u, _ = await self._nfs.call(nfs3.GETATTR, nfs3.fh_args(self.fh), timeout=timeout)
+        nfs3.decode_getattr(u, f"{self.label}: GETATTR")
+
+    # ---- calls with JUKEBOX retry ------------------------------------------------------
+
+    async def _call(self, proc: int, args: list, decode, what: str, sink: memoryview | None = None):
+        delay = 0.05
+        deadline = trio.current_time() + self._jukebox_timeout
+        while True:
+            u, msg = await self._nfs.call(proc, args, sink=sink)
+            try:
+                return decode(u, f"{self.label}: {what}"), msg
+            except NfsJukeboxError:
+                # The server is busy (e.g. recalling a file from slow storage): ask again later
+                # with a new XID, since the duplicate-request cache may hold the JUKEBOX reply.
+                if trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # ---- read -------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Read length bytes at offset (large requests split at rsize, issued concurrently)."""
+        self.check(offset, length)
+        out = np.empty(length, dtype=np.uint8)
+        view = memoryview(out)
+        step = self.rsize
+        if length <= step:
+            if length:
+                await self._read_into(view, offset)
+            return out
+        async with trio.open_nursery() as nursery:
+            for pos in range(0, length, step):
+                nursery.start_soon(self._read_into, view[pos : pos + step], offset + pos)
+        return out
+
+    async def _read_into(self, dest: memoryview, offset: int) -> None:
+        done = 0
+        want = dest.nbytes
+        while done < want:
+            part = dest[done:]
+            n = part.nbytes
+            r, msg = await self._call(nfs3.READ, [nfs3.read_args(self.fh, offset + done, n)],
+                                      nfs3.decode_read, f"READ at {offset + done}", sink=part)
+            if r.data_len > n:
+                raise ProtocolError(f"{self.label}: READ returned {r.data_len} bytes, asked {n}")
+            if msg.sunk < 0:
+                part[: r.data_len] = msg.data[r.data_offset : r.data_offset + r.data_len]
+            done += r.data_len
+            if r.eof or r.data_len == 0:
+                # The file ended early (truncated behind our back): the rest reads as zeros.
+                dest[done:] = bytes(want - done)
+                return
+
+    # ---- write ------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write data at offset: UNSTABLE and remembered until COMMIT proves it stable."""
+        buf = as_u8(data)
+        self.check(offset, len(buf))
+        if not len(buf):
+            return
+        cached = len(buf) <= self._cache_limit // 2
+        if cached:
+            while self._cache.nbytes + len(buf) > self._cache_limit:
+                await self._commit_round()
+            # The copy is what makes a resend possible after the caller reuses its buffer.
+            buf = buf.copy()
+        elif not buf.flags.c_contiguous:
+            buf = np.ascontiguousarray(buf)
+        while self._gate_closed:
+            await self._gate_open.wait()
+        self._writes_in_flight += 1
+        try:
+            stable = nfs3.UNSTABLE if cached else nfs3.FILE_SYNC
+            step = self.wsize
+            if len(buf) <= step:
+                await self._write_range(buf, offset, stable)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for pos in range(0, len(buf), step):
+                        nursery.start_soon(self._write_range, buf[pos : pos + step],
+                                           offset + pos, stable)
+        finally:
+            self._writes_in_flight -= 1
+            if not self._writes_in_flight:
+                self._drained.set()
+        if cached and self._cache.nbytes >= self._cache_limit // 2 and not self._commit_lock.locked():
+            await self._commit_round()
+
+    async def _write_range(self, buf: np.ndarray, offset: int, stable: int) -> None:
+        done = 0
+        while done < len(buf):
+            part = buf[done:]
+            n = len(part)
+            head = nfs3.write_args_head(self.fh, offset + done, n, stable)
+            r, _ = await self._call(nfs3.WRITE, [head, memoryview(part), nfs3.write_padding(n)],
+                                    nfs3.decode_write, f"WRITE at {offset + done}")
+            if r.count > n or (r.count == 0 and n):
+                raise ProtocolError(f"{self.label}: WRITE of {n} bytes answered count {r.count}")
+            if r.count < n:
+                self.stats["short_writes"] += 1
+            if r.committed == nfs3.UNSTABLE:
+                if stable != nfs3.UNSTABLE:
+                    raise ProtocolError(f"{self.label}: stable WRITE answered UNSTABLE")
+                self._seq += 1
+                self._cache.add(offset + done, part[: r.count], r.verf, self._seq)
+            done += r.count
+
+    # ---- flush ------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """COMMIT; rewrite whatever a server restart may have lost; return when all is stable."""
+        await self._commit_round()
+
+    async def _commit(self) -> bytes:
+        self.stats["commits"] += 1
+        verf, _ = await self._call(nfs3.COMMIT, [nfs3.commit_args(self.fh)], nfs3.decode_commit,
+                                   "COMMIT")
+        return verf
+
+    async def _commit_round(self) -> None:
+        async with self._commit_lock:
+            for _ in range(10):
+                if not len(self._cache):
+                    return
+                covered = self._seq  # ranges written before the COMMIT is sent
+                verf = await self._commit()
+                stale = []
+                for r in self._cache:
+                    if r.seq > covered:
+                        continue
+                    if r.verf == verf:
+                        self._cache.discard(r)
+                    else:
+                        stale.append(r)
+                if not stale:
+                    return
+                # The server restarted since these were written: its cache may be gone.
+                self.stats["verifier_changes"] += 1
+                await self._resend(stale)
+            raise NfsError(f"{self.label}: COMMIT verifier kept changing; data may not be stable")
+
+    async def _resend(self, ranges: list[_Range]) -> None:
+        # Hold new writes back and let running ones finish, so that no resent (older)
+        # data can land after newer data for the same bytes.
+        self._gate_closed = True
+        try:
+            while self._writes_in_flight:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            ranges = [r for r in ranges if self._cache.holds(r)]
+            self.stats["resent_ranges"] += len(ranges)
+            async with trio.open_nursery() as nursery:
+                for r in ranges:
+                    # Rewriting replaces r in the cache; if it fails, r stays remembered.
+                    nursery.start_soon(self._write_range, r.data, r.start, nfs3.UNSTABLE)
+        finally:
+            self._gate_closed = False
+            self._gate_open.set()
+            self._gate_open = trio.Event()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """NFSv3 has no hole punching: discard is a no-op."""
+        self.check(offset, length)
+
+    async def aclose(self) -> None:
+        """Close the connection (call flush() first for durability)."""
+        await self._nfs.aclose()
+
+
+def _transfer_size(maxsize: int) -> int:
+    n = min(maxsize or MAX_TRANSFER, MAX_TRANSFER)
+    n -= n % MIN_TRANSFER
+    return max(n, MIN_TRANSFER)
+
+
+# ---- opening ---------------------------------------------------------------------------
+
+
+def _int_param(params: dict[str, Any], key: str, default: int | None) -> int | None:
+    v = params.get(key)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"NFS URI parameter {key}={v!r} is not an integer") from e
+
+
+def _float_param(params: dict[str, Any], key: str, default: float) -> float:
+    v = params.get(key)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"NFS URI parameter {key}={v!r} is not a number") from e
+
+
+async def _getport(host: str, prog: int, vers: int, cred: bytes, timeout: float) -> int:
+    pm = RpcClient(host, nfs3.PMAP_PORT, nfs3.PMAP_PROG, nfs3.PMAP_VERS, cred=cred,
+                   timeout=timeout, retrans=1, label=f"rpcbind {host}:111")
+    try:
+        await pm.connect()
+        u, _ = await pm.call(nfs3.PMAPPROC_GETPORT, nfs3.getport_args(prog, vers))
+        port = nfs3.decode_getport(u)
+    finally:
+        await pm.aclose()
+    if not port:
+        raise NfsError(f"rpcbind on {host}: program {prog} version {vers} over TCP is not registered")
+    return port
+
+
+def _longest_export(path: str, exports: list[str]) -> str | None:
+    comps = [c for c in path.split("/") if c]
+    best: str | None = None
+    best_len = -1
+    for e in exports:
+        ecomps = [c for c in e.split("/") if c]
+        # The file itself must lie below the export, so an export must leave >= 1 component.
+        if len(ecomps) < len(comps) and comps[: len(ecomps)] == ecomps and len(ecomps) > best_len:
+            best, best_len = e, len(ecomps)
+    return best
+
+
+async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts: Any) -> NfsDevice:
+    """Open (or create, with create_size) the file an nfs:// URI names."""
+    params: dict[str, Any] = dict(uri.params)
+    params.update(opts)
+    host = uri.host
+    label = f"nfs://{host}{uri.path}"
+    nfsport = _int_param(params, "nfsport", uri.port)
+    mountport = _int_param(params, "mountport", None)
+    uid = _int_param(params, "uid", os.getuid())
+    gid = _int_param(params, "gid", os.getgid())
+    depth = _int_param(params, "depth", 32)
+    retrans = _int_param(params, "retrans", 2)
+    timeout = _float_param(params, "timeout", 10.0)
+    cache_bytes = _int_param(params, "cache_bytes", DEFAULT_CACHE)
+    if not depth or depth < 1 or retrans is None or retrans < 0 or timeout <= 0:
+        raise ConfigError(f"{label}: depth, retrans and timeout must be positive")
+    if create_size is not None and (create_size <= 0 or create_size % 512):
+        raise ConfigError(f"{label}: size must be a positive multiple of 512")
+    cred = auth_sys(uid, gid, (gid,), machine=os.uname().nodename)
+
+    if not nfsport:
+        nfsport = await _getport(host, nfs3.NFS_PROG, nfs3.NFS_VERS, cred, timeout)
+    if not mountport:
+        mountport = await _getport(host, nfs3.MOUNT_PROG, nfs3.MOUNT_VERS, cred, timeout)
+
+    mnt = RpcClient(host, mountport, nfs3.MOUNT_PROG, nfs3.MOUNT_VERS, cred=cred,
+                    timeout=timeout, retrans=retrans, label=f"mountd {host}:{mountport}")
+    try:
+        await mnt.connect()
+        u, _ = await mnt.call(nfs3.MOUNTPROC_EXPORT)
+        exports = nfs3.decode_export(u)
+        export = _longest_export(uri.path, exports)
+        if export is None:
+            raise NfsNotFoundError(
+                f"{label}: no export of {host} contains this path "
+                f"(exports: {', '.join(exports) or 'none'})", 2)
+        u, _ = await mnt.call(nfs3.MOUNTPROC_MNT, nfs3.mnt_args(export))
+        root_fh, _flavors = nfs3.decode_mnt(u, f"{label}: MNT {export}")
+    finally:
+        await mnt.aclose()
+
+    nfs = RpcClient(host, nfsport, nfs3.NFS_PROG, nfs3.NFS_VERS, cred=cred, depth=depth,
+                    timeout=timeout, retrans=retrans, label=f"nfs {host}:{nfsport}")
+    try:
+        await nfs.connect()
+        dev = await _open_file(nfs, root_fh, uri.path, export, label, create_size)
+        dev._cache_limit = cache_bytes
+        return dev
+    except BaseException:
+        await nfs.aclose()
+        raise
+
+
+async def _call(nfs: RpcClient, proc: int, args: bytes, decode, what: str):
+    delay = 0.05
+    for _ in range(40):
+        u, _ = await nfs.call(proc, args)
+        try:
+            return decode(u, what)
+        except NfsJukeboxError:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return decode(u, what)
+
+
+async def _open_file(nfs: RpcClient, root_fh: bytes, path: str, export: str, label: str,
+                     create_size: int | None) -> NfsDevice:
+    rest = [c for c in path.split("/") if c][len([c for c in export.split("/") if c]):]
+    fh = root_fh
+    where = export.rstrip("/")
+    for name in rest[:-1]:
+        where += "/" + name
+        fh, _ = await _call(nfs, nfs3.LOOKUP, nfs3.lookup_args(fh, name), nfs3.decode_lookup,
+                            f"{label}: LOOKUP {where}")
+    dir_fh, name = fh, rest[-1]
+    try:
+        fh, _ = await _call(nfs, nfs3.LOOKUP, nfs3.lookup_args(dir_fh, name), nfs3.decode_lookup,
+                            f"{label}: LOOKUP")
+    except NfsNotFoundError as e:
+        if create_size is None:
+            raise NfsNotFoundError(f"{label}: no such file (give a size to create it)",
+                                   e.status) from e
+        new_fh, _ = await _call(nfs, nfs3.CREATE, nfs3.create_args(dir_fh, name, 0o600),
+                                nfs3.decode_create, f"{label}: CREATE")
+        if new_fh is None:
+            new_fh, _ = await _call(nfs, nfs3.LOOKUP, nfs3.lookup_args(dir_fh, name),
+                                    nfs3.decode_lookup, f"{label}: LOOKUP")
+        fh = new_fh
+        await _call(nfs, nfs3.SETATTR, nfs3.setattr_size_args(fh, create_size),
+                    nfs3.decode_setattr, f"{label}: SETATTR size")
+    attrs = await _call(nfs, nfs3.GETATTR, nfs3.fh_args(fh), nfs3.decode_getattr,
+                        f"{label}: GETATTR")
+    if attrs.type != nfs3.NF3REG:
+        raise ConfigError(f"{label}: not a regular file (NFS type {attrs.type})")
+    fsinfo = await _call(nfs, nfs3.FSINFO, nfs3.fh_args(fh), nfs3.decode_fsinfo,
+                         f"{label}: FSINFO")
+    return NfsDevice(nfs, fh, attrs, fsinfo, label)
