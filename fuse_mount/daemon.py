@@ -393,7 +393,9 @@ class MountSession:
             flushed = False
         try:
             # Lazy detach if still mounted (the daemon is going away either way).
-            pyfuse3.close(unmount=not self.unmounted)
+            entry = None if self.unmounted else mount_entry(self.mountpoint)
+            ours = entry is not None and entry["source"] == f"vstore:{self.target.name}"
+            pyfuse3.close(unmount=ours)
         except Exception as e:
             log.error("closing the FUSE session: %s", e)
         try:

@@ -1,0 +1,168 @@
+"""Helpers for the FUSE tests: a tiny MountTarget, mount cleanup, and a mount script.
+
+Run as a script (``python -m tests.fuse_helpers HOME MOUNTPOINT DIR [--background]``) it
+mounts a target of two file-backed volumes in DIR, in the foreground unless told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from vstore.device import BlockDevice
+from vstore.errors import ConfigError, ExistsError, NotFoundError, VstoreError
+
+
+class FakeTarget:
+    """A MountTarget over plain BlockDevices, counting flushes and recording its close."""
+
+    def __init__(self, name: str, volumes: Mapping[str, BlockDevice], *,
+                 closed_marker: Path | None = None) -> None:
+        self.name = name
+        self.volumes: dict[str, BlockDevice] = dict(volumes)
+        self.flush_count = 0
+        self.closed: bool | None = None  # None: open; True/False: closed clean / not clean
+        self.closed_marker = closed_marker
+        self.fail_io = False
+
+    async def flush(self) -> None:
+        """Flush every volume."""
+        self.flush_count += 1
+        for dev in list(self.volumes.values()):
+            await dev.flush()
+
+    def status(self) -> dict:
+        """A status like `vstore status --json`."""
+        return {"name": self.name, "state": "optimal",
+                "volumes": [{"name": n, "size": d.size} for n, d in sorted(self.volumes.items())]}
+
+    async def handle_command(self, request: dict) -> dict:
+        """status, volume_create (memory), volume_remove, boom (a bug)."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "volume_create":
+            import numpy as np
+
+            from backends.memory import MemoryDevice
+
+            if request["name"] in self.volumes:
+                raise ExistsError(f"volume {request['name']!r} exists")
+            self.volumes[request["name"]] = MemoryDevice(np.zeros(int(request["size"]), np.uint8))
+            return {"name": request["name"]}
+        if cmd == "volume_remove":
+            if self.volumes.pop(request["name"], None) is None:
+                raise NotFoundError(f"no volume {request['name']!r}")
+            return {}
+        if cmd == "boom":
+            raise RuntimeError("a bug")
+        raise ConfigError(f"unknown command {cmd!r}")
+
+    async def aclose(self, clean: bool = True) -> None:
+        """Flush, close the volumes, remember how."""
+        if clean:
+            await self.flush()
+        for dev in self.volumes.values():
+            await dev.aclose()
+        self.closed = clean
+        if self.closed_marker is not None:
+            self.closed_marker.write_text(json.dumps({"clean": clean, "flushes": self.flush_count}))
+
+
+class FailingDevice:
+    """Wraps a device; raises a VstoreError on every I/O while .failing is set."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.size = dev.size
+        self.block_size = dev.block_size
+        self.failing = False
+
+    def _check(self) -> None:
+        if self.failing:
+            from vstore.errors import DegradedError
+
+            raise DegradedError("too many members failed")
+
+    async def read(self, offset: int, length: int):
+        self._check()
+        return await self.dev.read(offset, length)
+
+    async def write(self, offset: int, data) -> None:
+        self._check()
+        await self.dev.write(offset, data)
+
+    async def flush(self) -> None:
+        self._check()
+        await self.dev.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.dev.discard(offset, length)
+
+    async def aclose(self) -> None:
+        await self.dev.aclose()
+
+
+def force_unmount(mountpoint: str | Path) -> None:
+    """Best-effort cleanup of a FUSE mount left behind by a failed test."""
+    mp = os.fspath(mountpoint)
+    for cmd in (["fusermount3", "-u", mp], ["fusermount3", "-u", "-z", mp], ["umount", "-l", mp]):
+        if not is_mounted(mp):
+            return
+        subprocess.run(cmd, capture_output=True)
+
+
+def is_mounted(mountpoint: str | Path) -> bool:
+    """Whether something is mounted exactly on mountpoint."""
+    from fuse_mount.daemon import mount_entry
+
+    return mount_entry(mountpoint) is not None
+
+
+def detach_loops(backing: str | Path) -> None:
+    """losetup -d every loop device whose backing file is under backing."""
+    res = subprocess.run(["losetup", "-J", "-l"], capture_output=True, text=True)
+    with contextlib.suppress(ValueError):
+        for dev in json.loads(res.stdout or "{}").get("loopdevices", []):
+            if str(dev.get("back-file", "")).startswith(os.fspath(backing)):
+                subprocess.run(["losetup", "-d", dev["name"]], capture_output=True)
+
+
+async def _open_file_target(directory: Path) -> FakeTarget:
+    from backends.local import open_uri
+    from vstore.uri import parse_uri
+
+    vols = {}
+    for name, size in (("vol0", 8 << 20), ("vol1", 4 << 20)):
+        vols[name] = await open_uri(parse_uri(f"file://{directory}/{name}.img"), create_size=size)
+    if os.environ.get("VSTORE_TEST_FAIL_OPEN"):
+        raise NotFoundError("pool 'nosuch' not found")
+    return FakeTarget("filepool", vols, closed_marker=directory / "closed.json")
+
+
+def main(argv: list[str]) -> int:
+    """Mount a file-backed FakeTarget (the subprocess side of the daemon tests)."""
+    from fuse_mount.daemon import mount
+
+    home, mountpoint, directory = Path(argv[0]), argv[1], Path(argv[2])
+    background = "--background" in argv
+    try:
+        return mount(lambda: _open_file_target(directory), mountpoint, home=home,
+                     foreground=not background, read_only=False, allow_other=False)
+    except VstoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+_ = trio  # the module is imported by the test process, which runs trio
