@@ -336,8 +336,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("vstore: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        where = f"vstore {e.ctx.command_path.split(' ', 1)[1]}" if e.ctx and " " in e.ctx.command_path else "vstore"
+        click.echo(f"vstore: error: {e.format_message()} (see '{where} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"vstore: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

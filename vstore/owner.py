@@ -50,7 +50,7 @@ def token_is_stale(token: dict[str, Any] | None) -> bool:
     if token.get("host") != socket.gethostname():
         return False
     pid = int(token.get("pid", 0))
-    return pid == os.getpid() or not pid_alive(pid)
+    return not pid_alive(pid)
 
 
 class PoolLock:

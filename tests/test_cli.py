@@ -1,0 +1,189 @@
+"""The vstore CLI through a subprocess: every command, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vstore.metadata import DATA_OFFSET
+
+
+def vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the CLI with a private config directory."""
+    env = dict(os.environ, VSTORE_HOME=str(home))
+    env.pop("VSTORE_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "vstore.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vstore {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+def digest_files(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file (to prove nothing changed on disk)."""
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    home = tmp_path / "home"
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    return home, disks
+
+
+def members(disks: Path, n: int) -> list[str]:
+    return [f"file://{disks}/d{i}.img" for i in range(n)]
+
+
+def test_full_cli_tour(env, tmp_path: Path):
+    home, disks = env
+    r = vstore(home, "create", "tank", "--level", "raid6", "--size", "24M", *members(disks, 5))
+    assert "raid6" in r.stdout
+    st = json.loads(vstore(home, "status", "tank", "--json").stdout)
+    assert st["level"] == "raid6" and st["state"] == "clean" and len(st["members"]) == 5
+    assert all(m["data_offset"] == DATA_OFFSET and m["state"] == "active" for m in st["members"])
+    assert "tank" in vstore(home, "list").stdout
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(np.random.default_rng(1).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    vstore(home, "import", "tank", "data", str(src))
+    vols = json.loads(vstore(home, "volume", "list", "tank", "--json").stdout)
+    assert vols == [{"name": "data", "size": 5 << 20}]
+
+    vstore(home, "fail", "tank", "1")
+    vstore(home, "fail", "tank", "3")
+    st = json.loads(vstore(home, "status", "tank", "--json").stdout)
+    assert st["state"] == "degraded"
+    assert [m["state"] for m in st["members"]] == ["active", "failed", "active", "failed", "active"]
+    out = tmp_path / "out.bin"
+    vstore(home, "export", "tank", "data", str(out))
+    assert out.read_bytes() == src.read_bytes()
+    # A third failure would lose data: refused without --force.
+    assert_one_line_error(vstore(home, "fail", "tank", "0", check=False), "without its data")
+
+    vstore(home, "volume", "create", "tank", "scratch", "--size", "3M")
+    vstore(home, "volume", "resize", "tank", "scratch", "--size", "9M")
+    vols = {v["name"]: v["size"] for v in json.loads(vstore(home, "volume", "list", "tank", "--json").stdout)}
+    assert vols == {"data": 5 << 20, "scratch": 9 << 20}
+    assert_one_line_error(vstore(home, "volume", "resize", "tank", "scratch", "--size", "1M",
+                                 check=False), "shrink")
+    vstore(home, "volume", "remove", "tank", "scratch")
+    vols = json.loads(vstore(home, "volume", "list", "tank", "--json").stdout)
+    assert [v["name"] for v in vols] == ["data"]
+
+    # The pool can be recorded again from its members alone.
+    (home / "pools" / "tank.json").unlink()
+    assert_one_line_error(vstore(home, "status", "tank", check=False), "not found")
+    vstore(home, "import-pool", *members(disks, 5))
+    st = json.loads(vstore(home, "status", "tank", "--json").stdout)
+    assert st["state"] == "degraded" and [v["name"] for v in st["volumes"]] == ["data"]
+    vstore(home, "export", "tank", "data", str(out))
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_help_for_every_command(env):
+    home, _ = env
+    for cmd in (["create"], ["status"], ["list"], ["import-pool"], ["fail"], ["import"],
+                ["export"], ["volume", "create"], ["volume", "list"], ["volume", "remove"],
+                ["volume", "resize"]):
+        r = vstore(home, *cmd, "--help")
+        assert "Usage:" in r.stdout
+
+
+def test_bad_create_input(env):
+    home, disks = env
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid7", *members(disks, 3), check=False), "raid7")
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members(disks, 2),
+               check=False), "at least 3")
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid6", "--size", "16M", *members(disks, 3),
+               check=False), "at least 4")
+    # Members that do not exist, without --size: nothing is created.
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid1", *members(disks, 2), check=False),
+        "no such file")
+    assert list(disks.iterdir()) == []
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid1", "--size", "16M",
+               "file:///nonexistent-dir/x.img", f"file://{disks}/a.img", check=False),
+        "does not exist")
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid1", "--size", "lots", *members(disks, 2),
+               check=False), "not a size")
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid1", "--size", "16M", "ftp://x/y",
+               f"file://{disks}/a.img", check=False), "scheme")
+    assert_one_line_error(vstore(home, "create", "bad/name", "--level", "raid1", "--size", "16M",
+                                 *members(disks, 2), check=False), "invalid pool name")
+    vstore(home, "create", "p", "--level", "raid1", "--size", "16M", *members(disks, 2))
+    assert_one_line_error(
+        vstore(home, "create", "p", "--level", "raid1", "--size", "16M", *members(disks, 2),
+               check=False), "already exists")
+    # Members of another pool are not silently overwritten.
+    assert_one_line_error(
+        vstore(home, "create", "q", "--level", "raid1", "--size", "16M", *members(disks, 2),
+               check=False), "already belongs")
+
+
+def test_bad_volume_input(env, tmp_path: Path):
+    home, disks = env
+    vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members(disks, 3))
+    assert_one_line_error(vstore(home, "volume", "create", "p", "v", "--size", "1G", check=False),
+                          "free")
+    vstore(home, "volume", "create", "p", "v", "--size", "4M")
+    assert_one_line_error(vstore(home, "volume", "create", "p", "v", "--size", "4M", check=False),
+                          "already exists")
+    assert_one_line_error(vstore(home, "volume", "remove", "p", "nope", check=False), "not found")
+    assert_one_line_error(vstore(home, "status", "nopool", check=False), "not found")
+    assert_one_line_error(vstore(home, "fail", "p", "7", check=False), "members 0..2")
+    assert_one_line_error(vstore(home, "import", "p", "w", str(tmp_path / "missing"), check=False),
+                          "no such file")
+
+
+def test_corrupt_superblock_is_reported_and_nothing_changes(env):
+    home, disks = env
+    uris = members(disks, 4)
+    vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *uris)
+    vstore(home, "volume", "create", "p", "v", "--size", "4M")
+    files = sorted(disks.iterdir())
+    with open(files[2], "r+b") as f:
+        f.seek(40)
+        f.write(b"\xde\xad\xbe\xef")
+    before = digest_files(files)
+    r = vstore(home, "status", "p", "--json", check=False)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    bad = st["members"][2]
+    assert bad["state"] == "bad" and "CRC" in bad["error"]
+    assert st["state"] == "degraded"
+    r = vstore(home, "status", "p", check=False)
+    warn = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(warn) == 1 and "member 2" in warn[0] and "CRC" in warn[0]
+    assert digest_files(files) == before
+    # With two bad members a raid5 pool cannot be opened for writing: clear error, no change.
+    with open(files[0], "r+b") as f:
+        f.write(b"garbage!")
+    before = digest_files(files)
+    assert_one_line_error(vstore(home, "volume", "create", "p", "w", "--size", "4M", check=False),
+                          "failed members")
+    assert digest_files(files) == before
