@@ -1,0 +1,639 @@
+"""iscsi:// members: a LUN on an iSCSI target, reached by vstore's own trio initiator.
+
+URI: ``iscsi://[USER[%SECRET]@]HOST[:PORT]/TARGET-IQN/LUN[?key=value...]``.
+CHAP secrets come from the URI or from a credentials file (``credentials_file=``
+option or ``$VSTORE_ISCSI_CREDENTIALS``) readable only by its owner, one entry a
+line: ``[TARGET-IQN|*] USER SECRET`` (the target column may be left out).
+
+Options (keyword arguments of ``open_uri``, or URI query parameters):
+``queue_depth`` (32), ``timeout`` (seconds per command attempt, 30),
+``recovery_timeout`` (how long to keep reconnecting after a dropped connection
+before failing I/O, 20), ``header_digest``/``data_digest`` (``none``,
+``crc32c``, ``crc32c-none``, ``none-crc32c``: what to propose; default
+``none-crc32c``, i.e. CRC32C only when the target insists), ``max_recv``
+(our MaxRecvDataSegmentLength), ``initiator_name``, ``nursery`` (where the
+reader task lives; default a trio system task owned by the device).
+
+The layers: ``pdu`` (sans-IO codec), ``scsi`` (CDBs, sense, VPD), ``session``
+(trio transport, login, command routing); this module turns a session into a
+BlockDevice with reconnection and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import stat
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import trio
+
+from backends.iscsi import scsi
+from backends.iscsi.errors import ConnectionLostError, DigestError, ScsiError
+from backends.iscsi.session import Completion, Credentials, Options, Session, discovery_targets, new_isid
+from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.errors import (
+    AuthError,
+    ConfigError,
+    DeviceTimeoutError,
+    MemberIOError,
+    NotFoundError,
+    OutOfRangeError,
+    ProtocolError,
+)
+
+__all__ = ["IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
+
+log = logging.getLogger("vstore.iscsi")
+
+DEFAULT_PORT = 3260
+CREDENTIALS_ENV = "VSTORE_ISCSI_CREDENTIALS"
+_UA_RETRIES = 16
+_DIGEST_RETRIES = 3
+
+
+def default_initiator_name() -> str:
+    """``iqn.2026-11.org.vstore:`` + this host's name (lower-cased, IQN-safe)."""
+    host = re.sub(r"[^a-z0-9.\-]", "-", socket.gethostname().lower()) or "localhost"
+    return f"iqn.2026-11.org.vstore:{host}"
+
+
+def _digest_offer(value: Any, default: str) -> str:
+    if value is None:
+        return default
+    v = str(value).strip().lower().replace("_", "-")
+    table = {
+        "none": "None",
+        "crc32c": "CRC32C",
+        "crc32c-none": "CRC32C,None",
+        "crc32c,none": "CRC32C,None",
+        "none-crc32c": "None,CRC32C",
+        "none,crc32c": "None,CRC32C",
+        "true": "CRC32C",
+        "false": "None",
+    }
+    if v not in table:
+        raise ConfigError(f"bad digest setting {value!r} (none, crc32c, crc32c-none, none-crc32c)")
+    return table[v]
+
+
+def _number(opts: dict, key: str, default: float, kind=float) -> Any:
+    v = opts.get(key)
+    if v is None:
+        return default
+    try:
+        n = kind(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad iSCSI option {key}={v!r}") from e
+    if n < 0:
+        raise ConfigError(f"iSCSI option {key} must not be negative")
+    return n
+
+
+def read_credentials_file(path: str, target: str | None, user: str | None) -> Credentials | None:
+    """The CHAP entry for a target (and user, if given) from an owner-only credentials file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read iSCSI credentials file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"iSCSI credentials file {path} is not a regular file")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"iSCSI credentials file {path} must be owned by you and readable only by you "
+            f"(mode is {stat.S_IMODE(st.st_mode):o}; run chmod 600 {path})"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"cannot read iSCSI credentials file {path}") from None
+    exact: list[tuple[str, str]] = []
+    wild: list[tuple[str, str]] = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) == 2:
+            wild.append((fields[0], fields[1]))
+        elif len(fields) == 3:
+            (exact if fields[0] == target else wild if fields[0] == "*" else []).append(
+                (fields[1], fields[2])
+            )
+        else:
+            # Never echo the line: it may hold a secret.
+            raise ConfigError(f"iSCSI credentials file {path} line {n}: expected [TARGET] USER SECRET")
+    for u, secret in exact + wild:
+        if user is None or u == user:
+            return Credentials(u, secret.encode("utf-8"))
+    return None
+
+
+def resolve_credentials(
+    user: str | None, password: str | None, target: str | None, opts: dict
+) -> Credentials | None:
+    """CHAP credentials from the URI user info, else the credentials file (option or env)."""
+    if user is not None and password is not None:
+        return Credentials(user, password.encode("utf-8"))
+    path = opts.get("credentials_file") or os.environ.get(CREDENTIALS_ENV)
+    if path:
+        creds = read_credentials_file(str(path), target, user)
+        if creds is not None:
+            return creds
+    if user is not None:
+        raise ConfigError(
+            f"no CHAP secret for iSCSI user {user!r}: put it in the URI (USER%SECRET) "
+            f"or a credentials file (credentials_file= or ${CREDENTIALS_ENV})"
+        )
+    return None
+
+
+def _options(opts: dict) -> Options:
+    o = Options(initiator_name=str(opts.get("initiator_name") or default_initiator_name()))
+    o.header_digest = _digest_offer(opts.get("header_digest"), o.header_digest)
+    o.data_digest = _digest_offer(opts.get("data_digest"), o.data_digest)
+    o.max_recv = int(_number(opts, "max_recv", o.max_recv, int))
+    if o.max_recv < 512 or o.max_recv % 4 or o.max_recv > (1 << 24) - 1:
+        raise ConfigError("max_recv must be a multiple of 4 between 512 and 16777212")
+    o.max_burst = int(_number(opts, "max_burst", o.max_burst, int))
+    o.login_timeout = float(_number(opts, "login_timeout", min(o.login_timeout, float(opts.get("timeout", 30))), float))
+    return o
+
+
+class IscsiDevice(DeviceBase):
+    """One LUN of an iSCSI target as a BlockDevice (one session, many commands in flight)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        target: str,
+        lun: int,
+        options: Options,
+        credentials: Credentials | None,
+        queue_depth: int = 32,
+        timeout: float = 30.0,
+        recovery_timeout: float = 20.0,
+        name: str = "",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.target = target
+        self.lun = lun
+        self.options = options
+        self._credentials = credentials
+        self.queue_depth = queue_depth
+        self.timeout = timeout
+        self.recovery_timeout = recovery_timeout
+        self.name = name or f"iscsi://{host}:{port}/{target}/{lun}"
+        self.isid = new_isid()  # kept across reconnects: a new login reinstates the session
+        self.size = 0
+        self.block_size = 512
+        self.vendor = self.product = ""
+        self.serial: str | None = None
+        self.designators: list[scsi.Designator] = []
+        self._identity = ""
+        self._session: Session | None = None
+        self._reconnect_lock = trio.Lock()
+        self._slots = trio.Semaphore(queue_depth)
+        self._nursery: trio.Nursery | None = None
+        self._host_done = trio.Event()
+        self._closed = False
+        self._writes: list[tuple[int, int]] = []  # byte ranges of writes in flight
+        self._writes_changed = trio.Event()
+        self.stats = {"reconnects": 0, "reissued": 0, "unit_attention": 0, "busy": 0, "digest_errors": 0}
+
+    def __repr__(self) -> str:
+        return f"<IscsiDevice {self.name} size={self.size}>"
+
+    # ------------------------------------------------------------ lifetime
+
+    async def _host(self, ready: trio.Event) -> None:
+        # The owner of every background task (session readers): cancelled by aclose().
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                ready.set()
+                await trio.sleep_forever()
+        except Exception:  # a bug; never let it crash trio's system nursery
+            log.exception("iSCSI device %s background tasks failed", self.name)
+        finally:
+            self._host_done.set()
+
+    async def _start(self, nursery: trio.Nursery | None) -> None:
+        ready = trio.Event()
+        if nursery is None:
+            trio.lowlevel.spawn_system_task(self._host, ready, name=f"iscsi:{self.name}")
+        else:
+            nursery.start_soon(self._host, ready)
+        await ready.wait()
+
+    async def _login(self) -> Session:
+        s = Session(self.host, self.port, self.target, self.options, isid=self.isid,
+                    credentials=self._credentials)
+        await s.connect()
+        await self._nursery.start(s.reader)
+        return s
+
+    async def _open(self, nursery: trio.Nursery | None, *, inspect_lun: bool = True) -> None:
+        await self._start(nursery)
+        try:
+            self._session = await self._login()
+            if inspect_lun:
+                await self._inspect()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _inspect(self) -> None:
+        std = await self.inquiry()
+        if std.peripheral_qualifier != 0:
+            raise NotFoundError(f"{self.name}: target {self.target} has no LUN {self.lun}")
+        if std.device_type != 0:
+            kind = scsi.DEVICE_TYPE_NAMES.get(std.device_type, f"type 0x{std.device_type:02x}")
+            raise ConfigError(f"{self.name}: LUN {self.lun} is a {kind}, not a disk")
+        self.vendor, self.product = std.vendor, std.product
+        await self._execute(scsi.test_unit_ready(), what="TEST UNIT READY")
+        cap = await self.read_capacity()
+        self.size, self.block_size = cap.size, cap.block_size
+        try:
+            self.serial = scsi.parse_vpd_serial(await self._inquiry_page(0x80))
+        except (ScsiError, ProtocolError):
+            self.serial = None
+        try:
+            self.designators = scsi.parse_vpd_device_id(await self._inquiry_page(0x83))
+        except (ScsiError, ProtocolError):
+            self.designators = []
+        ident = scsi.lun_identity(self.designators, self.serial)
+        # Without any id the best we can say is "this target's LUN n" (still per target).
+        self._identity = f"iscsi:{ident}" if ident else f"iscsi:{self.target}/{self.lun}"
+
+    async def aclose(self) -> None:
+        """Log out and stop the background tasks."""
+        if self._closed:
+            return
+        self._closed = True
+        s = self._session
+        if s is not None and self._nursery is not None:
+            with trio.move_on_after(5):
+                await s.logout()
+        if s is not None:
+            s.close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            with trio.move_on_after(5):
+                await self._host_done.wait()
+
+    # ------------------------------------------------------------ commands
+
+    async def _session_for_io(self, deadline: float) -> Session:
+        while True:
+            s = self._session
+            if s is not None and s.alive:
+                return s
+            if self._closed:
+                raise MemberIOError(f"{self.name} is closed")
+            async with self._reconnect_lock:
+                s = self._session
+                if s is not None and s.alive:
+                    return s
+                await self._reconnect(deadline)
+
+    async def _reconnect(self, deadline: float) -> None:
+        delay = 0.05
+        last: BaseException | None = None
+        while True:
+            if self._closed:
+                raise MemberIOError(f"{self.name} is closed")
+            try:
+                with trio.move_on_at(deadline) as cs:
+                    s = await self._login()
+                if not cs.cancelled_caught:
+                    self._session = s
+                    self.stats["reconnects"] += 1
+                    log.info("iSCSI %s: reconnected", self.name)
+                    return
+            except (AuthError, NotFoundError):
+                raise
+            except MemberIOError as e:
+                last = e
+            if trio.current_time() + delay >= deadline:
+                raise MemberIOError(
+                    f"{self.name}: connection lost and not re-established within "
+                    f"{self.recovery_timeout:g} s" + (f" ({last})" if last else "")
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _execute(
+        self, cdb: bytes, *, read_buf=None, write_buf=None, lun: int | None = None, what: str = "command"
+    ) -> Completion:
+        """Run a command with reissue on connection loss, UA/BUSY retries and sense → ScsiError."""
+        lun = self.lun if lun is None else lun
+        first_failure: float | None = None
+        ua = digest = 0
+        busy_delay = 0.001
+        busy_deadline = trio.current_time() + self.timeout
+        async with self._slots:
+            while True:
+                start = first_failure if first_failure is not None else trio.current_time()
+                try:
+                    sess = await self._session_for_io(start + self.recovery_timeout)
+                    with trio.move_on_after(self.timeout) as cs:
+                        c = await sess.command(lun, cdb, read_buf=read_buf, write_buf=write_buf)
+                    if cs.cancelled_caught:
+                        err = DeviceTimeoutError(
+                            f"{self.name}: {what} got no answer within {self.timeout:g} s"
+                        )
+                        # Drop the connection: the reissue path then retries this and
+                        # everything else that was in flight on it.
+                        sess.abort(err)
+                        raise err
+                except (ConnectionLostError, DeviceTimeoutError, ProtocolError) as e:
+                    now = trio.current_time()
+                    if first_failure is None:
+                        first_failure = now
+                    if self._closed or now - first_failure >= self.recovery_timeout:
+                        raise type(e)(f"{self.name}: {what} failed: {e}") from e
+                    self.stats["reissued"] += 1
+                    continue
+                if c.digest_error:
+                    digest += 1
+                    self.stats["digest_errors"] += 1
+                    if digest > _DIGEST_RETRIES:
+                        raise DigestError(f"{self.name}: {what}: data digest errors on {digest} tries")
+                    continue
+                st = c.status
+                if st == scsi.GOOD or st == scsi.CONDITION_MET:
+                    if read_buf is not None and c.received < len(read_buf) and not c.underflow:
+                        raise ProtocolError(
+                            f"{self.name}: {what} returned {c.received} of {len(read_buf)} bytes"
+                        )
+                    return c
+                sense = c.sense
+                if st == scsi.CHECK_CONDITION and sense is not None and sense.key == scsi.UNIT_ATTENTION:
+                    ua += 1
+                    self.stats["unit_attention"] += 1
+                    if ua <= _UA_RETRIES:
+                        continue
+                if st in (scsi.BUSY, scsi.TASK_SET_FULL) and trio.current_time() < busy_deadline:
+                    self.stats["busy"] += 1
+                    await trio.sleep(busy_delay)
+                    busy_delay = min(busy_delay * 2, 0.25)
+                    continue
+                name = scsi.STATUS_NAMES.get(st, f"status 0x{st:02x}")
+                detail = f": {sense.describe()}" if sense is not None else ""
+                raise ScsiError(
+                    f"{self.name}: {what} ended with {name}{detail}",
+                    status=st,
+                    sense_key=sense.key if sense else None,
+                    asc=sense.asc if sense else None,
+                    ascq=sense.ascq if sense else None,
+                )
+
+    async def _data_in(self, cdb: bytes, alloc: int, *, lun: int | None = None, what: str) -> bytes:
+        buf = bytearray(alloc)
+        c = await self._execute(cdb, read_buf=memoryview(buf), lun=lun, what=what)
+        return bytes(buf[: c.received])
+
+    async def inquiry(self, *, lun: int | None = None) -> scsi.StandardInquiry:
+        """Standard INQUIRY data."""
+        return scsi.parse_standard_inquiry(
+            await self._data_in(scsi.inquiry(None, 96), 96, lun=lun, what="INQUIRY")
+        )
+
+    async def _inquiry_page(self, page: int, *, lun: int | None = None) -> bytes:
+        return await self._data_in(scsi.inquiry(page, 1024), 1024, lun=lun, what=f"INQUIRY VPD 0x{page:02x}")
+
+    async def read_capacity(self, *, lun: int | None = None) -> scsi.Capacity:
+        """READ CAPACITY(16)."""
+        return scsi.parse_read_capacity_16(
+            await self._data_in(scsi.read_capacity_16(32), 32, lun=lun, what="READ CAPACITY(16)")
+        )
+
+    async def report_luns(self) -> list[int]:
+        """REPORT LUNS (on the session's LUN address, normally 0)."""
+        return scsi.parse_report_luns(await self._data_in(scsi.report_luns(16384), 16384, what="REPORT LUNS"))
+
+    # ------------------------------------------------------------ BlockDevice
+
+    def _check_io(self, offset: int, length: int) -> None:
+        self.check(offset, length)
+        if offset % self.block_size or length % self.block_size:
+            raise OutOfRangeError(
+                f"{self.name}: I/O at offset {offset} length {length} is not a multiple of "
+                f"the LUN's {self.block_size}-byte blocks"
+            )
+
+    def _chunk(self) -> int:
+        s = self._session
+        burst = s.params.max_burst if s is not None else 262144
+        return max(self.block_size, burst - burst % self.block_size)
+
+    async def _run_chunks(self, jobs: list) -> None:
+        if len(jobs) == 1:
+            await jobs[0]()
+            return
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Read length bytes at offset (both multiples of the block size)."""
+        self._check_io(offset, length)
+        buf = np.empty(length, dtype=np.uint8)
+        if not length:
+            return buf
+        mv = memoryview(buf)
+        step = self._chunk()
+        bs = self.block_size
+
+        def job(pos: int, n: int):
+            async def run() -> None:
+                await self._execute(
+                    scsi.read_16((offset + pos) // bs, n // bs), read_buf=mv[pos : pos + n], what="READ(16)"
+                )
+            return run
+
+        await self._run_chunks([job(p, min(step, length - p)) for p in range(0, length, step)])
+        return buf
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write the bytes at offset (offset and length multiples of the block size)."""
+        arr = as_u8(data)
+        length = len(arr)
+        self._check_io(offset, length)
+        if not length:
+            return
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        mv = memoryview(arr)
+        step = self._chunk()
+        bs = self.block_size
+        end = offset + length
+        # tgt completes SIMPLE tasks in any order: overlapping writes must not be in flight together.
+        while any(a < end and offset < b for a, b in self._writes):
+            await self._writes_changed.wait()
+        rng = (offset, end)
+        self._writes.append(rng)
+        try:
+
+            def job(pos: int, n: int):
+                async def run() -> None:
+                    await self._execute(
+                        scsi.write_16((offset + pos) // bs, n // bs), write_buf=mv[pos : pos + n],
+                        what="WRITE(16)",
+                    )
+                return run
+
+            await self._run_chunks([job(p, min(step, length - p)) for p in range(0, length, step)])
+        finally:
+            self._writes.remove(rng)
+            self._writes_changed.set()
+            self._writes_changed = trio.Event()
+
+    async def flush(self) -> None:
+        """Wait for in-flight writes, then SYNCHRONIZE CACHE: everything acknowledged is stable."""
+        while self._writes:
+            await self._writes_changed.wait()
+        blocks = self.size // self.block_size
+        cdb = scsi.synchronize_cache_10() if blocks < (1 << 32) else scsi.synchronize_cache_16()
+        await self._execute(cdb, what="SYNCHRONIZE CACHE")
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory and not sent to the target (tgt file LUNs gain nothing from UNMAP)."""
+        self._check_io(offset, length)
+
+    def identity(self) -> str:
+        """Equal for two paths exactly when they reach the same LU (VPD 0x83 ids, 0x80 serial)."""
+        return self._identity
+
+    async def probe(self, timeout: float | None = None) -> None:
+        """Liveness check (TEST UNIT READY, reconnecting if needed); raises MemberIOError on failure."""
+        limit = timeout if timeout is not None else min(self.timeout, 10.0)
+        try:
+            with trio.fail_after(limit):
+                await self._execute(scsi.test_unit_ready(), what="TEST UNIT READY")
+        except trio.TooSlowError:
+            raise DeviceTimeoutError(f"{self.name}: no answer to TEST UNIT READY within {limit:g} s") from None
+
+    async def ping(self) -> None:
+        """NOP-Out ping on the current session (no reconnect); raises MemberIOError on failure."""
+        s = self._session
+        if s is None or not s.alive:
+            raise ConnectionLostError(f"{self.name}: not connected")
+        with trio.move_on_after(min(self.timeout, 10.0)) as cs:
+            await s.ping()
+        if cs.cancelled_caught:
+            s.abort(DeviceTimeoutError(f"{self.name}: NOP-Out ping not answered"))
+            raise DeviceTimeoutError(f"{self.name}: NOP-Out ping not answered")
+
+    @property
+    def session(self) -> Session | None:
+        """The current session (for status displays and tests)."""
+        return self._session
+
+
+def _device(host: str, port: int, target: str, lun: int, opts: dict, creds, name: str) -> IscsiDevice:
+    qd = int(_number(opts, "queue_depth", 32, int))
+    if qd < 1:
+        raise ConfigError("queue_depth must be at least 1")
+    return IscsiDevice(
+        host=host, port=port, target=target, lun=lun, options=_options(opts), credentials=creds,
+        queue_depth=qd, timeout=float(_number(opts, "timeout", 30.0)),
+        recovery_timeout=float(_number(opts, "recovery_timeout", 20.0)), name=name,
+    )
+
+
+async def open_uri(uri, *, create_size: int | None = None, **opts: Any) -> IscsiDevice:
+    """Open iscsi://HOST[:PORT]/IQN/LUN as a BlockDevice (LUNs are never created)."""
+    from vstore.uri import parse_uri
+
+    if isinstance(uri, str):
+        uri = parse_uri(uri)
+    target, lun_text = uri.path.strip("/").split("/")
+    merged = {**uri.params, **opts}
+    nursery = merged.pop("nursery", None)
+    creds = resolve_credentials(uri.user, uri.password, target, merged)
+    port = uri.port or DEFAULT_PORT
+    dev = _device(uri.host, port, target, int(lun_text), merged, creds,
+                  f"iscsi://{uri.host}:{port}/{target}/{int(lun_text)}")
+    await dev._open(nursery)
+    if create_size is not None and dev.size < create_size:
+        size = dev.size
+        await dev.aclose()
+        raise ConfigError(
+            f"{dev.name} holds {size} bytes, less than the {create_size} requested "
+            "(iSCSI LUNs cannot be created or grown by vstore)"
+        )
+    return dev
+
+
+def _parse_portal(portal_uri: str) -> tuple[str, int, str | None, str | None]:
+    text = portal_uri.strip()
+    if "://" not in text:
+        text = "iscsi://" + text
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "iscsi" or not parts.hostname:
+        raise ConfigError(f"not an iSCSI portal: {portal_uri!r} (iscsi://HOST[:PORT])")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ConfigError(f"bad port in {portal_uri!r}") from None
+    user = password = None
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        sep = "%" if "%" in userinfo else (":" if ":" in userinfo else None)
+        if sep:
+            u, p = userinfo.split(sep, 1)
+            user, password = unquote(u), unquote(p)
+        else:
+            user = unquote(userinfo)
+    return parts.hostname, port, user, password
+
+
+async def discover(portal_uri: str, **opts: Any) -> list[dict]:
+    """Targets behind a portal with their LUNs and sizes (SendTargets, then log in to each)."""
+    host, port, user, password = _parse_portal(portal_uri)
+    options = _options(opts)
+    creds = resolve_credentials(user, password, None, opts)
+    found = await discovery_targets(host, port, options, creds)
+    out: list[dict] = []
+    for name, addresses in found:
+        entry: dict[str, Any] = {"target": name, "portal": f"{host}:{port}", "addresses": addresses, "luns": []}
+        out.append(entry)
+        tcreds = resolve_credentials(user, password, name, opts)
+        dev = _device(host, port, name, 0, {**opts, "recovery_timeout": 0}, tcreds,
+                      f"iscsi://{host}:{port}/{name}/0")
+        try:
+            await dev._open(None, inspect_lun=False)
+        except MemberIOError as e:
+            entry["error"] = str(e)
+            continue
+        except NotFoundError as e:
+            entry["error"] = str(e)
+            continue
+        try:
+            for lun in await dev.report_luns():
+                info: dict[str, Any] = {"lun": lun, "uri": f"iscsi://{host}:{port}/{name}/{lun}"}
+                try:
+                    std = await dev.inquiry(lun=lun)
+                    info["type"] = scsi.DEVICE_TYPE_NAMES.get(std.device_type, f"0x{std.device_type:02x}")
+                    info["vendor"], info["product"] = std.vendor, std.product
+                    if std.device_type == 0:
+                        cap = await dev.read_capacity(lun=lun)
+                        info["size"], info["block_size"] = cap.size, cap.block_size
+                except ScsiError as e:
+                    info["error"] = str(e)
+                entry["luns"].append(info)
+        except MemberIOError as e:
+            entry["error"] = str(e)
+        finally:
+            await dev.aclose()
+    return out
