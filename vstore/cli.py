@@ -285,6 +285,44 @@ def volume_resize(ctx: click.Context, pool: str, name: str, size: int) -> None:
     click.echo(f"volume {r['name']!r} is now {format_size(r['size'])}")
 
 
+# ---------------------------------------------------------------------------- mount
+@cli.command()
+@click.argument("pool")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (log to stderr).")
+@click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--allow-other", is_flag=True, help="Let other users see the mount (default: owner only).")
+@click.pass_context
+def mount(ctx: click.Context, pool: str, mountpoint: str, foreground: bool, read_only: bool,
+          allow_other: bool) -> None:
+    """Mount POOL at MOUNTPOINT: one file per volume; returns once the files are visible."""
+    from fuse_mount.daemon import mount as do_mount
+    from vstore.pool import Pool
+
+    home = home_of(ctx)
+    home.read_pool(pool)  # a clear error for an unknown pool before anything forks
+    if _mount_socket(home, pool) is not None:
+        raise VstoreError(f"pool {pool!r} is already mounted")
+
+    async def open_target() -> Pool:
+        return await Pool.open(home, pool, read_only=read_only)
+
+    code = do_mount(open_target, mountpoint, home=home.root, foreground=foreground,
+                    read_only=read_only, allow_other=allow_other)
+    if code:
+        sys.exit(code)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.pass_context
+def umount(ctx: click.Context, mountpoint: str) -> None:
+    """Flush every volume, close the pool cleanly and unmount MOUNTPOINT."""
+    from fuse_mount.daemon import unmount
+
+    unmount(mountpoint, home=home_of(ctx).root)
+
+
 # ---------------------------------------------------------------------------- data
 def _refuse_if_mounted(home: Home, pool: str) -> None:
     if _mount_socket(home, pool) is not None:
