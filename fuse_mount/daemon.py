@@ -177,7 +177,8 @@ def check_mountpoint(mountpoint: str | Path) -> str:
     entry = mount_entry(mp)
     if entry is not None or os.path.ismount(mp):
         what = f" ({entry['fstype']} {entry['source']})" if entry else ""
-        raise PoolBusyError(f"mountpoint {mp} is busy: something is already mounted there{what}")
+        hint = f"; `vstore umount {mp}` removes it" if entry and entry["fstype"] == "fuse.vstore" else ""
+        raise PoolBusyError(f"mountpoint {mp} is busy: something is already mounted there{what}{hint}")
     return mp
 
 

@@ -399,9 +399,12 @@ class VolumeFS(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode in (ROOT_INODE, META_DIR_INODE):
             raise FUSEError(errno.EISDIR)
-        name, _ = self._volume(inode)
+        name, dev = self._volume(inode)
         if writable and self.read_only:
             raise FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC and dev.size != 0:
+            # libfuse asks for atomic O_TRUNC: the truncate arrives here, not in setattr
+            raise FUSEError(errno.EPERM)
         fh = self._new_fh()
         self._handles[fh] = _Handle(inode, name, writable)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
