@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -107,3 +108,26 @@ def pq_gen(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         data = np.concatenate([data, np.zeros((1, n), dtype=np.uint8)])
     par = _call(_require().pq_gen, data, 2, 32)
     return par[0], par[1]
+
+
+def prepared_call(data: np.ndarray, parity: np.ndarray) -> Callable[[], None]:
+    """A no-argument call of xor_gen (1 parity row) or pq_gen (2 rows) on these exact buffers.
+
+    For benchmarks: the pointer array is built once, so a call measures ISA-L
+    alone. Every row must be 32-byte aligned and n a multiple of 32; k >= 2.
+    """
+    lib = _require()
+    k, n = data.shape
+    nparity = parity.shape[0]
+    if nparity not in (1, 2) or k < 2 or not (_usable(data, 32) and _usable(parity, 32)):
+        raise ValueError("prepared_call needs k >= 2 aligned rows, n % 32 == 0, 1 or 2 parity rows")
+    fn = lib.xor_gen if nparity == 1 else lib.pq_gen
+    rows = [data[j].ctypes.data for j in range(k)] + [parity[j].ctypes.data for j in range(nparity)]
+    ptrs = (ctypes.c_void_p * (k + nparity))(*rows)
+    vects = k + nparity
+
+    # The default argument keeps the buffers alive as long as the raw pointers.
+    def call(_buffers: tuple = (data, parity)) -> None:
+        fn(vects, n, ptrs)
+
+    return call
