@@ -4,7 +4,8 @@ URI: ``nfs://HOST[:PORT]/EXPORT/PATH/FILE[?nfsport=2049&mountport=20048&uid=0&gi
 (libnfs style; an explicit port skips the rpcbind GETPORT). Further query
 parameters: ``depth`` (RPCs in flight, 32), ``timeout`` (seconds per try, 10),
 ``retrans`` (retransmissions before failing, 2), ``cache_bytes`` (bound on
-uncommitted data remembered for resending, 64 MiB).
+uncommitted data remembered for resending, 64 MiB), ``rsize``/``wsize`` (override
+FSINFO's transfer sizes; at most 1 MiB).
 
 Modules: ``xdr``, ``rpc`` and ``nfs3`` are sans-IO codecs over bytes; ``client``
 is the trio transport; ``device`` is the BlockDevice and the opening sequence.

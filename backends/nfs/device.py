@@ -181,6 +181,8 @@ class NfsDevice(DeviceBase):
             if r.data_len > n:
                 raise ProtocolError(f"{self.label}: READ returned {r.data_len} bytes, asked {n}")
             if msg.sunk < 0:
+                if r.data_offset + r.data_len > len(msg.data):
+                    raise ProtocolError(f"{self.label}: READ reply shorter than its data")
                 part[: r.data_len] = msg.data[r.data_offset : r.data_offset + r.data_len]
             done += r.data_len
             if r.eof or r.data_len == 0:
@@ -407,6 +409,13 @@ async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts: An
         await nfs.connect()
         dev = await _open_file(nfs, root_fh, uri.path, export, label, create_size)
         dev._cache_limit = cache_bytes
+        # Explicit transfer sizes override FSINFO (tests use them to provoke short WRITEs).
+        rsize = _int_param(params, "rsize", None)
+        wsize = _int_param(params, "wsize", None)
+        if rsize:
+            dev.rsize = _transfer_size(rsize)
+        if wsize:
+            dev.wsize = _transfer_size(wsize)
         return dev
     except BaseException:
         await nfs.aclose()
@@ -440,7 +449,7 @@ async def _open_file(nfs: RpcClient, root_fh: bytes, path: str, export: str, lab
                             f"{label}: LOOKUP")
     except NfsNotFoundError as e:
         if create_size is None:
-            raise NfsNotFoundError(f"{label}: no such file (give a size to create it)",
+            raise NfsNotFoundError(f"{label}: no such file (NFS3ERR_NOENT; give a size to create it)",
                                    e.status) from e
         new_fh, _ = await _call(nfs, nfs3.CREATE, nfs3.create_args(dir_fh, name, 0o600),
                                 nfs3.decode_create, f"{label}: CREATE")

@@ -1,0 +1,215 @@
+"""Start and stop a real NFS-Ganesha (with rpcbind) on loopback for tests and benchmarks.
+
+Ganesha's ports are fixed (NFS 2049, MOUNT 20048), so only one instance can run
+at a time: use one server per test module (or session). ``rpcbind -w`` is
+started when it is not running, and stopped afterwards only if we started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+NFS_PORT = 2049
+MOUNT_PORT = 20048
+
+CONFIG = """\
+NFS_CORE_PARAM {{ Protocols = 3, 4; NFS_Port = {nfs_port}; MNT_Port = {mount_port};
+                 Bind_addr = 127.0.0.1; Enable_NLM = false; Enable_RQUOTA = false;
+                 Enable_UDP = false; }}
+NFSV4    {{ Graceless = true; }}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT {{ Export_Id = 1; Path = {export}; Pseudo = {export}; Protocols = 3, 4;
+         Transports = TCP; Access_Type = RW; Squash = No_Root_Squash; SecType = sys;
+         Attr_Expiration_Time = 0;
+         MaxRead = {max_read}; MaxWrite = {max_write};
+         PrefRead = {max_read}; PrefWrite = {max_write};
+         FSAL {{ Name = VFS; }} }}
+LOG {{ Default_Log_Level = WARN; }}
+"""
+
+
+class ServerError(RuntimeError):
+    """The test server could not be started or stopped."""
+
+
+def rpc_null(port: int, prog: int = 100003, vers: int = 3, timeout: float = 1.0) -> bool:
+    """True when an RPC NULL call to 127.0.0.1:port is answered."""
+    xid = 0x5E5E0001
+    call = struct.pack(">IIIIII", xid, 0, 2, prog, vers, 0) + b"\0" * 16
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
+            data = b""
+            while len(data) < 4 + 24:
+                chunk = s.recv(256)
+                if not chunk:
+                    return False
+                data += chunk
+    except OSError:
+        return False
+    rxid, mtype, rstat = struct.unpack(">III", data[4:16])
+    return rxid == xid and mtype == 1 and rstat == 0
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _filesystem_type(path: str) -> str:
+    out = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True)
+    lines = out.stdout.split()
+    return lines[-1] if lines else "?"
+
+
+class Ganesha:
+    """One NFS-Ganesha exporting a fresh temporary directory over NFSv3 on 127.0.0.1."""
+
+    def __init__(self, *, base: str | None = None, max_write: int = 1 << 20,
+                 max_read: int = 1 << 20) -> None:
+        for tool in ("ganesha.nfsd", "rpcbind"):
+            if shutil.which(tool) is None:
+                raise ServerError(f"{tool} is not installed (bash scripts/setup.sh installs it)")
+        self.workdir = Path(tempfile.mkdtemp(prefix="vstore-ganesha-", dir=base))
+        self.export = self.workdir / "export"
+        self.export.mkdir()
+        fstype = _filesystem_type(str(self.export))
+        if fstype not in ("ext4", "xfs", "btrfs"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise ServerError(f"export {self.export} is on {fstype}; Ganesha's VFS needs ext4/xfs/btrfs")
+        self.max_write = max_write
+        self.max_read = max_read
+        self.proc: subprocess.Popen | None = None
+        self.rpcbind_pid: int | None = None
+        self.epoch = int(time.time())
+        self.log = self.workdir / "ganesha.log"
+
+    # ---- URLs ---------------------------------------------------------------------------
+
+    def url(self, name: str, *, ports: bool = True, **params: object) -> str:
+        """nfs:// URL of a file in the export (with explicit ports unless ports=False)."""
+        q = dict(params)
+        if ports:
+            q = {"nfsport": NFS_PORT, "mountport": MOUNT_PORT, **q}
+        query = "&".join(f"{k}={v}" for k, v in q.items())
+        return f"nfs://127.0.0.1{self.export}/{name}" + (f"?{query}" if query else "")
+
+    def path(self, name: str) -> Path:
+        """The file in the export's directory on the local disk."""
+        return self.export / name
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def _ensure_rpcbind(self) -> None:
+        if _port_busy(111):
+            return
+        subprocess.run(["rpcbind", "-w"], check=True)
+        deadline = time.monotonic() + 5
+        while not _port_busy(111):
+            if time.monotonic() > deadline:
+                raise ServerError("rpcbind did not start listening on port 111")
+            time.sleep(0.05)
+        out = subprocess.run(["pidof", "rpcbind"], capture_output=True, text=True).stdout.split()
+        self.rpcbind_pid = int(out[0]) if out else None
+
+    def start(self, *, epoch: int | None = None, wait_free: float = 60.0) -> None:
+        """Start Ganesha (after rpcbind) and wait until it answers an RPC NULL."""
+        self._ensure_rpcbind()
+        deadline = time.monotonic() + wait_free
+        # Another test run may still hold the fixed ports: wait for it, then give up clearly.
+        while _port_busy(NFS_PORT) or _port_busy(MOUNT_PORT):
+            if time.monotonic() > deadline:
+                raise ServerError(f"port {NFS_PORT} or {MOUNT_PORT} is in use by another NFS server")
+            time.sleep(0.2)
+        self.epoch = epoch if epoch is not None else max(self.epoch + 1, int(time.time()))
+        conf = self.workdir / "ganesha.conf"
+        conf.write_text(CONFIG.format(nfs_port=NFS_PORT, mount_port=MOUNT_PORT,
+                                      export=self.export, max_write=self.max_write,
+                                      max_read=self.max_read))
+        self.proc = subprocess.Popen(
+            ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(self.log),
+             "-p", str(self.workdir / "ganesha.pid"), "-E", str(self.epoch)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not rpc_null(NFS_PORT):
+            if self.proc.poll() is not None:
+                raise ServerError(f"ganesha.nfsd exited with {self.proc.returncode}: "
+                                  f"{self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"ganesha.nfsd did not answer within 30 s: {self._log_tail()}")
+            time.sleep(0.1)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-5:])
+
+    def stop(self) -> None:
+        """SIGTERM Ganesha (SIGKILL if it does not exit in 10 s)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            proc.terminate()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        # The kernel may keep the listening ports for a moment after exit.
+        deadline = time.monotonic() + 10
+        while _port_busy(NFS_PORT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self, *, epoch: int | None = None, **config: int) -> None:
+        """Stop and start again (a new epoch means a new write verifier); config may change."""
+        self.stop()
+        for k, v in config.items():
+            setattr(self, k, v)
+        self.start(epoch=epoch)
+
+    def pause(self) -> None:
+        """SIGSTOP Ganesha: it keeps its sockets but answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT Ganesha after pause()."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        """Stop Ganesha, rpcbind if we started it, and remove the export."""
+        try:
+            self.stop()
+        finally:
+            if self.rpcbind_pid is not None:
+                try:
+                    os.kill(self.rpcbind_pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                self.rpcbind_pid = None
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Ganesha:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

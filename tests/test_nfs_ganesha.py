@@ -1,0 +1,310 @@
+"""The NFS backend against a real NFS-Ganesha on loopback (no mocks).
+
+One Ganesha serves the whole module (its ports are fixed); tests that restart,
+pause or reconfigure it leave it running as they found it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import trio
+
+from backends.nfs import NfsDevice
+from tests.nfs_server import Ganesha, ServerError
+from vstore.errors import (
+    ConfigError,
+    DeviceTimeoutError,
+    MemberIOError,
+    NotFoundError,
+    OutOfRangeError,
+    VstoreError,
+)
+from vstore.uri import open_uri
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ganesha():
+    """A running Ganesha exporting a fresh temporary directory."""
+    try:
+        server = Ganesha()
+    except ServerError as e:
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+async def open_dev(url: str, **kw) -> NfsDevice:
+    dev = await open_uri(url, **kw)
+    assert isinstance(dev, NfsDevice)
+    return dev
+
+
+async def test_create_write_read_flush_reopen(ganesha, rng):
+    size = 8 * MiB
+    dev = await open_dev(ganesha.url("disk1.img"), create_size=size)
+    try:
+        assert (dev.size, dev.block_size) == (size, 512)
+        st = os.stat(ganesha.path("disk1.img"))
+        assert st.st_size == size and st.st_blocks * 512 < MiB  # created sparse
+        model = np.zeros(size, dtype=np.uint8)
+        for offset, length in [(0, 4096), (12345, 777), (MiB - 100, 3 * MiB + 200), (size - 512, 512)]:
+            data = rng.integers(0, 256, length, dtype=np.uint8)
+            await dev.write(offset, data)
+            model[offset : offset + length] = data
+        assert np.array_equal(await dev.read(0, size), model)  # big read: 8 concurrent READs
+        assert np.array_equal(await dev.read(12000, 5000), model[12000:17000])
+        await dev.flush()
+        assert dev.stats["commits"] >= 1
+        assert ganesha.path("disk1.img").read_bytes() == model.tobytes()
+        with pytest.raises(OutOfRangeError):
+            await dev.read(size - 10, 20)
+        with pytest.raises(OutOfRangeError):
+            await dev.write(size, b"x")
+    finally:
+        await dev.aclose()
+    # Reopen, this time through rpcbind (no explicit ports), and through an existing file.
+    dev = await open_dev(ganesha.url("disk1.img", ports=False), create_size=size)
+    try:
+        assert dev.size == size
+        assert np.array_equal(await dev.read(0, size), model)
+    finally:
+        await dev.aclose()
+
+
+async def test_concurrent_mixed_io_matches_model(ganesha, rng):
+    size = 16 * MiB
+    dev = await open_dev(ganesha.url("mixed.img", depth=8), create_size=size)
+    model = np.zeros(size, dtype=np.uint8)
+    try:
+        # Disjoint regions per task, so concurrent requests never overlap.
+        async def worker(k: int) -> None:
+            r = np.random.default_rng(k)
+            base = k * 2 * MiB
+            for _ in range(20):
+                off = base + int(r.integers(0, 2 * MiB - 300_000))
+                n = int(r.integers(1, 300_000))
+                if r.random() < 0.6:
+                    data = r.integers(0, 256, n, dtype=np.uint8)
+                    await dev.write(off, data)
+                    model[off : off + n] = data
+                else:
+                    assert np.array_equal(await dev.read(off, n), model[off : off + n])
+
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(worker, k)
+        await dev.flush()
+        assert ganesha.path("mixed.img").read_bytes() == model.tobytes()
+    finally:
+        await dev.aclose()
+
+
+async def test_cache_bound_commits_early(ganesha, rng):
+    dev = await open_dev(ganesha.url("bound.img", cache_bytes=4 * MiB), create_size=16 * MiB)
+    try:
+        data = rng.integers(0, 256, 16 * MiB, dtype=np.uint8)
+        for pos in range(0, 16 * MiB, MiB):
+            await dev.write(pos, data[pos : pos + MiB])
+            assert dev._cache.nbytes <= 4 * MiB
+        assert dev.stats["commits"] >= 4
+        await dev.write(0, data[: 3 * MiB])  # bigger than half the bound: FILE_SYNC, not cached
+        await dev.flush()
+        assert ganesha.path("bound.img").read_bytes() == data.tobytes()
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.skipif(shutil.which("nfs-cat") is None, reason="libnfs-utils not installed")
+async def test_interop_nfs_cat_reads_what_vstore_wrote(ganesha, rng):
+    size = 3 * MiB + 4096
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = await open_dev(ganesha.url("interop1.img"), create_size=size)
+    try:
+        await dev.write(0, data)
+        await dev.flush()
+    finally:
+        await dev.aclose()
+    out = await trio.run_process(["nfs-cat", ganesha.url("interop1.img")], capture_stdout=True)
+    assert out.stdout == data.tobytes()
+    assert ganesha.path("interop1.img").read_bytes() == data.tobytes()
+
+
+@pytest.mark.skipif(shutil.which("nfs-cp") is None, reason="libnfs-utils not installed")
+async def test_interop_vstore_reads_what_nfs_cp_placed(ganesha, rng, tmp_path):
+    size = 2 * MiB + 1536
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    src = tmp_path / "src.img"
+    src.write_bytes(data)
+    await trio.run_process(["nfs-cp", str(src), ganesha.url("interop2.img")])
+    dev = await open_dev(ganesha.url("interop2.img"))
+    try:
+        assert dev.size == size
+        assert (await dev.read(0, size)).tobytes() == data
+    finally:
+        await dev.aclose()
+
+
+async def test_restart_before_flush_resends_uncommitted_writes(ganesha, rng):
+    size = 8 * MiB
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = await open_dev(ganesha.url("durable.img", timeout=5), create_size=size)
+    try:
+        for pos in range(0, size, MiB):
+            await dev.write(pos, data[pos : pos + MiB])
+        assert dev.stats["commits"] == 0 and dev._cache.nbytes == size
+        ganesha.restart()  # a new epoch: a new write verifier
+        # What a real server loses with its cache: the data of the uncommitted writes.
+        with open(ganesha.path("durable.img"), "r+b") as f:
+            f.write(bytes(size))
+        await dev.flush()
+        assert dev.stats["verifier_changes"] >= 1
+        assert dev.stats["resent_ranges"] >= 8
+        assert dev._nfs.reconnects >= 1
+        assert ganesha.path("durable.img").read_bytes() == data.tobytes()
+        # Once committed under the new verifier, nothing is left to resend.
+        assert dev._cache.nbytes == 0
+        await dev.flush()
+        assert dev.stats["verifier_changes"] == 1
+    finally:
+        await dev.aclose()
+
+
+async def test_reads_survive_a_server_restart(ganesha, rng):
+    dev = await open_dev(ganesha.url("restart.img"), create_size=MiB)
+    try:
+        data = rng.integers(0, 256, MiB, dtype=np.uint8)
+        await dev.write(0, data)
+        await dev.flush()
+        ganesha.restart()
+        assert np.array_equal(await dev.read(0, MiB), data)
+        assert dev._nfs.reconnects >= 1
+    finally:
+        await dev.aclose()
+
+
+async def test_paused_server_retransmits_after_sigcont(ganesha, rng):
+    dev = await open_dev(ganesha.url("pause.img", timeout=0.5, retrans=20), create_size=2 * MiB)
+    try:
+        data = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+        await dev.write(0, data)
+        ganesha.pause()
+        try:
+            async with trio.open_nursery() as nursery:
+                async def resume_later() -> None:
+                    await trio.sleep(1.6)
+                    ganesha.resume()
+
+                nursery.start_soon(resume_later)
+                with trio.fail_after(15):
+                    got = await dev.read(0, 2 * MiB)
+                    await dev.write(MiB, data[:4096])
+                    await dev.flush()
+        finally:
+            ganesha.resume()
+        assert np.array_equal(got, data)
+        assert dev._nfs.retransmits >= 1 and dev._nfs.reconnects >= 1
+        expect = data.copy()
+        expect[MiB : MiB + 4096] = data[:4096]
+        assert ganesha.path("pause.img").read_bytes() == expect.tobytes()
+    finally:
+        await dev.aclose()
+
+
+async def test_paused_server_times_out_cleanly_then_recovers(ganesha):
+    dev = await open_dev(ganesha.url("timeout.img", timeout=0.4, retrans=1), create_size=MiB)
+    try:
+        ganesha.pause()
+        try:
+            with trio.fail_after(10):
+                with pytest.raises(DeviceTimeoutError, match="no reply"):
+                    await dev.read(0, 4096)
+                with pytest.raises(DeviceTimeoutError):
+                    await dev.probe(timeout=0.3)
+        finally:
+            ganesha.resume()
+        await dev.probe()
+        assert (await dev.read(0, 4096)).tobytes() == bytes(4096)
+    finally:
+        await dev.aclose()
+
+
+async def test_identity_and_probe(ganesha):
+    a = await open_dev(ganesha.url("id1.img"), create_size=MiB)
+    b = await open_dev(ganesha.url("id1.img", ports=False))
+    c = await open_dev(ganesha.url("id2.img"), create_size=MiB)
+    try:
+        assert a.identity() == b.identity() != c.identity()
+        st = os.stat(ganesha.path("id1.img"))
+        assert f":{st.st_ino:x}:" in a.identity()  # fileid is the inode number
+        await a.probe()
+        await c.probe(timeout=2)
+    finally:
+        for d in (a, b, c):
+            await d.aclose()
+
+
+async def test_errors_are_clear(ganesha):
+    with pytest.raises(NotFoundError, match="NFS3ERR_NOENT.*give a size"):
+        await open_uri(ganesha.url("missing.img"))
+    with pytest.raises(NotFoundError, match="no export of 127.0.0.1 contains"):
+        await open_uri("nfs://127.0.0.1/no/such/export/f.img?nfsport=2049&mountport=20048")
+    with pytest.raises(NotFoundError, match="LOOKUP .*nodir: NFS3ERR_NOENT"):
+        await open_uri(ganesha.url("nodir/f.img"), create_size=MiB)
+    with pytest.raises(ConfigError, match="multiple of 512"):
+        await open_uri(ganesha.url("bad.img"), create_size=1000)
+    with pytest.raises(ConfigError, match="not an integer"):
+        await open_uri(ganesha.url("bad.img", depth="lots"))
+    os.mkdir(ganesha.path("adir"))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        await open_uri(ganesha.url("adir"))
+    with pytest.raises(MemberIOError, match="cannot connect"):
+        await open_uri("nfs://127.0.0.1/x/f.img?nfsport=2049&mountport=1")
+    for exc in (NotFoundError, ConfigError, MemberIOError):
+        assert issubclass(exc, VstoreError)
+
+
+async def test_short_writes_are_completed(ganesha, rng):
+    ganesha.restart(max_write=65536)
+    try:
+        # wsize above the server's MaxWrite: Ganesha writes only part of each WRITE.
+        dev = await open_dev(ganesha.url("short.img", wsize=MiB), create_size=4 * MiB)
+        try:
+            data = rng.integers(0, 256, 3 * MiB, dtype=np.uint8)
+            await dev.write(512, data)
+            await dev.flush()
+            assert np.array_equal(await dev.read(512, 3 * MiB), data)
+        finally:
+            await dev.aclose()
+        got = ganesha.path("short.img").read_bytes()
+        assert got[512 : 512 + 3 * MiB] == data.tobytes()
+        assert dev.stats["short_writes"] >= 1
+    finally:
+        ganesha.restart(max_write=MiB)
+
+
+def test_ganesha_log_has_no_errors_from_our_requests(ganesha):
+    text = ganesha.log.read_text(errors="replace") if ganesha.log.exists() else ""
+    bad = [ln for ln in text.splitlines() if "XDR" in ln and ("fail" in ln or "error" in ln.lower())]
+    assert not bad, bad[:5]
+
+
+def test_nfs_ls_sees_the_export(ganesha):
+    if shutil.which("nfs-ls") is None:
+        pytest.skip("libnfs-utils not installed")
+    url = f"nfs://127.0.0.1{ganesha.export}?nfsport=2049&mountport=20048"
+    out = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
