@@ -205,7 +205,8 @@ def _set_io_flusher() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
             err = ctypes.get_errno()
-            log.info("prctl(PR_SET_IO_FLUSHER) not available: %s", os.strerror(err))
+            log.info("prctl(PR_SET_IO_FLUSHER) not available (needs CAP_SYS_RESOURCE and"
+                     " Linux 5.6): %s", os.strerror(err))
         else:
             log.info("prctl(PR_SET_IO_FLUSHER) set")
     except (OSError, AttributeError) as e:
@@ -434,7 +435,7 @@ def _setup_logging(home: Path, *, to_stderr: bool) -> logging.FileHandler:
     handler = logging.FileHandler(_private_dir(Path(home) / "logs") / "mount.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-    if to_stderr:
+    if to_stderr and not any(type(h) is logging.StreamHandler for h in root.handlers[:-1]):
         err = logging.StreamHandler(sys.stderr)
         err.setLevel(logging.WARNING)
         err.setFormatter(_StderrFormatter())
@@ -545,6 +546,9 @@ def _detached_child(open_target: Callable[[], Awaitable[MountTarget]], mp: str, 
     os.close(null)
     os.close(log_fd)
     os.chdir("/")
+    root = logging.getLogger()
+    for inherited in root.handlers[:]:  # the caller's handlers write to a stderr that is gone
+        root.removeHandler(inherited)
     handler = _setup_logging(home, to_stderr=False)
     reported = False
 
