@@ -80,7 +80,9 @@ class TgtServer:
     def start(self, timeout: float = 10.0) -> TgtServer:
         """Start tgtd and wait until its control socket answers."""
         portal = f"portal={self.host}:{self.port}" + (f",{self.extra}" if self.extra else "")
-        self._log = open(self.log_path, "wb")
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [TGTD, "-f", "-C", str(self.control), "--iscsi", portal],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -121,6 +123,10 @@ class TgtServer:
         try:
             if p.poll() is None:
                 try:
+                    # tgtd refuses to delete the system while targets exist: force them out first.
+                    out = self.adm("--op", "show", "--mode", "target", check=False)
+                    for tid in re.findall(r"^Target (\d+):", out, re.M):
+                        self.adm("--op", "delete", "--mode", "target", "--tid", tid, "--force", check=False)
                     subprocess.run([TGTADM, "-C", str(self.control), "--op", "delete", "--mode", "system"],
                                    capture_output=True, timeout=5)
                 except subprocess.TimeoutExpired:

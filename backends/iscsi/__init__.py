@@ -34,7 +34,14 @@ import trio
 
 from backends.iscsi import scsi
 from backends.iscsi.errors import ConnectionLostError, DigestError, ScsiError
-from backends.iscsi.session import Completion, Credentials, Options, Session, discovery_targets, new_isid
+from backends.iscsi.session import (
+    Completion,
+    Credentials,
+    Options,
+    Session,
+    discovery_targets,
+    new_isid,
+)
 from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import (
     AuthError,

@@ -1,0 +1,551 @@
+"""vstore's iSCSI initiator against a real tgtd, cross-checked with libiscsi and QEMU tools."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+import trio
+
+import backends.iscsi as iscsi
+from backends.iscsi import pdu as P
+from tests.iscsi_target import TgtServer
+from vstore.errors import (
+    AuthError,
+    ConfigError,
+    MemberIOError,
+    NotFoundError,
+    OutOfRangeError,
+    ProtocolError,
+)
+from vstore.uri import parse_uri
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("tgtd") is None and not os.path.exists("/usr/sbin/tgtd"),
+                       reason="tgtd not installed"),
+]
+
+LUN_SIZE = 16 << 20
+CHAP_USER, CHAP_SECRET = "vstoreuser", "Sup3rSecretChap!"
+
+# name -> target parameters (each a different transfer path through tgtd)
+TARGETS = {
+    "default": {},
+    "mrdsl512": {"MaxRecvDataSegmentLength": "512"},
+    "mrdsl8192": {"MaxRecvDataSegmentLength": "8192"},
+    "mrdsl262144": {"MaxRecvDataSegmentLength": "262144"},
+    "r2t_no": {"InitialR2T": "No"},
+    "r2t_no_big": {"InitialR2T": "No", "MaxRecvDataSegmentLength": "262144", "FirstBurstLength": "262144"},
+    "digests": {"HeaderDigest": "CRC32C", "DataDigest": "CRC32C"},
+    "chap": {},
+}
+
+
+@pytest.fixture(scope="module")
+def tgt():
+    """One tgtd with a target per transfer path, each with a 16 MiB LUN 1 (tid order as TARGETS)."""
+    srv = TgtServer()
+    srv.start()
+    try:
+        srv.tids = {}
+        for i, (name, params) in enumerate(TARGETS.items(), 1):
+            srv.add_target(iqn_of(name), tid=i, **params)
+            srv.add_lun(i, 1, LUN_SIZE, scsi_id=f"vstore-{name}", scsi_sn=f"SN{i:04d}")
+            srv.tids[name] = i
+        srv.add_lun(1, 2, 1 << 20, scsi_id="vstore-small", scsi_sn="SNSMALL")
+        srv.add_account(srv.tids["chap"], CHAP_USER, CHAP_SECRET)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def iqn_of(name: str) -> str:
+    return f"iqn.2026-11.test:{name.replace('_', '-')}"
+
+
+def url(srv: TgtServer, name: str, lun: int = 1, **q: str) -> str:
+    u = srv.url(srv.tids[name], lun)
+    if name == "chap":
+        u = u.replace("iscsi://", f"iscsi://{CHAP_USER}%{CHAP_SECRET}@")
+    if q:
+        u += "?" + "&".join(f"{k}={v}" for k, v in q.items())
+    return u
+
+
+def backing(srv: TgtServer, name: str, lun: int = 1) -> str:
+    return srv.targets[srv.tids[name]].luns[lun].path
+
+
+def read_file(path: str, offset: int, length: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return np.frombuffer(f.read(length), dtype=np.uint8)
+
+
+def pattern(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+async def run_tool(*cmd: str) -> subprocess.CompletedProcess:
+    return await trio.run_process(list(cmd), capture_stdout=True, capture_stderr=True, check=False)
+
+
+# ---------------------------------------------------------------- transfer paths
+
+
+@pytest.mark.parametrize("name", [n for n in TARGETS if n != "chap"])
+async def test_every_transfer_path(tgt, name):
+    """Writes of many shapes land in the backing file and read back, on each tgtd configuration."""
+    dev = await iscsi.open_uri(parse_uri(url(tgt, name)))
+    try:
+        assert (dev.size, dev.block_size) == (LUN_SIZE, 512)
+        p = dev.session.params
+        params = TARGETS[name]
+        if "MaxRecvDataSegmentLength" in params:
+            assert p.target_max_recv == int(params["MaxRecvDataSegmentLength"])
+        assert p.initial_r2t == (params.get("InitialR2T", "Yes") == "Yes")
+        assert p.header_digest == p.data_digest == (name == "digests")
+        shapes = [(0, 512), (512, 4096), (8192, 65536), (1 << 20, 300 * 1024), (3 << 20, (1 << 20) + 7 * 512),
+                  (LUN_SIZE - 2048, 2048), (5 << 20, 2 << 20)]
+        for i, (off, n) in enumerate(shapes):
+            data = pattern(n, i)
+            await dev.write(off, data)
+            back = await dev.read(off, n)
+            assert np.array_equal(back, data), (off, n)
+        await dev.flush()
+        for i, (off, n) in enumerate(shapes):
+            assert np.array_equal(read_file(backing(tgt, name), off, n), pattern(n, i)), (off, n)
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize("max_recv", [512, 8192])
+async def test_small_data_in_segments(tgt, max_recv):
+    """Our own small MaxRecvDataSegmentLength: Data-In arrives in many pieces placed by offset."""
+    data = pattern(200 * 1024, 99)
+    with open(backing(tgt, "default"), "r+b") as f:
+        f.seek(7 << 20)
+        f.write(data.tobytes())
+    dev = await iscsi.open_uri(url(tgt, "default"), max_recv=max_recv)
+    try:
+        assert dev.session.params.our_max_recv == max_recv
+        assert np.array_equal(await dev.read(7 << 20, len(data)), data)
+    finally:
+        await dev.aclose()
+
+
+async def test_many_commands_in_flight(tgt):
+    dev = await iscsi.open_uri(url(tgt, "mrdsl262144"), queue_depth=32)
+    peak = 0
+    try:
+        blocks = [pattern(64 * 1024, 1000 + i) for i in range(96)]
+
+        async def writer(i: int) -> None:
+            await dev.write(i * 65536, blocks[i])
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            nonlocal peak
+            with cancel:
+                while True:
+                    peak = max(peak, dev.session.in_flight)
+                    await trio.sleep(0)
+
+        cs = trio.CancelScope()
+        async with trio.open_nursery() as n:
+            n.start_soon(watch, cs)
+            async with trio.open_nursery() as w:
+                for i in range(len(blocks)):
+                    w.start_soon(writer, i)
+            cs.cancel()
+        assert peak > 4, peak
+        await dev.flush()
+        results = [None] * len(blocks)
+
+        async def reader(i: int) -> None:
+            results[i] = await dev.read(i * 65536, 65536)
+
+        async with trio.open_nursery() as r:
+            for i in range(len(blocks)):
+                r.start_soon(reader, i)
+        for i, b in enumerate(blocks):
+            assert np.array_equal(results[i], b)
+        # One big request splits into many commands in flight too.
+        big = pattern(8 << 20, 5)
+        await dev.write(0, big)
+        assert np.array_equal(await dev.read(0, len(big)), big)
+    finally:
+        await dev.aclose()
+
+
+async def test_overlapping_writes_are_serialized(tgt):
+    """Concurrent writes to one range: the device never has both in flight (tgt reorders)."""
+    dev = await iscsi.open_uri(url(tgt, "default"))
+    try:
+        a, b = pattern(1 << 20, 1), pattern(1 << 20, 2)
+        async with trio.open_nursery() as n:
+            n.start_soon(dev.write, 0, a)
+            await trio.sleep(0)
+            n.start_soon(dev.write, 0, b)
+        got = await dev.read(0, 1 << 20)
+        assert np.array_equal(got, a) or np.array_equal(got, b)
+    finally:
+        await dev.aclose()
+
+
+async def test_bad_requests_and_luns(tgt):
+    dev = await iscsi.open_uri(url(tgt, "default"))
+    try:
+        for off, n in ((1, 512), (0, 100), (LUN_SIZE, 512), (LUN_SIZE - 512, 1024), (-512, 512)):
+            with pytest.raises(OutOfRangeError):
+                await dev.read(off, n)
+            with pytest.raises(OutOfRangeError):
+                await dev.write(off, np.zeros(max(n, 0), np.uint8))
+        await dev.discard(0, 4096)  # advisory no-op
+        assert len(await dev.read(0, 0)) == 0
+    finally:
+        await dev.aclose()
+    with pytest.raises(ConfigError, match="cannot be created"):
+        await iscsi.open_uri(url(tgt, "default"), create_size=LUN_SIZE * 2)
+    dev = await iscsi.open_uri(url(tgt, "default"), create_size=LUN_SIZE)
+    await dev.aclose()
+    with pytest.raises(ConfigError, match="controller"):
+        await iscsi.open_uri(url(tgt, "default", lun=0))
+    with pytest.raises(NotFoundError):
+        await iscsi.open_uri(url(tgt, "default", lun=9))
+    with pytest.raises(NotFoundError, match="no such target"):
+        await iscsi.open_uri(f"iscsi://127.0.0.1:{tgt.port}/iqn.2026-11.test:nothere/1")
+
+
+async def test_identity_and_probe(tgt):
+    a = await iscsi.open_uri(url(tgt, "default"))
+    b = await iscsi.open_uri(url(tgt, "default"))
+    c = await iscsi.open_uri(url(tgt, "default", lun=2))
+    d = await iscsi.open_uri(url(tgt, "r2t_no"))
+    try:
+        assert a.identity() == b.identity()
+        assert len({a.identity(), c.identity(), d.identity()}) == 3
+        assert "SN0001" in a.identity()
+        assert a.session.isid != b.session.isid  # two sessions side by side, no reinstatement
+        await a.probe()
+        await a.ping()
+        await b.probe()
+        # Both paths stay usable.
+        await a.write(0, pattern(4096, 3))
+        assert np.array_equal(await b.read(0, 4096), pattern(4096, 3))
+    finally:
+        for dev in (a, b, c, d):
+            await dev.aclose()
+
+
+# ---------------------------------------------------------------- discovery, CHAP
+
+
+async def test_discover_matches_iscsi_ls(tgt):
+    found = await iscsi.discover(f"iscsi://127.0.0.1:{tgt.port}")
+    by_name = {t["target"]: t for t in found}
+    for name in TARGETS:
+        iqn = iqn_of(name)
+        assert iqn in by_name
+        if name == "chap":
+            # Discovery without credentials still lists it, but cannot look inside.
+            assert "error" in by_name[iqn]
+            continue
+        luns = {lun["lun"]: lun for lun in by_name[iqn]["luns"]}
+        assert luns[0]["type"] == "controller"
+        assert (luns[1]["type"], luns[1]["size"], luns[1]["block_size"]) == ("disk", LUN_SIZE, 512)
+    assert {lun["lun"]: lun.get("size") for lun in by_name["iqn.2026-11.test:default"]["luns"]}[2] == 1 << 20
+    # With the CHAP user, iscsi-ls can log in to every target (the others accept AuthMethod=None).
+    r = await run_tool("iscsi-ls", "-s", f"iscsi://{CHAP_USER}%{CHAP_SECRET}@127.0.0.1:{tgt.port}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = set(re.findall(rb"Target:(\S+)", r.stdout))
+    assert {t.encode() for t in by_name} == listed
+    # With credentials the CHAP target's LUNs are visible too.
+    found = await iscsi.discover(f"iscsi://{CHAP_USER}%{CHAP_SECRET}@127.0.0.1:{tgt.port}")
+    chap = next(t for t in found if t["target"].endswith(":chap"))
+    assert "error" not in chap and any(lun.get("size") == LUN_SIZE for lun in chap["luns"])
+
+
+async def test_chap_login_and_failures(tgt):
+    dev = await iscsi.open_uri(url(tgt, "chap"))
+    try:
+        await dev.write(0, pattern(8192, 4))
+        assert np.array_equal(await dev.read(0, 8192), pattern(8192, 4))
+    finally:
+        await dev.aclose()
+    plain = tgt.url(tgt.tids["chap"], 1)
+    wrong = plain.replace("iscsi://", f"iscsi://{CHAP_USER}%NotTheSecret@")
+    with pytest.raises(AuthError) as e:
+        await iscsi.open_uri(wrong)
+    assert "NotTheSecret" not in str(e.value) and CHAP_USER in str(e.value)
+    with pytest.raises(AuthError, match="authentication required"):
+        await iscsi.open_uri(plain)
+
+
+async def test_chap_credentials_file(tgt, monkeypatch):
+    plain = tgt.url(tgt.tids["chap"], 1)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "creds")
+        with open(path, "w") as f:
+            f.write(f"# target user secret\niqn.2026-11.test:other nobody x\n"
+                    f"iqn.2026-11.test:chap {CHAP_USER} {CHAP_SECRET}\n")
+        os.chmod(path, 0o600)
+        dev = await iscsi.open_uri(plain, credentials_file=path)
+        await dev.aclose()
+        monkeypatch.setenv("VSTORE_ISCSI_CREDENTIALS", path)
+        dev = await iscsi.open_uri(plain)
+        assert CHAP_SECRET not in repr(dev) and CHAP_SECRET not in repr(dev.session)
+        await dev.aclose()
+        os.chmod(path, 0o644)
+        with pytest.raises(ConfigError, match="readable only by you") as e:
+            await iscsi.open_uri(plain)
+        assert CHAP_SECRET not in str(e.value)
+        os.chmod(path, 0o600)
+        with open(path, "w") as f:
+            f.write(f"{CHAP_USER} wrong-{CHAP_SECRET}\n")
+        with pytest.raises(AuthError) as e:
+            await iscsi.open_uri(plain)
+        assert CHAP_SECRET not in str(e.value)
+
+
+# ---------------------------------------------------------------- interop
+
+
+async def test_interop_with_libiscsi_and_qemu(tgt):
+    u = tgt.url(tgt.tids["mrdsl262144"], 1)
+    dev = await iscsi.open_uri(u)
+    try:
+        data = pattern(LUN_SIZE, 42)
+        await dev.write(0, data)
+        await dev.flush()
+        # The backing file and QEMU's libiscsi driver both see what vstore wrote.
+        assert np.array_equal(read_file(backing(tgt, "mrdsl262144"), 0, LUN_SIZE), data)
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "copy.raw")
+            r = await run_tool("qemu-img", "convert", "-f", "raw", "-O", "raw", u, out)
+            assert r.returncode == 0, r.stderr
+            assert np.array_equal(read_file(out, 0, LUN_SIZE), data)
+        r = await run_tool("iscsi-readcapacity16", "-s", u)
+        assert r.returncode == 0 and int(r.stdout) == dev.size
+        r = await run_tool("iscsi-inq", "-e", "1", "-c", "128", u)
+        serial = re.search(rb"Unit Serial Number:\[\s*(\S+)\]", r.stdout).group(1).decode()
+        assert serial == dev.serial and f"serial:{serial}" in dev.identity()
+        r = await run_tool("iscsi-inq", "-e", "1", "-c", "131", u)
+        assert r.returncode == 0 and b"NAA" in r.stdout
+        assert dev.identity().startswith("iscsi:naa:")
+        # Data written behind vstore's back (to the backing file) is read correctly.
+        other = pattern(1 << 20, 43)
+        with open(backing(tgt, "mrdsl262144"), "r+b") as f:
+            f.seek(4 << 20)
+            f.write(other.tobytes())
+        assert np.array_equal(await dev.read(4 << 20, 1 << 20), other)
+    finally:
+        await dev.aclose()
+
+
+# ---------------------------------------------------------------- failures
+
+
+async def test_dropped_connections_mid_workload(tgt):
+    """tgtadm cuts the connection repeatedly under load: commands are reissued, nothing is lost."""
+    name = "mrdsl8192"
+    dev = await iscsi.open_uri(url(tgt, name), recovery_timeout=20)
+    chunk = 256 * 1024
+    nchunks = LUN_SIZE // chunk
+    done_writing = trio.Event()
+    written: dict[int, int] = {}
+    try:
+
+        async def writer(k: int) -> None:
+            for rnd in range(4):
+                for i in range(k, nchunks, 4):
+                    await dev.write(i * chunk, pattern(chunk, rnd * 1000 + i))
+                    written[i] = rnd
+
+        async def reader() -> None:
+            while not done_writing.is_set():
+                await dev.read(0, 1 << 20)
+
+        async def cutter() -> None:
+            for _ in range(3):
+                await trio.sleep(0.15)
+                n = await trio.to_thread.run_sync(tgt.drop_connections, tgt.tids[name])
+                assert n >= 1
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(cutter)
+            async with trio.open_nursery() as w:
+                for k in range(4):
+                    w.start_soon(writer, k)
+            done_writing.set()
+        await dev.flush()
+        print(dev.stats)
+        assert dev.stats["reconnects"] >= 1
+        for i, rnd in written.items():
+            assert np.array_equal(await dev.read(i * chunk, chunk), pattern(chunk, rnd * 1000 + i)), i
+            assert np.array_equal(read_file(backing(tgt, name), i * chunk, chunk), pattern(chunk, rnd * 1000 + i))
+    finally:
+        await dev.aclose()
+
+
+async def test_target_restart_and_outage():
+    """tgtd killed mid-I/O: I/O resumes after a restart on the same port; with no target, it fails in bounded time."""
+    with tempfile.TemporaryDirectory() as d:
+        srv = TgtServer(workdir=d)
+        srv.start()
+        try:
+            srv.add_target("iqn.2026-11.test:restart")
+            srv.add_lun(1, 1, 4 << 20, scsi_id="restart", scsi_sn="RESTART1")
+            dev = await iscsi.open_uri(srv.url(1, 1), recovery_timeout=15, timeout=5)
+            acked: dict[int, int] = {}
+            restarted = trio.Event()
+            try:
+
+                async def writer() -> None:
+                    # Keep writing through the crash and restart, then one more full round.
+                    rnd = 0
+                    while True:
+                        last = restarted.is_set()
+                        for i in range(64):
+                            await dev.write(i * 65536, pattern(65536, rnd * 64 + i))
+                            acked[i] = rnd
+                        rnd += 1
+                        if last:
+                            return
+
+                async def restart() -> None:
+                    await trio.sleep(0.05)
+                    await trio.to_thread.run_sync(srv.kill)
+                    await trio.sleep(0.5)
+                    await trio.to_thread.run_sync(srv.start)
+                    def configure() -> None:
+                        srv.add_target("iqn.2026-11.test:restart", tid=1)
+                        srv.add_lun(1, 1, 4 << 20, scsi_id="restart", scsi_sn="RESTART1")
+
+                    await trio.to_thread.run_sync(configure)
+                    restarted.set()
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(writer)
+                    n.start_soon(restart)
+                await dev.flush()
+                assert dev.stats["reconnects"] >= 1
+                for i, rnd in acked.items():
+                    want = pattern(65536, rnd * 64 + i)
+                    assert np.array_equal(await dev.read(i * 65536, 65536), want)
+                    assert np.array_equal(read_file(srv.targets[1].luns[1].path, i * 65536, 65536), want)
+                # Now the target goes away for good: I/O fails cleanly within the bound.
+                await trio.to_thread.run_sync(srv.kill)
+                dev.recovery_timeout = 1.0
+                t0 = trio.current_time()
+                with pytest.raises(MemberIOError):
+                    await dev.read(0, 4096)
+                assert trio.current_time() - t0 < 10
+                with pytest.raises(MemberIOError):
+                    await dev.probe(timeout=2)
+            finally:
+                await dev.aclose()
+        finally:
+            srv.stop()
+
+
+async def _garbage_server(nursery: trio.Nursery, reply: bytes, *, close: bool = False) -> int:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            if not close:
+                await stream.send_all(reply)
+                await trio.sleep(30)
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return port
+
+
+@pytest.mark.parametrize(
+    "reply,close,error",
+    [
+        (os.urandom(4096), False, ProtocolError),
+        (bytes([0x23]) + bytes(4) + b"\xff\xff\xff" + bytes(40), False, ProtocolError),  # huge segment
+        (P.encode_target_pdu(P.Opcode.NOP_IN, data_length=0), False, ProtocolError),  # not a login response
+        (b"", True, MemberIOError),  # closes at once
+    ],
+)
+async def test_garbage_speaking_server(reply, close, error):
+    """A peer that is not an iSCSI target: a clear error, quickly, never a hang."""
+    async with trio.open_nursery() as n:
+        port = await _garbage_server(n, reply, close=close)
+        with trio.fail_after(5):
+            with pytest.raises(error):
+                await iscsi.open_uri(f"iscsi://127.0.0.1:{port}/iqn.2026-11.test:x/1", timeout=3)
+        n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- digests under corruption
+
+
+async def _corrupting_relay(nursery: trio.Nursery, port: int, flips: list[int]) -> int:
+    """A TCP relay to tgtd that flips one bit of the target->initiator stream at given byte offsets."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    my_port = listeners[0].socket.getsockname()[1]
+
+    async def handle(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", port)
+        pos = 0
+
+        async def up() -> None:
+            while data := await client.receive_some(1 << 20):
+                await server.send_all(data)
+
+        async def down() -> None:
+            nonlocal pos
+            while data := await server.receive_some(1 << 20):
+                buf = bytearray(data)
+                for f in flips:
+                    if pos <= f < pos + len(buf):
+                        buf[f - pos] ^= 0x10
+                pos += len(buf)
+                await client.send_all(buf)
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(up)
+                n.start_soon(down)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await client.aclose()
+            await server.aclose()
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return my_port
+
+
+async def test_corrupted_data_is_never_returned_with_digests(tgt):
+    """Bits flipped on the wire: digests catch them, the command is retried, the data is right."""
+    name = "digests"
+    data = pattern(4 << 20, 77)
+    with open(backing(tgt, name), "r+b") as f:
+        f.write(data.tobytes())
+    async with trio.open_nursery() as n:
+        # Flip bits well inside the read traffic (after login and the open's small commands).
+        port = await _corrupting_relay(n, tgt.port, [300_000, 1_500_000, 2_900_000])
+        u = f"iscsi://127.0.0.1:{port}/{iqn_of(name)}/1"
+        dev = await iscsi.open_uri(u, recovery_timeout=10)
+        try:
+            assert dev.session.params.data_digest
+            got = await dev.read(0, len(data))
+            assert np.array_equal(got, data)
+            print(dev.stats)
+            assert dev.stats["digest_errors"] + dev.stats["reissued"] >= 1
+        finally:
+            await dev.aclose()
+        n.cancel_scope.cancel()
