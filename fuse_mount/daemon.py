@@ -348,6 +348,8 @@ class MountSession:
         try:
             pyfuse3.init(self.fs, self.mountpoint, self.fuse_options())
         except RuntimeError as e:
+            with trio.CancelScope(shield=True):
+                await self.target.aclose(clean=True)  # nothing was written: release the pool
             raise VstoreError(f"cannot mount {self.mountpoint}: {e} (see the log)") from None
         ok = False
         try:

@@ -488,9 +488,14 @@ def test_background_mount_busy_unmount_and_kill9(tmp_path: Path) -> None:
         unmount(str(mp), home=home)
         assert mount_entry(mp) is None
         assert not (tmp_path / "data" / "closed.json").exists()
-        with open(tmp_path / "data" / "vol0.img", "rb") as f:
+        # mount again: what was fsynced before the kill reads back through the new mount
+        proc = _spawn(tmp_path, "--background")
+        assert proc.wait(timeout=30) == 0
+        with open(mp / "vol0", "rb") as f:
             data = f.read(8192 + 10)
         assert data[4096 : 4096 + 7] == b"durable" and data[8192:] == b"after-kill"
+        unmount(str(mp), home=home)
+        assert mount_entry(mp) is None
 
 
 def test_background_mount_error_is_one_line(tmp_path: Path) -> None:
