@@ -106,14 +106,24 @@ def _mulc2(a: np.uint8, ma: tuple, b: np.uint8, mb: tuple) -> np.uint8:
 # --------------------------------------------------------------------------
 # k-specialised XOR and P+Q, generated per k.
 
-_XOR_TEMPLATE = """
+# Each template is the body of one kernel for k rows; ``{rows}`` binds one name
+# per row (LLVM then sees k independent streams it can vectorise), ``{horner}``
+# folds rows k-2..0 into the running P (pp) and Q (qq) of the row-k-1 start.
+# The recovery variants take the rows as a tuple in which the lost rows are a
+# shared zero buffer, so the survivors' syndromes need neither a copy nor
+# zeroing, and the rows being rebuilt are never read while written (which
+# would defeat vectorisation). The GF multiplications of recovery run as a
+# second, k-independent pass: fused into the syndrome loop they cost 2x
+# (too many live vector registers).
+
+_TEMPLATES = {
+    "xor": """
 def _xor_k{k}(d, p):
 {rows}
     for i in range(d.shape[1]):
         p[i] = {xor_expr}
-"""
-
-_PQ_TEMPLATE = """
+""",
+    "pq": """
 def _pq_k{k}(d, p, q):
 {rows}
     for i in range(d.shape[1]):
@@ -123,26 +133,52 @@ def _pq_k{k}(d, p, q):
 {horner}
         p[i] = pp
         q[i] = qq
-"""
+""",
+    # a = P ^ Pxy, b = Q ^ Qxy, with Pxy and Qxy the syndromes of the survivors.
+    "syn": """
+def _syn_k{k}(d, p, q, a, b):
+{rows}
+    for i in range(p.shape[0]):
+        v = r{last}[i]
+        pp = v
+        qq = v
+{horner}
+        a[i] = p[i] ^ pp
+        b[i] = q[i] ^ qq
+""",
+    # b = Q ^ Qx, with Qx the Q of the survivors.
+    "synq": """
+def _synq_k{k}(d, q, b):
+{rows}
+    for i in range(q.shape[0]):
+        qq = r{last}[i]
+{horner_q}
+        b[i] = q[i] ^ qq
+""",
+    # Dx = P ^ the surviving rows.
+    "recq": """
+def _recq_k{k}(d, p, dx):
+{rows}
+    for i in range(p.shape[0]):
+        dx[i] = p[i] ^ {xor_expr}
+""",
+}
 
 
-def _rows(k: int) -> str:
-    # One name per row: LLVM then sees k independent streams it can vectorise.
-    return "\n".join(f"    r{j} = d[{j}]" for j in range(k))
-
-
-def _xor_source(k: int) -> str:
-    return _XOR_TEMPLATE.format(
-        k=k, rows=_rows(k), xor_expr=" ^ ".join(f"r{j}[i]" for j in range(k))
-    )
-
-
-def _pq_source(k: int) -> str:
-    horner = []
+def _source(kind: str, k: int) -> str:
+    horner, horner_q = [], []
     # Q = D0 ^ g*(D1 ^ g*(D2 ^ ...)): start from the last row and walk down.
     for j in range(k - 2, -1, -1):
         horner += [f"        v = r{j}[i]", "        pp ^= v", "        qq = _mul2(qq) ^ v"]
-    return _PQ_TEMPLATE.format(k=k, rows=_rows(k), last=k - 1, horner="\n".join(horner))
+        horner_q += [f"        qq = _mul2(qq) ^ r{j}[i]"]
+    return _TEMPLATES[kind].format(
+        k=k,
+        rows="\n".join(f"    r{j} = d[{j}]" for j in range(k)),
+        last=k - 1,
+        horner="\n".join(horner),
+        horner_q="\n".join(horner_q),
+        xor_expr=" ^ ".join(f"r{j}[i]" for j in range(k)),
+    )
 
 
 _specialised: dict[tuple[str, int], Callable] = {}
@@ -150,7 +186,7 @@ _specialised_lock = threading.Lock()
 
 
 def _kernel_for(kind: str, k: int) -> Callable:
-    """The compiled-on-first-use kernel ``kind`` ('xor' or 'pq') for k rows."""
+    """The kernel ``kind`` (a key of _TEMPLATES) for k rows, compiled on first use."""
     key = (kind, k)
     fn = _specialised.get(key)
     if fn is not None:
@@ -158,11 +194,10 @@ def _kernel_for(kind: str, k: int) -> Callable:
     with _specialised_lock:
         fn = _specialised.get(key)
         if fn is None:
-            src = _xor_source(k) if kind == "xor" else _pq_source(k)
             # Compiled under this file's name so numba's on-disk cache (keyed by
             # source file, function name and bytecode) works for generated code:
-            # each k gets its own cache entry, invalidated when this file changes.
-            code = compile(src, __file__, "exec")
+            # each (kind, k) gets its own entry, invalidated when this file changes.
+            code = compile(_source(kind, k), __file__, "exec")
             namespace = {"np": np, "_mul2": _mul2, "__name__": __name__}
             exec(code, namespace)  # noqa: S102 - source built above from integers only
             fn = numba.njit(**_JIT)(namespace[f"_{kind}_k{k}"])
@@ -190,29 +225,22 @@ def _rmw_pq(p, q, old, new, c):  # p ^= old ^ new; q ^= c * (old ^ new)
 
 
 @numba.njit(**_JIT)
-def _mul_xor(c, a, b, out):  # out = c * (a ^ b)
-    m = _bit_masks(c)
-    for i in range(out.shape[0]):
-        out[i] = _mulc(a[i] ^ b[i], m)
-
-
-@numba.njit(**_JIT)
-def _xor_into(a, b, out):  # out = a ^ b
-    for i in range(out.shape[0]):
-        out[i] = a[i] ^ b[i]
-
-
-@numba.njit(**_JIT)
-def _combine2(p, q, pxy, qxy, ca, cb, dx, dy):
-    # With pxy/qxy the syndromes of the surviving rows:
-    #   Dx = ca*(P^Pxy) ^ cb*(Q^Qxy),  Dy = (P^Pxy) ^ Dx   (H. P. Anvin, raid6.pdf)
+def _combine(ca, cb, a, b, dx, dy):
+    # Dx = ca*a ^ cb*b, Dy = a ^ Dx with a = P^Pxy, b = Q^Qxy
+    # (H. P. Anvin, "The mathematics of RAID-6").
     ma = _bit_masks(ca)
     mb = _bit_masks(cb)
-    for i in range(p.shape[0]):
-        a = p[i] ^ pxy[i]
-        x = _mulc2(a, ma, q[i] ^ qxy[i], mb)
+    for i in range(a.shape[0]):
+        x = _mulc2(a[i], ma, b[i], mb)
         dx[i] = x
-        dy[i] = a ^ x
+        dy[i] = a[i] ^ x
+
+
+@numba.njit(**_JIT)
+def _mul(c, v, out):  # out = c * v
+    m = _bit_masks(c)
+    for i in range(out.shape[0]):
+        out[i] = _mulc(v[i], m)
 
 
 # --------------------------------------------------------------------------
@@ -293,10 +321,41 @@ def pq_syndrome(
     return p, q
 
 
-def _writeback(data: np.ndarray, d: np.ndarray, rows: Iterable[int]) -> None:
-    if d is not data:
-        for r in rows:
-            data[r] = d[r]
+_zero_row = np.zeros(1 << 16, dtype=np.uint8)
+
+
+def _zeros(n: int) -> np.ndarray:
+    # A shared all-zero row standing in for lost rows; kernels only read it.
+    global _zero_row
+    if _zero_row.shape[0] < n:
+        _zero_row = np.zeros(n, dtype=np.uint8)
+    return _zero_row[:n]
+
+
+def _survivors(data: np.ndarray, lost: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    # One contiguous array per row, the lost ones replaced by zeros: rows are
+    # passed separately so strided stripes need no copy of the whole array.
+    if data.ndim != 2:
+        raise ValueError(f"data must be 2-D (k, n), got shape {data.shape}")
+    _check_u8(data)
+    if not data.flags.writeable:
+        raise ValueError("recovery writes the lost rows in place: data must be writeable")
+    k, n = data.shape
+    for j in lost:
+        if not 0 <= j < k:
+            raise IndexError(f"row {j} out of range for {k} data rows")
+    zero = _zeros(n)
+    return tuple(zero if j in lost else _c1(data[j]) for j in range(k))
+
+
+def _row_out(data: np.ndarray, j: int) -> np.ndarray:
+    row = data[j]
+    return row if row.flags.c_contiguous else np.empty(row.shape[0], dtype=np.uint8)
+
+
+def _row_back(data: np.ndarray, j: int, out: np.ndarray) -> None:
+    if out.base is None:  # a scratch row from _row_out, not a view of data
+        data[j] = out
 
 
 def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int) -> None:
@@ -305,39 +364,39 @@ def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int
         raise ValueError("recover_data2 needs two different rows")
     if x > y:
         x, y = y, x
-    d = _c2(data)
-    _check_u8(d, p, q)
-    k, n = d.shape
-    # Zeroed lost rows drop out of the syndromes, which become Pxy and Qxy.
-    d[x] = 0
-    d[y] = 0
-    pxy, qxy = pq_syndrome(d)
+    rows = _survivors(data, (x, y))
+    _check_u8(p, q)
     gyx = gf_pow2(y - x)
     denom = gf_inv(gyx ^ 1)
     ca = int(_GF_MUL[gyx, denom])
     cb = int(_GF_MUL[gf_pow2(-x), denom])
-    _combine2(_c1(p), _c1(q), pxy, qxy, ca, cb, d[x], d[y])
-    _writeback(data, d, (x, y))
+    n = data.shape[1]
+    a, b = np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.uint8)
+    _kernel_for("syn", len(rows))(rows, _c1(p), _c1(q), a, b)
+    dx, dy = _row_out(data, x), _row_out(data, y)
+    _combine(ca, cb, a, b, dx, dy)
+    _row_back(data, x, dx)
+    _row_back(data, y, dy)
 
 
 def recover_data_p(data: np.ndarray, q: np.ndarray, x: int) -> None:
     """Rebuild lost data row x in place from the other rows and Q (P is lost too)."""
-    d = _c2(data)
-    _check_u8(d, q)
-    d[x] = 0
-    _, qx = pq_syndrome(d)
-    _mul_xor(gf_pow2(-x), _c1(q), qx, d[x])
-    _writeback(data, d, (x,))
+    rows = _survivors(data, (x,))
+    _check_u8(q)
+    b = np.empty(data.shape[1], dtype=np.uint8)
+    _kernel_for("synq", len(rows))(rows, _c1(q), b)
+    dx = _row_out(data, x)
+    _mul(gf_pow2(-x), b, dx)
+    _row_back(data, x, dx)
 
 
 def recover_data_q(data: np.ndarray, p: np.ndarray, x: int) -> None:
     """Rebuild lost data row x in place from the other rows and P (Q is lost too)."""
-    d = _c2(data)
-    _check_u8(d, p)
-    d[x] = 0
-    px = xor_parity(d)
-    _xor_into(_c1(p), px, d[x])
-    _writeback(data, d, (x,))
+    rows = _survivors(data, (x,))
+    _check_u8(p)
+    dx = _row_out(data, x)
+    _kernel_for("recq", len(rows))(rows, _c1(p), dx)
+    _row_back(data, x, dx)
 
 
 def rmw_p(p: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
@@ -365,21 +424,24 @@ def gf_mul_const(c: int, v: np.ndarray, out: np.ndarray | None = None) -> np.nda
     _check_u8(v)
     src = _c1(v).reshape(-1)
     dst, copy_to = _out(out, src.shape[0])
-    _mul_xor(int(c) & 0xFF, src, np.zeros_like(src), dst)
+    _mul(int(c) & 0xFF, src, dst)
     if copy_to is not None:
-        copy_to[:] = dst
+        copy_to[:] = dst.reshape(copy_to.shape)
         return copy_to
     return dst.reshape(np.shape(v)) if out is None else dst
 
 
 def precompile(ks: Iterable[int] = range(1, 17)) -> None:
-    """Compile (or load from numba's cache) the XOR and P+Q variants for these k."""
+    """Compile (or load from numba's cache) every kernel for these k, ahead of first use."""
     one = np.zeros(8, dtype=np.uint8)
     for k in ks:
-        xor_parity(np.zeros((k, 8), dtype=np.uint8))
-        pq_syndrome(np.zeros((k, 8), dtype=np.uint8))
+        data = np.zeros((k, 8), dtype=np.uint8)
+        xor_parity(data)
+        pq_syndrome(data)
+        recover_data_p(data, one, 0)
+        recover_data_q(data, one, 0)
+        if k >= 2:
+            recover_data2(data, one, one, 0, 1)
     rmw_pq(one, one.copy(), one, one, 0)
     rmw_p(one, one, one)
-    _combine2(one, one, one, one, 1, 1, one.copy(), one.copy())
-    _xor_into(one, one, one.copy())
-    _mul_xor(1, one, one, one.copy())
+    gf_mul_const(1, one)
