@@ -61,6 +61,17 @@ class FakeTarget:
             if self.volumes.pop(request["name"], None) is None:
                 raise NotFoundError(f"no volume {request['name']!r}")
             return {}
+        if cmd == "volume_resize":  # a bigger device with the same bytes at the start
+            import numpy as np
+
+            from backends.memory import MemoryDevice
+
+            old = self.volumes[request["name"]]
+            store = np.zeros(int(request["size"]), np.uint8)
+            n = min(old.size, len(store))
+            store[:n] = await old.read(0, n)
+            self.volumes[request["name"]] = MemoryDevice(store)
+            return {"name": request["name"], "size": len(store)}
         if cmd == "boom":
             raise RuntimeError("a bug")
         raise ConfigError(f"unknown command {cmd!r}")

@@ -319,6 +319,9 @@ async def test_control_socket_drives_live_volumes(tmp_path: Path) -> None:
         assert sorted(await run(os.listdir, mp)) == [".vstore", "vol"]
         assert not await run(os.path.exists, mp / "extra")
         assert (await run(os.stat, mp / "vol")).st_ino == ino_vol
+        # resized while its attributes are cached: the new size shows at once
+        await control.call(sock, {"cmd": "volume_resize", "name": "vol", "size": 3 * MiB})
+        assert (await run(os.stat, mp / "vol")).st_size == 3 * MiB
         with pytest.raises(VstoreError, match="internal error"):
             await control.call(sock, {"cmd": "boom"})
         with pytest.raises(ConfigError):
@@ -555,3 +558,66 @@ async def test_ext4_on_a_loop_device(tmp_path: Path) -> None:
     # the filesystem is consistent on the member itself, after a clean close
     res = subprocess.run(["e2fsck", "-fn", str(member)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------- through the CLI
+
+
+def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "vstore"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from vstore.cli import main; main()"]
+    res = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "VSTORE_HOME": str(home)}, timeout=120)
+    if check:
+        assert res.returncode == 0, f"vstore {' '.join(args)}: {res.stdout}{res.stderr}"
+    return res
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
+def test_cli_raid5_ext4_with_a_member_failed_while_mounted(tmp_path: Path) -> None:
+    """vstore mount of a raid5 pool, ext4 on a loop device, a member failed through the mount."""
+    home, mp, ext = tmp_path / "home", tmp_path / "mnt", tmp_path / "ext4"
+    mp.mkdir()
+    ext.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
+    files = {f"f{i}": random.Random(100 + i).randbytes(random.Random(i).randrange(1, 2 * MiB))
+             for i in range(5)}
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid5", "--size", "48M", *members)
+            _vstore(home, "volume", "create", "p", "v", "--size", "64M")
+            res = _vstore(home, "mount", "p", str(mp))
+            assert (res.stdout, res.stderr) == ("", "")
+            assert os.stat(mp / "v").st_size == 64 * MiB
+            bad = _vstore(home, "mount", "p", str(tmp_path), check=False)  # already mounted
+            assert bad.returncode != 0 and "Traceback" not in bad.stderr
+            assert len(bad.stderr.strip().splitlines()) == 1
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(mp / "v")], check=True, capture_output=True)
+            subprocess.run(["mount", "-o", "loop", str(mp / "v"), str(ext)], check=True)
+            for name, data in list(files.items())[:3]:
+                (ext / name).write_bytes(data)
+            subprocess.run(["sync"], check=True)
+            # fail a member: carried out by the mount process, which owns the pool
+            _vstore(home, "fail", "p", "1")
+            status = json.loads((mp / ".vstore" / "status").read_text())
+            assert status["state"] == "degraded"
+            for name, data in list(files.items())[3:]:
+                (ext / name).write_bytes(data)
+            subprocess.run(["umount", str(ext)], check=True)
+            # a new loop device reopens the volume file: its pages are read again (degraded)
+            subprocess.run(["mount", "-o", "loop,ro", str(mp / "v"), str(ext)], check=True)
+            for name, data in files.items():
+                assert (ext / name).read_bytes() == data
+            subprocess.run(["umount", str(ext)], check=True)
+            _vstore(home, "umount", str(mp))
+            assert mount_entry(mp) is None
+            assert json.loads(_vstore(home, "status", "p", "--json").stdout)["state"] == "degraded"
+            _vstore(home, "mount", "p", str(mp), "--read-only")
+            res = subprocess.run(["e2fsck", "-fn", str(mp / "v")], capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout + res.stderr
+            _vstore(home, "umount", str(mp))
+        finally:
+            subprocess.run(["umount", "-l", str(ext)], capture_output=True)
+            detach_loops(mp)
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)
