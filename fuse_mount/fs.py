@@ -108,19 +108,24 @@ class _Handle:
 
 
 class _ErrorLog:
-    """Log each distinct engine error once (then every 10^k-th repeat), never a storm."""
+    """Log the first engine error of each kind (then every 10^k-th), never a storm.
+
+    Keyed by operation and error class only, so that messages carrying offsets cannot
+    grow the table or the log without bound.
+    """
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str, str], int] = {}
+        self.counts: dict[tuple[str, str], int] = {}
 
     def report(self, op: str, exc: BaseException, *, bug: bool) -> None:
-        key = (op, type(exc).__name__, str(exc)[:200])
+        """Count one error; log it if it is the first of its kind (or the 10th, 100th, ...)."""
+        key = (op, type(exc).__name__)
         n = self.counts.get(key, 0) + 1
         self.counts[key] = n
         if n == 1 or (n >= 10 and str(n).rstrip("0") == "1"):
             again = f" (seen {n} times)" if n > 1 else ""
             if bug:
-                log.error("%s: internal error%s", op, again, exc_info=exc if n == 1 else None)
+                log.error("%s: internal error%s: %r", op, again, exc, exc_info=exc if n == 1 else None)
             else:
                 log.error("%s: %s: %s%s", op, type(exc).__name__, exc, again)
 
