@@ -8,7 +8,15 @@ Files in the config directory (HOME):
 
 Lifecycle: ``mount`` opens the target inside the mount process, mounts, starts the
 control socket, and only then reports ready (after the volume files are visible).
-``unmount`` (or SIGTERM/SIGINT) flushes, unmounts and closes the pool cleanly.
+``unmount`` asks the mount process (control command ``fuse-unmount``) to unmount: a
+busy mount (open file, loop device) is refused with PoolBusyError and stays up;
+otherwise the process flushes, closes the pool cleanly and exits, and ``unmount``
+returns once it has. SIGTERM/SIGINT/SIGHUP do the same, detaching a busy mount lazily.
+
+Durability: fsync/fdatasync (and close after a write) return after ``target.flush()``.
+A plain ``sync`` does not reach a FUSE daemon (the kernel sends FUSE_SYNCFS to virtiofs
+only), so the mount also flushes every FLUSH_INTERVAL seconds after writes; a loop
+device passes its filesystem's flushes down as fsync, so ext4 on a loop is covered.
 """
 
 from __future__ import annotations

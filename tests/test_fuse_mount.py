@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 run = trio.to_thread.run_sync
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mount, losetup and tmpfs need root")
 
 
 def memory_target(sizes: dict[str, int], name: str = "mempool") -> FakeTarget:
@@ -365,6 +366,7 @@ async def test_control_socket_protocol(tmp_path: Path) -> None:
         await control.call(path, {"cmd": "status"}, timeout=2)
 
 
+@needs_root
 def test_bad_mountpoints(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         check_mountpoint(tmp_path / "missing")
@@ -515,6 +517,7 @@ def test_background_mount_error_is_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- ext4 on a loop device
 
 
+@needs_root
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None or shutil.which("losetup") is None,
                     reason="needs e2fsprogs and losetup")
 async def test_ext4_on_a_loop_device(tmp_path: Path) -> None:
@@ -573,6 +576,7 @@ def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return res
 
 
+@needs_root
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
 def test_cli_raid5_ext4_with_a_member_failed_while_mounted(tmp_path: Path) -> None:
     """vstore mount of a raid5 pool, ext4 on a loop device, a member failed through the mount."""
