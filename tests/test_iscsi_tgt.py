@@ -549,3 +549,34 @@ async def test_corrupted_data_is_never_returned_with_digests(tgt):
         finally:
             await dev.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_unresponsive_target_times_out_then_recovers():
+    """SIGSTOP tgtd: commands fail within timeout + recovery bound; after SIGCONT the device works again."""
+    import signal
+
+    srv = TgtServer()
+    srv.start()
+    try:
+        srv.add_target("iqn.2026-11.test:stall")
+        srv.add_lun(1, 1, 1 << 20, scsi_id="stall", scsi_sn="STALL1")
+        dev = await iscsi.open_uri(srv.url(1, 1), timeout=1, recovery_timeout=1.5)
+        try:
+            await dev.write(0, pattern(4096, 1))
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = trio.current_time()
+                with trio.fail_after(15):
+                    with pytest.raises(MemberIOError):
+                        await dev.read(0, 4096)
+                assert trio.current_time() - t0 < 8
+                with pytest.raises(MemberIOError):
+                    await dev.probe(timeout=2)
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            await dev.probe(timeout=10)  # reconnects
+            assert np.array_equal(await dev.read(0, 4096), pattern(4096, 1))
+        finally:
+            await dev.aclose()
+    finally:
+        srv.stop()

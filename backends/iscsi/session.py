@@ -72,6 +72,7 @@ class Options:
     immediate_data: bool = True
     initial_r2t: bool = False
     login_timeout: float = 10.0
+    command_timeout: float = 30.0  # no answer to a command for this long: the connection is dead
 
 
 @dataclass
@@ -92,7 +93,7 @@ class _Task:
 
     __slots__ = (
         "itt", "lun", "read_buf", "write_buf", "wake", "r2ts", "done", "error",
-        "completion", "received", "digest_error", "reply", "abandoned",
+        "completion", "received", "digest_error", "reply", "abandoned", "started",
     )
 
     def __init__(self, itt: int, lun: int, read_buf=None, write_buf=None) -> None:
@@ -109,6 +110,7 @@ class _Task:
         self.digest_error = False
         self.reply: P.PDU | None = None
         self.abandoned = False
+        self.started = trio.current_time()
 
 
 class Wire:
@@ -634,6 +636,7 @@ class Session:
         """Route target PDUs to tasks until the connection ends (never raises, except Cancelled)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watchdog)
             task_status.started()
             try:
                 while True:
@@ -753,6 +756,23 @@ class Session:
         else:
             raise ProtocolError(f"unexpected PDU opcode 0x{op:02x} in full-feature phase")
 
+    async def _watchdog(self) -> None:
+        # One timer for all commands (cheaper than a cancel scope per command): a
+        # task unanswered for command_timeout means the connection is dead, and
+        # the device layer reissues everything that was in flight on it.
+        limit = self.options.command_timeout
+        while self.dead is None:
+            await trio.sleep(min(1.0, limit / 4))
+            now = trio.current_time()
+            oldest = min((t.started for t in self._tasks.values()), default=now)
+            if now - oldest > limit:
+                err = DeviceTimeoutError(
+                    f"iSCSI target {self.target} at {self.portal} did not answer a command "
+                    f"within {limit:g} s"
+                )
+                log.warning("%s", err)
+                self.abort(err)
+
     async def _answer_nop(self, ttt: int, lun: bytes, data: bytes) -> None:
         try:
             async with self._send_lock:
@@ -806,6 +826,7 @@ class Session:
             self._send_lock.release()
         try:
             t.itt = self._next_itt()
+            t.started = trio.current_time()
             self._tasks[t.itt] = t
             parts: list = []
             immediate = 0
