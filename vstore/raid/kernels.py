@@ -225,22 +225,24 @@ def _rmw_pq(p, q, old, new, c):  # p ^= old ^ new; q ^= c * (old ^ new)
 
 
 @numba.njit(**_JIT)
-def _combine(ca, cb, a, b, dx, dy):
-    # Dx = ca*a ^ cb*b, Dy = a ^ Dx with a = P^Pxy, b = Q^Qxy
-    # (H. P. Anvin, "The mathematics of RAID-6").
+def _combine(ca, cb, dx, dy):
+    # In: dy = a = P^Pxy, dx = b = Q^Qxy. Out: Dx = ca*a ^ cb*b, Dy = a ^ Dx
+    # (H. P. Anvin, "The mathematics of RAID-6"). In place, so no scratch rows:
+    # each element is read before it is written, and dx and dy never overlap.
     ma = _bit_masks(ca)
     mb = _bit_masks(cb)
-    for i in range(a.shape[0]):
-        x = _mulc2(a[i], ma, b[i], mb)
+    for i in range(dx.shape[0]):
+        a = dy[i]
+        x = _mulc2(a, ma, dx[i], mb)
         dx[i] = x
-        dy[i] = a[i] ^ x
+        dy[i] = a ^ x
 
 
 @numba.njit(**_JIT)
-def _mul(c, v, out):  # out = c * v
+def _mul_inplace(c, v):  # v = c * v
     m = _bit_masks(c)
-    for i in range(out.shape[0]):
-        out[i] = _mulc(v[i], m)
+    for i in range(v.shape[0]):
+        v[i] = _mulc(v[i], m)
 
 
 # --------------------------------------------------------------------------
@@ -370,11 +372,11 @@ def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int
     denom = gf_inv(gyx ^ 1)
     ca = int(_GF_MUL[gyx, denom])
     cb = int(_GF_MUL[gf_pow2(-x), denom])
-    n = data.shape[1]
-    a, b = np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.uint8)
-    _kernel_for("syn", len(rows))(rows, _c1(p), _c1(q), a, b)
     dx, dy = _row_out(data, x), _row_out(data, y)
-    _combine(ca, cb, a, b, dx, dy)
+    # The syndromes land in the lost rows themselves (which the kernel never
+    # reads: they are zeros in rows), then are combined in place.
+    _kernel_for("syn", len(rows))(rows, _c1(p), _c1(q), dy, dx)
+    _combine(ca, cb, dx, dy)
     _row_back(data, x, dx)
     _row_back(data, y, dy)
 
@@ -383,10 +385,9 @@ def recover_data_p(data: np.ndarray, q: np.ndarray, x: int) -> None:
     """Rebuild lost data row x in place from the other rows and Q (P is lost too)."""
     rows = _survivors(data, (x,))
     _check_u8(q)
-    b = np.empty(data.shape[1], dtype=np.uint8)
-    _kernel_for("synq", len(rows))(rows, _c1(q), b)
     dx = _row_out(data, x)
-    _mul(gf_pow2(-x), b, dx)
+    _kernel_for("synq", len(rows))(rows, _c1(q), dx)
+    _mul_inplace(gf_pow2(-x), dx)
     _row_back(data, x, dx)
 
 
@@ -424,7 +425,9 @@ def gf_mul_const(c: int, v: np.ndarray, out: np.ndarray | None = None) -> np.nda
     _check_u8(v)
     src = _c1(v).reshape(-1)
     dst, copy_to = _out(out, src.shape[0])
-    _mul(int(c) & 0xFF, src, dst)
+    if dst is not src:
+        dst[:] = src
+    _mul_inplace(int(c) & 0xFF, dst)
     if copy_to is not None:
         copy_to[:] = dst.reshape(copy_to.shape)
         return copy_to
