@@ -207,6 +207,7 @@ async def test_bad_requests_and_luns(tgt):
             with pytest.raises(OutOfRangeError):
                 await dev.write(off, np.zeros(max(n, 0), np.uint8))
         await dev.discard(0, 4096)  # advisory no-op
+        await dev.discard(1, 100)  # any in-range byte range is fine
         assert len(await dev.read(0, 0)) == 0
     finally:
         await dev.aclose()
@@ -576,6 +577,26 @@ async def test_unresponsive_target_times_out_then_recovers():
                 srv.proc.send_signal(signal.SIGCONT)
             await dev.probe(timeout=10)  # reconnects
             assert np.array_equal(await dev.read(0, 4096), pattern(4096, 1))
+        finally:
+            await dev.aclose()
+    finally:
+        srv.stop()
+
+
+async def test_target_nop_pings_are_answered():
+    """tgtd pings idle initiators (nop_interval) and drops those that do not answer: we answer."""
+    srv = TgtServer(extra="nop_interval=1,nop_count=2")
+    srv.start()
+    try:
+        srv.add_target("iqn.2026-11.test:nop")
+        srv.add_lun(1, 1, 1 << 20)
+        dev = await iscsi.open_uri(srv.url(1, 1))
+        try:
+            await trio.sleep(4)  # idle: several NOP-Ins arrive and must be answered
+            await dev.write(0, pattern(4096, 9))
+            assert np.array_equal(await dev.read(0, 4096), pattern(4096, 9))
+            assert dev.stats["reconnects"] == 0 and dev.stats["reissued"] == 0
+            assert len(srv.connections(1)) == 1
         finally:
             await dev.aclose()
     finally:

@@ -217,7 +217,8 @@ class IscsiDevice(DeviceBase):
         self._nursery: trio.Nursery | None = None
         self._host_done = trio.Event()
         self._closed = False
-        self._writes: list[tuple[int, int]] = []  # byte ranges of writes in flight
+        self._writes: dict[int, tuple[int, int]] = {}  # byte ranges of writes in flight
+        self._write_seq = 0
         self._writes_changed = trio.Event()
         self.stats = {"reconnects": 0, "reissued": 0, "unit_attention": 0, "busy": 0, "digest_errors": 0}
 
@@ -344,7 +345,8 @@ class IscsiDevice(DeviceBase):
             delay = min(delay * 2, 1.0)
 
     async def _execute(
-        self, cdb: bytes, *, read_buf=None, write_buf=None, lun: int | None = None, what: str = "command"
+        self, cdb: bytes, *, read_buf=None, write_buf=None, lun: int | None = None,
+        what: str = "command", exact: bool = False,
     ) -> Completion:
         """Run a command with reissue on connection loss, UA/BUSY retries and sense → ScsiError."""
         lun = self.lun if lun is None else lun
@@ -376,7 +378,8 @@ class IscsiDevice(DeviceBase):
                     continue
                 st = c.status
                 if st == scsi.GOOD or st == scsi.CONDITION_MET:
-                    if read_buf is not None and c.received < len(read_buf) and not c.underflow:
+                    if exact and c.received != len(read_buf):
+                        # Never hand back a buffer with a stretch the target did not fill.
                         raise ProtocolError(
                             f"{self.name}: {what} returned {c.received} of {len(read_buf)} bytes"
                         )
@@ -470,7 +473,8 @@ class IscsiDevice(DeviceBase):
         def job(pos: int, n: int):
             async def run() -> None:
                 await self._execute(
-                    scsi.read_16((offset + pos) // bs, n // bs), read_buf=mv[pos : pos + n], what="READ(16)"
+                    scsi.read_16((offset + pos) // bs, n // bs), read_buf=mv[pos : pos + n],
+                    what="READ(16)", exact=True,
                 )
             return run
 
@@ -491,10 +495,11 @@ class IscsiDevice(DeviceBase):
         bs = self.block_size
         end = offset + length
         # tgt completes SIMPLE tasks in any order: overlapping writes must not be in flight together.
-        while any(a < end and offset < b for a, b in self._writes):
+        while any(a < end and offset < b for a, b in self._writes.values()):
             await self._writes_changed.wait()
-        rng = (offset, end)
-        self._writes.append(rng)
+        self._write_seq += 1
+        key = self._write_seq
+        self._writes[key] = (offset, end)
         try:
 
             def job(pos: int, n: int):
@@ -507,13 +512,15 @@ class IscsiDevice(DeviceBase):
 
             await self._run_chunks([job(p, min(step, length - p)) for p in range(0, length, step)])
         finally:
-            self._writes.remove(rng)
+            del self._writes[key]
             self._writes_changed.set()
             self._writes_changed = trio.Event()
 
     async def flush(self) -> None:
         """Wait for in-flight writes, then SYNCHRONIZE CACHE: everything acknowledged is stable."""
-        while self._writes:
+        # Only the writes in flight now: later ones are not covered by this flush.
+        pending = set(self._writes)
+        while pending & self._writes.keys():
             await self._writes_changed.wait()
         blocks = self.size // self.block_size
         cdb = scsi.synchronize_cache_10() if blocks < (1 << 32) else scsi.synchronize_cache_16()
@@ -521,7 +528,7 @@ class IscsiDevice(DeviceBase):
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory and not sent to the target (tgt file LUNs gain nothing from UNMAP)."""
-        self._check_io(offset, length)
+        self.check(offset, length)
 
     def identity(self) -> str:
         """Equal for two paths exactly when they reach the same LU (VPD 0x83 ids, 0x80 serial)."""
