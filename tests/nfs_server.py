@@ -7,6 +7,7 @@ started when it is not running, and stopped afterwards only if we started it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 NFS_PORT = 2049
 MOUNT_PORT = 20048
+LOCK_PATH = "/tmp/vstore-ganesha.lock"
 
 CONFIG = """\
 NFS_CORE_PARAM {{ Protocols = 3, 4; NFS_Port = {nfs_port}; MNT_Port = {mount_port};
@@ -91,6 +93,7 @@ class Ganesha:
         self.rpcbind_pid: int | None = None
         self.epoch = int(time.time())
         self.log = self.workdir / "ganesha.log"
+        self._lock_fd: int | None = None
 
     # ---- URLs ---------------------------------------------------------------------------
 
@@ -109,11 +112,15 @@ class Ganesha:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def _ensure_rpcbind(self) -> None:
-        if _port_busy(111):
+        if rpc_null(111, prog=100000, vers=2):
             return
+        # A port that is open but does not answer is an rpcbind still shutting down.
+        deadline = time.monotonic() + 5
+        while _port_busy(111) and time.monotonic() < deadline:
+            time.sleep(0.05)
         subprocess.run(["rpcbind", "-w"], check=True)
         deadline = time.monotonic() + 5
-        while not _port_busy(111):
+        while not rpc_null(111, prog=100000, vers=2):
             if time.monotonic() > deadline:
                 raise ServerError("rpcbind did not start listening on port 111")
             time.sleep(0.05)
@@ -122,8 +129,41 @@ class Ganesha:
 
     def start(self, *, epoch: int | None = None, wait_free: float = 60.0) -> None:
         """Start Ganesha (after rpcbind) and wait until it answers an RPC NULL."""
-        self._ensure_rpcbind()
+        for attempt in range(3):
+            try:
+                return self._start(epoch=epoch, wait_free=wait_free)
+            except ServerError as e:
+                # rpcbind restarting under us makes Ganesha's registration fail: try again.
+                if "Cannot register" not in str(e) or attempt == 2:
+                    raise
+                time.sleep(0.5)
+
+    def _take_lock(self, deadline: float) -> None:
+        # Ports are fixed: two instances (e.g. two test runs at once) would answer each
+        # other's clients. A lock file serializes them across processes.
+        if self._lock_fd is not None:
+            return
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ServerError(f"another test NFS server holds {LOCK_PATH}") from None
+                time.sleep(0.2)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _start(self, *, epoch: int | None, wait_free: float) -> None:
         deadline = time.monotonic() + wait_free
+        self._take_lock(deadline)
+        self._ensure_rpcbind()
         # Another test run may still hold the fixed ports: wait for it, then give up clearly.
         while _port_busy(NFS_PORT) or _port_busy(MOUNT_PORT):
             if time.monotonic() > deadline:
@@ -184,6 +224,25 @@ class Ganesha:
         """SIGSTOP Ganesha: it keeps its sockets but answers nothing."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        # The signal lands asynchronously: a worker thread on another CPU could still answer
+        # a request. Wait until every thread is really stopped.
+        deadline = time.monotonic() + 5
+        while not self._all_threads_stopped():
+            if time.monotonic() > deadline:
+                raise ServerError("ganesha.nfsd did not stop on SIGSTOP")
+            time.sleep(0.01)
+
+    def _all_threads_stopped(self) -> bool:
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        try:
+            for t in tasks.iterdir():
+                stat = (t / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that exits is not answering anyone
+        return True
 
     def resume(self) -> None:
         """SIGCONT Ganesha after pause()."""
@@ -201,6 +260,10 @@ class Ganesha:
                 except ProcessLookupError:
                     pass
                 self.rpcbind_pid = None
+                deadline = time.monotonic() + 5
+                while _port_busy(111) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self._release_lock()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Ganesha:

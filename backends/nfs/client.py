@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import secrets
 import socket as _socket
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ class RpcClient:
         self._slots = trio.Semaphore(depth)
         self._xid = secrets.randbits(32)
         self._pending: dict[int, _Call] = {}
-        self._sock: trio.socket.SocketType | None = None
+        self._sock: _socket.socket | None = None
         self._rx = RecordReceiver(self._split)
         self._gen = 0  # bumped on every new connection
         self._ever_connected = False
@@ -93,11 +94,9 @@ class RpcClient:
             async with self._connect_lock:
                 if self._sock is not None:
                     continue
-                sock = trio.socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
                 try:
-                    await sock.connect((self.host, self.port))
+                    sock = await self._open_socket()
                 except OSError as e:
-                    sock.close()
                     self._last_error = f"connect: {e.strerror or e}"
                     if not self._ever_connected:
                         raise MemberIOError(f"{self.label}: cannot connect: {e.strerror or e}") from e
@@ -105,7 +104,6 @@ class RpcClient:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 if self._ever_connected:
                     self.reconnects += 1
                 self._ever_connected = True
@@ -114,13 +112,32 @@ class RpcClient:
                 self._rx = RecordReceiver(self._split)
                 return self._gen
 
+    async def _open_socket(self) -> _socket.socket:
+        # A plain non-blocking socket driven with trio.lowlevel.wait_readable/writable:
+        # a tight recv_into/sendmsg loop without a scheduler round trip per system call.
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((self.host, self.port))
+            if err == errno.EINPROGRESS:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _break(self, gen: int, reason: str) -> None:
         """Drop connection ``gen`` (if still current); waiting calls will resend."""
         if gen != self._gen or self._sock is None:
             return
         self._last_error = reason
         sock, self._sock = self._sock, None
-        sock.close()  # wakes a reader blocked in recv_into with ClosedResourceError
+        trio.lowlevel.notify_closing(sock)  # a task waiting on it gets ClosedResourceError
+        sock.close()
         for c in self._pending.values():
             c.wake.set()
 
@@ -197,7 +214,11 @@ class RpcClient:
             started = False
             try:
                 while views:
-                    n = await sock.sendmsg(views)
+                    try:
+                        n = sock.sendmsg(views)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
                     started = True
                     while n:
                         if n >= views[0].nbytes:
@@ -249,30 +270,40 @@ class RpcClient:
         sock = self._sock
         assert sock is not None
         rx = self._rx
-        try:
-            n = await sock.recv_into(rx.buffer())
-        except (OSError, trio.ClosedResourceError) as e:
-            if isinstance(e, OSError) and e.errno == errno.EAGAIN:
+        while True:
+            try:
+                n = sock.recv_into(rx.buffer())
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    self._break(gen, "connection closed")
+                    return
+                continue
+            except OSError as e:
+                self._break(gen, f"receive: {e.strerror or e}")
                 return
-            self._break(gen, f"receive: {getattr(e, 'strerror', None) or e}")
-            return
-        if n == 0:
-            self._break(gen, "server closed the connection")
-            return
-        try:
-            msgs = rx.received(n)
-        except ProtocolError as e:
-            # Garbage on the stream: fail every call on it rather than loop resending.
-            for c in self._pending.values():
-                if not c.done:
-                    c.error = ProtocolError(f"{self.label}: {e}")
-            self._break(gen, str(e))
-            return
-        for m in msgs:
-            c = self._pending.get(m.xid)
-            if c is not None and not c.done:
-                c.msg = m
-                c.wake.set()
+            if n == 0:
+                self._break(gen, "server closed the connection")
+                return
+            try:
+                msgs = rx.received(n)
+            except ProtocolError as e:
+                # Garbage on the stream: fail every call on it rather than loop resending.
+                for c in self._pending.values():
+                    if not c.done:
+                        c.error = ProtocolError(f"{self.label}: {e}")
+                self._break(gen, str(e))
+                return
+            if msgs:
+                for m in msgs:
+                    c = self._pending.get(m.xid)
+                    if c is not None and not c.done:
+                        c.msg = m
+                        c.wake.set()
+                # Let the woken callers run (and send more) before reading on.
+                await trio.lowlevel.checkpoint()
+                return
 
     def _split(self, xid: int, head: memoryview, msg_len: int) -> tuple[int, memoryview] | None:
         c = self._pending.get(xid)

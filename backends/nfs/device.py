@@ -202,8 +202,10 @@ class NfsDevice(DeviceBase):
         if cached:
             while self._cache.nbytes + len(buf) > self._cache_limit:
                 await self._commit_round()
-            # The copy is what makes a resend possible after the caller reuses its buffer.
-            buf = buf.copy()
+            # The copy is what makes a resend possible after the caller reuses its buffer
+            # (bytes cannot change, so they are kept as they are).
+            if not isinstance(data, bytes):
+                buf = buf.copy()
         elif not buf.flags.c_contiguous:
             buf = np.ascontiguousarray(buf)
         while self._gate_closed:
