@@ -601,3 +601,45 @@ async def test_target_nop_pings_are_answered():
             await dev.aclose()
     finally:
         srv.stop()
+
+
+async def test_check_condition_names_sense(tgt):
+    """A command the target refuses becomes a ScsiError with sense key and ASC/ASCQ."""
+    dev = await iscsi.open_uri(url(tgt, "default"))
+    try:
+        buf = bytearray(512)
+        blocks = dev.size // dev.block_size
+        with pytest.raises(iscsi.ScsiError) as e:
+            await dev._execute(iscsi.scsi.read_16(blocks + 10, 1), read_buf=memoryview(buf), what="READ(16)")
+        err = e.value
+        assert isinstance(err, MemberIOError)
+        assert (err.sense_key, err.asc, err.ascq) == (5, 0x21, 0x00)
+        assert "ILLEGAL REQUEST" in str(err) and "0x21/0x00" in str(err) and "CHECK CONDITION" in str(err)
+        await dev.read(0, 512)  # the session is fine afterwards
+    finally:
+        await dev.aclose()
+
+
+async def test_queue_deeper_than_the_cmdsn_window(tgt):
+    """More commands than tgt's CmdSN window (128): senders wait for MaxCmdSN to move, none is lost."""
+    dev = await iscsi.open_uri(url(tgt, "default"), queue_depth=400)
+    try:
+        windows = set()
+        results: dict[int, np.ndarray] = {}
+
+        async def one(i: int) -> None:
+            s = dev.session
+            windows.add((s.max_cmd_sn - s.exp_cmd_sn) & 0xFFFFFFFF)
+            results[i] = await dev.read(i * 512, 512)
+
+        async with trio.open_nursery() as n:
+            for i in range(600):
+                n.start_soon(one, i)
+        assert len(results) == 600
+        assert max(windows) < 400  # the target's window, not our queue depth, was the limit
+        assert dev.session.window_waits > 0
+        whole = await dev.read(0, 600 * 512)
+        for i in range(600):
+            assert np.array_equal(results[i], whole[i * 512 : (i + 1) * 512])
+    finally:
+        await dev.aclose()

@@ -273,6 +273,7 @@ class Session:
         self.dead: BaseException | None = None
         self.closed = False
         self.closing = False
+        self.window_waits = 0  # commands that found the CmdSN window closed
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -818,6 +819,7 @@ class Session:
         while True:
             self._check_alive()
             if not self._window_open():
+                self.window_waits += 1
                 await self._window.wait()
                 continue
             await self._send_lock.acquire()
