@@ -362,11 +362,19 @@ async def test_dropped_connections_mid_workload(tgt):
     written: dict[int, int] = {}
     try:
 
+        cuts_done = trio.Event()
+
         async def writer(k: int) -> None:
-            for rnd in range(4):
+            # Rounds until every cut has happened, then one more.
+            rnd = 0
+            while True:
+                last = cuts_done.is_set()
                 for i in range(k, nchunks, 4):
                     await dev.write(i * chunk, pattern(chunk, rnd * 1000 + i))
                     written[i] = rnd
+                rnd += 1
+                if last:
+                    return
 
         async def reader() -> None:
             while not done_writing.is_set():
@@ -374,9 +382,11 @@ async def test_dropped_connections_mid_workload(tgt):
 
         async def cutter() -> None:
             for _ in range(3):
-                await trio.sleep(0.15)
-                n = await trio.to_thread.run_sync(tgt.drop_connections, tgt.tids[name])
-                assert n >= 1
+                await trio.sleep(0.1)
+                with trio.fail_after(10):  # a reconnect may be under way: wait for the connection
+                    while not await trio.to_thread.run_sync(tgt.drop_connections, tgt.tids[name]):
+                        await trio.sleep(0.02)
+            cuts_done.set()
 
         async with trio.open_nursery() as n:
             n.start_soon(reader)
@@ -387,7 +397,7 @@ async def test_dropped_connections_mid_workload(tgt):
             done_writing.set()
         await dev.flush()
         print(dev.stats)
-        assert dev.stats["reconnects"] >= 1
+        assert dev.stats["reconnects"] >= 3
         for i, rnd in written.items():
             assert np.array_equal(await dev.read(i * chunk, chunk), pattern(chunk, rnd * 1000 + i)), i
             assert np.array_equal(read_file(backing(tgt, name), i * chunk, chunk), pattern(chunk, rnd * 1000 + i))

@@ -31,7 +31,8 @@ from vstore.errors import AuthError, DeviceTimeoutError, MemberIOError, NotFound
 log = logging.getLogger("vstore.iscsi")
 
 IOV_MAX = 512  # stay well under the kernel's 1024 iovecs per sendmsg
-_RECV_BUF = 512 * 1024
+_RECV_BUF = 256 * 1024
+_READ_AHEAD = 8192  # bytes asked for when the buffer needs more for a header
 _DIRECT_MIN = 32 * 1024  # receive payload tails this big straight into the caller's buffer
 _LOGIN_MAX_SEGMENT = 65536
 
@@ -140,7 +141,10 @@ class Wire:
                 self.mv[:k] = self.mv[self.lo : self.hi]
                 self.lo, self.hi = 0, k
             while self.hi - self.lo < n:
-                self.hi += await self._recv(self.mv[self.hi :])
+                # Read ahead only a little: a big payload after this header is better
+                # received straight into its destination than copied from here.
+                stop = min(len(self.buf), self.lo + max(n, _READ_AHEAD))
+                self.hi += await self._recv(self.mv[self.hi : stop])
         v = self.mv[self.lo : self.lo + n]
         self.lo += n
         if self.lo == self.hi:
