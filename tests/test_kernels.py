@@ -249,6 +249,20 @@ def test_bad_arguments_are_refused() -> None:
         kernels.xor_parity(data.astype(np.uint16))
     with pytest.raises(ValueError):
         kernels.pq_syndrome(np.zeros(16, dtype=np.uint8))
+    # The kernels do not bounds-check: a short operand must be refused, not overrun.
+    short = np.zeros(8, dtype=np.uint8)
+    with pytest.raises(ValueError):
+        kernels.pq_syndrome(data, p_out=short)
+    with pytest.raises(ValueError):
+        kernels.xor_parity(data, out=short)
+    with pytest.raises(ValueError):
+        kernels.recover_data2(data, p, short, 0, 1)
+    with pytest.raises(ValueError):
+        kernels.recover_data_q(data, short, 0)
+    with pytest.raises(ValueError):
+        kernels.rmw_pq(p, q, short, short, 0)
+    with pytest.raises(ValueError):
+        kernels.rmw_p(p, data[0], short)
     frozen = data.copy()
     frozen.flags.writeable = False
     with pytest.raises(ValueError):
