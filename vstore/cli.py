@@ -285,6 +285,29 @@ def volume_resize(ctx: click.Context, pool: str, name: str, size: int) -> None:
     click.echo(f"volume {r['name']!r} is now {format_size(r['size'])}")
 
 
+# ---------------------------------------------------------------------------- discovery
+@cli.command()
+@click.argument("portal", metavar="iscsi://[USER%SECRET@]HOST[:PORT]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def discover(portal: str, as_json: bool) -> None:
+    """List the iSCSI targets behind a portal, with their LUNs and sizes."""
+    from backends.iscsi import discover as iscsi_discover
+
+    if not portal.lower().startswith("iscsi://"):
+        raise ConfigError(f"discover takes an iscsi:// portal URI, not {portal!r}")
+    targets = run(iscsi_discover, portal)
+    if as_json:
+        click.echo(json.dumps(targets, indent=2))
+        return
+    if not targets:
+        click.echo("no targets")
+    for t in targets:
+        click.echo(f"{t['target']}  ({t['portal']})" + (f"  error: {t['error']}" if t.get("error") else ""))
+        for lun in t.get("luns", []):
+            size = f"{format_size(lun['size'])} ({lun['size']} bytes, {lun.get('block_size')}-byte blocks)" if "size" in lun else lun.get("type", "")
+            click.echo(f"  {lun['uri']}  {size}")
+
+
 # ---------------------------------------------------------------------------- mount
 @cli.command()
 @click.argument("pool")
