@@ -28,6 +28,9 @@ def test_parse_uris():
     u = parse_uri("iscsi://bob%s3cret@127.0.0.1:3260/iqn.2026-11.test:disk1/1")
     assert (u.user, u.password) == ("bob", "s3cret")
     assert "s3cret" not in str(u) and "s3cret" not in repr(u)
+    assert str(u) == "iscsi://bob%***@127.0.0.1:3260/iqn.2026-11.test:disk1/1"
+    u = parse_uri("iscsi://bob:p%40ss@h/iqn.x:y/0")
+    assert u.password == "p@ss" and str(u) == "iscsi://bob:***@h/iqn.x:y/0"
     paths = split_paths("iscsi://127.0.0.1/iqn.x:y/1,iscsi://127.0.0.2/iqn.x:y/1")
     assert [p.host for p in paths] == ["127.0.0.1", "127.0.0.2"]
 

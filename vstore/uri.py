@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from vstore.errors import ConfigError
 
@@ -45,20 +45,17 @@ class MemberURI:
         return dict(self.query)
 
     def redacted(self) -> str:
-        """The URI as text with any password removed (safe for logs and status)."""
+        """The URI as text with any password replaced by *** (safe for logs and status)."""
         if self.password is None:
             return self.text
-        return self.text.replace("%" + _quote_secret(self.text, self.password), "%***", 1)
+        parts = urlsplit(self.text)
+        userinfo, hostport = parts.netloc.rsplit("@", 1)
+        sep = "%" if "%" in userinfo else ":"
+        netloc = f"{userinfo.split(sep, 1)[0]}{sep}***@{hostport}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def __str__(self) -> str:
         return self.redacted()
-
-
-def _quote_secret(text: str, password: str) -> str:
-    # The password appears in the text either raw or percent-encoded; find which.
-    netloc = urlsplit(text).netloc
-    userinfo = netloc.rsplit("@", 1)[0]
-    return userinfo.split("%", 1)[1] if "%" in userinfo else password
 
 
 def parse_uri(text: str) -> MemberURI:
