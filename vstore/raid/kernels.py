@@ -192,6 +192,9 @@ def _source(kind: str, k: int) -> str:
 
 _specialised: dict[tuple[str, int], Callable] = {}
 _specialised_lock = threading.Lock()
+# The hot kinds again, keyed by k alone: a cheaper lookup on every call.
+_XOR: dict[int, Callable] = {}
+_PQ: dict[int, Callable] = {}
 
 
 def _kernel_for(kind: str, k: int) -> Callable:
@@ -211,6 +214,7 @@ def _kernel_for(kind: str, k: int) -> Callable:
             exec(code, namespace)  # noqa: S102 - source built above from integers only
             fn = numba.njit(**_JIT)(namespace[f"_{kind}_k{k}"])
             _specialised[key] = fn
+            {"xor": _XOR, "pq": _PQ}.get(kind, {})[k] = fn
     return fn
 
 
@@ -294,29 +298,27 @@ def _vec(a: np.ndarray, n: int, what: str) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _out(buf: np.ndarray | None, n: int, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    # (where the kernel writes, where the result must be copied to afterwards)
-    if buf is None:
-        return np.empty(n, dtype=np.uint8), None
-    if buf.dtype != _U8 or buf.shape != (n,):
-        raise ValueError(f"{what} must be uint8 of shape ({n},), got {buf.dtype} {buf.shape}")
-    if buf.flags.c_contiguous and buf.flags.writeable:
-        return buf, None
-    return np.empty(n, dtype=np.uint8), buf
+def _ready(buf: np.ndarray, n: int) -> bool:
+    # True when the kernel may write straight into buf (the common case, kept cheap:
+    # at 64 KiB chunks the Python around a kernel call is a tenth of its time).
+    if (buf.dtype is not _U8 and buf.dtype != _U8) or buf.shape != (n,):
+        raise ValueError(f"output must be uint8 of shape ({n},), got {buf.dtype} {buf.shape}")
+    flags = buf.flags
+    return flags.c_contiguous and flags.writeable
 
 
 def xor_parity(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """P = XOR of the k rows of data (k, n). Also recovers one lost member of raid5."""
-    d = _data(data)
-    k, n = d.shape
-    dst, copy_to = _out(out, n, "out")
+    d = data if data.dtype is _U8 and data.flags.c_contiguous else _data(data)
+    k, n = d.shape if d.ndim == 2 else _data(d).shape
+    dst = out if out is not None and _ready(out, n) else np.empty(n, dtype=np.uint8)
     if k == 0:
         dst[:] = 0
     else:
-        _kernel_for("xor", k)(d, dst)
-    if copy_to is not None:
-        copy_to[:] = dst
-        return copy_to
+        (_XOR.get(k) or _kernel_for("xor", k))(d, dst)
+    if out is not None and dst is not out:
+        out[:] = dst
+        return out
     return dst
 
 
@@ -324,21 +326,21 @@ def pq_syndrome(
     data: np.ndarray, p_out: np.ndarray | None = None, q_out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(P, Q) of the k data rows."""
-    d = _data(data)
-    k, n = d.shape
-    p, p_copy = _out(p_out, n, "p_out")
-    q, q_copy = _out(q_out, n, "q_out")
+    d = data if data.dtype is _U8 and data.flags.c_contiguous else _data(data)
+    k, n = d.shape if d.ndim == 2 else _data(d).shape
+    p = p_out if p_out is not None and _ready(p_out, n) else np.empty(n, dtype=np.uint8)
+    q = q_out if q_out is not None and _ready(q_out, n) else np.empty(n, dtype=np.uint8)
     if k == 0:
         p[:] = 0
         q[:] = 0
     else:
-        _kernel_for("pq", k)(d, p, q)
-    if p_copy is not None:
-        p_copy[:] = p
-        p = p_copy
-    if q_copy is not None:
-        q_copy[:] = q
-        q = q_copy
+        (_PQ.get(k) or _kernel_for("pq", k))(d, p, q)
+    if p_out is not None and p is not p_out:
+        p_out[:] = p
+        p = p_out
+    if q_out is not None and q is not q_out:
+        q_out[:] = q
+        q = q_out
     return p, q
 
 
