@@ -50,7 +50,7 @@ class MemberURI:
             return self.text
         parts = urlsplit(self.text)
         userinfo, hostport = parts.netloc.rsplit("@", 1)
-        sep = "%" if "%" in userinfo else ":"
+        sep = ":" if ":" in userinfo else "%"
         netloc = f"{userinfo.split(sep, 1)[0]}{sep}***@{hostport}"
         return urlunsplit(parts._replace(netloc=netloc))
 
@@ -76,11 +76,13 @@ def parse_uri(text: str) -> MemberURI:
     user = password = None
     if "@" in parts.netloc:
         userinfo = parts.netloc.rsplit("@", 1)[0]
-        # libiscsi writes user%password; accept user:password too.
-        sep = "%" if "%" in userinfo else (":" if ":" in userinfo else None)
-        if sep:
+        # user:password (percent-encoded) as in RFC 3986, or libiscsi's raw user%password.
+        sep = ":" if ":" in userinfo else ("%" if "%" in userinfo else None)
+        if sep == ":":
             u, p = userinfo.split(sep, 1)
             user, password = unquote(u), unquote(p)
+        elif sep == "%":
+            user, password = userinfo.split(sep, 1)
         else:
             user = unquote(userinfo)
     host = parts.hostname or ""
