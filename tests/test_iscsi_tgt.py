@@ -653,3 +653,31 @@ async def test_queue_deeper_than_the_cmdsn_window(tgt):
             assert np.array_equal(results[i], whole[i * 512 : (i + 1) * 512])
     finally:
         await dev.aclose()
+
+
+async def test_no_recovery_fails_fast_and_probe_reconnects(tgt):
+    """recovery_timeout=0 (what multipath wants): a cut fails in-flight I/O at once; probe() brings it back."""
+    name = "mrdsl262144"
+    dev = await iscsi.open_uri(url(tgt, name), recovery_timeout=0)
+    try:
+        errors = []
+
+        async def load() -> None:
+            try:
+                for _ in range(200):
+                    await dev.read(0, 4 << 20)
+            except MemberIOError as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(load)
+            await trio.sleep(0.05)
+            with trio.fail_after(10):
+                while not await trio.to_thread.run_sync(tgt.drop_connections, tgt.tids[name]):
+                    await trio.sleep(0.01)
+        assert errors and dev.stats["reissued"] == 0
+        await dev.probe()
+        assert dev.stats["reconnects"] == 1
+        await dev.read(0, 4096)
+    finally:
+        await dev.aclose()

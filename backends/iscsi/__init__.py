@@ -11,8 +11,12 @@ Options (keyword arguments of ``open_uri``, or URI query parameters):
 before failing I/O, 20), ``header_digest``/``data_digest`` (``none``,
 ``crc32c``, ``crc32c-none``, ``none-crc32c``: what to propose; default
 ``none-crc32c``, i.e. CRC32C only when the target insists), ``max_recv``
-(our MaxRecvDataSegmentLength), ``initiator_name``, ``nursery`` (where the
-reader task lives; default a trio system task owned by the device).
+(our MaxRecvDataSegmentLength), ``max_transfer`` (bytes per READ command;
+default 1 MiB; writes are always cut at MaxBurstLength), ``login_timeout``,
+``initiator_name``, ``credentials_file``, ``nursery`` (where the reader task
+lives; default a trio system task owned by the device, stopped by ``aclose``).
+``recovery_timeout=0`` fails I/O at once on a lost connection (for multipath);
+the next command or ``probe()`` still tries one reconnect.
 
 The layers: ``pdu`` (sans-IO codec), ``scsi`` (CDBs, sense, VPD), ``session``
 (trio transport, login, command routing); this module turns a session into a
@@ -51,6 +55,7 @@ from vstore.errors import (
     NotFoundError,
     OutOfRangeError,
     ProtocolError,
+    VstoreError,
 )
 
 __all__ = ["IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
@@ -324,14 +329,13 @@ class IscsiDevice(DeviceBase):
         while True:
             if self._closed:
                 raise MemberIOError(f"{self.name} is closed")
+            # At least one attempt even past the deadline (recovery_timeout=0 must
+            # still let probe() bring a path back); each is bounded by login_timeout.
             try:
-                with trio.move_on_at(deadline) as cs:
-                    s = await self._login()
-                if not cs.cancelled_caught:
-                    self._session = s
-                    self.stats["reconnects"] += 1
-                    log.info("iSCSI %s: reconnected", self.name)
-                    return
+                self._session = await self._login()
+                self.stats["reconnects"] += 1
+                log.info("iSCSI %s: reconnected", self.name)
+                return
             except (AuthError, NotFoundError):
                 raise
             except MemberIOError as e:
@@ -456,9 +460,22 @@ class IscsiDevice(DeviceBase):
         if len(jobs) == 1:
             await jobs[0]()
             return
+        # Callers get one VstoreError, never an ExceptionGroup. Siblings of a failed
+        # chunk run to their own end (bounded by the timeouts): cancelling a write
+        # mid-transfer would cost the whole connection.
+        errors: list[VstoreError] = []
+
+        async def guarded(job) -> None:
+            try:
+                await job()
+            except VstoreError as e:
+                errors.append(e)
+
         async with trio.open_nursery() as nursery:
             for job in jobs:
-                nursery.start_soon(job)
+                nursery.start_soon(guarded, job)
+        if errors:
+            raise errors[0]
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read length bytes at offset (both multiples of the block size)."""
