@@ -358,20 +358,21 @@ class ParityLayout(RaidLayout):
         span = c1 - c0
         dmem, pmem = self.row_members(row)
         base = row * self.chunk + c0
+        # Decide once what to read: self.failed may grow while the reads are in flight
+        # (a read that then fails raises MemberFailed and the caller starts again).
         missing = [j for j, m in enumerate(dmem) if m in self.failed]
+        live_data = [j for j, m in enumerate(dmem) if m not in self.failed]
         live_par = [i for i, m in enumerate(pmem) if m not in self.failed]
         data = np.empty((self.k, span), dtype=np.uint8)
-        reqs = [(m, base, span) for m in dmem if m not in self.failed]
         need_par = live_par if (missing or with_parity) else []
+        reqs = [(dmem[j], base, span) for j in live_data]
         reqs += [(pmem[i], base, span) for i in need_par]
         got = await self._read_members(reqs)
-        it = iter(got)
-        for j, m in enumerate(dmem):
-            if m not in self.failed:
-                data[j] = next(it)
+        for j, g in zip(live_data, got, strict=False):
+            data[j] = g
         parity: list[np.ndarray | None] = [None] * self.nparity
-        for i in need_par:
-            parity[i] = next(it)
+        for i, g in zip(need_par, got[len(live_data) :], strict=True):
+            parity[i] = g
         if missing:
             if len(missing) > len(live_par):
                 self.require_usable()
