@@ -293,3 +293,37 @@ def test_precompile_and_aligned_empty() -> None:
     kernels.precompile([3])
     buf = kernels.aligned_empty((3, 100), align=64)
     assert buf.ctypes.data % 64 == 0 and buf.shape == (3, 100) and buf.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- both GF-multiply paths
+
+MUL_PATHS = ["portable"] + (["gfni"] if kernels.HAVE_GFNI else [])
+
+
+@pytest.mark.parametrize("path", MUL_PATHS)
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200, 4096])
+def test_constant_multiply_paths_match_tables(path: str, n: int) -> None:
+    # The public functions take one path (GFNI when the CPU has it); check both
+    # directly so a machine with GFNI still tests the fallback, and vice versa.
+    rng = np.random.default_rng(n)
+    a, b, old, new = (rng.integers(0, 256, n, dtype=np.uint8) for _ in range(4))
+    for ca, cb in ((1, 2), (0x8E, 0x35), (0xFF, 0x1D), (0, 7)):
+        mul = reference.GF_MUL
+        dx, dy = b.copy(), a.copy()
+        v = a.copy()
+        p, q = a.copy(), b.copy()
+        if path == "gfni":
+            m_a, m_b = kernels._affine_matrix(ca), kernels._affine_matrix(cb)
+            kernels._combine_gfni(ca, cb, m_a, m_b, dx, dy)
+            kernels._mul_inplace_gfni(ca, m_a, v)
+            kernels._rmw_pq_gfni(p, q, old, new, ca, m_a)
+        else:
+            kernels._combine_portable(ca, cb, dx, dy)
+            kernels._mul_inplace_portable(ca, v)
+            kernels._rmw_pq_portable(p, q, old, new, ca)
+        expect_x = mul[ca][a] ^ mul[cb][b]
+        _eq(dx, expect_x)
+        _eq(dy, a ^ expect_x)
+        _eq(v, mul[ca][a])
+        _eq(p, a ^ old ^ new)
+        _eq(q, b ^ mul[ca][old ^ new])
