@@ -383,3 +383,68 @@ async def test_fault_device_rules():
     assert f.ops["write"] == 5 and f.faults_hit == 7
     with pytest.raises(ConfigError):
         f.fail("frobnicate")
+
+
+@pytest.mark.parametrize(("level", "n"), [c for c in CASES if c[0] not in ("linear", "raid0")], ids=lambda c: str(c))
+async def test_member_bytes_recompute_each_member(level, n):
+    """member_bytes(i) (the rebuild primitive) equals member i's bytes, without reading it."""
+    lay, members = build(level, n, rows=5)
+    rng = np.random.default_rng(n)
+    await lay.write(0, rng.integers(0, 256, lay.size, dtype=np.uint8))
+    await lay.write(777, rng.integers(0, 256, 5000, dtype=np.uint8))
+    for i in range(n):
+        before = members[i].ops["read"]
+        msize = members[i].size
+        got = await lay.member_bytes(i, 0, msize)
+        assert np.array_equal(got, members[i].inner.store[:msize]), f"member {i}"
+        assert members[i].ops["read"] == before
+        part = await lay.member_bytes(i, 1000, 6000)
+        assert np.array_equal(part, members[i].inner.store[1000:7000])
+    # Still computable with other members failed, within redundancy.
+    for failed in failure_sets(level, n):
+        again = make_layout(level, members, chunk=CHUNK, failed=failed)
+        for i in range(n):
+            if i not in failed and geometry.survives(level, n, failed | {i}):
+                assert np.array_equal(await again.member_bytes(i, 0, members[i].size), members[i].inner.store)
+            elif i not in failed:
+                with pytest.raises(DegradedError):
+                    await again.member_bytes(i, 0, 10)
+
+
+async def test_member_bytes_without_redundancy_and_bad_index():
+    lay, _ = build("raid0", 2, rows=2)
+    with pytest.raises(DegradedError):
+        await lay.member_bytes(0, 0, 10)
+    with pytest.raises(ConfigError):
+        await lay.member_bytes(5, 0, 10)
+    lay, _ = build("raid5", 3, rows=2)
+    with pytest.raises(OutOfRangeError):
+        await lay.member_bytes(0, 0, 3 * CHUNK)
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid5", 4), ("raid6", 5)])
+async def test_verify_row_finds_parity_mismatch(level, n):
+    lay, members = build(level, n, rows=4)
+    await lay.write(0, np.random.default_rng(0).integers(0, 256, lay.size, dtype=np.uint8))
+    assert [await lay.verify_row(r) for r in range(lay.rows)] == [[]] * lay.rows
+    dmem, pmem = lay.row_members(2)
+    members[pmem[-1]].inner.store[2 * CHUNK + 100] ^= 1
+    assert await lay.verify_row(2) == [pmem[-1]]
+    members[dmem[0]].inner.store[3 * CHUNK + 5] ^= 1
+    assert sorted(await lay.verify_row(3)) == sorted(lay.row_members(3)[1])
+    lay.fail_member(dmem[1])
+    with pytest.raises(DegradedError):
+        await lay.verify_row(2)
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid1", 2), ("raid10", 4), ("raid0", 2), ("linear", 2)])
+async def test_discard_error_fails_the_member(level, n):
+    lay, members = build(level, n, rows=4)
+    members[1].fail("discard")
+    if lay.redundancy:
+        await lay.discard(0, lay.size)
+        assert lay.failed == {1}
+        assert not (await lay.read(0, lay.size)).any()
+    else:
+        with pytest.raises(DegradedError):
+            await lay.discard(0, lay.size)

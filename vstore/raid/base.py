@@ -24,7 +24,7 @@ import numpy as np
 import trio
 
 from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
-from vstore.errors import ConfigError, DegradedError, MemberIOError
+from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
 from vstore.raid import geometry
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
@@ -191,6 +191,25 @@ class RaidLayout(DeviceBase):
             await run_all([lambda w=w: self._write_member(*w) for w in writes])
         self.require_usable()
 
+    async def _discard_members(self, ranges: Sequence[tuple[int, int, int]]) -> None:
+        """Discard (member, offset, length) ranges concurrently; an error fails that member.
+
+        A member that errs may have discarded part of the range, so its copy can no
+        longer be trusted, just as after a failed write.
+        """
+
+        async def one(i: int, off: int, n: int) -> None:
+            if i in self.failed:
+                return
+            try:
+                await self.members[i].discard(off, n)
+            except MemberIOError as e:
+                await self._member_failed(i, e)
+
+        if ranges:
+            await run_all([lambda r=r: one(*r) for r in ranges])
+        self.require_usable()
+
     # --- per-key locks ------------------------------------------------------------------
 
     @asynccontextmanager
@@ -262,6 +281,32 @@ class RaidLayout(DeviceBase):
                 await m.aclose()
             except MemberIOError:
                 pass  # closing a dead member is not worth an error
+
+    async def member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        """What member i should hold at [offset, offset+length), computed without reading it.
+
+        The primitive of a rebuild onto a replacement (or a move of a healthy member):
+        bytes past the layout's data area come back as zeros.
+        """
+        if not 0 <= i < self.n:
+            raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
+        size = self.members[i].size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise OutOfRangeError(f"range {offset}+{length} is outside member {i} ({size} bytes)")
+        while True:
+            if not geometry.survives(self.level, self.n, self.failed | {i}):
+                self.require_usable()
+                raise DegradedError(
+                    f"{self.level}: member {i} cannot be computed from the others "
+                    f"(failed: {sorted(self.failed) or 'none'})"
+                )
+            try:
+                return await self._member_bytes(i, offset, length)
+            except MemberFailed:
+                continue
+
+    async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        raise DegradedError(f"{self.level} has no redundancy to compute member {i} from")
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
         raise NotImplementedError
@@ -346,13 +391,20 @@ class ParityLayout(RaidLayout):
         return out
 
     async def read_row(
-        self, row: int, c0: int = 0, c1: int | None = None, *, with_parity: bool = False
+        self,
+        row: int,
+        c0: int = 0,
+        c1: int | None = None,
+        *,
+        with_parity: bool = False,
+        exclude: frozenset[int] | set[int] = frozenset(),
     ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Columns [c0, c1) of a row's data (k, span), reconstructed where members failed.
 
         With ``with_parity`` the parity columns come back too (recomputed when their
-        member failed) — what a rebuild of one member needs. The caller holds the
-        row's lock when writers may be active.
+        member failed) — what a rebuild of one member needs. Members in ``exclude``
+        are treated as failed (not read). The caller holds the row's lock when
+        writers may be active.
         """
         c1 = self.chunk if c1 is None else c1
         span = c1 - c0
@@ -360,9 +412,10 @@ class ParityLayout(RaidLayout):
         base = row * self.chunk + c0
         # Decide once what to read: self.failed may grow while the reads are in flight
         # (a read that then fails raises MemberFailed and the caller starts again).
-        missing = [j for j, m in enumerate(dmem) if m in self.failed]
-        live_data = [j for j, m in enumerate(dmem) if m not in self.failed]
-        live_par = [i for i, m in enumerate(pmem) if m not in self.failed]
+        gone = self.failed | set(exclude)
+        missing = [j for j, m in enumerate(dmem) if m in gone]
+        live_data = [j for j, m in enumerate(dmem) if m not in gone]
+        live_par = [i for i, m in enumerate(pmem) if m not in gone]
         data = np.empty((self.k, span), dtype=np.uint8)
         need_par = live_par if (missing or with_parity) else []
         reqs = [(dmem[j], base, span) for j in live_data]
@@ -376,6 +429,7 @@ class ParityLayout(RaidLayout):
         if missing:
             if len(missing) > len(live_par):
                 self.require_usable()
+                # Only reachable with exclude: the array survives, this request does not.
                 raise DegradedError(f"{self.level} row {row}: too many failed members to reconstruct")
             await run_kernel(data.nbytes, self.recover, data, parity, missing)
         if with_parity and len(live_par) < self.nparity:
@@ -383,6 +437,35 @@ class ParityLayout(RaidLayout):
             parity = [p if p is not None else fresh[i] for i, p in enumerate(parity)]
         # Without with_parity, parity holds what was read (None where not needed).
         return data, parity
+
+    async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        out = np.zeros(length, dtype=np.uint8)
+
+        async def one(row: int, start: int, n: int, at: int) -> None:
+            if row >= self.rows:
+                return  # past the data area: zeros
+            async with self.locked([row]):
+                data, parity = await self.read_row(
+                    row, start, start + n, with_parity=True, exclude={i}
+                )
+            dmem, pmem = self.row_members(row)
+            out[at : at + n] = data[dmem.index(i)] if i in dmem else parity[pmem.index(i)]
+
+        await run_all([lambda p=p: one(*p) for p in geometry.split_chunks(offset, length, self.chunk)])
+        return out
+
+    async def verify_row(self, row: int) -> list[int]:
+        """The parity members of a row whose bytes disagree with its data ([] when consistent).
+
+        The start of a scrub; it needs every member of the row healthy.
+        """
+        dmem, pmem = self.row_members(row)
+        if (set(dmem) | set(pmem)) & self.failed:
+            raise DegradedError(f"{self.level} row {row} has a failed member: parity cannot be verified")
+        async with self.locked([row]):
+            data, parity = await self.read_row(row, with_parity=True)
+        fresh = await self.compute_parity(data)
+        return [pmem[x] for x in range(self.nparity) if not np.array_equal(fresh[x], parity[x])]
 
     # --- writes -------------------------------------------------------------------------
 

@@ -57,6 +57,4 @@ class LinearLayout(RaidLayout):
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to the members."""
         self.check(offset, length)
-        for i, off, n, _ in self.pieces(offset, length):
-            if i not in self.failed:
-                await self.members[i].discard(off, n)
+        await self._discard_members([p[:3] for p in self.pieces(offset, length)])

@@ -53,6 +53,14 @@ class Raid0Layout(RaidLayout):
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to the members."""
         self.check(offset, length)
+        # Merge each member's pieces: a long range is contiguous on every member.
+        ranges: list[list[int]] = []
+        last: dict[int, list[int]] = {}
         for m, off, n, _ in self.pieces(offset, length):
-            if m not in self.failed:
-                await self.members[m].discard(off, n)
+            run = last.get(m)
+            if run is not None and run[1] + run[2] == off:
+                run[2] += n
+            else:
+                last[m] = [m, off, n]
+                ranges.append(last[m])
+        await self._discard_members([(m, off, n) for m, off, n in ranges])

@@ -52,6 +52,16 @@ class Raid1Layout(RaidLayout):
         await run_all([lambda at=at: one(at) for at in range(0, length, step)])
         return out
 
+    async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        out = np.zeros(length, dtype=np.uint8)
+        end = min(offset + length, self.size)
+        if end > offset:
+            others = [m for m in self.healthy() if m != i]
+            src = min(others, key=lambda m: self.inflight[m])
+            async with self.locked(self.chunks_of(offset, end - offset)):
+                out[: end - offset] = await self._read_member(src, offset, end - offset)
+        return out
+
     def chunks_of(self, offset: int, length: int) -> range:
         """Chunk indexes a range touches (the keys of its locks)."""
         return range(offset // self.chunk, (offset + length - 1) // self.chunk + 1)
@@ -65,5 +75,4 @@ class Raid1Layout(RaidLayout):
         self.check(offset, length)
         if length:
             async with self.locked(self.chunks_of(offset, length)):
-                for i in self.healthy():
-                    await self.members[i].discard(offset, length)
+                await self._discard_members([(i, offset, length) for i in self.healthy()])

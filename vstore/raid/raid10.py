@@ -55,6 +55,23 @@ class Raid10Layout(RaidLayout):
         await run_all([lambda p=p: one(*p) for p in pieces])
         return out
 
+    async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        out = np.zeros(length, dtype=np.uint8)
+
+        async def one(row: int, start: int, n: int, at: int) -> None:
+            d = row * self.n + i  # device-chunk position of this piece
+            c = d // 2
+            if c >= self.chunks:
+                return  # an unused position: zeros
+            other = d ^ 1  # the other copy of chunk c
+            async with self.locked([c]):
+                out[at : at + n] = await self._read_member(
+                    other % self.n, (other // self.n) * self.chunk + start, n
+                )
+
+        await run_all([lambda p=p: one(*p) for p in geometry.split_chunks(offset, length, self.chunk)])
+        return out
+
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         pieces = list(geometry.split_chunks(offset, len(buf), self.chunk))
         writes = [
@@ -70,7 +87,6 @@ class Raid10Layout(RaidLayout):
         self.check(offset, length)
         pieces = list(geometry.split_chunks(offset, length, self.chunk))
         async with self.locked([p[0] for p in pieces]):
-            for c, start, n, _ in pieces:
-                for m, base in self.copies(c):
-                    if m not in self.failed:
-                        await self.members[m].discard(base + start, n)
+            await self._discard_members(
+                [(m, base + start, n) for c, start, n, _ in pieces for m, base in self.copies(c)]
+            )
