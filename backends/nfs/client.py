@@ -119,10 +119,6 @@ class RpcClient:
         try:
             sock.setblocking(False)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            if os.environ.get("NFSBUF"):
-                b = int(os.environ["NFSBUF"])
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, b)
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, b)
             err = sock.connect_ex((self.host, self.port))
             if err == errno.EINPROGRESS:
                 await trio.lowlevel.wait_writable(sock)

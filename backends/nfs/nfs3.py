@@ -135,6 +135,18 @@ def _wcc_data(u: Unpacker) -> Fattr3 | None:
     return _post_op_attr(u)
 
 
+def _skip_post_op_attr(u: Unpacker) -> None:
+    # The hot path (READ, WRITE) has no use for the attributes: skip, do not build them.
+    if u.bool():
+        u.skip(_FATTR.size)
+
+
+def _skip_wcc_data(u: Unpacker) -> None:
+    if u.bool():
+        u.skip(24)
+    _skip_post_op_attr(u)
+
+
 def _status(u: Unpacker) -> int:
     return u.uint()
 
@@ -293,7 +305,7 @@ class ReadResult:
 def decode_read(u: Unpacker, what: str = "READ") -> ReadResult:
     """READ result up to its data: where the data lies (the caller slices it)."""
     st = _status(u)
-    _post_op_attr(u)
+    _skip_post_op_attr(u)
     if st != NFS3_OK:
         raise status_error(st, what)
     count = u.uint()
@@ -328,7 +340,7 @@ class WriteResult:
 def decode_write(u: Unpacker, what: str = "WRITE") -> WriteResult:
     """WRITE result: bytes written, how stable, and the write verifier."""
     st = _status(u)
-    _wcc_data(u)
+    _skip_wcc_data(u)
     if st != NFS3_OK:
         raise status_error(st, what)
     count = u.uint()
