@@ -128,10 +128,9 @@ def _mulc2(a: np.uint8, ma: tuple, b: np.uint8, mb: tuple) -> np.uint8:
 # Each template is the body of one kernel for k rows; ``{rows}`` binds one name
 # per row (LLVM then sees k independent streams it can vectorise), ``{horner}``
 # folds rows k-2..0 into the running P (pp) and Q (qq) of the row-k-1 start.
-# The recovery variants take the rows as a tuple in which the lost rows are a
-# shared zero buffer, so the survivors' syndromes need neither a copy nor
-# zeroing, and the rows being rebuilt are never read while written (which
-# would defeat vectorisation). The GF multiplications of recovery run as a
+# The recovery variants read a shared zero buffer in place of the lost rows,
+# so the survivors' syndromes need no zeroing, and the rows being rebuilt are
+# never read while written (which would defeat vectorisation). The GF multiplications of recovery run as a
 # second, k-independent pass: fused into the syndrome loop they cost 2x
 # (too many live vector registers).
 
@@ -155,8 +154,10 @@ def _pq_k{k}(d, p, q):
 """,
     # a = P ^ Pxy, b = Q ^ Qxy, with Pxy and Qxy the syndromes of the survivors.
     "syn": """
-def _syn_k{k}(d, p, q, a, b):
-{rows}
+def _syn_k{k}(d, x, y, zero, p, q):
+{lost_rows}
+    a = d[y]
+    b = d[x]
     for i in range(p.shape[0]):
         v = r{last}[i]
         pp = v
@@ -165,19 +166,21 @@ def _syn_k{k}(d, p, q, a, b):
         a[i] = p[i] ^ pp
         b[i] = q[i] ^ qq
 """,
-    # b = Q ^ Qx, with Qx the Q of the survivors.
+    # Row x = Q ^ Qx, with Qx the Q of the survivors.
     "synq": """
-def _synq_k{k}(d, q, b):
-{rows}
+def _synq_k{k}(d, x, zero, q):
+{lost_row}
+    b = d[x]
     for i in range(q.shape[0]):
         qq = r{last}[i]
 {horner_q}
         b[i] = q[i] ^ qq
 """,
-    # Dx = P ^ the surviving rows.
+    # Row x = P ^ the surviving rows.
     "recq": """
-def _recq_k{k}(d, p, dx):
-{rows}
+def _recq_k{k}(d, x, zero, p):
+{lost_row}
+    dx = d[x]
     for i in range(p.shape[0]):
         dx[i] = p[i] ^ {xor_expr}
 """,
@@ -193,6 +196,8 @@ def _source(kind: str, k: int) -> str:
     return _TEMPLATES[kind].format(
         k=k,
         rows="\n".join(f"    r{j} = d[{j}]" for j in range(k)),
+        lost_rows="\n".join(f"    r{j} = zero if x == {j} or y == {j} else d[{j}]" for j in range(k)),
+        lost_row="\n".join(f"    r{j} = zero if x == {j} else d[{j}]" for j in range(k)),
         last=k - 1,
         horner="\n".join(horner),
         horner_q="\n".join(horner_q),
@@ -530,31 +535,21 @@ def _zeros(n: int) -> np.ndarray:
     return _zero_row[:n]
 
 
-def _survivors(data: np.ndarray, lost: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    # One contiguous array per row, the lost ones replaced by zeros: rows are
-    # passed separately so strided stripes need no copy of the whole array.
+def _stripe(data: np.ndarray, lost: tuple[int, ...]) -> tuple[np.ndarray, bool]:
+    # (the stripe as a C-contiguous array, whether that is a copy to write back)
     if data.dtype != _U8:
         raise TypeError(f"RAID kernels work on uint8 arrays, got {data.dtype}")
     if data.ndim != 2:
         raise ValueError(f"data must be 2-D (k, n), got shape {data.shape}")
     if not data.flags.writeable:
         raise ValueError("recovery writes the lost rows in place: data must be writeable")
-    k, n = data.shape
+    k = data.shape[0]
     for j in lost:
         if not 0 <= j < k:
             raise IndexError(f"row {j} out of range for {k} data rows")
-    zero = _zeros(n)
-    return tuple(zero if j in lost else _c1(data[j]) for j in range(k))
-
-
-def _row_out(data: np.ndarray, j: int) -> np.ndarray:
-    row = data[j]
-    return row if row.flags.c_contiguous else np.empty(row.shape[0], dtype=np.uint8)
-
-
-def _row_back(data: np.ndarray, j: int, out: np.ndarray) -> None:
-    if out.base is None:  # a scratch row from _row_out, not a view of data
-        data[j] = out
+    if data.flags.c_contiguous:
+        return data, False
+    return np.ascontiguousarray(data), True
 
 
 def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int) -> None:
@@ -563,39 +558,39 @@ def recover_data2(data: np.ndarray, p: np.ndarray, q: np.ndarray, x: int, y: int
         raise ValueError("recover_data2 needs two different rows")
     if x > y:
         x, y = y, x
-    rows = _survivors(data, (x, y))
-    n = data.shape[1]
+    d, copied = _stripe(data, (x, y))
+    k, n = d.shape
     p, q = _vec(p, n, "p"), _vec(q, n, "q")
     gyx = gf_pow2(y - x)
     denom = gf_inv(gyx ^ 1)
     ca = int(_GF_MUL[gyx, denom])
     cb = int(_GF_MUL[gf_pow2(-x), denom])
-    dx, dy = _row_out(data, x), _row_out(data, y)
-    # The syndromes land in the lost rows themselves (which the kernel never
-    # reads: they are zeros in rows), then are combined in place.
-    _kernel_for("syn", len(rows))(rows, p, q, dy, dx)
-    _combine(ca, cb, dx, dy)
-    _row_back(data, x, dx)
-    _row_back(data, y, dy)
+    # The survivors' syndromes land in the lost rows (P^Pxy in y, Q^Qxy in x),
+    # then are combined there in place.
+    _kernel_for("syn", k)(d, x, y, _zeros(n), p, q)
+    _combine(ca, cb, d[x], d[y])
+    if copied:
+        data[x] = d[x]
+        data[y] = d[y]
 
 
 def recover_data_p(data: np.ndarray, q: np.ndarray, x: int) -> None:
     """Rebuild lost data row x in place from the other rows and Q (P is lost too)."""
-    rows = _survivors(data, (x,))
-    q = _vec(q, data.shape[1], "q")
-    dx = _row_out(data, x)
-    _kernel_for("synq", len(rows))(rows, q, dx)
-    _mul_inplace(gf_pow2(-x), dx)
-    _row_back(data, x, dx)
+    d, copied = _stripe(data, (x,))
+    k, n = d.shape
+    _kernel_for("synq", k)(d, x, _zeros(n), _vec(q, n, "q"))
+    _mul_inplace(gf_pow2(-x), d[x])
+    if copied:
+        data[x] = d[x]
 
 
 def recover_data_q(data: np.ndarray, p: np.ndarray, x: int) -> None:
     """Rebuild lost data row x in place from the other rows and P (Q is lost too)."""
-    rows = _survivors(data, (x,))
-    p = _vec(p, data.shape[1], "p")
-    dx = _row_out(data, x)
-    _kernel_for("recq", len(rows))(rows, p, dx)
-    _row_back(data, x, dx)
+    d, copied = _stripe(data, (x,))
+    k, n = d.shape
+    _kernel_for("recq", k)(d, x, _zeros(n), _vec(p, n, "p"))
+    if copied:
+        data[x] = d[x]
 
 
 def _inplace(a: np.ndarray, n: int, what: str) -> tuple[np.ndarray, bool]:
