@@ -639,7 +639,8 @@ async def test_queue_deeper_than_the_cmdsn_window(tgt):
 
         async def one(i: int) -> None:
             s = dev.session
-            windows.add((s.max_cmd_sn - s.exp_cmd_sn) & 0xFFFFFFFF)
+            # Commands the target accepts now (0 when MaxCmdSN = ExpCmdSN - 1: closed).
+            windows.add((s.max_cmd_sn - s.exp_cmd_sn + 1) & 0xFFFFFFFF)
             results[i] = await dev.read(i * 512, 512)
 
         async with trio.open_nursery() as n:
