@@ -308,3 +308,29 @@ def test_nfs_ls_sees_the_export(ganesha):
     url = f"nfs://127.0.0.1{ganesha.export}?nfsport=2049&mountport=20048"
     out = subprocess.run(["nfs-ls", url], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
+
+
+async def test_rpc_and_nfs_refusals_name_their_status(ganesha):
+    from backends.nfs import nfs3
+    from backends.nfs.client import RpcClient
+    from backends.nfs.rpc import RpcError, auth_sys
+
+    for vers, proc, match in [(7, 0, "PROG_MISMATCH .*3-4"), (3, 99, "PROC_UNAVAIL")]:
+        client = RpcClient("127.0.0.1", 2049, 100003, vers, cred=auth_sys(0, 0), timeout=5)
+        try:
+            await client.connect()
+            with pytest.raises(RpcError, match=match):
+                await client.call(proc)
+        finally:
+            await client.aclose()
+    client = RpcClient("127.0.0.1", 2049, 100003, 3, cred=auth_sys(0, 0), timeout=5)
+    try:
+        await client.connect()
+        u, _ = await client.call(nfs3.GETATTR, nfs3.fh_args(b"not a handle"))
+        with pytest.raises(nfs3.NfsError, match="GETATTR: NFS3ERR_(BADHANDLE|STALE)"):
+            nfs3.decode_getattr(u)
+        # The connection is still good after refusals.
+        u, _ = await client.call(nfs3.NULL)
+        assert u.remaining == 0
+    finally:
+        await client.aclose()
