@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from functools import partial
 
 import numpy as np
 import pytest
@@ -334,3 +335,58 @@ async def test_rpc_and_nfs_refusals_name_their_status(ganesha):
         assert u.remaining == 0
     finally:
         await client.aclose()
+
+
+async def test_dropped_connection_retransmits_the_same_xid(ganesha, rng):
+    """A loopback relay forwards one WRITE, swallows its reply and cuts the connection."""
+    from backends.nfs.rpc import RecordReceiver
+
+    seen: list[tuple[int, int, bytes]] = []  # (xid, procedure, whole call) per call relayed
+    state = {"cut": False}
+
+    async def handle(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", 2049)
+        rx = RecordReceiver()
+        swallow = False
+        async with client, server, trio.open_nursery() as nursery:
+            async def upstream() -> None:
+                nonlocal swallow
+                async for chunk in client:
+                    cut_now = False
+                    for m in rx.feed(chunk):
+                        proc = int.from_bytes(m.data[20:24], "big")
+                        seen.append((m.xid, proc, bytes(m.data)))
+                        if proc == 7 and not state["cut"]:
+                            state["cut"] = cut_now = swallow = True
+                    await server.send_all(chunk)
+                    if cut_now:
+                        await trio.sleep(0.3)  # the server does the WRITE; its reply is lost
+                        break
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                async for chunk in server:
+                    if not swallow:
+                        await client.send_all(chunk)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+
+    async with trio.open_nursery() as relay:
+        listeners = await relay.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        dev = await open_dev(ganesha.url("relay.img", nfsport=port), create_size=MiB)
+        try:
+            data = rng.integers(0, 256, 64 * 1024, dtype=np.uint8)
+            with trio.fail_after(20):
+                await dev.write(4096, data)
+                await dev.flush()
+            assert np.array_equal(await dev.read(4096, len(data)), data)
+            assert dev._nfs.reconnects == 1
+        finally:
+            await dev.aclose()
+        relay.cancel_scope.cancel()
+    writes = [(xid, call) for xid, proc, call in seen if proc == 7]
+    assert len(writes) == 2 and writes[0] == writes[1]  # same XID, same bytes
+    assert len({xid for xid, _, _ in seen}) == len(seen) - 1  # no other XID reused
