@@ -82,6 +82,7 @@ async def test_random_io_matches_model(level, n):
     await random_io(lay, model, rng, 20)
     await check_all(lay, model)
     await lay.flush()
+    assert len(await lay.read(0, 0)) == 0 and len(await lay.read(lay.size, 0)) == 0
     # Writes from bytes and bytearray, too.
     await lay.write(5, b"hello")
     await lay.write(lay.size - 3, bytearray(b"end"))
@@ -217,15 +218,29 @@ async def test_read_modify_write_vs_reconstruct_write_by_cost():
     assert sum(m.ops["read"] for m in members6) == 3  # old data, P, Q
 
 
-async def test_large_full_stripe_write_runs_kernel_in_thread():
-    chunk = 65536  # k * chunk = 256 KiB: the kernel runs off the trio thread
+async def test_long_kernels_run_in_a_worker_thread(monkeypatch):
+    from vstore.raid import base
+
+    calls = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        calls.append(fn.__name__)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(base, "KERNEL_THREAD_BYTES", 3 * CHUNK)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
     for level, n in [("raid5", 5), ("raid6", 6)]:
-        lay, _ = build(level, n, rows=3, chunk=chunk)
+        lay, _ = build(level, n, rows=3)
         rng = np.random.default_rng(0)
         model = rng.integers(0, 256, lay.size, dtype=np.uint8)
-        await lay.write(0, model)
+        await lay.write(0, model)  # full stripes: parity in a thread
         lay.fail_member(1)
+        await check_all(lay, model)  # reconstruction of whole rows: in a thread
+        await lay.write(10, b"small")  # small: inline
+        model[10:15] = np.frombuffer(b"small", np.uint8)
         await check_all(lay, model)
+    assert {"xor_parity", "pq_syndrome"} <= set(calls) and ("recover" in calls)
 
 
 @pytest.mark.parametrize(("level", "n"), [("raid5", 4), ("raid6", 5), ("raid1", 3), ("raid10", 3)])

@@ -84,6 +84,14 @@ class FaultDevice(DeviceBase):
         """Forget every armed fault."""
         self.rules.clear()
 
+    async def _pause(self) -> None:
+        # Always a scheduling point, as a real device's I/O is: concurrent requests
+        # through the wrapper interleave the way they would in production.
+        if self.delay:
+            await trio.sleep(self.delay)
+        else:
+            await trio.lowlevel.checkpoint()
+
     def _hit(self, kind: str) -> FaultRule | None:
         self.ops[kind] += 1
         hit = None
@@ -101,8 +109,7 @@ class FaultDevice(DeviceBase):
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read, unless a rule fails or corrupts it."""
         self.check(offset, length)
-        if self.delay:
-            await trio.sleep(self.delay)
+        await self._pause()
         rule = self._hit("read")
         if rule is not None and rule.action == "fail":
             raise self._error("read", offset)
@@ -115,8 +122,7 @@ class FaultDevice(DeviceBase):
         """Write, unless a rule fails it (possibly after writing half of it)."""
         buf = as_u8(data)
         self.check(offset, len(buf))
-        if self.delay:
-            await trio.sleep(self.delay)
+        await self._pause()
         rule = self._hit("write")
         if rule is not None:
             if rule.torn and len(buf) > 1:
