@@ -276,3 +276,80 @@ class Ganesha:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RpcRelay:
+    """A loopback TCP relay in front of an RPC server, for fault injection in tests.
+
+    It records every call (``calls``: xid, procedure, bytes), can rewrite replies
+    (``reply_filter(xid, message) -> message``), cut the connection right after
+    forwarding a call (``cut_after(xid, procedure) -> bool``: the server acts on
+    it, its reply is lost) and cut every connection at once (``sever()``).
+    Start it with ``port = await nursery.start(relay.serve)``.
+    """
+
+    def __init__(self, target_port: int = NFS_PORT) -> None:
+        self.target_port = target_port
+        self.calls: list[tuple[int, int, bytes]] = []
+        self.reply_filter = None
+        self.cut_after = None
+        self.connections = 0
+        self._scopes: set = set()
+
+    async def serve(self, *, task_status=None) -> None:
+        """Listen on an ephemeral loopback port; report the port through task_status."""
+        import trio
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        if task_status is not None:
+            task_status.started(port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def sever(self) -> None:
+        """Cut every relayed connection now."""
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    async def _handle(self, client) -> None:
+        import trio
+
+        from backends.nfs.rpc import RecordReceiver, record_mark
+
+        self.connections += 1
+        server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        up_rx, down_rx = RecordReceiver(), RecordReceiver()
+        swallow = False
+        async with client, server, trio.open_nursery() as nursery:
+            self._scopes.add(nursery.cancel_scope)
+
+            async def upstream() -> None:
+                nonlocal swallow
+                async for chunk in client:
+                    cut = False
+                    for m in up_rx.feed(chunk):
+                        proc = int.from_bytes(m.data[20:24], "big")
+                        self.calls.append((m.xid, proc, bytes(m.data)))
+                        if self.cut_after is not None and self.cut_after(m.xid, proc):
+                            cut = swallow = True
+                    await server.send_all(chunk)
+                    if cut:
+                        await trio.sleep(0.3)  # let the server act; its reply is swallowed
+                        break
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                async for chunk in server:
+                    if swallow:
+                        continue
+                    if self.reply_filter is None:
+                        await client.send_all(chunk)
+                        continue
+                    for m in down_rx.feed(chunk):
+                        msg = self.reply_filter(m.xid, bytes(m.data))
+                        await client.send_all(record_mark(len(msg)) + msg)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+        self._scopes.discard(nursery.cancel_scope)

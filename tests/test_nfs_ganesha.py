@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from functools import partial
 
 import numpy as np
 import pytest
 import trio
 
 from backends.nfs import NfsDevice
-from tests.nfs_server import Ganesha, ServerError
+from tests.nfs_server import Ganesha, RpcRelay, ServerError
 from vstore.errors import (
     ConfigError,
     DeviceTimeoutError,
@@ -338,44 +337,12 @@ async def test_rpc_and_nfs_refusals_name_their_status(ganesha):
 
 
 async def test_dropped_connection_retransmits_the_same_xid(ganesha, rng):
-    """A loopback relay forwards one WRITE, swallows its reply and cuts the connection."""
-    from backends.nfs.rpc import RecordReceiver
-
-    seen: list[tuple[int, int, bytes]] = []  # (xid, procedure, whole call) per call relayed
-    state = {"cut": False}
-
-    async def handle(client: trio.SocketStream) -> None:
-        server = await trio.open_tcp_stream("127.0.0.1", 2049)
-        rx = RecordReceiver()
-        swallow = False
-        async with client, server, trio.open_nursery() as nursery:
-            async def upstream() -> None:
-                nonlocal swallow
-                async for chunk in client:
-                    cut_now = False
-                    for m in rx.feed(chunk):
-                        proc = int.from_bytes(m.data[20:24], "big")
-                        seen.append((m.xid, proc, bytes(m.data)))
-                        if proc == 7 and not state["cut"]:
-                            state["cut"] = cut_now = swallow = True
-                    await server.send_all(chunk)
-                    if cut_now:
-                        await trio.sleep(0.3)  # the server does the WRITE; its reply is lost
-                        break
-                nursery.cancel_scope.cancel()
-
-            async def downstream() -> None:
-                async for chunk in server:
-                    if not swallow:
-                        await client.send_all(chunk)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(upstream)
-            nursery.start_soon(downstream)
-
-    async with trio.open_nursery() as relay:
-        listeners = await relay.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+    """A relay forwards one WRITE, swallows its reply and cuts the connection."""
+    relay = RpcRelay()
+    cut = []
+    relay.cut_after = lambda xid, proc: proc == 7 and not cut and not cut.append(xid)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(relay.serve)
         dev = await open_dev(ganesha.url("relay.img", nfsport=port), create_size=MiB)
         try:
             data = rng.integers(0, 256, 64 * 1024, dtype=np.uint8)
@@ -383,10 +350,43 @@ async def test_dropped_connection_retransmits_the_same_xid(ganesha, rng):
                 await dev.write(4096, data)
                 await dev.flush()
             assert np.array_equal(await dev.read(4096, len(data)), data)
-            assert dev._nfs.reconnects == 1
+            assert dev._nfs.reconnects == 1 and relay.connections == 2
         finally:
             await dev.aclose()
-        relay.cancel_scope.cancel()
-    writes = [(xid, call) for xid, proc, call in seen if proc == 7]
+        nursery.cancel_scope.cancel()
+    writes = [(xid, call) for xid, proc, call in relay.calls if proc == 7]
     assert len(writes) == 2 and writes[0] == writes[1]  # same XID, same bytes
-    assert len({xid for xid, _, _ in seen}) == len(seen) - 1  # no other XID reused
+    assert len({xid for xid, _, _ in relay.calls}) == len(relay.calls) - 1  # no other reuse
+
+
+async def test_jukebox_replies_are_retried_later(ganesha, rng):
+    """A relay turns the first SETATTR and the first two WRITE replies into NFS3ERR_JUKEBOX."""
+    relay = RpcRelay()
+    procs: dict[int, int] = {}
+    left = {2: 1, 7: 2}  # procedure -> JUKEBOX replies still to inject
+
+    def jukebox(xid: int, msg: bytes) -> bytes:
+        proc = next((p for x, p, _ in reversed(relay.calls) if x == xid), None)
+        if proc in left and left[proc] and msg[24:28] == bytes(4):
+            left[proc] -= 1
+            procs[xid] = proc
+            return msg[:24] + (10008).to_bytes(4, "big") + msg[28:]
+        return msg
+
+    relay.reply_filter = jukebox
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(relay.serve)
+        dev = await open_dev(ganesha.url("jukebox.img", nfsport=port), create_size=2 * MiB)
+        try:
+            assert dev.size == 2 * MiB  # SETATTR (size) went through on a retry
+            data = rng.integers(0, 256, MiB, dtype=np.uint8)
+            await dev.write(0, data)
+            await dev.flush()
+            assert ganesha.path("jukebox.img").read_bytes()[:MiB] == data.tobytes()
+        finally:
+            await dev.aclose()
+        nursery.cancel_scope.cancel()
+    assert sorted(procs.values()) == [2, 7, 7] and left == {2: 0, 7: 0}
+    # Each retry is a new request: a new XID, never the one that got JUKEBOX.
+    writes = [xid for xid, proc, _ in relay.calls if proc == 7]
+    assert len(writes) == len(set(writes)) == 3
