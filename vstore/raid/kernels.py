@@ -28,8 +28,9 @@ How they are fast:
 
 Every kernel releases the GIL (``nogil=True``) so callers may run it in a
 thread. Kernels compile on first use per k and are cached on disk by numba;
-``precompile`` does it ahead of time. Non-contiguous inputs are copied into
-contiguous ones (rows only, for recovery), and outputs copied back.
+``precompile`` does it ahead of time. A stripe whose rows are contiguous but
+not adjacent (a view into a wider buffer) is used as it is; only bytes strided
+within a row are copied first, and strided outputs are written back.
 """
 
 from __future__ import annotations
@@ -460,12 +461,20 @@ def _c1(a: np.ndarray) -> np.ndarray:
 
 
 def _data(data: np.ndarray) -> np.ndarray:
-    # The (k, n) stripe as a C-contiguous uint8 array (copied only if needed).
+    # The (k, n) stripe as a uint8 array with contiguous rows (copied only if needed).
     if data.dtype != _U8:
         raise TypeError(f"RAID kernels work on uint8 arrays, got {data.dtype}")
     if data.ndim != 2:
         raise ValueError(f"data must be 2-D (k, n), got shape {data.shape}")
-    return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+    return data if _rows_contiguous(data) else np.ascontiguousarray(data)
+
+
+def _rows_contiguous(data: np.ndarray) -> bool:
+    # Rows need not be adjacent (a (k, n) view of a wider stripe buffer is
+    # common): numba compiles such arrays as layout 'A' and LLVM versions the
+    # loop on the row stride, as fast as C order. Only strided bytes within
+    # a row are worth a copy.
+    return data.flags.c_contiguous or data.shape[1] <= 1 or data.strides[1] == 1
 
 
 def _vec(a: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -536,7 +545,7 @@ def _zeros(n: int) -> np.ndarray:
 
 
 def _stripe(data: np.ndarray, lost: tuple[int, ...]) -> tuple[np.ndarray, bool]:
-    # (the stripe as a C-contiguous array, whether that is a copy to write back)
+    # (the stripe with contiguous rows, whether that is a copy to write back)
     if data.dtype != _U8:
         raise TypeError(f"RAID kernels work on uint8 arrays, got {data.dtype}")
     if data.ndim != 2:
@@ -547,7 +556,7 @@ def _stripe(data: np.ndarray, lost: tuple[int, ...]) -> tuple[np.ndarray, bool]:
     for j in lost:
         if not 0 <= j < k:
             raise IndexError(f"row {j} out of range for {k} data rows")
-    if data.flags.c_contiguous:
+    if _rows_contiguous(data):
         return data, False
     return np.ascontiguousarray(data), True
 
