@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -38,29 +39,46 @@ RESULTS = ROOT / "bench" / "results" / "iscsi.json"
 MiB = 1 << 20
 
 
-def iscsi_perf(url: str, depth: int, seconds: float) -> float:
-    """GB/s of libiscsi's ``iscsi-perf`` reading 1 MiB requests, depth in flight."""
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def iscsi_perf(url: str, depth: int, seconds: float) -> dict:
+    """GB/s (and CPU s/GB) of libiscsi's ``iscsi-perf`` reading 1 MiB requests, depth in flight."""
     cmd = ["iscsi-perf", "-m", str(depth), "-b", "2048", "-t", str(int(max(1, seconds))), url]
+    c0 = _children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = _children_cpu() - c0
     m = re.findall(r"iops average (\d+)", out.stdout)
     if out.returncode or not m:
         raise RuntimeError(f"iscsi-perf failed: {out.stderr.strip() or out.stdout[-300:]}")
-    return int(m[-1]) * MiB / 1e9
+    gbps = int(m[-1]) * MiB / 1e9
+    return {"gbps": gbps, "cpu_per_gb": cpu / (gbps * seconds) if gbps else None}
 
 
-def qemu_bench(url: str, count: int, depth: int, write: bool) -> float:
-    """GB/s of ``qemu-img bench`` with 1 MiB requests on an iscsi:// URL (libiscsi inside QEMU)."""
+def qemu_bench(url: str, count: int, depth: int, write: bool) -> dict:
+    """GB/s (and CPU s/GB) of ``qemu-img bench`` with 1 MiB requests on an iscsi:// URL."""
     cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-s", "1M", "-d", str(depth)]
     if write:
         cmd.append("-w")
+    c0 = _children_cpu()
     out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=600)
+    cpu = _children_cpu() - c0
     m = re.search(r"Run completed in ([0-9.]+) seconds", out.stdout)
     if out.returncode or not m:
         raise RuntimeError(f"qemu-img bench failed: {out.stderr.strip() or out.stdout.strip()}")
-    return count * MiB / float(m.group(1)) / 1e9
+    return {"gbps": count * MiB / float(m.group(1)) / 1e9, "cpu_per_gb": cpu / (count * MiB / 1e9)}
 
 
-def vstore_bench(url: str, count: int, depth: int, write: bool, **opts) -> dict:
+def vstore_bench(url: str, count: int, depth: int, write: bool, tgtd_pid: int | None = None, **opts) -> dict:
     """GB/s of sequential 1 MiB requests through IscsiDevice, depth requests in flight."""
     import backends.iscsi as iscsi
 
@@ -84,12 +102,14 @@ def vstore_bench(url: str, count: int, depth: int, write: bool, **opts) -> dict:
                         await dev.read(i * MiB, MiB)
 
             c0 = time.process_time()
+            g0 = process_cpu(tgtd_pid) if tgtd_pid else 0.0
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for _ in range(depth):
                     nursery.start_soon(worker)
             t1 = time.perf_counter()
             c1 = time.process_time()
+            g1 = process_cpu(tgtd_pid) if tgtd_pid else 0.0
             if write:
                 await dev.flush()
             t2 = time.perf_counter()
@@ -97,6 +117,7 @@ def vstore_bench(url: str, count: int, depth: int, write: bool, **opts) -> dict:
                 gbps=count * MiB / (t1 - t0) / 1e9,
                 flush_s=t2 - t1,
                 cpu_per_gb=(c1 - c0) / (count * MiB / 1e9),
+                tgtd_cpu_per_gb=(g1 - g0) / (count * MiB / 1e9) if tgtd_pid else None,
                 params={k: v for k, v in vars(dev.session.params).items()},
                 stats=dict(dev.stats),
             )
@@ -134,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(lun_size // len(block)):
                     f.write(block)
         plain, digests = srv.url(1, 1), srv.url(2, 1)
+        tgtd = srv.proc.pid
 
         def best(fn, *a, **k) -> dict:
             out: dict = {}
@@ -149,37 +171,44 @@ def main(argv: list[str] | None = None) -> int:
             v: dict = {}
             b: dict = {}
             for _ in range(rounds):  # interleave so a noisy neighbour hits both alike
-                r = vstore_bench(plain, count, depth, write)
+                r = vstore_bench(plain, count, depth, write, tgtd)
                 v = r if r["gbps"] > v.get("gbps", 0) else v
-                if write:
-                    g = qemu_bench(plain, count, depth, True)
-                else:
-                    g = iscsi_perf(plain, depth, seconds)
-                b = {"gbps": g} if g > b.get("gbps", 0) else b
+                g = qemu_bench(plain, count, depth, True) if write else iscsi_perf(plain, depth, seconds)
+                b = g if g["gbps"] > b.get("gbps", 0) else b
             rows.append({
                 "op": op, "queue_depth": depth, "vstore_gbps": v["gbps"],
                 "baseline": "qemu-img bench (libiscsi)" if write else "iscsi-perf (libiscsi)",
                 "baseline_gbps": b["gbps"], "ratio": v["gbps"] / b["gbps"],
-                "vstore_cpu_s_per_gb": v["cpu_per_gb"],
+                "vstore_cpu_s_per_gb": v["cpu_per_gb"], "baseline_cpu_s_per_gb": b["cpu_per_gb"],
+                "tgtd_cpu_s_per_gb": v["tgtd_cpu_per_gb"],
                 "vstore_flush_s": v.get("flush_s") if write else None,
             })
         for op in ("read", "write"):
-            off = best(vstore_bench, plain, count, 8, op == "write")
-            on = best(vstore_bench, digests, count, 8, op == "write")
+            off = best(vstore_bench, plain, count, 8, op == "write", tgtd)
+            on = best(vstore_bench, digests, count, 8, op == "write", tgtd)
             assert on["params"]["data_digest"] and on["params"]["header_digest"]
-            digest_rows.append({"op": op, "queue_depth": 8, "digests_off_gbps": off["gbps"],
-                                "digests_on_gbps": on["gbps"], "ratio": on["gbps"] / off["gbps"]})
+            digest_rows.append({
+                "op": op, "queue_depth": 8, "digests_off_gbps": off["gbps"],
+                "digests_on_gbps": on["gbps"], "ratio": on["gbps"] / off["gbps"],
+                "vstore_cpu_s_per_gb_off": off["cpu_per_gb"], "vstore_cpu_s_per_gb_on": on["cpu_per_gb"],
+                # tgt computes CRC32C in software: where digest time goes.
+                "tgtd_cpu_s_per_gb_off": off["tgtd_cpu_per_gb"], "tgtd_cpu_s_per_gb_on": on["tgtd_cpu_per_gb"],
+            })
     finally:
         srv.stop()
 
-    print(f"{'op':6} {'qd':>3} {'vstore GB/s':>12} {'libiscsi GB/s':>14} {'ratio':>6}  baseline")
+    print(f"{'op':6} {'qd':>3} {'vstore GB/s':>12} {'libiscsi GB/s':>14} {'ratio':>6}"
+          f" {'CPU s/GB: vstore':>17} {'libiscsi':>9} {'tgtd':>6}  baseline")
     for r in rows:
         print(f"{r['op']:6} {r['queue_depth']:>3} {r['vstore_gbps']:>12.2f} {r['baseline_gbps']:>14.2f} "
-              f"{r['ratio']:>6.2f}  {r['baseline']}")
-    print(f"\n{'op':6} {'qd':>3} {'digests off':>12} {'CRC32C on':>14} {'ratio':>6}")
+              f"{r['ratio']:>6.2f} {r['vstore_cpu_s_per_gb']:>17.2f} {r['baseline_cpu_s_per_gb']:>9.2f} "
+              f"{r['tgtd_cpu_s_per_gb']:>6.2f}  {r['baseline']}")
+    print(f"\n{'op':6} {'qd':>3} {'digests off':>12} {'CRC32C on':>14} {'ratio':>6}"
+          f" {'vstore CPU s/GB off/on':>23} {'tgtd CPU s/GB off/on':>21}")
     for r in digest_rows:
         print(f"{r['op']:6} {r['queue_depth']:>3} {r['digests_off_gbps']:>12.2f} {r['digests_on_gbps']:>14.2f} "
-              f"{r['ratio']:>6.2f}")
+              f"{r['ratio']:>6.2f} {r['vstore_cpu_s_per_gb_off']:>11.2f}/{r['vstore_cpu_s_per_gb_on']:<11.2f}"
+              f" {r['tgtd_cpu_s_per_gb_off']:>9.2f}/{r['tgtd_cpu_s_per_gb_on']:<11.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "iscsi sequential 1 MiB",

@@ -6,13 +6,15 @@ option or ``$VSTORE_ISCSI_CREDENTIALS``) readable only by its owner, one entry a
 line: ``[TARGET-IQN|*] USER SECRET`` (the target column may be left out).
 
 Options (keyword arguments of ``open_uri``, or URI query parameters):
-``queue_depth`` (32), ``timeout`` (seconds per command attempt, 30),
+``queue_depth`` (32), ``timeout`` (30: a command unanswered this long means
+the connection is dead; it and the others in flight are reissued),
 ``recovery_timeout`` (how long to keep reconnecting after a dropped connection
 before failing I/O, 20), ``header_digest``/``data_digest`` (``none``,
 ``crc32c``, ``crc32c-none``, ``none-crc32c``: what to propose; default
 ``none-crc32c``, i.e. CRC32C only when the target insists), ``max_recv``
-(our MaxRecvDataSegmentLength), ``max_transfer`` (bytes per READ command;
-default 1 MiB; writes are always cut at MaxBurstLength), ``login_timeout``,
+(our MaxRecvDataSegmentLength, default 1 MiB), ``max_transfer`` (bytes per READ command;
+default 1 MiB), ``max_write`` (bytes per WRITE command; default MaxBurstLength,
+so each needs at most one R2T), ``login_timeout``,
 ``initiator_name``, ``credentials_file``, ``nursery`` (where the reader task
 lives; default a trio system task owned by the device, stopped by ``aclose``).
 ``recovery_timeout=0`` fails I/O at once on a lost connection (for multipath);
@@ -196,6 +198,7 @@ class IscsiDevice(DeviceBase):
         timeout: float = 30.0,
         recovery_timeout: float = 20.0,
         max_transfer: int = 0,
+        max_write: int = 0,
         name: str = "",
     ) -> None:
         self.host = host
@@ -208,6 +211,7 @@ class IscsiDevice(DeviceBase):
         self.timeout = timeout
         self.recovery_timeout = recovery_timeout
         self.max_transfer = max_transfer
+        self.max_write = max_write
         self.name = name or f"iscsi://{host}:{port}/{target}/{lun}"
         self.isid = new_isid()  # kept across reconnects: a new login reinstates the session
         self.size = 0
@@ -451,7 +455,7 @@ class IscsiDevice(DeviceBase):
         s = self._session
         burst = s.params.max_burst if s is not None else 262144
         if write:
-            size = min(self.max_transfer or burst, burst)
+            size = self.max_write or burst
         else:
             size = self.max_transfer or max(burst, 1 << 20)
         return max(self.block_size, size - size % self.block_size)
@@ -585,7 +589,8 @@ def _device(host: str, port: int, target: str, lun: int, opts: dict, creds, name
         host=host, port=port, target=target, lun=lun, options=_options(opts), credentials=creds,
         queue_depth=qd, timeout=float(_number(opts, "timeout", 30.0)),
         recovery_timeout=float(_number(opts, "recovery_timeout", 20.0)),
-        max_transfer=int(_number(opts, "max_transfer", 0, int)), name=name,
+        max_transfer=int(_number(opts, "max_transfer", 0, int)),
+        max_write=int(_number(opts, "max_write", 0, int)), name=name,
     )
 
 
