@@ -73,9 +73,12 @@ def machine() -> dict:
 
 def measure_stripe(k: int, chunk: int, budget: float, rounds: int) -> list[dict]:
     """Every kernel on one stripe of k chunks, with its baselines."""
-    data = kernels.aligned_empty((k, chunk))
+    # One buffer for the whole stripe, data then P and Q, as a layout keeps it:
+    # a fixed placement, so runs compare (rows a power of two apart share
+    # cache sets, which costs every implementation alike).
+    stripe = kernels.aligned_empty((k + 2, chunk))
+    data, parity = stripe[:k], stripe[k:]
     data[:] = np.random.default_rng(k * chunk).integers(0, 256, data.shape, dtype=np.uint8)
-    parity = kernels.aligned_empty((2, chunk))
     copy_dst = kernels.aligned_empty((k, chunk))
     p, q = kernels.pq_syndrome(data)
     scratch = data.copy()
