@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vstore.errors import ConfigError
 from vstore.raid import geometry as g
@@ -146,3 +148,39 @@ class _Dev:
     def __init__(self, size: int, block_size: int = 512) -> None:
         self.size = size
         self.block_size = block_size
+
+
+@given(
+    level=st.sampled_from(g.LEVELS),
+    n=st.integers(1, 9),
+    rows=st.lists(st.integers(1, 40), min_size=9, max_size=9),
+    extra=st.lists(st.integers(0, 7), min_size=9, max_size=9),
+    chunk_shift=st.integers(12, 16),
+)
+def test_layout_size_is_usable_size(level, n, rows, extra, chunk_shift):
+    chunk = 1 << chunk_shift
+    n = max(n, min_members(level))
+    sizes = [rows[i] * chunk + extra[i] * 512 for i in range(n)]
+    lay = make_layout(level, [_Dev(s) for s in sizes], chunk=chunk)
+    assert lay.size == usable_size(level, sizes, chunk)
+    assert lay.size % lay.block_size == 0
+
+
+@given(n=st.integers(3, 12), row=st.integers(0, 1000))
+def test_parity_rows_use_every_member_once(n, row):
+    for level in ("raid5", "raid6"):
+        if n < min_members(level):
+            continue
+        data, parity = g.parity_row_members(level, row, n)
+        assert sorted(data + parity) == list(range(n))
+        assert len(parity) == (1 if level == "raid5" else 2)
+
+
+@given(n=st.integers(2, 9), chunks=st.integers(1, 200))
+def test_raid10_positions_are_used_once(n, chunks):
+    seen = set()
+    for c in range(chunks):
+        a, b = g.raid10_copies(c, n)
+        assert a[0] != b[0]  # the two copies are on different members
+        seen.update([a, b])
+    assert len(seen) == 2 * chunks
