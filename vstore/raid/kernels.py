@@ -66,7 +66,7 @@ __all__ = [
 
 _JIT = {"nogil": True, "cache": True}
 
-# GF(2^8) multiplication table, for the reductions of constants only.
+# GF(2^8) multiplication table: constants, and the byte tails of the GFNI kernels.
 _MUL = _GF_MUL
 _R = np.uint8(0x1D)
 _Z = np.uint8(0)
@@ -131,9 +131,10 @@ def _mulc2(a: np.uint8, ma: tuple, b: np.uint8, mb: tuple) -> np.uint8:
 # folds rows k-2..0 into the running P (pp) and Q (qq) of the row-k-1 start.
 # The recovery variants read a shared zero buffer in place of the lost rows,
 # so the survivors' syndromes need no zeroing, and the rows being rebuilt are
-# never read while written (which would defeat vectorisation). The GF multiplications of recovery run as a
-# second, k-independent pass: fused into the syndrome loop they cost 2x
-# (too many live vector registers).
+# never read while written (which would defeat vectorisation). The GF
+# multiplications of recovery run as a second, k-independent pass over the
+# rebuilt rows: fused into the syndrome loop they cost 2x (too many live
+# vector registers).
 
 _TEMPLATES = {
     "xor": """
@@ -453,11 +454,6 @@ def aligned_empty(shape: int | tuple[int, ...], align: int = 64) -> np.ndarray:
 
 
 _U8 = np.dtype(np.uint8)
-
-
-def _c1(a: np.ndarray) -> np.ndarray:
-    # Kernels need contiguous rows; copy only when the caller's array is not.
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _data(data: np.ndarray) -> np.ndarray:
