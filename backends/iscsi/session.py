@@ -129,6 +129,9 @@ class Wire:
             n = await self.sock.recv_into(into)
         except OSError as e:
             raise ConnectionLostError(f"connection to the target failed: {e.strerror or e}") from e
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            # Closed under us by abort() from another task.
+            raise ConnectionLostError("the connection was closed") from e
         if n == 0:
             raise ConnectionLostError("the target closed the connection")
         return n
@@ -191,6 +194,8 @@ class Wire:
                         n = 0
         except OSError as e:
             raise ConnectionLostError(f"sending to the target failed: {e.strerror or e}") from e
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise ConnectionLostError("the connection was closed") from e
 
 
 async def open_socket(host: str, port: int, timeout: float) -> trio.socket.SocketType:
@@ -339,6 +344,14 @@ class Session:
                 t.done = True
                 t.wake.set()
         self._window.set()
+
+    async def _send_guarded(self, parts: list) -> None:
+        """Send a whole PDU train; if that fails or is cancelled midway, the stream is unusable."""
+        try:
+            await self.wire.send(parts)
+        except BaseException as e:
+            self.abort(e if isinstance(e, MemberIOError) else ConnectionLostError("a send was interrupted"))
+            raise
 
     def _complete(self, t: _Task) -> None:
         t.done = True
@@ -628,8 +641,11 @@ class Session:
             with trio.move_on_after(timeout):
                 try:
                     async with self._send_lock:
-                        await self._send_pdu(P.encode_logout_request(
-                            itt=t.itt, cid=0, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
+                        await self._send_guarded(P.frame(
+                            P.encode_logout_request(itt=t.itt, cid=0, cmd_sn=self.cmd_sn,
+                                                    exp_stat_sn=self.exp_stat_sn),
+                            header_digest_on=self.params.header_digest,
+                        ))
                     await t.wake.wait()
                 except MemberIOError:
                     pass
@@ -781,11 +797,12 @@ class Session:
     async def _answer_nop(self, ttt: int, lun: bytes, data: bytes) -> None:
         try:
             async with self._send_lock:
-                await self._send_pdu(
+                await self._send_guarded(P.frame(
                     P.encode_nop_out(itt=P.NO_TAG, ttt=ttt, cmd_sn=self.cmd_sn,
                                      exp_stat_sn=self.exp_stat_sn, lun=lun, data_length=len(data)),
-                    data,
-                )
+                    data, header_digest_on=self.params.header_digest,
+                    data_digest_on=self.params.data_digest,
+                ))
         except MemberIOError as e:
             self.abort(e)
 
@@ -803,8 +820,11 @@ class Session:
         try:
             async with self._send_lock:
                 self._check_alive()
-                await self._send_pdu(P.encode_nop_out(
-                    itt=t.itt, ttt=P.NO_TAG, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn))
+                await self._send_guarded(P.frame(
+                    P.encode_nop_out(itt=t.itt, ttt=P.NO_TAG, cmd_sn=self.cmd_sn,
+                                     exp_stat_sn=self.exp_stat_sn),
+                    header_digest_on=self.params.header_digest,
+                ))
             await t.wake.wait()
         finally:
             self._tasks.pop(t.itt, None)
@@ -853,12 +873,7 @@ class Session:
             parts += P.frame(cmd, write_buf[:immediate] if immediate else b"",
                              header_digest_on=p.header_digest, data_digest_on=p.data_digest)
             parts += unsolicited_outs
-            try:
-                await self.wire.send(parts)
-            except BaseException as e:
-                # A PDU cut short (error or cancellation) leaves the stream unusable.
-                self.abort(e if isinstance(e, MemberIOError) else ConnectionLostError("send interrupted"))
-                raise
+            await self._send_guarded(parts)
         finally:
             self._send_lock.release()
         try:
@@ -870,11 +885,7 @@ class Session:
                     outs = self._data_outs(t, ttt, off, length)
                     async with self._send_lock:
                         self._check_alive()
-                        try:
-                            await self.wire.send(outs)
-                        except BaseException as e:
-                            self.abort(e if isinstance(e, MemberIOError) else ConnectionLostError("send interrupted"))
-                            raise
+                        await self._send_guarded(outs)
                 if t.done:
                     break
         except BaseException:
