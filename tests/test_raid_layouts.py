@@ -463,3 +463,23 @@ async def test_discard_error_fails_the_member(level, n):
     else:
         with pytest.raises(DegradedError):
             await lay.discard(0, lay.size)
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid5", 4), ("raid6", 5), ("raid1", 3), ("raid10", 4)])
+async def test_cancelled_write_leaves_redundancy_consistent(level, n):
+    """A caller's timeout mid-write: every stripe is old or new, never half of each."""
+    for timeout in (0.003, 0.007, 0.012, 0.02):
+        lay, members = build(level, n, rows=6)
+        rng = np.random.default_rng(int(timeout * 1000))
+        await lay.write(0, rng.integers(0, 256, lay.size, dtype=np.uint8))
+        for i, m in enumerate(members):
+            m.delay = 0.001 * (i + 1)  # unequal members: a cancel lands between their writes
+        with trio.move_on_after(timeout):
+            await lay.write(100, rng.integers(0, 256, lay.size - 200, dtype=np.uint8))
+        if level in ("raid5", "raid6"):
+            assert all([await lay.verify_row(r) == [] for r in range(lay.rows)])
+        # Every survivable failure set reads the same bytes.
+        whole = await lay.read(0, lay.size)
+        for failed in failure_sets(level, n):
+            again = make_layout(level, members, chunk=CHUNK, failed=failed)
+            assert np.array_equal(await again.read(0, lay.size), whole), failed

@@ -190,7 +190,10 @@ class RaidLayout(DeviceBase):
         """
         writes = [w for w in writes if w[0] not in self.failed and len(w[2])]
         if writes:
-            await run_all([lambda w=w: self._write_member(*w) for w in writes])
+            # Once an update's member writes start they all finish: a cancelled caller
+            # must not leave data and parity (or two mirrors) disagreeing.
+            with trio.CancelScope(shield=True):
+                await run_all([lambda w=w: self._write_member(*w) for w in writes])
         self.require_usable()
 
     async def _discard_members(self, ranges: Sequence[tuple[int, int, int]]) -> None:
