@@ -311,6 +311,7 @@ class RaidLayout(DeviceBase):
                 continue
 
     async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
+        # Levels with redundancy override this; linear and raid0 have nothing to compute from.
         raise DegradedError(f"{self.level} has no redundancy to compute member {i} from")
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
@@ -351,12 +352,15 @@ class ParityLayout(RaidLayout):
         return got
 
     async def compute_parity(self, data: np.ndarray) -> list[np.ndarray]:
+        """The parity chunks ([P] or [P, Q]) of a (k, span) data array."""
         raise NotImplementedError
 
     def update_parity(self, parity: list[np.ndarray], old: np.ndarray, new: np.ndarray, j: int) -> None:
+        """Update parity columns in place for data chunk j changing from old to new."""
         raise NotImplementedError
 
     def recover(self, data: np.ndarray, parity: list[np.ndarray | None], missing: list[int]) -> None:
+        """Rebuild the missing data rows in place from the others and the parity read."""
         raise NotImplementedError
 
     # --- reads --------------------------------------------------------------------------
