@@ -503,12 +503,19 @@ async def test_garbage_speaking_server(reply, close, error):
 # ---------------------------------------------------------------- digests under corruption
 
 
-async def _corrupting_relay(nursery: trio.Nursery, port: int, flips: list[int]) -> int:
-    """A TCP relay to tgtd that flips one bit of the target->initiator stream at given byte offsets."""
+async def _corrupting_relay(
+    nursery: trio.Nursery, port: int, flips: list[int], *, cut_first_after: int | None = None
+) -> int:
+    """A TCP relay to tgtd that flips one bit of the target->initiator stream at given byte offsets
+    (and, if asked, cuts its first connection after that many bytes towards the initiator)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     my_port = listeners[0].socket.getsockname()[1]
+    connections = 0
 
     async def handle(client: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        limit = cut_first_after if connections == 1 else None
         server = await trio.open_tcp_stream("127.0.0.1", port)
         pos = 0
 
@@ -523,15 +530,25 @@ async def _corrupting_relay(nursery: trio.Nursery, port: int, flips: list[int]) 
                 for f in flips:
                     if pos <= f < pos + len(buf):
                         buf[f - pos] ^= 0x10
+                if limit is not None and pos + len(buf) >= limit:
+                    await client.send_all(buf[: max(0, limit - pos)])
+                    return  # the cut
                 pos += len(buf)
                 await client.send_all(buf)
 
+        async def pump(direction, cancel: trio.CancelScope) -> None:
+            # Either direction ending (EOF, error, cut) ends the whole relayed connection.
+            try:
+                await direction()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                cancel.cancel()
+
         try:
             async with trio.open_nursery() as n:
-                n.start_soon(up)
-                n.start_soon(down)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+                n.start_soon(pump, up, n.cancel_scope)
+                n.start_soon(pump, down, n.cancel_scope)
         finally:
             await client.aclose()
             await server.aclose()
@@ -659,26 +676,19 @@ async def test_queue_deeper_than_the_cmdsn_window(tgt):
 async def test_no_recovery_fails_fast_and_probe_reconnects(tgt):
     """recovery_timeout=0 (what multipath wants): a cut fails in-flight I/O at once; probe() brings it back."""
     name = "mrdsl262144"
-    dev = await iscsi.open_uri(url(tgt, name), recovery_timeout=0)
-    try:
-        errors = []
-
-        async def load() -> None:
-            try:
-                for _ in range(200):
-                    await dev.read(0, 4 << 20)
-            except MemberIOError as e:
-                errors.append(e)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(load)
-            await trio.sleep(0.05)
-            with trio.fail_after(10):
-                while not await trio.to_thread.run_sync(tgt.drop_connections, tgt.tids[name]):
-                    await trio.sleep(0.01)
-        assert errors and dev.stats["reissued"] == 0
-        await dev.probe()
-        assert dev.stats["reconnects"] == 1
-        await dev.read(0, 4096)
-    finally:
-        await dev.aclose()
+    async with trio.open_nursery() as n:
+        # The relay cuts the first connection after 2 MB towards us: inside the 4 MiB read.
+        port = await _corrupting_relay(n, tgt.port, [], cut_first_after=2_000_000)
+        dev = await iscsi.open_uri(f"iscsi://127.0.0.1:{port}/{iqn_of(name)}/1", recovery_timeout=0)
+        try:
+            t0 = trio.current_time()
+            with pytest.raises(MemberIOError, match="READ"):
+                await dev.read(0, 4 << 20)
+            assert trio.current_time() - t0 < 5
+            assert dev.stats["reissued"] == 0 and dev.stats["reconnects"] == 0
+            await dev.probe()
+            assert dev.stats["reconnects"] == 1
+            await dev.read(0, 4 << 20)
+        finally:
+            await dev.aclose()
+        n.cancel_scope.cancel()
