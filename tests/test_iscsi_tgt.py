@@ -692,3 +692,29 @@ async def test_no_recovery_fails_fast_and_probe_reconnects(tgt):
         finally:
             await dev.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_two_portals_one_lun(tgt):
+    """Two paths (portals) to one LUN: same identity, independent sessions (different ISIDs)."""
+    from tests.iscsi_target import free_port
+
+    port2 = free_port()
+    tgt.adm("--op", "new", "--mode", "portal", "--param", f"portal=127.0.0.1:{port2}")
+    try:
+        u1 = url(tgt, "default")
+        u2 = u1.replace(f":{tgt.port}/", f":{port2}/")
+        a = await iscsi.open_uri(u1)
+        b = await iscsi.open_uri(u2)
+        try:
+            assert a.identity() == b.identity()
+            assert a.session.isid != b.session.isid
+            await a.write(8192, pattern(8192, 11))
+            assert np.array_equal(await b.read(8192, 8192), pattern(8192, 11))
+            await a.probe()
+            await b.probe()
+            assert a.stats["reconnects"] == b.stats["reconnects"] == 0
+        finally:
+            await a.aclose()
+            await b.aclose()
+    finally:
+        tgt.adm("--op", "delete", "--mode", "portal", "--param", f"portal=127.0.0.1:{port2}", check=False)
