@@ -81,7 +81,18 @@ async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
 
     p = await Pool.open(home, pool, read_only=read_only)
     try:
-        return await fn(p)
+        # The pool's background tasks (multipath path checkers) live as long as the command.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run_background)
+            try:
+                return await fn(p)
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:
+        leaf = unwrap(eg)
+        if isinstance(leaf, trio.Cancelled):
+            raise
+        raise leaf from None
     finally:
         with trio.CancelScope(shield=True):
             await p.aclose()
@@ -119,15 +130,25 @@ def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
 @click.option("--size", type=SIZE, default=None,
               help="Create missing file:// members with this size (sparse).")
 @click.option("--force", is_flag=True, help="Overwrite members that belong to another pool.")
+@click.option("--selector", type=click.Choice(["round-robin", "queue-length", "service-time"]),
+              default=None, help="Multipath path selector (default service-time).")
+@click.option("--path-policy", type=click.Choice(["multibus", "failover"]), default=None,
+              help="Multipath grouping: all paths active, or one priority group (default multibus).")
+@click.option("--no-path-retry", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Queue I/O this long when every path is down, then fail (0: at once; default 30).")
 @click.pass_context
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
-           size: int | None, force: bool) -> None:
+           size: int | None, force: bool, selector: str | None, path_policy: str | None,
+           no_path_retry: float | None) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool import Pool
 
+    mp = {"selector": selector, "policy": path_policy, "no_path_retry": no_path_retry}
+    multipath = mp if any(v is not None for v in mp.values()) else None
+
     async def go() -> dict[str, Any]:
         p = await Pool.create(home_of(ctx), pool, level, list(members), chunk=chunk,
-                              size=size, force=force)
+                              size=size, force=force, multipath=multipath)
         try:
             return p.status()
         finally:
@@ -388,6 +409,11 @@ def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
     n = run(partial(with_pool, home, pool, partial(export_file, vol=vol, path=file),
                     read_only=True))
     click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")
+
+
+from vstore.commands.path import path as _path_group  # noqa: E402 - needs pool_command above
+
+cli.add_command(_path_group)
 
 
 def main() -> None:

@@ -352,8 +352,8 @@ class MultipathDevice(DeviceBase):
             p.fail_times.append(now)
             while p.fail_times and p.fail_times[0] < now - self.flap_window:
                 p.fail_times.popleft()
-        log.warning("multipath %s: path %d (%s) failed: %s", self._identity, p.index,
-                    p.uri.redacted(), reason)
+        log.log(logging.INFO if admin else logging.WARNING, "multipath %s: path %d (%s) failed: %s",
+                self._identity, p.index, p.uri.redacted(), reason)
         self._regroup()
 
     def _reinstate(self, p: Path) -> None:

@@ -42,6 +42,7 @@ from vstore.metadata import (
     write_slot,
     write_superblock,
 )
+from vstore.multipath import MultipathDevice, validate_options
 from vstore.offset import OffsetDevice
 from vstore.raid import make_layout, min_members, redundancy, usable_size
 from vstore.raid.geometry import survives
@@ -94,9 +95,13 @@ def extent_size_for(level: str, n: int, chunk: int) -> int:
     return max(1, -(-EXTENT_SIZE // width)) * width
 
 
-async def _open_paths(paths: list[MemberURI], create_size: int | None) -> BlockDevice:
-    # Multipath arrives with its own issue; until then the first path is used.
-    return await open_uri(paths[0], create_size=create_size)
+async def _open_paths(paths: list[MemberURI], create_size: int | None, *,
+                      require_all: bool = True) -> BlockDevice:
+    # Several paths: a MultipathDevice (identity proven, paths that do not open start failed
+    # unless require_all); its options come from the pool metadata (_configure_multipath).
+    if len(paths) == 1:
+        return await open_uri(paths[0], create_size=create_size)
+    return await MultipathDevice.open(paths, create_size=create_size, require_all=require_all)
 
 
 class Pool:
@@ -153,7 +158,7 @@ class Pool:
     @classmethod
     async def create(cls, home: Home, name: str, level: str, member_args: list[str], *,
                      chunk: int = DEFAULT_CHUNK, size: int | None = None,
-                     force: bool = False) -> Pool:
+                     force: bool = False, multipath: dict[str, Any] | None = None) -> Pool:
         """Write a new pool onto its members and record it in the config directory."""
         check_name("pool", name)
         if level not in LEVEL_CODES:
@@ -174,6 +179,9 @@ class Pool:
                 seen.add(p.text)
         if size is not None and size <= DATA_OFFSET:
             raise ConfigError(f"--size must be larger than the {format_size(DATA_OFFSET)} metadata area")
+        mp_options = None
+        if multipath is not None or any(len(p) > 1 for p in paths_list):
+            mp_options = validate_options({k: v for k, v in (multipath or {}).items() if v is not None})
         devs: list[BlockDevice] = []
         try:
             for paths in paths_list:
@@ -213,6 +221,9 @@ class Pool:
                 "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
                 "owner": None, "clean": True,
             }
+            if mp_options is not None:
+                pool.meta["multipath"] = mp_options
+                pool._configure_multipath()
             pool.record = {"name": name, "pool_uuid": pool_uuid,
                            "members": [[p.text for p in paths] for paths in paths_list]}
             pool._build_stack()
@@ -252,7 +263,7 @@ class Pool:
 
         async def open_one(i: int) -> None:
             try:
-                devs[i] = await _open_paths(paths_list[i], None)
+                devs[i] = await _open_paths(paths_list[i], None, require_all=False)
                 scans[i] = await scan_member(devs[i])
             except VstoreError as e:
                 errors[i] = str(e)
@@ -302,7 +313,24 @@ class Pool:
         for d in devs:
             if d is not None and d not in used:
                 await d.aclose()
+        self._configure_multipath()
         self._build_stack()
+
+    def _configure_multipath(self) -> None:
+        options = self.meta.get("multipath") or {}
+        for m in self.members:
+            if isinstance(m.dev, MultipathDevice):
+                m.dev.configure(**options)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Run the pool's background tasks (multipath path checkers) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for m in self.members:
+                if isinstance(m.dev, MultipathDevice):
+                    await nursery.start(m.dev.run)
+            task_status.started()
+            await trio.sleep_forever()
 
     def _build_stack(self) -> None:
         failed = {m.index for m in self.members if m.state != "active"}
@@ -526,6 +554,37 @@ class Pool:
             self.volumes = {}
         await self.commit()
 
+    def _multipath_member(self, index: int) -> MultipathDevice:
+        if not 0 <= index < len(self.members):
+            raise ConfigError(f"pool {self.name!r} has members 0..{len(self.members) - 1}, not {index}")
+        dev = self.members[index].dev
+        if not isinstance(dev, MultipathDevice):
+            raise ConfigError(f"member {index} of pool {self.name!r} has a single path"
+                              if len(self.members[index].paths) == 1
+                              else f"member {index} of pool {self.name!r} is not open")
+        return dev
+
+    async def set_path_state(self, member: int, path: int | str, *, fail: bool,
+                             force: bool = False) -> None:
+        """Drill: fail or reinstate one path (index or URI) of a multipath member (not persisted)."""
+        dev = self._multipath_member(member)
+        index = path
+        if not isinstance(path, int):
+            text = str(path)
+            if text.isdigit():
+                index = int(text)
+            else:
+                given = self.members[member].paths
+                matches = [i for i, p in enumerate(dev.paths)
+                           if text in (p.uri.text, p.uri.redacted(), given[i].text, given[i].redacted())]
+                if not matches:
+                    raise ConfigError(f"member {member} has no path {text!r}")
+                index = matches[0]
+        if fail:
+            dev.fail_path(index, force=force)
+        else:
+            await dev.reinstate_path(index)
+
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
         """Everything `vstore status --json` shows (never any secret)."""
@@ -547,7 +606,9 @@ class Pool:
             "members": [
                 {"index": m.index, "uri": m.uri_text, "state": m.state,
                  "data_offset": DATA_OFFSET, "data_size": m.data_size,
-                 **({"error": m.error} if m.error else {})}
+                 **({"error": m.error} if m.error else {}),
+                 "paths": (m.dev.path_stats() if isinstance(m.dev, MultipathDevice)
+                           else [{"uri": p.redacted(), "state": m.state} for p in m.paths])}
                 for m in self.members
             ],
             "volumes": [{"name": v["name"], "size": v["size"]} for v in self.meta["volumes"]],
@@ -560,6 +621,10 @@ class Pool:
             return self.status()
         if cmd == "fail":
             await self.fail_member(int(request["index"]), force=bool(request.get("force")))
+            return self.status()
+        if cmd in ("path_fail", "path_reinstate"):
+            await self.set_path_state(int(request["member"]), request["path"],
+                                      fail=cmd == "path_fail", force=bool(request.get("force")))
             return self.status()
         if cmd == "volume_create":
             vol = await self.create_volume(request["name"], int(request["size"]))

@@ -10,7 +10,7 @@ from rich.table import Table
 from vstore.sizes import format_size
 
 _STATE_STYLE = {"clean": "green", "active": "green", "degraded": "yellow", "failed": "red",
-                "missing": "red", "bad": "red"}
+                "missing": "red", "bad": "red", "standby": "cyan", "pending": "yellow"}
 
 
 def render_status(st: dict[str, Any], console: Console | None = None) -> None:
@@ -37,6 +37,7 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
         members.add_row(str(m["index"]), m["uri"], f"[{s}]{m['state']}[/]", str(m["data_offset"]),
                         format_size(m["data_size"]), m.get("error", ""))
     console.print(members)
+    _render_paths(st, console)
     vols = Table(title="volumes", title_justify="left")
     vols.add_column("name")
     vols.add_column("size")
@@ -46,3 +47,20 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
         console.print(vols)
     else:
         console.print("volumes: none")
+
+
+def _render_paths(st: dict[str, Any], console: Console) -> None:
+    """The paths of multipath members (members with more than one path)."""
+    rows = [(m, i, p) for m in st["members"] for i, p in enumerate(m.get("paths", []))
+            if len(m.get("paths", [])) > 1]
+    if not rows:
+        return
+    table = Table(title="paths", title_justify="left")
+    for col in ("member", "path", "uri", "state", "selector", "inflight", "errors", "bytes", "note"):
+        table.add_column(col)
+    for m, i, p in rows:
+        s = _STATE_STYLE.get(p["state"], "")
+        table.add_row(str(m["index"]), str(i), p["uri"], f"[{s}]{p['state']}[/]",
+                      str(p.get("selector", "")), str(p.get("inflight", "")),
+                      str(p.get("errors", "")), format_size(p.get("bytes", 0)), p.get("error", ""))
+    console.print(table)
