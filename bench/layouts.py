@@ -1,0 +1,345 @@
+"""RAID layouts through the engine (no FUSE), each workload against one member of the same kind.
+
+Run ``python -m bench.layouts [--quick] [--kinds memory,file]``. For linear, raid0,
+raid1, raid5, raid6 and raid10 over memory members and over file members (in a
+temporary directory on the repository's disk, page cache included): sequential
+read and write of 1 MiB requests (one in flight), random read and write of 4 KiB
+and 64 KiB requests (several in flight, one trio task each), a degraded read
+(one member failed), and a rebuild of one member (see ``rebuild``). Each figure
+sits next to the same workload on a single member device of the same kind; the
+ratio is layout / single member. Write workloads on file members end with a
+flush, inside the timed part. Two further checks: raid5 full-stripe sequential
+write against raid0 over the same members, and raid0 sequential read over
+memory against a plain memory copy of the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from backends.memory import MemoryDevice
+from vstore.device import BlockDevice
+from vstore.raid import kernels, make_layout
+
+KiB, MiB = 1 << 10, 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 64 * KiB
+
+# Member counts: raid5 and raid6 have 4 data chunks per row, so a 1 MiB request
+# is exactly 4 full stripes of 64 KiB chunks.
+MEMBERS = {"linear": 4, "raid0": 4, "raid1": 2, "raid5": 5, "raid6": 6, "raid10": 4}
+LEVELS = tuple(MEMBERS)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One I/O pattern: operation, request size, requests in flight, sequential or random."""
+
+    name: str
+    op: str  # "read" or "write"
+    bs: int
+    qd: int
+    sequential: bool
+
+
+FULL_WORKLOADS = (
+    Workload("seq read 1M", "read", MiB, 1, True),
+    Workload("seq write 1M", "write", MiB, 1, True),
+    Workload("rand read 4K qd16", "read", 4 * KiB, 16, False),
+    Workload("rand write 4K qd16", "write", 4 * KiB, 16, False),
+    Workload("rand read 64K qd16", "read", 64 * KiB, 16, False),
+    Workload("rand write 64K qd16", "write", 64 * KiB, 16, False),
+)
+QUICK_WORKLOADS = (FULL_WORKLOADS[0], FULL_WORKLOADS[1], FULL_WORKLOADS[2], FULL_WORKLOADS[3])
+DEGRADED = Workload("degraded read 1M", "read", MiB, 1, True)
+REBUILD = "rebuild 1 member"
+
+
+def scratch_dir() -> Path:
+    """A temporary directory on the repository's disk (not tmpfs) for file members."""
+    tmp = Path(tempfile.gettempdir())
+    try:
+        same_disk = os.stat(tmp).st_dev == os.stat(ROOT).st_dev
+    except OSError:
+        same_disk = False
+    base = tmp if same_disk else ROOT / ".bench-tmp"
+    base.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="vstore-bench-", dir=base))
+
+
+class Members:
+    """Makes member devices of one kind ("memory" or "file"), and closes them."""
+
+    def __init__(self, kind: str, member_size: int, directory: Path | None) -> None:
+        self.kind = kind
+        self.member_size = member_size
+        self.directory = directory
+        self.opened: list[BlockDevice] = []
+        self.count = 0
+
+    async def make(self, n: int) -> list[BlockDevice]:
+        """n fresh members, filled with random bytes (so reads touch real data)."""
+        fill = np.random.default_rng(n).integers(0, 256, MiB, dtype=np.uint8)
+        out: list[BlockDevice] = []
+        for _ in range(n):
+            self.count += 1
+            if self.kind == "memory":
+                store = np.empty(self.member_size, np.uint8)
+                store.reshape(-1, MiB)[:] = fill
+                dev: BlockDevice = MemoryDevice(store)
+            else:
+                from vstore.uri import open_uri
+
+                assert self.directory is not None
+                path = self.directory / f"m{self.count}.img"
+                dev = await open_uri(f"file://{path}", create_size=self.member_size)
+                for off in range(0, self.member_size, MiB):
+                    await dev.write(off, fill)
+                await dev.flush()
+            self.opened.append(dev)
+            out.append(dev)
+        return out
+
+    async def release(self, devs: list[BlockDevice]) -> None:
+        """Close these members (and delete their files) to free memory and disk."""
+        for dev in devs:
+            with contextlib.suppress(Exception):
+                await dev.aclose()
+            if dev in self.opened:
+                self.opened.remove(dev)
+            path = getattr(dev, "path", None)
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    async def aclose(self) -> None:
+        """Close every member made and delete file members."""
+        for dev in self.opened:
+            with contextlib.suppress(Exception):
+                await dev.aclose()
+        self.opened.clear()
+        if self.directory is not None:
+            for p in self.directory.glob("m*.img"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+async def measure(dev: BlockDevice, w: Workload, seconds: float, span: int, *, flush: bool) -> dict:
+    """A short untimed warm-up (numba compiles on first use), then ``run_workload``."""
+    await run_workload(dev, w, min(0.03, seconds / 4), span, flush=False)
+    return await run_workload(dev, w, seconds, span, flush=flush)
+
+
+async def run_workload(dev: BlockDevice, w: Workload, seconds: float, span: int, *, flush: bool) -> dict:
+    """Run one workload on a device for about ``seconds``; GB/s and IOPS (a write's flush included)."""
+    span = max(w.bs, span - span % w.bs)
+    slots = span // w.bs
+    payload = np.random.default_rng(w.bs).integers(0, 256, w.bs, dtype=np.uint8)
+    rng = np.random.default_rng(12345)
+    offsets = (rng.integers(0, slots, 1 << 16) * w.bs).tolist()
+    state = {"next": 0, "ios": 0}
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            i = state["next"]
+            state["next"] = i + 1
+            off = (i % slots) * w.bs if w.sequential else offsets[i & 0xFFFF]
+            if w.op == "read":
+                await dev.read(off, w.bs)
+            else:
+                await dev.write(off, payload)
+            state["ios"] += 1
+            # Memory members never block: let the other workers and trio run.
+            await trio.lowlevel.checkpoint()
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(w.qd):
+            nursery.start_soon(worker)
+    if flush and w.op == "write":
+        await dev.flush()
+    elapsed = time.perf_counter() - t0
+    ios = state["ios"]
+    return {"gbs": ios * w.bs / elapsed / 1e9, "iops": ios / elapsed, "ios": ios, "seconds": elapsed}
+
+
+async def rebuild(layout, spare: BlockDevice, member: int, seconds: float) -> dict:
+    """Rebuild member ``member`` onto ``spare`` in 1 MiB steps with ``member_bytes``; member GB/s.
+
+    ``member_bytes`` is the engine's rebuild primitive (what a replacement member
+    must hold, computed from the others); the timed loop is what a rebuild does:
+    compute, write to the spare. Stops after ``seconds`` or at the member's end.
+    """
+    end = min(layout.members[member].size, spare.size)
+    await layout.member_bytes(member, 0, min(MiB, end))  # warm-up: compile the recovery kernels
+    done = 0
+    t0 = time.perf_counter()
+    while done < end and time.perf_counter() - t0 < seconds:
+        n = min(MiB, end - done)
+        await spare.write(done, await layout.member_bytes(member, done, n))
+        done += n
+    await spare.flush()
+    elapsed = time.perf_counter() - t0
+    return {"gbs": done / elapsed / 1e9, "bytes": done, "seconds": elapsed}
+
+
+async def copy_member(src: BlockDevice, dst: BlockDevice, seconds: float) -> dict:
+    """The single-member twin of a rebuild: copy one device to another in 1 MiB steps."""
+    end = min(src.size, dst.size)
+    done = 0
+    t0 = time.perf_counter()
+    while done < end and time.perf_counter() - t0 < seconds:
+        n = min(MiB, end - done)
+        await dst.write(done, await src.read(done, n))
+        done += n
+    await dst.flush()
+    elapsed = time.perf_counter() - t0
+    return {"gbs": done / elapsed / 1e9, "bytes": done, "seconds": elapsed}
+
+
+def memcpy_bandwidth(span: int, seconds: float) -> float:
+    """GB/s of copying 1 MiB pieces of a ``span``-byte buffer into fresh arrays (numpy)."""
+    src = np.ones(span, np.uint8)
+    n = span // MiB
+    best = 0.0
+    for _ in range(3):
+        i, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            off = (i % n) * MiB
+            src[off : off + MiB].copy()
+            i += 1
+        best = max(best, i * MiB / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _row(kind: str, level: str, n: int, workload: str, res: dict, base: dict, **extra) -> dict:
+    row = {
+        "kind": kind,
+        "level": level,
+        "members": n,
+        "workload": workload,
+        "gbs": res["gbs"],
+        "single_gbs": base["gbs"],
+        "ratio": res["gbs"] / base["gbs"],
+    }
+    if "iops" in res:
+        row["iops"] = res["iops"]
+        row["single_iops"] = base["iops"]
+    row.update(extra)
+    return row
+
+
+async def bench_kind(kind: str, quick: bool, log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every level and workload over members of one kind: (rows, checks, skipped)."""
+    member_size = (16 if quick else 64) * MiB
+    seconds = 0.12 if quick else 0.5
+    workloads = QUICK_WORKLOADS if quick else FULL_WORKLOADS
+    flush = kind == "file"
+    directory = scratch_dir() if kind == "file" else None
+    members = Members(kind, member_size, directory)
+    rows: list[dict] = []
+    checks: list[dict] = []
+    skipped: list[dict] = []
+    try:
+        kernels.precompile(sorted({MEMBERS["raid5"] - 1, MEMBERS["raid6"] - 2}))
+        single = (await members.make(1))[0]
+        base = {w.name: await measure(single, w, seconds, single.size, flush=flush) for w in workloads}
+        base[DEGRADED.name] = base[workloads[0].name]
+        spare = (await members.make(1))[0]
+        base[REBUILD] = await copy_member(single, spare, seconds)
+        for level in LEVELS:
+            n = MEMBERS[level]
+            devs = await members.make(n)
+            layout = make_layout(level, devs, CHUNK)
+            log(f"layouts: {kind} {level} x{n}")
+            for w in workloads:
+                res = await measure(layout, w, seconds, layout.size, flush=flush)
+                rows.append(_row(kind, level, n, w.name, res, base[w.name]))
+            if layout.redundancy:
+                degraded = make_layout(level, devs, CHUNK, failed=[0])
+                res = await measure(degraded, DEGRADED, seconds, degraded.size, flush=flush)
+                rows.append(_row(kind, level, n, DEGRADED.name, res, base[DEGRADED.name], failed=[0]))
+                res = await rebuild(degraded, spare, 0, seconds)
+                rows.append(_row(kind, level, n, REBUILD, res, base[REBUILD],
+                                 method="member_bytes + write to a spare, 1 MiB steps"))
+            else:
+                skipped.append({"kind": kind, "level": level, "workload": DEGRADED.name,
+                                "why": f"{level} has no redundancy"})
+                skipped.append({"kind": kind, "level": level, "workload": REBUILD,
+                                "why": f"{level} has no redundancy"})
+            if level == "raid5":
+                # raid0 over the very same members, the same 1 MiB full-stripe writes.
+                w = workloads[1]
+                r5 = next(r for r in rows if r["level"] == "raid5" and r["workload"] == w.name
+                          and r["kind"] == kind)
+                r0 = await measure(make_layout("raid0", devs, CHUNK), w, seconds, layout.size, flush=flush)
+                checks.append({
+                    "kind": kind,
+                    "check": f"raid5 full-stripe seq write / raid0 over the same {n} members",
+                    "value": r5["gbs"] / r0["gbs"],
+                    "target": 0.8,
+                    "numerator_gbs": r5["gbs"],
+                    "denominator_gbs": r0["gbs"],
+                })  # fmt: skip
+            if level == "raid0" and kind == "memory":
+                w = workloads[0]
+                r0 = next(r for r in rows if r["level"] == "raid0" and r["workload"] == w.name
+                          and r["kind"] == kind)
+                mc = memcpy_bandwidth(layout.size, seconds)
+                checks.append({
+                    "kind": kind,
+                    "check": "raid0 seq read 1M over memory / memory copy of 1 MiB pieces",
+                    "value": r0["gbs"] / mc,
+                    "target": 0.7,
+                    "numerator_gbs": r0["gbs"],
+                    "denominator_gbs": mc,
+                })  # fmt: skip
+            await members.release(devs)
+    finally:
+        await members.aclose()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    return rows, checks, skipped
+
+
+def run(quick: bool, kinds: tuple[str, ...] = ("memory", "file"), log: Callable[[str], None] = print) -> dict:
+    """Measure every layout over each kind of member; a dict of rows, checks and skipped cases."""
+    out: dict = {"rows": [], "checks": [], "skipped": [], "chunk": CHUNK, "members": MEMBERS}
+
+    async def main() -> None:
+        for kind in kinds:
+            rows, checks, skipped = await bench_kind(kind, quick, log)
+            out["rows"] += rows
+            out["checks"] += checks
+            out["skipped"] += skipped
+
+    trio.run(main)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the layout benchmark alone and print its table."""
+    from bench import report
+
+    ap = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kinds", default="memory,file")
+    args = ap.parse_args(argv)
+    res = run(args.quick, tuple(args.kinds.split(",")))
+    report.show_layouts(res)
+
+
+if __name__ == "__main__":
+    main()
