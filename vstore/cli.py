@@ -130,6 +130,11 @@ def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
 @click.option("--size", type=SIZE, default=None,
               help="Create missing file:// members with this size (sparse).")
 @click.option("--force", is_flag=True, help="Overwrite members that belong to another pool.")
+@click.option("--journal", "journal", default="none", show_default=True, metavar="URI",
+              help="Write-ahead journal device (file:// or memory://), or none: then parity "
+                   "pools resync dirty regions after a crash.")
+@click.option("--journal-size", type=SIZE, default=None,
+              help="Size of a journal file created by --journal (default 64M).")
 @click.option("--selector", type=click.Choice(["round-robin", "queue-length", "service-time"]),
               default=None, help="Multipath path selector (default service-time).")
 @click.option("--path-policy", type=click.Choice(["multibus", "failover"]), default=None,
@@ -139,7 +144,7 @@ def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
 @click.pass_context
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
            size: int | None, force: bool, selector: str | None, path_policy: str | None,
-           no_path_retry: float | None) -> None:
+           no_path_retry: float | None, journal: str, journal_size: int | None) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool import Pool
 
@@ -148,15 +153,18 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
 
     async def go() -> dict[str, Any]:
         p = await Pool.create(home_of(ctx), pool, level, list(members), chunk=chunk,
-                              size=size, force=force, multipath=multipath)
+                              size=size, force=force, multipath=multipath, journal=journal,
+                              journal_size=journal_size)
         try:
             return p.status()
         finally:
             await p.aclose()
 
     st = run(go)
+    jr = st.get("journal") or {}
+    how = f", journal {jr['uri']}" if jr.get("mode") == "journal" else ""
     click.echo(f"created {level} pool {pool!r}: {len(members)} members, "
-               f"{format_size(st['size'])} usable, chunk {format_size(chunk)}")
+               f"{format_size(st['size'])} usable, chunk {format_size(chunk)}{how}")
 
 
 @cli.command()

@@ -5,6 +5,7 @@ Layout of every member (offsets in bytes)::
     0            superblock (4 KiB): identity, geometry, generation, CRC32C
     64 KiB       metadata slot 0  (header + JSON of the whole pool's metadata)
     1 MiB        metadata slot 1
+    1984 KiB     write-intent bitmap (64 KiB, BITMAP_OFFSET; see vstore.bitmap)
     2 MiB        data (DATA_OFFSET) up to the member's size, rounded to the chunk
 
 A metadata commit writes the new generation into slot ``generation % 2`` of every
@@ -38,6 +39,9 @@ SB_SIZE = 4096
 SLOT_OFFSETS = (64 << 10, 1 << 20)
 SLOT_SIZE = (1 << 20) - (64 << 10)
 DATA_OFFSET = 2 << 20
+# The 64 KiB between slot 1 and the data hold the write-intent bitmap (vstore.bitmap).
+BITMAP_OFFSET = SLOT_OFFSETS[1] + SLOT_SIZE
+BITMAP_SIZE = DATA_OFFSET - BITMAP_OFFSET
 
 LEVEL_CODES = {"linear": 0, "raid0": 1, "raid1": 2, "raid5": 5, "raid6": 6, "raid10": 10}
 LEVEL_NAMES = {v: k for k, v in LEVEL_CODES.items()}

@@ -20,6 +20,7 @@ import numpy as np
 import trio
 
 from vstore import owner as owner_mod
+from vstore.consistency import Consistency
 from vstore.device import BlockDevice
 from vstore.errors import (
     ConfigError,
@@ -119,6 +120,8 @@ class Pool:
         self.read_only = True
         self.lock: owner_mod.PoolLock | None = None
         self.recovered_from: dict[str, Any] | None = None
+        # Crash consistency: the journal, or the write-intent bitmap and resync (vstore.consistency).
+        self.consistency = Consistency(self)
         self._commit_lock = trio.Lock()
         self._pending_failures: set[int] = set()
         self._closed = False
@@ -158,7 +161,8 @@ class Pool:
     @classmethod
     async def create(cls, home: Home, name: str, level: str, member_args: list[str], *,
                      chunk: int = DEFAULT_CHUNK, size: int | None = None,
-                     force: bool = False, multipath: dict[str, Any] | None = None) -> Pool:
+                     force: bool = False, multipath: dict[str, Any] | None = None,
+                     journal: str | None = None, journal_size: int | None = None) -> Pool:
         """Write a new pool onto its members and record it in the config directory."""
         check_name("pool", name)
         if level not in LEVEL_CODES:
@@ -226,8 +230,10 @@ class Pool:
                 pool._configure_multipath()
             pool.record = {"name": name, "pool_uuid": pool_uuid,
                            "members": [[p.text for p in paths] for paths in paths_list]}
+            await pool.consistency.create(journal, journal_size, devs)
             pool._build_stack()
             await pool.commit()
+            await pool.consistency.start()
             home.write_pool(name, pool.record, new=True)
             return pool
         except BaseException:
@@ -248,7 +254,9 @@ class Pool:
         try:
             await pool._assemble()
             if not read_only:
+                await pool.consistency.open()
                 await pool._take_ownership()
+                await pool.consistency.recover_and_start()
             return pool
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -346,6 +354,7 @@ class Pool:
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
                                   on_member_failed=self._on_member_failed)
         self.data_dev = self.layout
+        self.consistency.attach(self.layout)
         self.volumes = {
             v["name"]: Volume(v["name"], v["size"], runs_to_list(v["extents"]), self.data_dev,
                               self.extent_size, read_only=self.read_only)
@@ -603,6 +612,7 @@ class Pool:
             "generation": self.meta["generation"],
             "owner": self.meta.get("owner"),
             "recovered": self.recovered_from is not None,
+            "journal": self.consistency.status(),
             "members": [
                 {"index": m.index, "uri": m.uri_text, "state": m.state,
                  "data_offset": DATA_OFFSET, "data_size": m.data_size,
@@ -663,11 +673,13 @@ class Pool:
                     await self.flush()
                 finally:
                     if clean and any(m.state == "active" for m in self.members):
+                        await self.consistency.close(clean=True)
                         self.meta["owner"] = None
                         self.meta["clean"] = True
                         await self.commit()
         finally:
             with trio.CancelScope(shield=True):
+                await self.consistency.close(clean=False)
                 await self._close_devices()
 
 

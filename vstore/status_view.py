@@ -28,7 +28,7 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     )
     for key in ("journal", "operation"):
         if st.get(key):
-            console.print(f"{key}: {st[key]}")
+            console.print(f"{key}: {_flat(st[key])}")
     members = Table(title="members", title_justify="left")
     for col in ("index", "uri", "state", "data_offset", "data_size", "note"):
         members.add_column(col)
@@ -64,3 +64,11 @@ def _render_paths(st: dict[str, Any], console: Console) -> None:
                       str(p.get("selector", "")), str(p.get("inflight", "")),
                       str(p.get("errors", "")), format_size(p.get("bytes", 0)), p.get("error", ""))
     console.print(table)
+
+
+def _flat(value: Any) -> str:
+    """A nested status entry as one line: key value, key value, ..."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_flat(v)}" if not isinstance(v, dict) else f"{k} ({_flat(v)})"
+                         for k, v in value.items())
+    return str(value)

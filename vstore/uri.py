@@ -112,6 +112,11 @@ def _validate(uri: MemberURI) -> None:
             )
 
 
+def register_scheme(scheme: str, opener: str) -> None:
+    """Let open_uri open ``scheme://`` URIs with ``"module:function"`` (test and plug-in backends)."""
+    _OPENERS[scheme.lower()] = opener
+
+
 def split_paths(text: str) -> list[MemberURI]:
     """Parse a member argument that may list several paths separated by commas."""
     items = [t for t in text.split(",") if t.strip()]

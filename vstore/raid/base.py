@@ -107,6 +107,9 @@ class RaidLayout(DeviceBase):
         self.inflight = [0] * self.n
         self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
         self.closed = False
+        # The pool's journal (vstore.journal) or write-intent bitmap (vstore.bitmap): when
+        # set, every update's member writes pass through journal.commit() first.
+        self.journal: Any = None
 
     # --- state --------------------------------------------------------------------------
 
@@ -189,7 +192,16 @@ class RaidLayout(DeviceBase):
         failed member's intended content stays computable from them.
         """
         writes = [w for w in writes if w[0] not in self.failed and len(w[2])]
-        if writes:
+        if writes and self.journal is not None:
+            # Logged first, then written in place; neither half may be cancelled alone
+            # (a logged but unwritten update would be replayed over later ones).
+            with trio.CancelScope(shield=True):
+                ticket = await self.journal.commit(writes)
+                try:
+                    await run_all([lambda w=w: self._write_member(*w) for w in writes])
+                finally:
+                    self.journal.applied(ticket)
+        elif writes:
             # Once an update's member writes start they all finish: a cancelled caller
             # must not leave data and parity (or two mirrors) disagreeing.
             with trio.CancelScope(shield=True):
@@ -264,6 +276,8 @@ class RaidLayout(DeviceBase):
     async def flush(self) -> None:
         """Flush every healthy member concurrently."""
         self.require_usable()
+        journal = self.journal
+        mark = journal.before_flush() if journal is not None else None
 
         async def one(i: int) -> None:
             if i in self.failed:
@@ -275,6 +289,8 @@ class RaidLayout(DeviceBase):
 
         await run_all([lambda i=i: one(i) for i in self.healthy()])
         self.require_usable()
+        if journal is not None:
+            await journal.after_flush(mark)
 
     async def aclose(self) -> None:
         """Close every member."""
