@@ -362,7 +362,11 @@ class IscsiDevice(DeviceBase):
         ua = digest = 0
         busy_delay = 0.001
         busy_deadline = trio.current_time() + self.timeout
-        async with self._slots:
+        try:
+            self._slots.acquire_nowait()  # no scheduler trip when a slot is free
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             while True:
                 start = first_failure if first_failure is not None else trio.current_time()
                 try:
@@ -412,6 +416,8 @@ class IscsiDevice(DeviceBase):
                     asc=sense.asc if sense else None,
                     ascq=sense.ascq if sense else None,
                 )
+        finally:
+            self._slots.release()
 
     async def _data_in(self, cdb: bytes, alloc: int, *, lun: int | None = None, what: str) -> bytes:
         buf = bytearray(alloc)

@@ -115,23 +115,43 @@ class _Task:
 
 
 class Wire:
-    """A trio socket with a receive buffer: exact reads of headers, direct reads of payloads."""
+    """A non-blocking TCP socket driven by trio: exact reads of headers, direct reads of payloads.
+
+    The syscalls are tried first and trio is asked to wait only when the kernel
+    says EAGAIN, so a PDU that is already there costs no trip through the
+    scheduler (trio's socket wrapper yields once per call). Callers yield
+    often enough on their own (the reader after every PDU that wakes a task).
+    """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
+        self.sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.sock.setblocking(False)
         self.buf = bytearray(_RECV_BUF)
         self.mv = memoryview(self.buf)
         self.lo = 0
         self.hi = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """Close the socket, waking any task waiting on it (it gets ConnectionLostError)."""
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
 
     async def _recv(self, into) -> int:
-        try:
-            n = await self.sock.recv_into(into)
-        except OSError as e:
-            raise ConnectionLostError(f"connection to the target failed: {e.strerror or e}") from e
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
-            # Closed under us by abort() from another task.
-            raise ConnectionLostError("the connection was closed") from e
+        while True:
+            try:
+                n = self.sock.recv_into(into)
+                break
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise ConnectionLostError(f"connection to the target failed: {e.strerror or e}") from e
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise ConnectionLostError("the connection was closed") from e
         if n == 0:
             raise ConnectionLostError("the target closed the connection")
         return n
@@ -171,31 +191,30 @@ class Wire:
                 dest[k : k + len(part)] = part
                 k += len(part)
 
-    async def skip(self, n: int) -> None:
-        """Discard n bytes."""
-        while n:
-            part = await self.read_exact(min(n, len(self.buf) // 2))
-            n -= len(part)
-
     async def send(self, parts: list) -> None:
         """Send all buffers (scatter-gather, partial sends resumed)."""
-        views = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in parts]
+        views = [p if isinstance(p, bytes) else memoryview(p).cast("B") for p in parts]
         views = [v for v in views if len(v)]
-        try:
-            while views:
-                n = await self.sock.sendmsg(views[:IOV_MAX])
-                while n:
-                    first = views[0]
-                    if n >= len(first):
-                        n -= len(first)
-                        views.pop(0)
-                    else:
-                        views[0] = memoryview(first)[n:]
-                        n = 0
-        except OSError as e:
-            raise ConnectionLostError(f"sending to the target failed: {e.strerror or e}") from e
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
-            raise ConnectionLostError("the connection was closed") from e
+        while views:
+            try:
+                n = self.sock.sendmsg(views[:IOV_MAX])
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                raise ConnectionLostError(f"sending to the target failed: {e.strerror or e}") from e
+            while n:
+                first = views[0]
+                if n >= len(first):
+                    n -= len(first)
+                    views.pop(0)
+                else:
+                    views[0] = memoryview(first)[n:]
+                    n = 0
+            if views:
+                try:
+                    await trio.lowlevel.wait_writable(self.sock)
+                except (trio.ClosedResourceError, OSError) as e:
+                    raise ConnectionLostError("the connection was closed") from e
 
 
 async def open_socket(host: str, port: int, timeout: float) -> trio.socket.SocketType:
@@ -283,6 +302,7 @@ class Session:
         self.closed = False
         self.closing = False
         self.window_waits = 0  # commands that found the CmdSN window closed
+        self._woke = False
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -328,6 +348,7 @@ class Session:
             self.max_cmd_sn = mx
             changed = True
         if changed:
+            self._woke = True
             self._window.set()
             self._window = trio.Event()
 
@@ -336,7 +357,7 @@ class Session:
         if self.dead is None:
             self.dead = error
         if self.wire is not None:
-            self.wire.sock.close()
+            self.wire.close()
         tasks, self._tasks = self._tasks, {}
         for t in tasks.values():
             if not t.done:
@@ -344,6 +365,14 @@ class Session:
                 t.done = True
                 t.wake.set()
         self._window.set()
+
+    async def _lock(self) -> None:
+        # The uncontended case without a trip through the scheduler (fair: a free
+        # trio.Lock with waiters still refuses acquire_nowait).
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
 
     async def _send_guarded(self, parts: list) -> None:
         """Send a whole PDU train; if that fails or is cancelled midway, the stream is unusable."""
@@ -354,6 +383,7 @@ class Session:
             raise
 
     def _complete(self, t: _Task) -> None:
+        self._woke = True
         t.done = True
         self._tasks.pop(t.itt, None)
         t.wake.set()
@@ -450,19 +480,18 @@ class Session:
     async def connect(self, *, discovery: bool = False) -> None:
         """Open the connection and log in; raises AuthError, NotFoundError, ProtocolError, ..."""
         opts = self.options
-        sock = await open_socket(self.host, self.port, opts.login_timeout)
-        self.wire = Wire(sock)
+        self.wire = Wire(await open_socket(self.host, self.port, opts.login_timeout))
         try:
             with trio.fail_after(opts.login_timeout):
                 await self._login(discovery)
         except trio.TooSlowError:
-            sock.close()
+            self.wire.close()
             raise DeviceTimeoutError(
                 f"login to iSCSI target {self.target or '(discovery)'} at {self.portal} "
                 f"timed out after {opts.login_timeout:g} s"
             ) from None
         except BaseException:
-            sock.close()
+            self.wire.close()
             raise
         self._ffp_digests = True
 
@@ -660,8 +689,13 @@ class Session:
             nursery.start_soon(self._watchdog)
             task_status.started()
             try:
+                n = 0
                 while True:
-                    await self._read_one()
+                    n += 1
+                    # Wire reads do not yield while data is there: let the woken tasks
+                    # run (and the rest of the program, now and then).
+                    if await self._read_one() or n % 64 == 0:
+                        await trio.lowlevel.checkpoint()
             except (MemberIOError, OSError, trio.ClosedResourceError, trio.BrokenResourceError) as e:
                 if not isinstance(e, MemberIOError):
                     e = ConnectionLostError(f"connection to {self.portal} failed: {e}")
@@ -674,7 +708,9 @@ class Session:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _read_one(self) -> None:
+    async def _read_one(self) -> bool:
+        """Read and route one PDU; True if it woke a waiting task."""
+        self._woke = False
         w = self.wire
         p = self.params
         raw = await w.read_exact(P.BHS_SIZE)
@@ -712,7 +748,7 @@ class Session:
                     bool(h.flags & P.F_OVERFLOW), t.received, t.digest_error,
                 )
                 self._complete(t)
-            return
+            return self._woke
         data = b""
         ok = True
         if n:
@@ -752,6 +788,7 @@ class Session:
                 raise ProtocolError(f"R2T for offset {off} length {length} is outside the write")
             t.r2ts.append((h.ttt, off, length))
             t.wake.set()
+            self._woke = True
         elif op == P.Opcode.NOP_IN:
             if h.itt != P.NO_TAG:
                 t = self._tasks.get(h.itt)
@@ -776,6 +813,7 @@ class Session:
                 )
         else:
             raise ProtocolError(f"unexpected PDU opcode 0x{op:02x} in full-feature phase")
+        return self._woke
 
     async def _watchdog(self) -> None:
         # One timer for all commands (cheaper than a cancel scope per command): a
@@ -846,7 +884,7 @@ class Session:
                 self.window_waits += 1
                 await self._window.wait()
                 continue
-            await self._send_lock.acquire()
+            await self._lock()
             if self._window_open() and self.dead is None:
                 break
             self._send_lock.release()
@@ -883,9 +921,12 @@ class Session:
                 while t.r2ts and not t.done:
                     ttt, off, length = t.r2ts.pop(0)
                     outs = self._data_outs(t, ttt, off, length)
-                    async with self._send_lock:
+                    await self._lock()
+                    try:
                         self._check_alive()
                         await self._send_guarded(outs)
+                    finally:
+                        self._send_lock.release()
                 if t.done:
                     break
         except BaseException:
