@@ -650,3 +650,60 @@ def test_random_io_and_path_failures_match_a_model(ops, selector, policy, concur
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------------------- in a pool
+
+
+async def test_pool_with_multipath_members(tmp_path):
+    """Pool.create/open with two-path members: options kept in the metadata, drills, status."""
+    from backends import memory
+    from vstore.home import Home
+    from vstore.pool import Pool
+
+    home = Home(tmp_path / "home")
+    members = [f"memory://mpp{i}?size=32M,memory://mpp{i}?size=32M&path=2" for i in range(2)]
+    try:
+        pool = await Pool.create(home, "mpp", "raid1", members,
+                                 multipath={"selector": "round-robin", "no_path_retry": 0})
+        try:
+            vol = await pool.create_volume("v", 4 << 20)
+            data = pattern(5, 1 << 20)
+            await vol.write(0, data)
+            st = pool.status()
+            for m in st["members"]:
+                assert [p["state"] for p in m["paths"]] == ["active", "active"]
+                assert {p["selector"] for p in m["paths"]} == {"round-robin"}
+            await pool.handle_command({"cmd": "path_fail", "member": 0, "path": 1})
+            await vol.write(1 << 20, data)
+            assert np.array_equal(await vol.read(1 << 20, 1 << 20), data)
+            st = pool.status()
+            assert [p["state"] for p in st["members"][0]["paths"]] == ["active", "failed"]
+            assert st["state"] == "clean"
+            with pytest.raises(ConfigError, match="last usable path"):
+                await pool.set_path_state(0, 0, fail=True)
+            await pool.set_path_state(0, "memory://mpp0?size=32M&path=2", fail=False)
+            assert pool.status()["members"][0]["paths"][1]["state"] == "active"
+            with pytest.raises(ConfigError, match="no path"):
+                await pool.set_path_state(1, "memory://nowhere?size=1M", fail=True)
+            with pytest.raises(ConfigError, match="members 0..1"):
+                await pool.set_path_state(5, 0, fail=True)
+        finally:
+            await pool.aclose()
+        pool = await Pool.open(home, "mpp")
+        try:
+            assert pool.meta["multipath"]["selector"] == "round-robin"
+            assert pool.members[0].dev.selector == "round-robin"
+            assert pool.members[0].dev.no_path_retry == 0
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pool.run_background)  # the checkers run under the pool
+                assert all(m.dev._checker_scope is not None for m in pool.members)
+                vol = pool.get_volume("v")
+                assert np.array_equal(await vol.read(0, 1 << 20), data)
+                nursery.cancel_scope.cancel()
+            assert all(m.dev._checker_scope is None for m in pool.members)
+        finally:
+            await pool.aclose()
+    finally:
+        for i in range(2):
+            memory.forget(f"mpp{i}")
