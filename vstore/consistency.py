@@ -18,8 +18,9 @@ import numpy as np
 
 from vstore.bitmap import WriteIntentBitmap, choose_region, resync_rows, rows_of_regions
 from vstore.device import BlockDevice
-from vstore.errors import ConfigError, MemberIOError, VstoreError
+from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
 from vstore.journal import DEFAULT_SIZE, Journal, JournalError, record_size
+from vstore.metadata import DATA_OFFSET, scan_member
 from vstore.uri import open_uri, split_paths
 
 if TYPE_CHECKING:
@@ -29,6 +30,23 @@ log = logging.getLogger("vstore.consistency")
 
 JOURNAL_LEVELS = ("raid1", "raid5", "raid6", "raid10")
 PARITY_LEVELS = ("raid5", "raid6")
+
+
+async def _refuse_if_in_use(dev: BlockDevice, where: str) -> None:
+    """ExistsError when the device holds a vstore member or journal (it may be someone's)."""
+    if dev.size >= DATA_OFFSET + 4096:
+        scan = await scan_member(dev)
+        if scan.superblock is not None:
+            raise ExistsError(f"journal {where} is a member of vstore pool {scan.superblock.pool_uuid} "
+                              "(use --force to overwrite)")
+    try:
+        other = await Journal.open(dev, "00000000-0000-0000-0000-000000000000", uri=where)
+    except JournalError as e:
+        if "another pool" in str(e):
+            raise ExistsError(f"journal {where} already holds the journal of another pool "
+                              "(use --force to overwrite)") from None
+        return
+    raise ExistsError(f"journal {where} already holds a journal ({other.sb.pool_uuid})")
 
 
 class Consistency:
@@ -44,7 +62,7 @@ class Consistency:
     # --- create / open --------------------------------------------------------------------
 
     async def create(self, journal: str | None, journal_size: int | None,
-                     member_devs: list[BlockDevice]) -> None:
+                     member_devs: list[BlockDevice], *, force: bool = False) -> None:
         """Set up a new pool's journal (formatting its device) or its bitmap parameters."""
         pool = self.pool
         meta = pool.meta
@@ -67,6 +85,8 @@ class Consistency:
                         mid = getattr(mdev, "identity", None)
                         if mid is not None and mid() == ident():
                             raise ConfigError(f"journal {uri.redacted()} is the same storage as member {i}")
+                if not force:
+                    await _refuse_if_in_use(dev, uri.redacted())
                 jr = await Journal.format(dev, meta["pool_uuid"], uri=uri.redacted())
                 biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], jr.block)
                 if biggest > jr.log_size // 2:

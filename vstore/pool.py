@@ -230,7 +230,7 @@ class Pool:
                 pool._configure_multipath()
             pool.record = {"name": name, "pool_uuid": pool_uuid,
                            "members": [[p.text for p in paths] for paths in paths_list]}
-            await pool.consistency.create(journal, journal_size, devs)
+            await pool.consistency.create(journal, journal_size, devs, force=force)
             pool._build_stack()
             await pool.commit()
             await pool.consistency.start()
