@@ -75,20 +75,22 @@ def show_stack(res: dict) -> None:
     t = Table(title=f"Whole stack: fio on a {res['size'] // (1 << 20)} MiB file, {res['runtime']} s per job "
                     f"({res['pool']['level']} pool of {res['pool']['members']} file members through FUSE)")
     t.add_column("job", no_wrap=True)
+    t.add_column("unit", no_wrap=True)
     for name in targets:
         t.add_column(name, justify="right", no_wrap=True)
-    for col in ("vstore / plain file", "vstore / FUSE ceiling", "vstore / qemu FUSE"):
+    for col in ("vs plain", "vs ceiling", "vs qemu"):
         t.add_column(col, justify="right", no_wrap=True)
     for job in res["jobs"]:
-        cells = []
+        small = "4K" in job
+        cells = [("k" if small else "") + ("IOPS" if small else "GB/s")]
         for name in targets:
             r = res["results"].get(name, {}).get(job)
             if r is None:
                 cells.append("-")
-            elif "4K" in job:
-                cells.append(f"{r['iops']:,.0f} IOPS")
+            elif small:
+                cells.append(f"{r['iops'] / 1000:.1f}")
             else:
-                cells.append(f"{r['gbs']:.2f} GB/s")
+                cells.append(f"{r['gbs']:.2f}")
         ratios = res["ratios"].get(job, {})
         cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
         t.add_row(job, *cells)
@@ -159,7 +161,7 @@ def layouts_chart(res: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"vstore RAID layouts over {kind} members (chunk {res['chunk'] // 1024} KiB); "
                      "dashed: one member, same workload", fontsize=10)
-        ax.legend(fontsize=8, ncol=4)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

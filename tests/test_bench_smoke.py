@@ -1,0 +1,109 @@
+"""Smoke test of ``python -m bench --quick``: it runs, the JSON has its schema, every figure is positive.
+
+No speed is asserted: figures only have to be positive numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                       reason="needs /dev/fuse and fusermount3"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts of the stack benchmark need root"),
+]
+
+MACHINE_KEYS = {"cpu", "cores", "memory_bytes", "kernel", "python", "numpy", "numba", "trio", "fio"}
+LEVELS = {"linear", "raid0", "raid1", "raid5", "raid6", "raid10"}
+# Every key that holds a measured figure, wherever it appears in the report.
+FIGURE_KEYS = {"gbs", "iops", "single_gbs", "single_iops", "ratio", "value", "numerator_gbs",
+               "denominator_gbs", "numba_gbs", "numpy_gbs", "memcpy_gbs", "isal_gbs", "numba_vs_isal",
+               "all_cores_gbs"}
+
+
+def _figures(node, path: str = ""):
+    """Yield (path, value) of every figure key in the report, however deep."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in FIGURE_KEYS:
+                yield f"{path}.{k}", v
+            else:
+                yield from _figures(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _figures(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "layouts.png").stat().st_size > 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_top_level_schema(report: dict) -> None:
+    assert report["quick"] is True
+    assert report["sections"] == ["kernels", "layouts", "stack"]
+    assert report["errors"] == {}
+    assert MACHINE_KEYS <= set(report["machine"])
+    assert report["machine"]["cores"] >= 1
+
+
+def test_kernels_schema(report: dict) -> None:
+    rows = report["kernels"]["rows"]
+    assert {r["op"] for r in rows} >= {"xor_parity", "pq_syndrome", "recover_data2"}
+    for r in rows:
+        assert r["numba_gbs"] and r["numpy_gbs"] and r["memcpy_gbs"] and r["all_cores_gbs"]
+
+
+def test_layouts_schema(report: dict) -> None:
+    lay = report["layouts"]
+    for kind in ("memory", "file"):
+        rows = [r for r in lay["rows"] if r["kind"] == kind]
+        assert {r["level"] for r in rows} == LEVELS
+        workloads = {r["workload"] for r in rows}
+        assert {"seq read 1M", "seq write 1M", "degraded read 1M", "rebuild 1 member"} <= workloads
+        for r in rows:
+            assert set(r) >= {"level", "members", "workload", "gbs", "single_gbs", "ratio"}
+    checks = {c["check"] for c in lay["checks"]}
+    assert any("raid5 full-stripe" in c for c in checks)
+    assert any("memory copy" in c for c in checks)
+
+
+def test_stack_schema(report: dict) -> None:
+    st = report["stack"]
+    assert {"plain file", "vstore", "FUSE ceiling"} <= set(st["targets"])
+    if shutil.which("qemu-storage-daemon"):
+        assert "qemu FUSE" in st["targets"], st["missing"]
+    for target in st["targets"]:
+        assert set(st["results"][target]) == set(st["jobs"])
+
+
+def test_every_figure_is_a_positive_number(report: dict) -> None:
+    figures = list(_figures(report))
+    assert len(figures) > 100
+    for where, value in figures:
+        if where.endswith(("isal_gbs", "numba_vs_isal")) and value is None:
+            continue  # ISA-L missing: the kernel table says so
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+        assert math.isfinite(value) and value > 0, f"{where} = {value}"
+
+
+def test_no_mount_left_behind(report: dict) -> None:
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert "vstore-bench-" not in mounts
