@@ -196,22 +196,28 @@ def _pack_header(kind: int, epoch: int, seq: int, lsn: int, ranges: Sequence[tup
     return head + struct.pack("<I", hcrc) + table
 
 
-def encode_update(epoch: int, seq: int, lsn: int, writes: Sequence[MemberWrite], block: int) -> bytes:
-    """One update record: header, range table, payload (the new bytes), zero padding."""
-    ranges = [(int(m), int(off), len(as_u8(buf))) for m, off, buf in writes]
+def encode_update(epoch: int, seq: int, lsn: int, writes: Sequence[MemberWrite], block: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """One update record (header, range table, payload, zero padding) as a uint8 array.
+
+    With ``out`` (at least the record's size) the record is built in place there.
+    """
+    bufs = [as_u8(buf) for _, _, buf in writes]
+    ranges = [(int(m), int(off), len(b)) for (m, off, _), b in zip(writes, bufs, strict=True)]
     payload_len = sum(n for _, _, n in ranges)
     rec_len = record_size(len(ranges), payload_len, block)
-    out = bytearray(rec_len)
+    out = np.empty(rec_len, np.uint8) if out is None else out[:rec_len]
     pos = HDR_SIZE + len(ranges) * _RANGE.size
     pcrc = 0
-    for _, _, buf in writes:
-        b = as_u8(buf)
-        out[pos : pos + len(b)] = b.data if b.flags.c_contiguous else b.tobytes()
-        pcrc = crc32c(out[pos : pos + len(b)], pcrc)
+    for b in bufs:
+        dst = out[pos : pos + len(b)]
+        dst[:] = b
+        pcrc = crc32c(dst, pcrc)  # over the copy: contiguous, whatever the source was
         pos += len(b)
+    out[pos:] = 0
     hdr = _pack_header(KIND_UPDATE, epoch, seq, lsn, ranges, payload_len, rec_len, pcrc)
-    out[: len(hdr)] = hdr
-    return bytes(out)
+    out[: len(hdr)] = np.frombuffer(hdr, np.uint8)
+    return out
 
 
 def encode_pad(epoch: int, lsn: int, length: int) -> bytes:
@@ -415,6 +421,7 @@ class Journal:
         self.tail_seq = sb.tail_seq
         self.flush_members: FlushMembers | None = None
         self._queue: list[_Request] = []
+        self._staging = np.empty(0, np.uint8)
         self._io_lock = trio.Lock()
         self._unapplied: dict[int, int] = {}  # seq -> its LSN, while its in-place writes run
         self._seq_lsn: dict[int, int] = {}
@@ -575,23 +582,45 @@ class Journal:
         seq = min(self._unapplied)
         return self._unapplied[seq], seq
 
-    def _layout_batch(self, batch: list[_Request], start: int) -> tuple[list[tuple[int, bytes]], int]:
-        """Encode requests from lsn start: [(lsn, bytes)] pieces (pads included) and the end LSN."""
-        pieces: list[tuple[int, bytes]] = []
+    def _layout_batch(self, batch: list[_Request], start: int) -> tuple[list[tuple[int, int]], int]:
+        """Place requests from lsn start: the sizes of (pad or record) pieces, and the end LSN."""
+        pieces: list[tuple[int, int]] = []  # (lsn, size); a request's record follows its pad
         lsn = start
         seq = self.head_seq
         for r in batch:
             size = self._size_of(r)
             room = self.log_size - lsn % self.log_size
             if size > room:
-                pieces.append((lsn, encode_pad(self.sb.epoch, lsn, room)))
+                pieces.append((lsn, -room))  # negative: a pad
                 lsn += room
-            pieces.append((lsn, encode_update(self.sb.epoch, seq, lsn, r.writes, self.block)))
+            pieces.append((lsn, size))
             r.seq, r.lsn = seq, lsn
             lsn += size
             r.end_lsn = lsn
             seq += 1
         return pieces, lsn
+
+    def _encode(self, batch: list[_Request], pieces: list[tuple[int, int]]) -> list[tuple[int, np.ndarray]]:
+        """Encode the placed batch into the staging buffer: one array per contiguous run."""
+        total = sum(abs(n) for _, n in pieces)
+        if len(self._staging) < total:
+            self._staging = np.empty(max(total, 2 * len(self._staging)), np.uint8)
+        runs: list[tuple[int, int, int]] = []  # lsn, staging start, length
+        at = 0
+        reqs = iter(batch)
+        for lsn, n in pieces:
+            if n < 0:
+                self._staging[at : at - n] = np.frombuffer(encode_pad(self.sb.epoch, lsn, -n), np.uint8)
+            else:
+                r = next(reqs)
+                encode_update(self.sb.epoch, r.seq, lsn, r.writes, self.block, self._staging[at : at + n])
+            size = abs(n)
+            if runs and runs[-1][0] + runs[-1][2] == lsn and lsn % self.log_size != 0:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + size)
+            else:
+                runs.append((lsn, at, size))
+            at += size
+        return [(lsn, self._staging[a : a + n]) for lsn, a, n in runs]
 
     async def _write_batch(self, batch: list[_Request]) -> None:
         for r in batch:
@@ -612,7 +641,9 @@ class Journal:
                     continue
                 await self._make_room(end - self.log_size)
             part, batch = batch[:take], batch[take:]
-            for lsn, data in self._coalesce(pieces):
+            # The staging buffer is reused (no fresh allocation per batch): it is free
+            # again once these writes return, and only the I/O-lock holder uses it.
+            for lsn, data in self._encode(part, pieces):
                 await self._dev_io(self.dev.write(self.sb.log_offset + lsn % self.log_size, data))
             await self._dev_io(self.dev.flush())
             self.stats["flushes"] += 1
@@ -626,17 +657,6 @@ class Journal:
 
     def _size_of(self, r: _Request) -> int:
         return record_size(len(r.writes), sum(len(as_u8(w[2])) for w in r.writes), self.block)
-
-    def _coalesce(self, pieces: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        """Join pieces that are adjacent in the device into one write each."""
-        out: list[tuple[int, list[bytes], int]] = []
-        for lsn, data in pieces:
-            if out and out[-1][2] == lsn and lsn % self.log_size != 0:
-                out[-1][1].append(data)
-                out[-1] = (out[-1][0], out[-1][1], lsn + len(data))
-            else:
-                out.append((lsn, [data], lsn + len(data)))
-        return [(lsn, b"".join(parts)) for lsn, parts, _ in out]
 
     async def _make_room(self, need_tail: int) -> None:
         """Checkpoint until the tail can reach need_tail (called with the I/O lock held)."""
