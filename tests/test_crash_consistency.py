@@ -21,9 +21,17 @@ A deliberately broken journal (its flush skipped) must be caught.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +47,7 @@ from vstore.pool import Pool
 from vstore.raid.geometry import survives
 from vstore.testing import CrashRecorder, abandon, degraded_views, reopen_after_crash, verify_parity
 
+REPO = Path(__file__).resolve().parent.parent
 CHUNK = 4096
 MEMBER_SIZE = (2 << 20) + (1536 << 10)
 JOURNAL_SIZE = 320 << 10  # a small log, so that it wraps and fills during a run
@@ -260,3 +269,101 @@ def test_broken_journal_is_caught() -> None:
     machine.TestCase.settings = settings(SETTINGS, max_examples=150, phases=[Phase.generate])
     with pytest.raises((AssertionError, Flaky)):
         machine.TestCase().runTest()
+
+
+# ---------------------------------------------------------------------------- a real crash
+
+needs_fuse_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fio") is None
+    or shutil.which("mkfs.ext4") is None, reason="needs root, /dev/fuse, fio and e2fsprogs")
+
+
+def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "vstore.cli", *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=180,
+                         env={**os.environ, "VSTORE_HOME": str(home), "PYTHONPATH": str(REPO)})
+    if check:
+        assert res.returncode == 0, f"vstore {' '.join(args)}: {res.stdout}{res.stderr}"
+    return res
+
+
+async def _scrub(home: Path) -> tuple[list[int], dict]:
+    pool = await Pool.open(Home(home), "p", read_only=True)
+    try:
+        return await verify_parity(pool.layout), pool.status()
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.integration
+@needs_fuse_root
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "bitmap"])
+def test_kill9_mount_under_fio_then_recover(tmp_path: Path, journal: bool) -> None:
+    """kill -9 `vstore mount` while fio writes into ext4 on the volume; remount, scrub, e2fsck."""
+    from fuse_mount.daemon import mount_entry, mounted_pool_socket
+    from tests.fuse_helpers import detach_loops, force_unmount
+    from vstore import control
+
+    home, mp, ext = tmp_path / "home", tmp_path / "mnt", tmp_path / "ext4"
+    mp.mkdir()
+    ext.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(4)]
+    jr = ["--journal", f"file://{tmp_path}/journal.img", "--journal-size", "8M"] if journal else []
+    fio = None
+    try:
+        _vstore(home, "create", "p", "--level", "raid5", "--size", "40M", "--chunk", "16K", *jr, *members)
+        _vstore(home, "volume", "create", "p", "v", "--size", "96M")
+        _vstore(home, "mount", "p", str(mp))
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(mp / "v")], check=True,
+                       capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(mp / "v"), str(ext)], check=True)
+        fio = subprocess.Popen(
+            ["fio", "--name=crash", f"--directory={ext}", "--size=24M", "--rw=randwrite",
+             "--bs=4k", "--ioengine=psync", "--fsync=32", "--numjobs=2", "--time_based",
+             "--runtime=60", "--direct=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(4)
+        assert fio.poll() is None, "fio stopped early"
+        sock = mounted_pool_socket(home, "p")
+        pid = control.call_sync(sock, {"cmd": "mount-info"})["pid"]
+        os.kill(pid, signal.SIGKILL)
+        fio.kill()
+        fio.wait()
+        subprocess.run(["umount", "-l", str(ext)], capture_output=True)
+        detach_loops(mp)
+        deadline = time.monotonic() + 10
+        while mounted_pool_socket(home, "p") is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _vstore(home, "umount", str(mp))
+        assert mount_entry(mp) is None
+        deadline = time.monotonic() + 20  # a killed FUSE daemon takes a moment to be gone
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        # The remount recovers the pool (journal replay or resync) before serving it.
+        _vstore(home, "mount", "p", str(mp))
+        st = json.loads((mp / ".vstore" / "status").read_text())
+        assert st["recovered"] is True
+        print("after the kill:", json.dumps(st["journal"]))
+        if journal:  # fio kept writing until the kill: there is always a record to replay
+            assert st["journal"]["replayed"]["records"] > 0
+        else:
+            assert st["journal"]["resync"]["state"] == "done" and st["journal"]["resync"]["rows"] > 0
+        # ext4 replays its own journal on mount; afterwards it must be clean.
+        subprocess.run(["mount", "-o", "loop", str(mp / "v"), str(ext)], check=True)
+        subprocess.run(["umount", str(ext)], check=True)
+        detach_loops(mp)
+        res = subprocess.run(["e2fsck", "-fn", str(mp / "v")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        _vstore(home, "umount", str(mp))
+        bad, status = trio.run(_scrub, home)
+        assert bad == [], f"rows with inconsistent parity: {bad[:10]}"
+        assert status["state"] == "clean"
+    finally:
+        if fio is not None and fio.poll() is None:
+            fio.kill()
+            fio.wait()
+        subprocess.run(["umount", "-l", str(ext)], capture_output=True)
+        detach_loops(mp)
+        for rec_path in (home / "mounts").glob("*.json"):
+            with contextlib.suppress(Exception):
+                os.kill(json.loads(rec_path.read_text())["pid"], signal.SIGKILL)
+        force_unmount(mp)
