@@ -452,3 +452,29 @@ def test_cli_create_with_journal_and_status(tmp_path: Path) -> None:
                   members[0], *[f"file://{tmp_path}/g{i}.img" for i in range(2)], members[0].replace("d0", "g2"),
                   check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+async def test_background_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import vstore.consistency
+
+    monkeypatch.setattr(vstore.consistency, "CHECKPOINT_INTERVAL", 0.01)
+    rec, home, pool = await _pool(tmp_path)
+    try:
+        jr = pool.consistency.journal
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.consistency.run_background)
+            for i in range(40):
+                await pool.data_dev.write(i * 20000, np.full(20000, i, np.uint8))
+            with trio.fail_after(5):  # no flush from us: the background empties the log
+                while jr.used() > jr.log_size // 8:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert jr.stats["checkpoints"] > 0 and jr.stats["waits_full"] == 0
+        abandon(pool)
+        await rec.crash(rec.materialize(mode="drop"))
+        pool = await reopen_after_crash(home, "p")
+        for i in range(40):
+            assert (await pool.data_dev.read(i * 20000, 20000) == i).all()
+    finally:
+        await pool.aclose()
+        rec.forget()

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import trio
 
 from vstore.bitmap import WriteIntentBitmap, choose_region, resync_rows, rows_of_regions
 from vstore.device import BlockDevice
@@ -30,6 +31,8 @@ log = logging.getLogger("vstore.consistency")
 
 JOURNAL_LEVELS = ("raid1", "raid5", "raid6", "raid10")
 PARITY_LEVELS = ("raid5", "raid6")
+CHECKPOINT_INTERVAL = 2.0  # seconds between looks at the journal's fill
+CHECKPOINT_FILL = 0.125  # fraction of the log in use that triggers a background checkpoint
 
 
 async def _refuse_if_in_use(dev: BlockDevice, where: str) -> None:
@@ -190,7 +193,7 @@ class Consistency:
                       len(pool.members))
             return
         m = pool.members[index]
-        if m.state != "active" or m.data_dev is None:
+        if m.state not in ("active", "rebuilding") or m.data_dev is None:
             return  # a failed member is rebuilt from the others, never written
         try:
             await m.data_dev.write(offset, buf)
@@ -226,6 +229,20 @@ class Consistency:
         await resync_rows(layout, rows, progress)
         self.resync["state"] = "done"
         self.resync["done"] = len(rows)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """The journal's background checkpoints (nothing to do for the bitmap) until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            jr = self.journal
+            # Checkpoint early so writers seldom find the log full and wait for one.
+            if jr is not None and self.started and jr.used() > jr.log_size * CHECKPOINT_FILL:
+                try:
+                    await jr.checkpoint()
+                except VstoreError as e:
+                    log.warning("journal %s: background checkpoint failed: %s", jr.uri, e)
 
     # --- close and status -----------------------------------------------------------------
 

@@ -696,6 +696,18 @@ class Journal:
                     await self._write_superblock(self._durable_lsn, self._durable_seq)
                     self.stats["checkpoints"] += 1
 
+    async def checkpoint(self) -> bool:
+        """Flush the members and move the tail past every update written in place; True if it moved."""
+        if self.flush_members is None or self.broken is not None:
+            return False
+        await self.flush_members()  # the layout's flush reports the new durable point back
+        async with self._io_lock:
+            if self._durable_lsn <= self.tail_lsn:
+                return False
+            await self._write_superblock(self._durable_lsn, self._durable_seq)
+            self.stats["checkpoints"] += 1
+            return True
+
     async def close(self, clean: bool) -> None:
         """Checkpoint everything (members must have been flushed) when clean; close the device."""
         try:

@@ -332,11 +332,12 @@ class Pool:
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        """Run the pool's background tasks (multipath path checkers) until cancelled."""
+        """Run the pool's background tasks (path checkers, journal checkpoints) until cancelled."""
         async with trio.open_nursery() as nursery:
             for m in self.members:
                 if isinstance(m.dev, MultipathDevice):
                     await nursery.start(m.dev.run)
+            await nursery.start(self.consistency.run_background)
             task_status.started()
             await trio.sleep_forever()
 
