@@ -85,7 +85,11 @@ async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
         async with trio.open_nursery() as nursery:
             await nursery.start(p.run_background)
             try:
-                return await fn(p)
+                result = await fn(p)
+                if not read_only:
+                    # A member failed during the command: a hot spare takes its place now.
+                    await p.lifecycle.settle(progress_bar)
+                return result
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as eg:
@@ -357,7 +361,9 @@ def mount(ctx: click.Context, pool: str, mountpoint: str, foreground: bool, read
         raise VstoreError(f"pool {pool!r} is already mounted")
 
     async def open_target() -> Pool:
-        return await Pool.open(home, pool, read_only=read_only)
+        p = await Pool.open(home, pool, read_only=read_only)
+        p.lifecycle.resident = True  # rebuilds, spares and scrubs run in the mount process
+        return p
 
     code = do_mount(open_target, mountpoint, home=home.root, foreground=foreground,
                     read_only=read_only, allow_other=allow_other)
@@ -422,6 +428,11 @@ def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
 from vstore.commands.path import path as _path_group  # noqa: E402 - needs pool_command above
 
 cli.add_command(_path_group)
+
+from vstore.commands.lifecycle import COMMANDS as _LIFECYCLE_COMMANDS  # noqa: E402
+
+for _command in _LIFECYCLE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

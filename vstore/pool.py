@@ -34,6 +34,8 @@ from vstore.errors import (
     VstoreError,
 )
 from vstore.home import Home, check_name
+from vstore.lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+from vstore.lifecycle import Lifecycle
 from vstore.metadata import (
     DATA_OFFSET,
     LEVEL_CODES,
@@ -81,9 +83,9 @@ class Member:
     def to_meta(self) -> dict[str, Any]:
         """The member's record in the pool metadata (no secrets)."""
         rec = {"index": self.index, "uuid": self.uuid, "paths": [p.redacted() for p in self.paths],
-               "state": "active" if self.state == "active" else "failed",
+               "state": self.state if self.state in ("active", "rebuilding") else "failed",
                "data_size": self.data_size}
-        if self.state != "active":
+        if self.state not in ("active", "rebuilding"):
             rec["reason"] = f"{self.state}: {self.error}" if self.error else self.state
         return rec
 
@@ -125,6 +127,8 @@ class Pool:
         self._commit_lock = trio.Lock()
         self._pending_failures: set[int] = set()
         self._closed = False
+        # Rebuilds, hot spares, moves and scrubs (vstore.lifecycle).
+        self.lifecycle = Lifecycle(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -306,7 +310,10 @@ class Pool:
             dev = devs[slot] if slot is not None else None
             scan = scans[slot] if slot is not None else None
             m.dev, m.scan = dev, scan
-            if mm["state"] != "active":
+            if mm["state"] == "rebuilding" and scan and scan.superblock \
+                    and scan.superblock.member_uuid == mm["uuid"]:
+                m.state = "rebuilding"  # vstore.rebuild resumes it
+            elif mm["state"] != "active":
                 m.state, m.error = "failed", mm.get("reason", "marked failed in pool metadata")
             elif dev is None:
                 m.state, m.error = "missing", errors[slot] if slot is not None else "no path"
@@ -314,7 +321,7 @@ class Pool:
                 m.state, m.error = "bad", scan.error if scan else "unreadable"
             elif scan.superblock.pool_uuid != want_uuid or scan.superblock.member_uuid != mm["uuid"]:
                 m.state, m.error = "bad", "superblock belongs to another pool or member"
-            if m.state == "active":
+            if m.state in ("active", "rebuilding"):
                 m.data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
             self.members.append(m)
         used = {m.dev for m in self.members}
@@ -338,6 +345,7 @@ class Pool:
                 if isinstance(m.dev, MultipathDevice):
                     await nursery.start(m.dev.run)
             await nursery.start(self.consistency.run_background)
+            await nursery.start(self.lifecycle.run_background)
             task_status.started()
             await trio.sleep_forever()
 
@@ -355,6 +363,8 @@ class Pool:
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
                                   on_member_failed=self._on_member_failed)
         self.data_dev = self.layout
+        # A member being rebuilt is failed for reads but takes every write (vstore.rebuild).
+        self.layout.rebuilding = {m.index for m in self.members if m.state == "rebuilding"}
         self.consistency.attach(self.layout)
         self.volumes = {
             v["name"]: Volume(v["name"], v["size"], runs_to_list(v["extents"]), self.data_dev,
@@ -384,10 +394,11 @@ class Pool:
     # ------------------------------------------------------------------ metadata
     def _on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
         m = self.members[index]
-        if m.state == "active":
+        if m.state in ("active", "rebuilding"):
             m.state, m.error = "failed", f"I/O error: {exc}" if exc else "failed"
             log.error("pool %s: member %d failed: %s", self.name, index, exc)
         self._pending_failures.add(index)
+        self.lifecycle.member_failed(index)
 
     async def commit(self) -> None:
         """Write a new generation of the metadata to every active member, durably."""
@@ -397,7 +408,7 @@ class Pool:
             for _ in range(len(self.members) + 1):
                 self.meta["members"] = [m.to_meta() for m in self.members]
                 self.meta["generation"] = gen = int(self.meta["generation"]) + 1
-                active = [m for m in self.members if m.state == "active"]
+                active = [m for m in self.members if m.state in ("active", "rebuilding")]
                 if not active:
                     raise DegradedError(f"pool {self.name!r}: no member left to hold metadata")
                 failures: list[tuple[Member, MemberIOError]] = []
@@ -563,6 +574,7 @@ class Pool:
             self.layout = self.data_dev = None
             self.volumes = {}
         await self.commit()
+        self.lifecycle.member_failed(index)
 
     def _multipath_member(self, index: int) -> MultipathDevice:
         if not 0 <= index < len(self.members):
@@ -614,6 +626,8 @@ class Pool:
             "owner": self.meta.get("owner"),
             "recovered": self.recovered_from is not None,
             "journal": self.consistency.status(),
+            "operation": self.lifecycle.status(),
+            "spares": [{"uri": s["uri"], "size": s["size"]} for s in self.meta.get("spares", [])],
             "members": [
                 {"index": m.index, "uri": m.uri_text, "state": m.state,
                  "data_offset": DATA_OFFSET, "data_size": m.data_size,
@@ -630,6 +644,8 @@ class Pool:
         cmd = request.get("cmd")
         if cmd == "status":
             return self.status()
+        if cmd in LIFECYCLE_COMMANDS:
+            return await self.lifecycle.handle(request)
         if cmd == "fail":
             await self.fail_member(int(request["index"]), force=bool(request.get("force")))
             return self.status()

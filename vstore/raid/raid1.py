@@ -68,11 +68,12 @@ class Raid1Layout(RaidLayout):
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         async with self.locked(self.chunks_of(offset, len(buf))):
-            await self._submit_member_writes([(i, offset, buf) for i in self.healthy()])
+            # Every member: the submit skips failed ones but not one being rebuilt.
+            await self._submit_member_writes([(i, offset, buf) for i in range(self.n)])
 
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to every healthy mirror."""
         self.check(offset, length)
         if length:
             async with self.locked(self.chunks_of(offset, length)):
-                await self._discard_members([(i, offset, length) for i in self.healthy()])
+                await self._discard_members([(i, offset, length) for i in range(self.n)])
