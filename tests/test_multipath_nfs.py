@@ -1,0 +1,92 @@
+"""Multipath over NFS: two spellings of one file on a real NFS-Ganesha are one member; other files are not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from tests.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha, RpcRelay, ServerError
+from vstore.errors import ConfigError
+from vstore.multipath import MultipathDevice
+from vstore.uri import parse_uri
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ganesha():
+    """A running Ganesha exporting a fresh temporary directory."""
+    try:
+        server = Ganesha()
+    except ServerError as e:
+        pytest.skip(str(e))
+    with server:
+        yield server
+
+
+async def test_two_paths_to_one_nfs_file(ganesha):
+    export = ganesha.export
+    # The same file: explicit ports in the query, then the NFS port in the authority instead.
+    urls = [f"nfs://127.0.0.1{export}/mp.img?nfsport={NFS_PORT}&mountport={MOUNT_PORT}",
+            f"nfs://127.0.0.1:{NFS_PORT}{export}/mp.img?mountport={MOUNT_PORT}"]
+    mp = await MultipathDevice.open([parse_uri(u) for u in urls], create_size=8 * MiB,
+                                    selector="round-robin", io_timeout=10.0)
+    try:
+        assert mp.identity().startswith("nfs:")
+        data = np.random.default_rng(1).integers(0, 256, 4 * MiB, dtype=np.uint8)
+        for i in range(8):
+            await mp.write(i * 512 * 1024, data[i * 512 * 1024:(i + 1) * 512 * 1024])
+        await mp.flush()
+        assert np.array_equal(await mp.read(0, 4 * MiB), data)
+        assert all(p["ios"] > 0 for p in mp.path_stats())
+        mp.fail_path(0)
+        await mp.write(4 * MiB, data[:MiB])
+        await mp.flush()
+        await mp.reinstate_path(0)
+        assert [p["state"] for p in mp.path_stats()] == ["active", "active"]
+        assert np.array_equal(await mp.read(4 * MiB, MiB), data[:MiB])
+    finally:
+        await mp.aclose()
+    with open(ganesha.path("mp.img"), "rb") as f:
+        assert f.read(4 * MiB) == data.tobytes()
+
+
+async def test_nfs_path_through_a_severed_relay_is_invisible(ganesha):
+    async with trio.open_nursery() as nursery:
+        relay = RpcRelay()
+        port = await nursery.start(relay.serve)
+        export = ganesha.export
+        urls = [f"nfs://127.0.0.1{export}/relay.img?nfsport={port}&mountport={MOUNT_PORT}&timeout=2",
+                f"nfs://127.0.0.1{export}/relay.img?nfsport={NFS_PORT}&mountport={MOUNT_PORT}"]
+        mp = await MultipathDevice.open([parse_uri(u) for u in urls], create_size=4 * MiB,
+                                        selector="round-robin")
+        try:
+            data = np.random.default_rng(2).integers(0, 256, MiB, dtype=np.uint8)
+            for i in range(4):
+                await mp.write(i * MiB, data)
+                if i == 1:
+                    relay.sever()
+            await mp.flush()
+            for i in range(4):
+                assert np.array_equal(await mp.read(i * MiB, MiB), data)
+            # The severed path either reconnected by itself or was failed over; no error either way.
+            stats = mp.path_stats()
+            assert relay.connections >= 2 or stats[0]["errors"] >= 1, (relay.connections, stats)
+        finally:
+            await mp.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_different_nfs_files_are_refused(ganesha):
+    export = ganesha.export
+    urls = [ganesha.url("a.img"), ganesha.url("b.img")]
+    for u in urls:
+        dev = await MultipathDevice.open([parse_uri(u), parse_uri(u.replace("?", "?x=1&"))],
+                                         create_size=MiB)
+        await dev.aclose()
+    with pytest.raises(ConfigError, match="different storage"):
+        await MultipathDevice.open([parse_uri(u) for u in urls])
+    assert export.exists()
