@@ -280,7 +280,8 @@ async def test_foreign_or_blank_journal_is_refused() -> None:
 
 def crash_pool(level: str = "raid5", n: int = 4, journal: bool = True, jsize: int = 1 << 20):
     rec = CrashRecorder(f"tj{next(_names)}")
-    uris = [rec.add_memory(f"m{i}", (2 << 20) + (1536 << 10)) for i in range(n)]
+    size = (2 << 20) + (1536 << 10) if level in ("raid5", "raid6") else 8 << 20  # one extent
+    uris = [rec.add_memory(f"m{i}", size) for i in range(n)]
     juri = rec.add_memory("j", jsize) if journal else None
     return rec, uris, juri
 
@@ -475,6 +476,22 @@ async def test_background_checkpoint(tmp_path: Path, monkeypatch) -> None:
         pool = await reopen_after_crash(home, "p")
         for i in range(40):
             assert (await pool.data_dev.read(i * 20000, 20000) == i).all()
+    finally:
+        await pool.aclose()
+        rec.forget()
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid1", 2), ("raid10", 4), ("raid6", 5)])
+async def test_journal_replays_other_levels(tmp_path: Path, level: str, n: int) -> None:
+    rec, home, pool = await _pool(tmp_path, level, n)
+    try:
+        buf = np.random.default_rng(1).integers(0, 256, 50000, dtype=np.uint8)
+        await pool.data_dev.write(1000, buf)
+        abandon(pool)
+        await rec.crash(rec.materialize(mode="drop"))  # nothing reached the members in place
+        pool = await reopen_after_crash(home, "p")
+        assert pool.status()["journal"]["replayed"]["records"] >= 1
+        assert np.array_equal(await pool.data_dev.read(1000, len(buf)), buf)
     finally:
         await pool.aclose()
         rec.forget()
