@@ -709,12 +709,12 @@ class Journal:
             return True
 
     async def close(self, clean: bool) -> None:
-        """Checkpoint everything (members must have been flushed) when clean; close the device."""
+        """Checkpoint what the last member flush made durable (all, after a good one); close."""
         try:
-            if clean and self.broken is None and not self._unapplied:
+            if clean and self.broken is None:
                 async with self._io_lock:
-                    if self.head_lsn != self.tail_lsn or self._durable_lsn != self.tail_lsn:
-                        await self._write_superblock(self.head_lsn, self.head_seq)
+                    if self._durable_lsn > self.tail_lsn:
+                        await self._write_superblock(self._durable_lsn, self._durable_seq)
         finally:
             with trio.CancelScope(shield=True):
                 try:
