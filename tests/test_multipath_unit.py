@@ -562,6 +562,14 @@ async def test_flush_reaches_every_path_that_wrote(autojump_clock):
     dirty.mode = "error"
     await mp.flush()  # the dirty path fails: another path's flush covers its writes
     assert sum(f.flushes for f in fakes) == 3
+    before = dirty.flushes
+    await mp.write(BS, b"d" * BS)  # goes to a live path
+    await mp.flush()  # that path's own flush covers the storage: no extra one
+    assert sum(f.flushes for f in fakes) == 4
+    dirty.mode = "ok"
+    await mp.check_paths()  # back: it first flushes what it carried, through itself
+    assert dirty.flushes == before + 1 and all(p.state == "active" for p in mp.paths)
+    assert not any(p.dirty for p in mp.paths)
 
 
 async def test_aclose_stops_the_checker_and_closes_paths(autojump_clock):

@@ -25,6 +25,13 @@ overlapping writes are never in flight on two paths at once. A failed attempt
 is retried only after it has returned (a timed-out attempt is cancelled and
 unwound first).
 
+Flush. Every path that carried writes since its last flush is flushed. A
+path that went down with writes not yet flushed stays "dirty": a flush
+through a live path covers its writes at once where the paths share the
+storage's cache (an iSCSI LU, a file on one NFS server), and the checker
+flushes the path itself before reinstating it (a backend that keeps unstable
+writes per connection, as NFS does for resending, commits them then).
+
 The path checker (``run``) lives in a nursery owned by the device: it probes
 failed paths (``probe()``, or a read of block 0 for devices without it) every
 ``check_interval`` seconds, and healthy ones every ``healthy_check_interval``,
@@ -456,6 +463,14 @@ class MultipathDevice(DeviceBase):
             return
         if p.state == ACTIVE or p.admin:
             return
+        if p.dirty:  # writes it acknowledged before it failed: make them stable through it
+            try:
+                with trio.fail_after(self.probe_timeout):
+                    await p.dev.flush()
+            except (MemberIOError, trio.TooSlowError) as e:
+                p.state, p.error, p.healthy_since = FAILED, f"flush after recovery: {e}", None
+                return
+            p.dirty = False
         now = trio.current_time()
         if p.healthy_since is None:
             p.healthy_since = now
@@ -703,11 +718,12 @@ class MultipathDevice(DeviceBase):
 
     async def flush(self) -> None:
         """Every acknowledged write is stable: flush each path that carried writes since its last flush."""
-        dirty = [p for p in self.paths if p.dirty]
-        for p in dirty:
+        targets = [p for p in self.paths if p.dirty and p.state == ACTIVE]
+        # A dirty path that is down stays dirty: the checker flushes it through itself when it
+        # answers again (a backend may keep its unstable writes per connection, as NFS does).
+        need_any = any(p.dirty and p.state != ACTIVE for p in self.paths)
+        for p in targets:
             p.dirty = False
-        need_any = any(p.state != ACTIVE for p in dirty)  # its writes reach the storage through others
-        targets = [p for p in dirty if p.state == ACTIVE]
         failed: list[Path] = []
 
         async def one(p: Path) -> None:
@@ -716,7 +732,9 @@ class MultipathDevice(DeviceBase):
                 await self._attempt(p, 3, 0, None, 0)
             except MemberIOError as e:
                 if _target_error(e):
+                    p.dirty = True
                     raise
+                p.dirty = True
                 self._fail(p, str(e))
                 failed.append(p)
             finally:
@@ -724,8 +742,9 @@ class MultipathDevice(DeviceBase):
 
         if targets:
             await gather(*[partial(one, p) for p in targets])
-        if need_any or failed:
-            # The storage's cache is shared by every path: one good flush covers the lost ones.
+        if (need_any or failed) and len(failed) == len(targets):
+            # The storage's cache is shared by its paths (a LUN's cache, a file on the server):
+            # a flush through a live path makes what the lost path carried stable now.
             await self._io(3, 0, None, 0)
 
     async def aclose(self) -> None:
