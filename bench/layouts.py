@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ FULL_WORKLOADS = (
 QUICK_WORKLOADS = (FULL_WORKLOADS[0], FULL_WORKLOADS[1], FULL_WORKLOADS[2], FULL_WORKLOADS[3])
 DEGRADED = Workload("degraded read 1M", "read", MiB, 1, True)
 REBUILD = "rebuild 1 member"
+REBUILD_API = "rebuild via replace"
 
 
 def scratch_dir() -> Path:
@@ -135,12 +137,6 @@ class Members:
                     p.unlink()
 
 
-async def measure(dev: BlockDevice, w: Workload, seconds: float, span: int, *, flush: bool) -> dict:
-    """A short untimed warm-up (numba compiles on first use), then ``run_workload``."""
-    await run_workload(dev, w, min(0.03, seconds / 4), span, flush=False)
-    return await run_workload(dev, w, seconds, span, flush=flush)
-
-
 async def run_workload(dev: BlockDevice, w: Workload, seconds: float, span: int, *, flush: bool) -> dict:
     """Run one workload on a device for about ``seconds``; GB/s and IOPS (a write's flush included)."""
     span = max(w.bs, span - span % w.bs)
@@ -183,7 +179,6 @@ async def rebuild(layout, spare: BlockDevice, member: int, seconds: float) -> di
     compute, write to the spare. Stops after ``seconds`` or at the member's end.
     """
     end = min(layout.members[member].size, spare.size)
-    await layout.member_bytes(member, 0, min(MiB, end))  # warm-up: compile the recovery kernels
     done = 0
     t0 = time.perf_counter()
     while done < end and time.perf_counter() - t0 < seconds:
@@ -207,6 +202,50 @@ async def copy_member(src: BlockDevice, dst: BlockDevice, seconds: float) -> dic
     await dst.flush()
     elapsed = time.perf_counter() - t0
     return {"gbs": done / elapsed / 1e9, "bytes": done, "seconds": elapsed}
+
+
+async def pool_rebuild(level: str, n: int, kind: str, member_size: int, directory: Path | None) -> dict | None:
+    """Rebuild rate of the pool's own API (``vstore.rebuild.replace``): fail member 0, replace it.
+
+    A pool of ``n`` fresh members of the kind is created in a scratch config
+    directory, member 0 is failed and replaced by a new member; GB/s of member
+    data rebuilt, as ``replace`` reports it. None when the API is not there.
+    """
+    try:
+        from vstore import rebuild as rb
+        from vstore.home import Home
+        from vstore.pool import Pool
+    except ImportError:
+        return None
+    from backends import memory
+
+    tag = uuid.uuid4().hex[:8]
+    home = Path(tempfile.mkdtemp(prefix="vstore-bench-home-"))
+    if kind == "memory":
+        uris = [f"memory://bench-{tag}-{i}?size={member_size}" for i in range(n + 1)]
+        size = None
+    else:
+        assert directory is not None
+        uris = [f"file://{directory}/pool-{tag}-{i}.img" for i in range(n + 1)]
+        size = member_size
+    pool = None
+    try:
+        pool = await Pool.create(Home(home), "bench", level, uris[:n], chunk=CHUNK, size=size)
+        await pool.fail_member(0)
+        res = await rb.replace(pool, 0, uris[n], size=size, speed={"min": 0, "max": 0})
+        return {"gbs": res["bytes"] / max(res["seconds"], 1e-6) / 1e9, "bytes": res["bytes"],
+                "seconds": res["seconds"]}
+    finally:
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.aclose()
+        shutil.rmtree(home, ignore_errors=True)
+        for i in range(n + 1):
+            memory.forget(f"bench-{tag}-{i}")
+        if directory is not None:
+            for p in directory.glob(f"pool-{tag}-*.img"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def memcpy_bandwidth(span: int, seconds: float) -> float:
@@ -241,10 +280,27 @@ def _row(kind: str, level: str, n: int, workload: str, res: dict, base: dict, **
     return row
 
 
+async def best_of(cands: dict[str, Callable[[float], Awaitable[dict]]], seconds: float, rounds: int) -> dict[str, dict]:
+    """Each candidate warmed up, then run in turns for ``rounds`` rounds of ``seconds / rounds``; best GB/s kept.
+
+    Taking turns round by round means a noisy neighbour on a shared machine slows
+    the layout and its baseline alike instead of skewing their ratio.
+    """
+    for fn in cands.values():
+        await fn(min(0.03, seconds / 4))  # numba compiles on first use; caches warm
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            res = await fn(seconds / rounds)
+            if name not in best or res["gbs"] > best[name]["gbs"]:
+                best[name] = res
+    return best
+
+
 async def bench_kind(kind: str, quick: bool, log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Every level and workload over members of one kind: (rows, checks, skipped)."""
+    """Every level and workload over members of one kind, each next to one member: (rows, checks, skipped)."""
     member_size = (16 if quick else 64) * MiB
-    seconds = 0.12 if quick else 0.5
+    seconds, rounds = (0.06, 1) if quick else (0.6, 3)
     workloads = QUICK_WORKLOADS if quick else FULL_WORKLOADS
     flush = kind == "file"
     directory = scratch_dir() if kind == "file" else None
@@ -252,66 +308,68 @@ async def bench_kind(kind: str, quick: bool, log: Callable[[str], None]) -> tupl
     rows: list[dict] = []
     checks: list[dict] = []
     skipped: list[dict] = []
+
+    def wl(dev: BlockDevice, w: Workload) -> Callable[[float], Awaitable[dict]]:
+        return lambda sec: run_workload(dev, w, sec, dev.size, flush=flush)
+
     try:
         kernels.precompile(sorted({MEMBERS["raid5"] - 1, MEMBERS["raid6"] - 2}))
-        single = (await members.make(1))[0]
-        base = {w.name: await measure(single, w, seconds, single.size, flush=flush) for w in workloads}
-        base[DEGRADED.name] = base[workloads[0].name]
-        spare = (await members.make(1))[0]
-        base[REBUILD] = await copy_member(single, spare, seconds)
+        single, spare = await members.make(2)
         for level in LEVELS:
             n = MEMBERS[level]
             devs = await members.make(n)
             layout = make_layout(level, devs, CHUNK)
             log(f"layouts: {kind} {level} x{n}")
             for w in workloads:
-                res = await measure(layout, w, seconds, layout.size, flush=flush)
-                rows.append(_row(kind, level, n, w.name, res, base[w.name]))
+                got = await best_of({"layout": wl(layout, w), "single": wl(single, w)}, seconds, rounds)
+                rows.append(_row(kind, level, n, w.name, got["layout"], got["single"]))
+                if level == "raid5" and w.name == "seq write 1M":
+                    # raid0 over the very same members, the same 1 MiB (full-stripe) writes.
+                    r0 = make_layout("raid0", devs, CHUNK)
+                    both = await best_of({"raid5": wl(layout, w), "raid0": wl(r0, w)}, seconds, rounds)
+                    checks.append(_check(kind, f"raid5 full-stripe seq write 1M / raid0 over the same {n} members",
+                                         both["raid5"]["gbs"], both["raid0"]["gbs"], 0.8))
+                if level == "raid0" and kind == "memory" and w.name == "seq read 1M":
+                    span = layout.size
+
+                    async def memcpy(sec: float, span: int = span) -> dict:
+                        return {"gbs": memcpy_bandwidth(span, sec)}
+
+                    both = await best_of({"raid0": wl(layout, w), "memcpy": memcpy}, seconds, rounds)
+                    checks.append(_check(kind, "raid0 seq read 1M over memory / memory copy of 1 MiB pieces",
+                                         both["raid0"]["gbs"], both["memcpy"]["gbs"], 0.7))
             if layout.redundancy:
                 degraded = make_layout(level, devs, CHUNK, failed=[0])
-                res = await measure(degraded, DEGRADED, seconds, degraded.size, flush=flush)
-                rows.append(_row(kind, level, n, DEGRADED.name, res, base[DEGRADED.name], failed=[0]))
-                res = await rebuild(degraded, spare, 0, seconds)
-                rows.append(_row(kind, level, n, REBUILD, res, base[REBUILD],
-                                 method="member_bytes + write to a spare, 1 MiB steps"))
+                got = await best_of({"layout": wl(degraded, DEGRADED), "single": wl(single, DEGRADED)},
+                                    seconds, rounds)
+                rows.append(_row(kind, level, n, DEGRADED.name, got["layout"], got["single"], failed=[0]))
+                got = await best_of({"layout": lambda sec, d=degraded: rebuild(d, spare, 0, sec),
+                                     "single": lambda sec: copy_member(single, spare, sec)}, seconds, rounds)
+                rows.append(_row(kind, level, n, REBUILD, got["layout"], got["single"],
+                                 method="member_bytes + write to a spare, 1 MiB steps; single: copy one member"))
+                api = await pool_rebuild(level, n, kind, member_size, directory)
+                if api is None:
+                    skipped.append({"kind": kind, "level": level, "workload": REBUILD_API,
+                                    "why": "no vstore.rebuild (replace) API"})
+                else:
+                    rows.append(_row(kind, level, n, REBUILD_API, api, got["single"],
+                                     method="vstore.rebuild.replace on a pool, speed unlimited; "
+                                            "single: copy one member"))
             else:
-                skipped.append({"kind": kind, "level": level, "workload": DEGRADED.name,
-                                "why": f"{level} has no redundancy"})
-                skipped.append({"kind": kind, "level": level, "workload": REBUILD,
-                                "why": f"{level} has no redundancy"})
-            if level == "raid5":
-                # raid0 over the very same members, the same 1 MiB full-stripe writes.
-                w = workloads[1]
-                r5 = next(r for r in rows if r["level"] == "raid5" and r["workload"] == w.name
-                          and r["kind"] == kind)
-                r0 = await measure(make_layout("raid0", devs, CHUNK), w, seconds, layout.size, flush=flush)
-                checks.append({
-                    "kind": kind,
-                    "check": f"raid5 full-stripe seq write / raid0 over the same {n} members",
-                    "value": r5["gbs"] / r0["gbs"],
-                    "target": 0.8,
-                    "numerator_gbs": r5["gbs"],
-                    "denominator_gbs": r0["gbs"],
-                })  # fmt: skip
-            if level == "raid0" and kind == "memory":
-                w = workloads[0]
-                r0 = next(r for r in rows if r["level"] == "raid0" and r["workload"] == w.name
-                          and r["kind"] == kind)
-                mc = memcpy_bandwidth(layout.size, seconds)
-                checks.append({
-                    "kind": kind,
-                    "check": "raid0 seq read 1M over memory / memory copy of 1 MiB pieces",
-                    "value": r0["gbs"] / mc,
-                    "target": 0.7,
-                    "numerator_gbs": r0["gbs"],
-                    "denominator_gbs": mc,
-                })  # fmt: skip
+                for name in (DEGRADED.name, REBUILD, REBUILD_API):
+                    skipped.append({"kind": kind, "level": level, "workload": name,
+                                    "why": f"{level} has no redundancy"})
             await members.release(devs)
     finally:
         await members.aclose()
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
     return rows, checks, skipped
+
+
+def _check(kind: str, text: str, num: float, den: float, target: float) -> dict:
+    return {"kind": kind, "check": text, "value": num / den, "target": target,
+            "numerator_gbs": num, "denominator_gbs": den}
 
 
 def run(quick: bool, kinds: tuple[str, ...] = ("memory", "file"), log: Callable[[str], None] = print) -> dict:

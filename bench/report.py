@@ -76,10 +76,13 @@ def show_stack(res: dict) -> None:
                     f"({res['pool']['level']} pool of {res['pool']['members']} file members through FUSE)")
     t.add_column("job", no_wrap=True)
     t.add_column("unit", no_wrap=True)
+    short = {"plain file": "plain", "FUSE ceiling": "ceiling", "qemu FUSE": "qemu"}
     for name in targets:
-        t.add_column(name, justify="right", no_wrap=True)
+        t.add_column(short.get(name, name), justify="right", no_wrap=True)
     for col in ("vs plain", "vs ceiling", "vs qemu"):
         t.add_column(col, justify="right", no_wrap=True)
+    t.caption = ("plain: fio on a plain file on the same disk; ceiling: empty pyfuse3 filesystem; "
+                 "qemu: qemu-storage-daemon FUSE export of a plain file; vs X = vstore / X")
     for job in res["jobs"]:
         small = "4K" in job
         cells = [("k" if small else "") + ("IOPS" if small else "GB/s")]

@@ -206,8 +206,8 @@ def run(quick: bool, log=print) -> dict:
     """Run every fio job on every target, interleaved; results, ratios and target checks."""
     if shutil.which("fio") is None:
         raise RuntimeError("fio is not installed")
-    size = (128 if quick else 1024) * MiB
-    runtime = 0.7 if quick else 4.0
+    size = (64 if quick else 1024) * MiB
+    runtime = 0.6 if quick else 4.0
     jobs = list(QUICK_JOBS) if quick else list(JOBS)
     stack = Stack(size, log)
     results: dict[str, dict[str, dict]] = {}

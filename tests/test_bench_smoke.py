@@ -78,6 +78,10 @@ def test_layouts_schema(report: dict) -> None:
         assert {r["level"] for r in rows} == LEVELS
         workloads = {r["workload"] for r in rows}
         assert {"seq read 1M", "seq write 1M", "degraded read 1M", "rebuild 1 member"} <= workloads
+        skipped = {(s["level"], s["workload"]) for s in lay["skipped"] if s["kind"] == kind}
+        for level in ("raid1", "raid5", "raid6", "raid10"):
+            has_api = any(r["level"] == level and r["workload"] == "rebuild via replace" for r in rows)
+            assert has_api or (level, "rebuild via replace") in skipped
         for r in rows:
             assert set(r) >= {"level", "members", "workload", "gbs", "single_gbs", "ratio"}
     checks = {c["check"] for c in lay["checks"]}
