@@ -161,13 +161,12 @@ class Path:
     __slots__ = (
         "index", "uri", "dev", "state", "priority", "admin", "error", "inflight", "inflight_bytes",
         "ios", "bytes", "errors", "fail_times", "healthy_since", "rate", "busy_mark", "acc_bytes",
-        "acc_time", "dirty", "last_check",
+        "acc_time", "dirty", "last_check", "own_timeout",
     )
 
     def __init__(self, index: int, uri: MemberURI, dev: Any, priority: int) -> None:
         self.index = index
         self.uri = uri
-        self.dev = dev
         self.state = ACTIVE if dev is not None else FAILED
         self.priority = priority
         self.admin = False  # failed by the administrator: the checker leaves it alone
@@ -185,6 +184,14 @@ class Path:
         self.acc_time = 0.0
         self.dirty = False  # carried writes since its last flush
         self.last_check = 0.0
+        self.own_timeout = 0.0
+        self.set_device(dev)
+
+    def set_device(self, dev: Any) -> None:
+        """Attach the opened path device (and note the command timeout its backend enforces)."""
+        self.dev = dev
+        own = getattr(dev, "timeout", None)
+        self.own_timeout = float(own) if isinstance(own, (int, float)) and own > 0 else 0.0
 
 
 class _Range:
@@ -495,7 +502,7 @@ class MultipathDevice(DeviceBase):
                     await _close_quietly(dev)
                     raise MemberIOError(
                         f"{p.uri.redacted()} reaches other storage ({ident}, not {self._identity})")
-                p.dev = dev
+                p.set_device(dev)
                 return
             probe = getattr(p.dev, "probe", None)
             if probe is not None:
@@ -625,8 +632,7 @@ class MultipathDevice(DeviceBase):
             coro = dev.flush()
         # A cancel scope per I/O costs more than the rest of this layer: skip it when the path's
         # backend enforces a command timeout no longer than ours (iSCSI's session watchdog).
-        own = getattr(dev, "timeout", None)
-        if not self.io_timeout or (type(own) is float and 0 < own <= self.io_timeout):
+        if not self.io_timeout or 0 < p.own_timeout <= self.io_timeout:
             return await coro
         with trio.move_on_after(self.io_timeout):
             return await coro
@@ -667,11 +673,13 @@ class MultipathDevice(DeviceBase):
             p.bytes += nbytes
             if kind == 1 or kind == 2:
                 p.dirty = True
-            # Throughput over busy time (time with something in flight), as a moving average.
+            # Throughput over busy time (time with something in flight), as a moving average;
+            # a flush moves no bytes and would only drag the estimate down.
             now = trio.current_time()
-            p.acc_time += now - p.busy_mark
+            if kind != 3:
+                p.acc_time += now - p.busy_mark
+                p.acc_bytes += nbytes
             p.busy_mark = now
-            p.acc_bytes += nbytes
             if p.acc_time >= _RATE_SAMPLE:
                 sample = p.acc_bytes / p.acc_time
                 p.rate += _RATE_ALPHA * (sample - p.rate)
@@ -727,18 +735,14 @@ class MultipathDevice(DeviceBase):
         failed: list[Path] = []
 
         async def one(p: Path) -> None:
-            p.inflight += 1
             try:
                 await self._attempt(p, 3, 0, None, 0)
             except MemberIOError as e:
-                if _target_error(e):
-                    p.dirty = True
-                    raise
                 p.dirty = True
+                if _target_error(e):
+                    raise
                 self._fail(p, str(e))
                 failed.append(p)
-            finally:
-                p.inflight -= 1
 
         if targets:
             await gather(*[partial(one, p) for p in targets])
