@@ -8,6 +8,7 @@ can run side by side. ``stop()`` always ends the daemon (``tgtadm --op delete
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -31,13 +32,16 @@ _used_controls: set[int] = set()
 
 
 def _control_number() -> int:
-    # tgtd's control socket is /var/run/tgtd/socket.N: pick an N no other instance uses.
-    base = 1000 + (os.getpid() % 20000)
-    n = base
-    while n in _used_controls or os.path.exists(f"/var/run/tgtd/socket.{n}"):
-        n += 1
-    _used_controls.add(n)
-    return n
+    # tgtd's control socket is /var/run/tgtd/socket.N: pick an N no other instance
+    # uses. Each process draws from its own stride so parallel test runs rarely meet;
+    # start() retries with another number if tgtd still cannot bind.
+    # tgtd accepts 0..32767.
+    base = 1000 + (os.getpid() % 1800) * 16
+    for n in [*range(base, base + 16), *random.sample(range(30000, 32768), 64)]:
+        if n not in _used_controls and not os.path.exists(f"/var/run/tgtd/socket.{n}"):
+            _used_controls.add(n)
+            return n
+    raise RuntimeError("no free tgtd control number")
 
 
 @dataclass
@@ -60,12 +64,17 @@ class Target:
     luns: dict[int, Lun] = field(default_factory=dict)
 
 
+class _EarlyExit(Exception):
+    """tgtd exited during start-up."""
+
+
 class TgtServer:
     """A tgtd process in the foreground with a private control port."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, workdir: str | None = None,
                  extra: str = "") -> None:
         self.host = host
+        self._fixed_port = port is not None
         self.port = port or free_port(host)
         self.control = _control_number()
         self._own_dir = workdir is None
@@ -73,12 +82,27 @@ class TgtServer:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.targets: dict[int, Target] = {}
-        self.log_path = os.path.join(self.workdir, f"tgtd-{self.control}.log")
+        self.log_path = os.path.join(self.workdir, "tgtd.log")
+        self._log = None
 
     # ------------------------------------------------------------ process
 
     def start(self, timeout: float = 10.0) -> TgtServer:
-        """Start tgtd and wait until its control socket answers."""
+        """Start tgtd and wait until its control socket answers (retrying on port clashes)."""
+        for attempt in range(5):
+            try:
+                return self._start_once(timeout)
+            except _EarlyExit:
+                if attempt == 4:
+                    raise RuntimeError(f"tgtd would not start: {self.log()}") from None
+                # Another process took our control number or port meanwhile: pick new ones.
+                _used_controls.discard(self.control)
+                self.control = _control_number()
+                if not self._fixed_port:
+                    self.port = free_port(self.host)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> TgtServer:
         portal = f"portal={self.host}:{self.port}" + (f",{self.extra}" if self.extra else "")
         if getattr(self, "_log", None) is not None:
             self._log.close()
@@ -90,7 +114,8 @@ class TgtServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tgtd exited with {self.proc.returncode}: {self.log()}")
+                self.proc = None
+                raise _EarlyExit()
             r = subprocess.run([TGTADM, "-C", str(self.control), "--op", "show", "--mode", "sys"],
                                capture_output=True, timeout=5)
             if r.returncode == 0 and self._listening():
@@ -118,10 +143,8 @@ class TgtServer:
     def stop(self) -> None:
         """Stop tgtd: delete the system, then SIGKILL if it lingers."""
         p = self.proc
-        if p is None:
-            return
         try:
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 try:
                     # tgtd refuses to delete the system while targets exist: force them out first.
                     out = self.adm("--op", "show", "--mode", "target", check=False)
@@ -138,9 +161,11 @@ class TgtServer:
                     p.wait(timeout=5)
         finally:
             self.proc = None
-            self._log.close()
+            if getattr(self, "_log", None) is not None:
+                self._log.close()
+                self._log = None
             _used_controls.discard(self.control)
-            if self._own_dir:
+            if self._own_dir and os.path.isdir(self.workdir):
                 subprocess.run(["rm", "-rf", self.workdir], timeout=30)
 
     def kill(self) -> None:
