@@ -16,7 +16,7 @@ and then:
 (c) a scrub finds the parity of every row consistent;
 (d) failing any member (any two for raid6) returns the same bytes.
 
-A deliberately broken journal (its flush skipped) must be caught.
+Deliberately broken variants (the journal flush skipped; the resync skipped) must be caught.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
+from vstore.consistency import Consistency
 from vstore.home import Home
 from vstore.pool import Pool
 from vstore.raid.geometry import survives
@@ -54,6 +55,10 @@ JOURNAL_SIZE = 320 << 10  # a small log, so that it wraps and fills during a run
 WINDOW_ROWS = 12
 CASES = {"raid5": 4, "raid6": 5}
 _counter = itertools.count()
+
+
+async def _no_resync(self) -> None:
+    """The deliberately broken recovery without a journal: no resync at all."""
 
 
 class _NoFlush:
@@ -79,8 +84,8 @@ class _NoFlush:
         await self.dev.aclose()
 
 
-def machine_for(level: str, journal: bool, broken: bool = False) -> type[RuleBasedStateMachine]:
-    """A crash state machine class for one level, with or without a (possibly broken) journal."""
+def machine_for(level: str, journal: bool, broken: str | None = None) -> type[RuleBasedStateMachine]:
+    """A crash state machine for one level, with or without a journal; broken: "flush" or "resync"."""
     n = CASES[level]
 
     class CrashMachine(RuleBasedStateMachine):
@@ -88,6 +93,7 @@ def machine_for(level: str, journal: bool, broken: bool = False) -> type[RuleBas
                     mode=st.sampled_from(["random", "random", "drop", "keep"]))
         def setup(self, seed: int, cut: float, mode: str) -> None:
             self.seed, self.cut, self.mode = seed, cut, mode
+            self.monkey = pytest.MonkeyPatch()
             self.tmp = Path(tempfile.mkdtemp(prefix="vstore-crash-"))
             self.home = Home(self.tmp / "home")
             self.rec = CrashRecorder(f"crash{next(_counter)}")
@@ -102,7 +108,7 @@ def machine_for(level: str, journal: bool, broken: bool = False) -> type[RuleBas
                                   journal=self.jr_uri)
             await p.aclose()
             self.pool = await Pool.open(self.home, "p")
-            if broken:
+            if broken == "flush":
                 jr = self.pool.consistency.journal
                 jr.dev = _NoFlush(jr.dev)
             self.layout = self.pool.layout
@@ -189,7 +195,12 @@ def machine_for(level: str, journal: bool, broken: bool = False) -> type[RuleBas
             states = self.rec.materialize(cut, self.mode, random.Random(self.seed))
             abandon(self.pool)
             await self.rec.crash(states)
-            pool = await reopen_after_crash(self.home, "p")
+            if broken == "resync":
+                self.monkey.setattr(Consistency, "_resync", _no_resync)
+            try:
+                pool = await reopen_after_crash(self.home, "p")
+            finally:
+                self.monkey.undo()
             try:
                 got = np.asarray(await pool.data_dev.read(0, self.window))
                 self._check_contents(got, cut)
@@ -247,11 +258,11 @@ def machine_for(level: str, journal: bool, broken: bool = False) -> type[RuleBas
             wrong = np.flatnonzero(~ok)
             assert not len(wrong), f"(a)/(b) bytes hold neither old nor new content, first at {wrong[:5]}"
 
-    CrashMachine.__name__ = f"Crash_{level}_{'journal' if journal else 'bitmap'}{'_broken' if broken else ''}"
+    CrashMachine.__name__ = f"Crash_{level}_{'journal' if journal else 'bitmap'}_{broken or 'ok'}"
     return CrashMachine
 
 
-SETTINGS = settings(max_examples=40, stateful_step_count=20, deadline=None, database=None,
+SETTINGS = settings(max_examples=30, stateful_step_count=20, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
@@ -263,9 +274,10 @@ def test_crash_consistency(level: str, journal: bool) -> None:
     machine.TestCase().runTest()
 
 
-def test_broken_journal_is_caught() -> None:
-    """Skip the journal flush: the same checks must fail within a bounded number of examples."""
-    machine = machine_for("raid5", True, broken=True)
+@pytest.mark.parametrize(("journal", "broken"), [(True, "flush"), (False, "resync")])
+def test_broken_variants_are_caught(journal: bool, broken: str) -> None:
+    """Skip the journal flush, or the resync: the checks must fail within a bounded number of examples."""
+    machine = machine_for("raid5", journal, broken=broken)
     machine.TestCase.settings = settings(SETTINGS, max_examples=150, phases=[Phase.generate])
     with pytest.raises((AssertionError, Flaky)):
         machine.TestCase().runTest()
@@ -321,7 +333,7 @@ def test_kill9_mount_under_fio_then_recover(tmp_path: Path, journal: bool) -> No
             ["fio", "--name=crash", f"--directory={ext}", "--size=24M", "--rw=randwrite",
              "--bs=4k", "--ioengine=psync", "--fsync=32", "--numjobs=2", "--time_based",
              "--runtime=60", "--direct=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(4)
+        time.sleep(2.5)
         assert fio.poll() is None, "fio stopped early"
         sock = mounted_pool_socket(home, "p")
         pid = control.call_sync(sock, {"cmd": "mount-info"})["pid"]
