@@ -257,10 +257,16 @@ class IscsiDevice(DeviceBase):
         await ready.wait()
 
     async def _login(self) -> Session:
+        if self._closed:
+            raise MemberIOError(f"{self.name} is closed")
         s = Session(self.host, self.port, self.target, self.options, isid=self.isid,
                     credentials=self._credentials)
         await s.connect()
-        await self._nursery.start(s.reader)
+        try:
+            await self._nursery.start(s.reader)
+        except RuntimeError:  # aclose() ran meanwhile: the nursery takes no new tasks
+            s.close()
+            raise MemberIOError(f"{self.name} is closed") from None
         return s
 
     async def _open(self, nursery: trio.Nursery | None, *, inspect_lun: bool = True) -> None:
