@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vstore.device import DeviceBase, as_u8
-from vstore.errors import ConfigError, MemberIOError, NoPathError
+from vstore.errors import ConfigError, MemberIOError, NoPathError, NotFoundError
 from vstore.multipath import MultipathDevice, strip_priority, validate_options
 from vstore.uri import parse_uri
 
@@ -53,6 +53,12 @@ class FakePath(DeviceBase):
             await trio.sleep_forever()
         if self.mode == "error":
             raise MemberIOError("fake path is down")
+        if self.mode == "medium":
+            err = MemberIOError("medium error")
+            err.sense_key = 0x3  # what ScsiError carries: about the medium, not the path
+            raise err
+        if self.mode == "gone":
+            raise NotFoundError("LUN gone on this path")
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         self.check(offset, length)
@@ -715,3 +721,24 @@ async def test_pool_with_multipath_members(tmp_path):
     finally:
         for i in range(2):
             memory.forget(f"mpp{i}")
+
+
+async def test_medium_errors_do_not_fail_paths_and_odd_errors_do_not_stop_the_checker(autojump_clock):
+    store, (a, b) = make_paths(2)
+    mp = await open_mp([a, b], check_interval=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mp.run)
+        a.mode = b.mode = "medium"
+        with pytest.raises(MemberIOError, match="medium error"):
+            await mp.read(0, BS)
+        assert [p.state for p in mp.paths] == ["active", "active"]
+        a.mode, b.mode = "gone", "ok"
+        for _ in range(4):
+            await mp.read(0, BS)  # a NotFoundError on a path is a path failure too
+        assert mp.paths[0].state == "failed"
+        await trio.sleep(5)  # the checker keeps going through NotFoundError probes
+        assert mp._checker_scope is not None and mp.paths[0].state == "failed"
+        a.mode = "ok"
+        await trio.sleep(2)
+        assert mp.paths[0].state == "active"
+        nursery.cancel_scope.cancel()

@@ -64,6 +64,8 @@ from vstore.errors import (
     DeviceTimeoutError,
     MemberIOError,
     NoPathError,
+    OutOfRangeError,
+    ReadOnlyError,
     VstoreError,
 )
 from vstore.uri import MemberURI, open_uri
@@ -79,6 +81,8 @@ PENDING = "pending"  # answers probes again, held back by failback delay or flap
 
 # SCSI sense keys that describe the medium or the request, not the path: never fail over on them.
 _TARGET_SENSE_KEYS = frozenset({0x3, 0x4, 0x5, 0x7, 0x8})
+# Errors about the request itself: the same on every path.
+_REQUEST_ERRORS = (OutOfRangeError, ReadOnlyError, ConfigError)
 
 _RATE_SAMPLE = 0.02  # seconds of busy time per service-time throughput sample
 _RATE_ALPHA = 0.3  # weight of a new sample in the moving average
@@ -273,8 +277,8 @@ class MultipathDevice(DeviceBase):
             failed = [i for i, d in enumerate(devs) if d is None]
             if len(failed) == len(uris) or (failed and require_all):
                 first = errors[failed[0]]
-                raise type(first)(
-                    f"multipath member: cannot open path {stripped[failed[0]][0].redacted()}: {first}"
+                raise _same_kind(
+                    first, f"multipath member: cannot open path {stripped[failed[0]][0].redacted()}: {first}"
                 ) from first
             identity = _check_identity([(stripped[i][0], d) for i, d in enumerate(devs) if d is not None])
             ref = next(d for d in devs if d is not None)
@@ -409,7 +413,7 @@ class MultipathDevice(DeviceBase):
             return
         try:
             await self._probe(p)
-        except MemberIOError as e:
+        except VstoreError as e:
             p.state, p.error = FAILED, str(e)
             raise MemberIOError(
                 f"path {index} ({p.uri.redacted()}) does not answer: {e}; "
@@ -434,7 +438,10 @@ class MultipathDevice(DeviceBase):
                 self._checker_scope = scope
                 task_status.started()
                 while not self._closed:
-                    await self.check_paths()
+                    try:
+                        await self.check_paths()
+                    except Exception:  # a bug here must not take the pool (or its mount) down
+                        log.exception("multipath %s: path checker round failed", self._identity)
                     await trio.sleep(self.check_interval)
         finally:
             self._checker_scope = None
@@ -462,7 +469,7 @@ class MultipathDevice(DeviceBase):
         p.last_check = trio.current_time()
         try:
             await self._probe(p)
-        except MemberIOError as e:
+        except VstoreError as e:  # MemberIOError, or NotFoundError/AuthError from a new login
             if p.state == ACTIVE:
                 self._fail(p, f"path checker: {e}")
             else:
@@ -474,7 +481,7 @@ class MultipathDevice(DeviceBase):
             try:
                 with trio.fail_after(self.probe_timeout):
                     await p.dev.flush()
-            except (MemberIOError, trio.TooSlowError) as e:
+            except (VstoreError, trio.TooSlowError) as e:
                 p.state, p.error, p.healthy_since = FAILED, f"flush after recovery: {e}", None
                 return
             p.dirty = False
@@ -651,10 +658,10 @@ class MultipathDevice(DeviceBase):
             p.inflight_bytes += nbytes
             try:
                 result = await self._attempt(p, kind, offset, arg, nbytes)
-            except MemberIOError as e:
+            except VstoreError as e:
                 p.inflight -= 1
                 p.inflight_bytes -= nbytes
-                if _target_error(e):
+                if _target_error(e) or isinstance(e, _REQUEST_ERRORS):
                     p.errors += 1
                     raise
                 if kind == 1 or kind == 2:
@@ -737,9 +744,9 @@ class MultipathDevice(DeviceBase):
         async def one(p: Path) -> None:
             try:
                 await self._attempt(p, 3, 0, None, 0)
-            except MemberIOError as e:
+            except VstoreError as e:
                 p.dirty = True
-                if _target_error(e):
+                if _target_error(e) or isinstance(e, _REQUEST_ERRORS):
                     raise
                 self._fail(p, str(e))
                 failed.append(p)
@@ -768,6 +775,14 @@ class MultipathDevice(DeviceBase):
 
     def __repr__(self) -> str:
         return f"<MultipathDevice {self._identity} paths={len(self.paths)} size={self.size}>"
+
+
+def _same_kind(exc: VstoreError, message: str) -> VstoreError:
+    """An error of exc's class (so its exit code holds) with a new message."""
+    try:
+        return type(exc)(message)
+    except TypeError:  # a class that needs more than a message (ScsiError)
+        return MemberIOError(message)
 
 
 def _target_error(exc: BaseException) -> bool:
