@@ -61,7 +61,7 @@ def show_checks(checks: list[dict], title: str) -> None:
     if not checks:
         return
     t = Table(title=title)
-    for col in ("check", "kind", "GB/s", "baseline GB/s", "ratio vs target"):
+    for col in ("check", "on", "GB/s", "baseline GB/s", "ratio vs target"):
         t.add_column(col, justify="left" if col in ("check", "kind") else "right")
     for ch in checks:
         t.add_row(ch["check"], ch.get("kind", ""), _gbs(ch["numerator_gbs"]), _gbs(ch["denominator_gbs"]),
@@ -170,3 +170,88 @@ def layouts_chart(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    """The README's Performance tables, in Markdown, from a ``bench.json`` report."""
+    m = result["machine"]
+    out = [f"Run {result['date'][:16].replace('T', ' ')} UTC: `{result['command']}` on {m['cores']} cores "
+           f"({m['cpu']}, {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, Python {m['python']}, "
+           f"numpy {m['numpy']}, numba {m['numba']}, fio {m['fio']}); load average "
+           f"{m['load_average']} at the start, {m.get('load_average_end')} at the end.", ""]
+    if "kernels" in result:
+        out += ["**Kernels**, one core (GB/s of data consumed; ISA-L on the same buffers; "
+                "recovery is compared with `pq_gen`, as ISA-L has no recovery call):", "",
+                "| kernel | k | chunk | numba | numba, all cores | numpy ref | memcpy | ISA-L | numba / ISA-L |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["kernels"]["rows"]:
+            isal = f"{r['isal_gbs']:.1f} ({r['isal_baseline']})" if r.get("isal_gbs") else "missing"
+            ratio = f"{r['numba_vs_isal']:.2f}" if r.get("numba_vs_isal") else "-"
+            allc = f"{r['all_cores_gbs']:.1f}" if r.get("all_cores_gbs") else "-"
+            out.append(f"| {r['op']} | {r['k']} | {r['chunk'] // 1024} KiB | {r['numba_gbs']:.1f} | {allc} | "
+                       f"{r['numpy_gbs']:.2f} | {r['memcpy_gbs']:.1f} | {isal} | {ratio} |")
+        out.append("")
+    if "layouts" in result:
+        lay = result["layouts"]
+        members = ", ".join(f"{k} {v}" for k, v in lay["members"].items())
+        for kind in dict.fromkeys(r["kind"] for r in lay["rows"]):
+            rows = [r for r in lay["rows"] if r["kind"] == kind]
+            workloads = list(dict.fromkeys(r["workload"] for r in rows))
+            out += [f"**Layouts over {kind} members** through the engine, no FUSE (chunk "
+                    f"{lay['chunk'] // 1024} KiB; members: {members}). Each cell: GB/s (IOPS for 4 KiB) "
+                    f"and, in brackets, the ratio to the same workload on one {kind} member in the same run:", "",
+                    "| level | " + " | ".join(workloads) + " |", "|---" * (len(workloads) + 1) + "|"]
+            for level in dict.fromkeys(r["level"] for r in rows):
+                cells = []
+                for w in workloads:
+                    r = next((x for x in rows if x["level"] == level and x["workload"] == w), None)
+                    if r is None:
+                        cells.append("-")
+                    elif "4K" in w:
+                        cells.append(f"{r['iops'] / 1000:.0f}k ({r['ratio']:.2f})")
+                    else:
+                        cells.append(f"{r['gbs']:.2f} ({r['ratio']:.2f})")
+                out.append(f"| {level} | " + " | ".join(cells) + " |")
+            singles = []
+            for w in workloads:
+                vals = [x for x in rows if x["workload"] == w]
+                if vals:
+                    best = max(vals, key=lambda x: x["single_gbs"])
+                    singles.append(f"{best['single_iops'] / 1000:.0f}k" if "4K" in w and best.get("single_iops")
+                                   else f"{best['single_gbs']:.2f}")
+            out += ["| *one member (best round)* | " + " | ".join(singles) + " |", ""]
+    if "stack" in result:
+        st = result["stack"]
+        targets = st["targets"]
+        out += [f"**Whole stack**: fio on a {st['size'] // 2**20} MiB file, {st['runtime']:g} s per job, "
+                f"vstore = a volume of a {st['pool']['level']} pool of {st['pool']['members']} file members "
+                f"mounted with `vstore mount`; plain = the same disk without FUSE; ceiling = an empty pyfuse3 "
+                f"filesystem; qemu = qemu-storage-daemon's FUSE export of a plain file. GB/s (kIOPS for 4 KiB):", "",
+                "| job | " + " | ".join(targets) + " | vstore / plain | vstore / ceiling | vstore / qemu |",
+                "|---" * (len(targets) + 4) + "|"]
+        for job in st["jobs"]:
+            cells = []
+            for name in targets:
+                r = st["results"].get(name, {}).get(job)
+                cells.append("-" if r is None else (f"{r['iops'] / 1000:.1f}k" if "4K" in job else f"{r['gbs']:.2f}"))
+            ratios = st["ratios"].get(job, {})
+            cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
+            out.append(f"| {job} | " + " | ".join(cells) + " |")
+        out.append("")
+    checks = []
+    for sec in ("kernels", "layouts", "stack"):
+        checks += [(sec, c) for c in result.get(sec, {}).get("checks", [])]
+    if checks:
+        out += ["**Targets** (reported by the benchmark, never asserted):", "",
+                "| check | on | measured | baseline | ratio | target |", "|---|---|---|---|---|---|"]
+        for _, c in checks:
+            out.append(f"| {c['check']} | {c.get('kind', '')} | {c['numerator_gbs']:.2f} GB/s | "
+                       f"{c['denominator_gbs']:.2f} GB/s | {c['value']:.2f} | ≥ {c['target']:g} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/bench.json").read_text())))
