@@ -233,6 +233,8 @@ class Header:
         """Whether this PDU's StatSN counts (it carries a status)."""
         if self.opcode == Opcode.DATA_IN:
             return bool(self.flags & F_STATUS)
+        if self.opcode == Opcode.NOP_IN:
+            return self.itt != NO_TAG  # an answer to our ping; a target ping is not
         return self.opcode in STATUS_OPCODES
 
     # Login Response fields.
