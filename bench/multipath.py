@@ -9,7 +9,7 @@ loopback portals (127.0.0.1 and 127.0.0.2, same port) with one file-backed LUN
 - ``2 paths round-robin`` / ``2 paths service-time``: a MultipathDevice over both portals.
 
 Each does sequential 1 MiB reads and writes with 8 requests in flight (writes
-end with a flush, timed separately). Each figure is the best of the rounds;
+end with a flush, timed separately). Each figure is the best of 5 rounds;
 ratios are against the 1-path baseline of the same run. Prints a table and
 writes ``bench/results/multipath.json``. Both paths share one tgtd and one host,
 so two paths help only where one session's round trips, not the CPU, are the limit.
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lun_size = (256 if args.quick else 1024) * MiB
     count = lun_size // MiB
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5
     workdir = tempfile.mkdtemp(prefix="vstore-bench-mp-", dir=args.dir)
     port = free_port()
     srv = TgtServer(port=port, workdir=workdir, extra=f"portal=127.0.0.2:{port}")
