@@ -225,19 +225,28 @@ def markdown(result: dict) -> str:
         targets = st["targets"]
         out += [f"**Whole stack**: fio on a {st['size'] // 2**20} MiB file, {st['runtime']:g} s per job, "
                 f"vstore = a volume of a {st['pool']['level']} pool of {st['pool']['members']} file members "
-                f"mounted with `vstore mount`; plain = the same disk without FUSE; ceiling = an empty pyfuse3 "
-                f"filesystem; qemu = qemu-storage-daemon's FUSE export of a plain file. GB/s (kIOPS for 4 KiB):", "",
-                "| job | " + " | ".join(targets) + " | vstore / plain | vstore / ceiling | vstore / qemu |",
-                "|---" * (len(targets) + 4) + "|"]
-        for job in st["jobs"]:
-            cells = []
-            for name in targets:
-                r = st["results"].get(name, {}).get(job)
-                cells.append("-" if r is None else (f"{r['iops'] / 1000:.1f}k" if "4K" in job else f"{r['gbs']:.2f}"))
-            ratios = st["ratios"].get(job, {})
-            cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
-            out.append(f"| {job} | " + " | ".join(cells) + " |")
-        out.append("")
+                f"(chunk {st['pool']['chunk'] // 1024} KiB) mounted with `vstore mount`; plain = a plain file "
+                f"on the same disk, no FUSE; ceiling = an empty pyfuse3 filesystem (reads return a zero buffer, "
+                f"writes are dropped); qemu = qemu-storage-daemon's FUSE export of a plain file on the same disk. "
+                f"GB/s (kIOPS for 4 KiB); the last three columns are vstore / each baseline.", ""]
+        for mode, title in (("direct", "Direct I/O (`--direct=1`, libaio, queue depth 8)"),
+                            ("buffered", "Buffered I/O (psync; the write ends with fsync, reads drop the cache first)")):
+            jobs = [j for j in st["jobs"] if j.startswith(mode)]
+            if not jobs:
+                continue
+            out += [f"{title}:", "",
+                    "| job | " + " | ".join(targets) + " | vstore / plain | vstore / ceiling | vstore / qemu |",
+                    "|---" * (len(targets) + 4) + "|"]
+            for job in jobs:
+                cells = []
+                for name in targets:
+                    r = st["results"].get(name, {}).get(job)
+                    cells.append("-" if r is None else
+                                 (f"{r['iops'] / 1000:.1f}k" if "4K" in job else f"{r['gbs']:.2f}"))
+                ratios = st["ratios"].get(job, {})
+                cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
+                out.append(f"| {job.removeprefix(mode).strip()} | " + " | ".join(cells) + " |")
+            out.append("")
     checks = []
     for sec in ("kernels", "layouts", "stack"):
         checks += [(sec, c) for c in result.get(sec, {}).get("checks", [])]
