@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from vstore import owner as owner_mod
 from vstore.bitmap import WriteIntentBitmap, choose_region, resync_rows, rows_of_regions
 from vstore.device import BlockDevice
 from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
@@ -145,6 +146,19 @@ class Consistency:
                 raise
         elif pool.level in PARITY_LEVELS:
             self._make_bitmap()
+
+    def warn_if_recovery_pending(self) -> None:
+        """Read-only opens recover nothing: say so when the last owner died with writes in flight."""
+        pool = self.pool
+        token = pool.meta.get("owner")
+        if pool.meta.get("clean", True) or not owner_mod.token_is_stale(token):
+            return  # closed cleanly, or open in a live process right now
+        what = ("journal replay" if pool.meta.get("journal")
+                else "parity resync" if pool.level in PARITY_LEVELS else "recovery")
+        log.warning("pool %s was not closed cleanly and is opened read-only: its %s is pending, so "
+                    "%s; open it for writing once (e.g. vstore mount) to recover it", pool.name, what,
+                    "acknowledged writes may be missing" if pool.meta.get("journal")
+                    else "parity may be inconsistent")
 
     async def recover_and_start(self) -> None:
         """After an unclean shutdown replay the journal or resync; then start logging."""

@@ -261,6 +261,8 @@ class Pool:
                 await pool.consistency.open()
                 await pool._take_ownership()
                 await pool.consistency.recover_and_start()
+            else:
+                pool.consistency.warn_if_recovery_pending()
             return pool
         except BaseException:
             with trio.CancelScope(shield=True):
