@@ -782,3 +782,23 @@ def test_random_concurrent_io_matches_a_model(tgt):
         trio.run(main)
 
     run()
+
+
+async def test_cancelled_io_and_close(tgt):
+    """Cancelling reads and writes mid-flight leaves the device usable; aclose works even when cancelled."""
+    dev = await iscsi.open_uri(url(tgt, "mrdsl8192"))
+    try:
+        for delay in (0, 0.0005, 0.002):
+            with trio.move_on_after(delay):
+                async with trio.open_nursery() as n:
+                    n.start_soon(dev.write, 0, pattern(2 << 20, 1))
+                    n.start_soon(dev.read, 4 << 20, 2 << 20)
+        await dev.write(0, pattern(1 << 20, 2))
+        assert np.array_equal(await dev.read(0, 1 << 20), pattern(1 << 20, 2))
+    finally:
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await dev.aclose()  # cancelled caller: still logs out / stops the reader
+    assert dev.session is not None and not dev.session.alive
+    with pytest.raises(MemberIOError, match="closed"):
+        await dev.read(0, 512)

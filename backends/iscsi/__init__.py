@@ -308,15 +308,18 @@ class IscsiDevice(DeviceBase):
             return
         self._closed = True
         s = self._session
-        if s is not None and self._nursery is not None:
-            with trio.move_on_after(5):
-                await s.logout()
-        if s is not None:
-            s.close()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-            with trio.move_on_after(5):
-                await self._host_done.wait()
+        # Shielded so a cancelled caller still stops the background task; every
+        # wait in here is bounded.
+        with trio.CancelScope(shield=True):
+            if s is not None and self._nursery is not None and s.alive:
+                with trio.move_on_after(3):
+                    await s.logout()
+            if s is not None:
+                s.close()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+                with trio.move_on_after(5):
+                    await self._host_done.wait()
 
     # ------------------------------------------------------------ commands
 
