@@ -77,20 +77,25 @@ class UncommittedRanges:
             base: np.ndarray | None = None) -> None:
         """Record data written at start; older overlapping ranges are trimmed away."""
         end = start + len(data)
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        victims = []
-        while i < len(self._starts) and self._starts[i] < end:
-            r = self._by_start[self._starts[i]]
-            if r.end > start:
-                victims.append(r)
-            i += 1
-        for r in victims:
+        for r in self.overlapping(start, end):
             self._drop(r)
             if r.start < start:
                 self._put(_Range(r.start, r.data[: start - r.start], r.verf, r.seq))
             if r.end > end:
                 self._put(_Range(end, r.data[end - r.start :], r.verf, r.seq))
         self._put(_Range(start, data, verf, seq, base))
+
+    def overlapping(self, start: int, end: int) -> list[_Range]:
+        """The ranges that overlap [start, end)."""
+        starts = self._starts
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        out = []
+        while i < len(starts) and starts[i] < end:
+            r = self._by_start[starts[i]]
+            if r.end > start:
+                out.append(r)
+            i += 1
+        return out
 
     def discard(self, r: _Range) -> None:
         """Forget a range (it is stable), if it is still recorded."""
@@ -194,10 +199,18 @@ class NfsDevice(DeviceBase):
         if length <= step:
             if length:
                 await self._read_into(view, offset)
-            return out
-        async with trio.open_nursery() as nursery:
-            for pos in range(0, length, step):
-                nursery.start_soon(self._read_into, view[pos : pos + step], offset + pos)
+        else:
+            async with trio.open_nursery() as nursery:
+                for pos in range(0, length, step):
+                    nursery.start_soon(self._read_into, view[pos : pos + step], offset + pos)
+        # Acknowledged but uncommitted writes win over what the server returned: after a
+        # restart it may have lost them until flush() resends them, and a reader (a RAID
+        # read-modify-write) must still see its own writes.
+        if len(self._cache):
+            end = offset + length
+            for r in self._cache.overlapping(offset, end):
+                a, b = max(r.start, offset), min(r.end, end)
+                out[a - offset : b - offset] = r.data[a - r.start : b - r.start]
         return out
 
     async def _read_into(self, dest: memoryview, offset: int) -> None:
