@@ -53,7 +53,7 @@ POOL_LEVEL, POOL_MEMBERS, POOL_CHUNK = "raid5", 5, 64 * 1024
 
 def fio(path: Path, job: str, size: int, runtime: float) -> dict:
     """Run one fio job on a file; GB/s, IOPS and mean completion latency of its read or write side."""
-    cmd = ["fio", "--name=bench", f"--filename={path}", f"--size={size}", f"--runtime={runtime}",
+    cmd = ["fio", "--name=bench", f"--filename={path}", f"--size={size}", f"--runtime={max(1, int(runtime * 1000))}ms",
            "--time_based", "--output-format=json", "--group_reporting", *JOBS[job]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 4 + 120)
     if res.returncode:
@@ -61,6 +61,13 @@ def fio(path: Path, job: str, size: int, runtime: float) -> dict:
     side = json.loads(res.stdout)["jobs"][0]["write" if "write" in job else "read"]
     return {"gbs": side["bw_bytes"] / 1e9, "iops": side["iops"],
             "lat_us": side.get("clat_ns", {}).get("mean", 0) / 1000}
+
+
+def _fuse_stats(volume: Path) -> dict | None:
+    """The vstore mount's request counters (``.vstore/fuse-stats`` beside the volume file)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((volume.parent / ".vstore" / "fuse-stats").read_text())
+    return None
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
@@ -207,7 +214,7 @@ def run(quick: bool, log=print) -> dict:
     if shutil.which("fio") is None:
         raise RuntimeError("fio is not installed")
     size = (64 if quick else 1024) * MiB
-    runtime = 0.6 if quick else 4.0
+    runtime = 0.5 if quick else 4.0
     jobs = list(QUICK_JOBS) if quick else list(JOBS)
     stack = Stack(size, log)
     results: dict[str, dict[str, dict]] = {}
@@ -222,7 +229,17 @@ def run(quick: bool, log=print) -> dict:
         for job in jobs:
             log(f"stack: {job}")
             for name, path in stack.targets.items():
-                results[name][job] = fio(path, job, size, runtime)
+                before = _fuse_stats(path) if name == "vstore" else None
+                results[name][job] = res = fio(path, job, size, runtime)
+                after = _fuse_stats(path) if before else None
+                if before and after:
+                    # What the vstore mount received: the request size after the kernel's FUSE layer.
+                    side = "write" if "write" in job else "read"
+                    count = after[side]["count"] - before[side]["count"]
+                    nbytes = after[side]["bytes"] - before[side]["bytes"]
+                    if count > 0:
+                        res["fuse_requests"] = count
+                        res["fuse_avg_request_kib"] = nbytes / count / 1024
     finally:
         stack.stop()
     ratios: dict[str, dict[str, float | None]] = {}

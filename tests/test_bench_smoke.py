@@ -30,7 +30,7 @@ LEVELS = {"linear", "raid0", "raid1", "raid5", "raid6", "raid10"}
 # Every key that holds a measured figure, wherever it appears in the report.
 FIGURE_KEYS = {"gbs", "iops", "single_gbs", "single_iops", "ratio", "value", "numerator_gbs",
                "denominator_gbs", "numba_gbs", "numpy_gbs", "memcpy_gbs", "isal_gbs", "numba_vs_isal",
-               "all_cores_gbs"}
+               "all_cores_gbs", "fuse_avg_request_kib"}
 
 
 def _figures(node, path: str = ""):
