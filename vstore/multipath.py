@@ -187,7 +187,7 @@ class Path:
         self.acc_bytes = 0
         self.acc_time = 0.0
         self.dirty = False  # carried writes since its last flush
-        self.last_check = 0.0
+        self.last_check = trio.current_time()  # it was just opened: healthy for now
         self.own_timeout = 0.0
         self.set_device(dev)
 
