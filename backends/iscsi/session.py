@@ -871,13 +871,20 @@ class Session:
 
     async def command(self, lun: int, cdb: bytes, *, read_buf=None, write_buf=None) -> Completion:
         """Run one SCSI command; read_buf/write_buf are uint8 memoryviews of the transfer."""
+        t = await self.submit(lun, cdb, read_buf=read_buf, write_buf=write_buf)
+        await self.finish([t])
+        if t.error is not None:
+            raise t.error
+        return t.completion
+
+    async def submit(self, lun: int, cdb: bytes, *, read_buf=None, write_buf=None) -> _Task:
+        """Send a SCSI command (and its immediate/unsolicited data); ``finish`` waits for it."""
         expected = len(read_buf) if read_buf is not None else (len(write_buf) if write_buf is not None else 0)
         t = _Task(0, lun, read_buf, write_buf)
         p = self.params
         # Wait for room in the CmdSN window, then send under the lock so CmdSN
-        # order matches wire order.
-        # Never wait for the window while holding the lock: Data-Out answering
-        # R2Ts of earlier commands (which open the window) needs it.
+        # order matches wire order. Never wait for the window while holding the
+        # lock: Data-Out answering R2Ts of earlier commands (which open it) needs it.
         while True:
             self._check_alive()
             if not self._window_open():
@@ -914,33 +921,40 @@ class Session:
             await self._send_guarded(parts)
         finally:
             self._send_lock.release()
+        return t
+
+    async def finish(self, tasks: list[_Task]) -> None:
+        """Serve R2Ts of the submitted tasks until every one has ended (its error or completion set)."""
         try:
             while True:
-                await t.wake.wait()
-                t.wake = trio.Event()
-                while t.r2ts and not t.done:
-                    ttt, off, length = t.r2ts.pop(0)
-                    outs = self._data_outs(t, ttt, off, length)
-                    await self._lock()
-                    try:
-                        self._check_alive()
-                        await self._send_guarded(outs)
-                    finally:
-                        self._send_lock.release()
-                if t.done:
-                    break
+                # Install a fresh shared event before looking at the state, so a
+                # wake-up while we send Data-Out is never lost.
+                ev = trio.Event()
+                for t in tasks:
+                    t.wake = ev
+                for t in tasks:
+                    while t.r2ts and not t.done:
+                        ttt, off, length = t.r2ts.pop(0)
+                        outs = self._data_outs(t, ttt, off, length)
+                        await self._lock()
+                        try:
+                            self._check_alive()
+                            await self._send_guarded(outs)
+                        finally:
+                            self._send_lock.release()
+                if all(t.done for t in tasks):
+                    return
+                await ev.wait()
         except BaseException:
-            if not t.done:
-                # Cancelled (or failed) mid-command. A write the target still waits on
-                # would hold its task forever: drop the connection (ERL 0 cleans up).
-                if write_buf is not None:
-                    self.abort(ConnectionLostError("a write was abandoned mid-transfer"))
-                else:
-                    t.abandoned = True
+            for t in tasks:
+                if not t.done:
+                    # Cancelled (or failed) mid-command. A write the target still waits
+                    # on would hold its task forever: drop the connection (ERL 0 cleans up).
+                    if t.write_buf is not None:
+                        self.abort(ConnectionLostError("a write was abandoned mid-transfer"))
+                    else:
+                        t.abandoned = True
             raise
-        if t.error is not None:
-            raise t.error
-        return t.completion
 
     def _data_outs(self, t: _Task, ttt: int, offset: int, length: int) -> list:
         """Buffers of the Data-Out PDUs carrying write_buf[offset:offset+length]."""
