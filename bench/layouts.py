@@ -75,8 +75,8 @@ def scratch_dir() -> Path:
         same_disk = os.stat(tmp).st_dev == os.stat(ROOT).st_dev
     except OSError:
         same_disk = False
-    base = tmp if same_disk else ROOT / ".bench-tmp"
-    base.mkdir(exist_ok=True)
+    base = tmp if same_disk else ROOT / "bench" / "results" / "tmp"  # git-ignored
+    base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="vstore-bench-", dir=base))
 
 
