@@ -79,7 +79,7 @@ async def check(pool: Pool, name: str, model: np.ndarray) -> None:
 # --------------------------------------------------------------------------- rebuild
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(LEVELS), seed=st.integers(0, 2**31), stop_at=st.none() | st.floats(0.1, 0.8),
        which=st.integers(0, 10))
 def test_replace_under_concurrent_writes_matches_model(tmp_path: Path, case, seed: int,

@@ -164,7 +164,7 @@ class Lifecycle:
                 result = await fn(op)
                 op.state = "done"
                 op.result = result
-                self.last = {**op.status(), **result}
+                self.last = {**result, **op.status()}
                 return result
             op.state = "stopped"
             self.last = op.status()

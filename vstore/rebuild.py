@@ -36,6 +36,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from vstore.errors import (
     ConfigError,
     DegradedError,
@@ -47,6 +49,7 @@ from vstore.errors import (
 from vstore.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
 from vstore.metadata import DATA_OFFSET, Superblock, scan_member, write_superblock
 from vstore.offset import OffsetDevice
+from vstore.raid.base import MemberFailed
 from vstore.raid.geometry import survives
 from vstore.sizes import format_size
 from vstore.uri import MemberURI, split_paths
@@ -58,7 +61,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("vstore.rebuild")
 
 SPARE_INDEX = 0xFFFFFFFE  # a spare's superblock index (with n_members SPARE_INDEX + 1)
-WINDOW = 32  # rows rebuilt concurrently
+WINDOW = 4  # batches of rows rebuilt concurrently
+BATCH_BYTES = 1 << 20  # rows rebuilt together: one read of this size per surviving member
+
+
+def BATCH_ROWS_FOR(chunk: int) -> int:  # noqa: N802 - a constant that depends on the chunk
+    """Rows per rebuild batch for a chunk size."""
+    return max(1, BATCH_BYTES // chunk)
 
 
 # --------------------------------------------------------------------------- queries
@@ -104,6 +113,61 @@ def lock_keys(pool: Pool, index: int, row: int) -> list[int]:
     if pool.level == "raid10":
         return [(row * pool.layout.n + index) // 2]
     return [row]  # parity levels lock rows; raid1 locks chunks, and its row r is chunk r
+
+
+async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndarray:
+    """What member index should hold in rows [r0, r0+count), computed from the others.
+
+    The caller holds the rows' locks. Consecutive rows are contiguous on every
+    member, so each surviving member is read once for the whole batch (what
+    ``member_bytes`` does row by row); levels or shapes without that property go
+    row by row through ``member_bytes``.
+    """
+    layout = pool.layout
+    C = layout.chunk
+    if pool.level == "raid1" or (pool.level == "raid10" and layout.n % 2 == 0):
+        while True:
+            if not survives(pool.level, layout.n, layout.failed | {index}):
+                raise DegradedError(f"{pool.level}: member {index} cannot be computed from the "
+                                    f"others (failed: {sorted(layout.failed)})")
+            src = index ^ 1 if pool.level == "raid10" else min(
+                (x for x in layout.healthy() if x != index), key=lambda x: layout.inflight[x])
+            try:
+                return await layout._read_member(src, r0 * C, count * C)
+            except MemberFailed:
+                continue
+    if pool.level not in ("raid5", "raid6"):
+        return await layout.member_bytes(index, r0 * C, count * C)
+    while True:
+        gone = layout.failed | {index}
+        layout.require_usable()
+        live = [x for x in range(layout.n) if x not in gone]
+        try:
+            got = await layout._read_members([(x, r0 * C, count * C) for x in live])
+        except MemberFailed:
+            continue
+        break
+    bufs = {x: g.reshape(count, C) for x, g in zip(live, got, strict=True)}
+    out = np.empty((count, C), dtype=np.uint8)
+    for r in range(r0, r0 + count):
+        dmem, pmem = layout.row_members(r)
+        data = np.empty((layout.k, C), dtype=np.uint8)
+        missing = []
+        for j, x in enumerate(dmem):
+            if x in bufs:
+                data[j] = bufs[x][r - r0]
+            else:
+                missing.append(j)
+        parity = [bufs[x][r - r0] if x in bufs else None for x in pmem]
+        if len(missing) > sum(p is not None for p in parity):
+            raise DegradedError(f"{pool.level} row {r}: too many failed members to rebuild member {index}")
+        if missing:
+            layout.recover(data, parity, missing)
+        if index in dmem:
+            out[r - r0] = data[dmem.index(index)]
+        else:
+            out[r - r0] = (await layout.compute_parity(data))[pmem.index(index)]
+    return out.reshape(-1)
 
 
 # --------------------------------------------------------------------------- new members
@@ -227,18 +291,23 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
         await layout.members[index].flush()
         await pool.commit()
 
-    async def row(r: int) -> None:
-        async with layout.locked(lock_keys(pool, index, r)):
-            if index not in layout.rebuilding:
-                raise MemberIOError(f"the new member {index} failed during its rebuild ({m.error})")
-            data = await layout.member_bytes(index, r * C, C)
-            await layout._write_member(index, r * C, data)
+    def alive() -> None:
         if index not in layout.rebuilding:
             raise MemberIOError(f"the new member {index} failed during its rebuild ({m.error})")
 
+    async def batch(r0: int) -> None:
+        count = min(BATCH_ROWS_FOR(C), rows - r0)
+        keys = sorted({k for r in range(r0, r0 + count) for k in lock_keys(pool, index, r)})
+        async with layout.locked(keys):
+            alive()
+            data = await rows_of_member(pool, index, r0, count)
+            await layout._write_member(index, r0 * C, data)
+        alive()
+
+    step = BATCH_ROWS_FOR(C)
     try:
-        await sweep(list(range(start, rows)), row, unit_bytes=C, op=op, limiter=limiter,
-                    checkpoint=checkpoint, window=WINDOW)
+        await sweep(list(range(start, rows, step)), batch, unit_bytes=step * C, op=op,
+                    limiter=limiter, checkpoint=checkpoint, window=WINDOW)
     except BaseException:
         record(op.cursor)  # committed with the next metadata change (at the latest on close)
         raise
@@ -255,7 +324,7 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
     nbytes = (rows - start) * C
     log.info("pool %s: member %d rebuilt (%s in %.1f s)", pool.name, index, format_size(nbytes), seconds)
     return {"kind": "rebuild", "member": index, "uri": m.uri_text, "bytes": nbytes,
-            "seconds": round(seconds, 3), "resumed_at_row": start, "state": pool.state}
+            "seconds": round(seconds, 3), "resumed_at_row": start, "pool_state": pool.state}
 
 
 def _guard_replace(pool: Pool, index: int) -> None:

@@ -193,7 +193,7 @@ def _echo_done(pool: str, r: dict[str, Any]) -> None:
     else:
         extra = f" (resumed at row {r['resumed_at_row']})" if r.get("resumed_at_row") else ""
         click.echo(f"member {r.get('member')} of pool {pool!r} rebuilt onto {r.get('uri')}: "
-                   f"{format_size(nbytes)} in {secs:.1f} s{rate}{extra}; pool is {r.get('state', 'clean')}")
+                   f"{format_size(nbytes)} in {secs:.1f} s{rate}{extra}; pool is {r.get('pool_state', 'clean')}")
 
 
 # --------------------------------------------------------------------------- spares
