@@ -331,3 +331,20 @@ def test_uncommitted_ranges_keep_newest_bytes():
     for r in list(c):
         c.discard(r)
     assert c.nbytes == 0 and len(c) == 0
+
+
+@pytest.mark.parametrize("attrs", [True, False])
+@pytest.mark.parametrize("eof", [True, False])
+def test_read_reply_layout_fast_path_agrees_with_the_decoder(attrs, eof):
+    msg = read_reply(3, b"z" * 1000, attrs=attrs, eof=eof)
+    _, u = decode_reply(msg)
+    r = nfs3.decode_read(u)
+    head = memoryview(msg)[:512]
+    assert nfs3.read_reply_layout(head, len(msg)) == (r.data_offset, 1000, eof)
+    # A reply with a verifier body takes the general path and still agrees.
+    verf = struct.pack(">IIIII", 3, 1, 0, 1, 8) + b"v" * 8 + msg[20:]
+    assert nfs3.read_reply_layout(memoryview(verf)[:512], len(verf)) == (r.data_offset + 8, 1000, eof)
+    # Errors and nonsense give None (the full decoder then reports them).
+    bad = msg[:24] + struct.pack(">I", 5) + msg[28:]
+    assert nfs3.read_reply_layout(memoryview(bad)[:512], len(bad)) is None
+    assert nfs3.read_reply_layout(memoryview(msg)[:512], 600) is None

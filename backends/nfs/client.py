@@ -28,7 +28,7 @@ import trio
 
 from vstore.errors import DeviceTimeoutError, MemberIOError, ProtocolError
 
-from .nfs3 import read_reply_layout
+from .nfs3 import decode_read, read_reply_layout
 from .rpc import Message, RecordReceiver, decode_reply, encode_call, record_mark
 from .xdr import Unpacker
 
@@ -36,12 +36,13 @@ BufferLike = bytes | bytearray | memoryview | np.ndarray
 
 
 class _Call:
-    __slots__ = ("xid", "parts", "sink", "msg", "error", "wake", "waiting")
+    __slots__ = ("xid", "parts", "sink", "eof", "msg", "error", "wake", "waiting")
 
     def __init__(self, xid: int, parts: list[memoryview], sink: memoryview | None) -> None:
         self.xid = xid
         self.parts = parts
         self.sink = sink
+        self.eof = False  # of a READ whose data went to the sink
         self.msg: Message | None = None
         self.error: Exception | None = None
         self.wake = trio.Event()
@@ -157,14 +158,39 @@ class RpcClient:
                 return self._xid
 
     async def call(self, proc: int, args: Sequence[BufferLike] | bytes = b"", *,
-                   sink: memoryview | None = None,
                    timeout: float | None = None) -> tuple[Unpacker, Message]:
         """Call a procedure; return an Unpacker at its results and the raw message.
 
-        ``args`` may be several buffers (sent without joining them). With ``sink``,
-        a READ reply's data is received straight into it (``Message.sunk`` says how
-        much); the returned Unpacker then covers only the reply's header.
+        ``args`` may be several buffers: they are sent as they are, never joined.
         """
+        c = await self._exchange(proc, args, None, timeout)
+        assert c.msg is not None
+        _, u = decode_reply(c.msg.data)
+        return u, c.msg
+
+    async def call_read(self, proc: int, args: Sequence[BufferLike] | bytes, sink: memoryview,
+                        what: str = "READ", *, timeout: float | None = None) -> tuple[int, bool]:
+        """An NFSv3 READ whose data lands in ``sink``: return (bytes read, eof).
+
+        Usually the data is received straight into ``sink``; an unusual reply is
+        decoded in full and copied. NFS errors raise ``NfsError``.
+        """
+        c = await self._exchange(proc, args, sink, timeout)
+        m = c.msg
+        assert m is not None
+        if m.sunk >= 0:
+            return m.sunk, c.eof
+        _, u = decode_reply(m.data)
+        r = decode_read(u, what)
+        if r.data_len > sink.nbytes:
+            raise ProtocolError(f"{what}: {r.data_len} bytes returned, {sink.nbytes} asked")
+        if r.data_offset + r.data_len > len(m.data):
+            raise ProtocolError(f"{what}: reply shorter than its data")
+        sink[: r.data_len] = m.data[r.data_offset : r.data_offset + r.data_len]
+        return r.data_len, r.eof
+
+    async def _exchange(self, proc: int, args: Sequence[BufferLike] | bytes,
+                        sink: memoryview | None, timeout: float | None) -> _Call:
         if isinstance(args, (bytes, bytearray, memoryview)):
             args = [args]
         async with self._slots:
@@ -183,9 +209,7 @@ class RpcClient:
                 del self._pending[xid]
         if c.error is not None:
             raise c.error
-        assert c.msg is not None
-        _, u = decode_reply(c.msg.data)
-        return u, c.msg
+        return c
 
     async def _run(self, c: _Call, timeout: float, proc: int) -> None:
         for attempt in range(self.retrans + 1):
@@ -312,4 +336,5 @@ class RpcClient:
         layout = read_reply_layout(head, msg_len)
         if layout is None or layout[1] > c.sink.nbytes:
             return None
+        c.eof = layout[2]
         return layout[0], c.sink[: layout[1]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -173,13 +174,21 @@ class NfsDevice(DeviceBase):
 
     # ---- calls with JUKEBOX retry ------------------------------------------------------
 
-    async def _call(self, proc: int, args: list, decode, what: str, sink: memoryview | None = None):
+    async def _call(self, proc: int, args: list, decode, what: str):
+        """Call and decode, asking again (new XID) while the server answers JUKEBOX."""
+
+        async def attempt():
+            u, _ = await self._nfs.call(proc, args)
+            return decode(u, f"{self.label}: {what}")
+
+        return await self._jukebox_retry(attempt)
+
+    async def _jukebox_retry(self, attempt):
         delay = 0.05
         deadline = trio.current_time() + self._jukebox_timeout
         while True:
-            u, msg = await self._nfs.call(proc, args, sink=sink)
             try:
-                return decode(u, f"{self.label}: {what}"), msg
+                return await attempt()
             except NfsJukeboxError:
                 # The server is busy (e.g. recalling a file from slow storage): ask again later
                 # with a new XID, since the duplicate-request cache may hold the JUKEBOX reply.
@@ -219,16 +228,11 @@ class NfsDevice(DeviceBase):
         while done < want:
             part = dest[done:]
             n = part.nbytes
-            r, msg = await self._call(nfs3.READ, [nfs3.read_args(self.fh, offset + done, n)],
-                                      nfs3.decode_read, f"READ at {offset + done}", sink=part)
-            if r.data_len > n:
-                raise ProtocolError(f"{self.label}: READ returned {r.data_len} bytes, asked {n}")
-            if msg.sunk < 0:
-                if r.data_offset + r.data_len > len(msg.data):
-                    raise ProtocolError(f"{self.label}: READ reply shorter than its data")
-                part[: r.data_len] = msg.data[r.data_offset : r.data_offset + r.data_len]
-            done += r.data_len
-            if r.eof or r.data_len == 0:
+            args = [nfs3.read_args(self.fh, offset + done, n)]
+            got, eof = await self._jukebox_retry(partial(
+                self._nfs.call_read, nfs3.READ, args, part, f"{self.label}: READ at {offset + done}"))
+            done += got
+            if eof or got == 0:
                 # The file ended early (truncated behind our back): the rest reads as zeros.
                 dest[done:] = bytes(want - done)
                 return
@@ -290,8 +294,8 @@ class NfsDevice(DeviceBase):
             part = buf[done:]
             n = len(part)
             head = nfs3.write_args_head(self.fh, offset + done, n, stable)
-            r, _ = await self._call(nfs3.WRITE, [head, memoryview(part), nfs3.write_padding(n)],
-                                    nfs3.decode_write, f"WRITE at {offset + done}")
+            r = await self._call(nfs3.WRITE, [head, memoryview(part), nfs3.write_padding(n)],
+                                 nfs3.decode_write, f"WRITE at {offset + done}")
             if r.count > n or (r.count == 0 and n):
                 raise ProtocolError(f"{self.label}: WRITE of {n} bytes answered count {r.count}")
             if r.count < n:
@@ -314,9 +318,8 @@ class NfsDevice(DeviceBase):
 
     async def _commit(self) -> bytes:
         self.stats["commits"] += 1
-        verf, _ = await self._call(nfs3.COMMIT, [nfs3.commit_args(self.fh)], nfs3.decode_commit,
-                                   "COMMIT")
-        return verf
+        return await self._call(nfs3.COMMIT, [nfs3.commit_args(self.fh)], nfs3.decode_commit,
+                                "COMMIT")
 
     async def _commit_round(self) -> None:
         async with self._commit_lock:

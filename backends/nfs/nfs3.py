@@ -316,16 +316,36 @@ def decode_read(u: Unpacker, what: str = "READ") -> ReadResult:
     return ReadResult(count, eof, u.pos, n)
 
 
-def read_reply_layout(head: memoryview, msg_len: int) -> tuple[int, int] | None:
-    """(offset, length) of the data in a successful READ reply whose head is given, else None."""
+_READ_HEAD = struct.Struct(">IIIIIIII")  # xid .. accept_stat, READ status, attributes_follow
+_READ_TAIL = struct.Struct(">III")  # count, eof, data length
+
+
+def read_reply_layout(head: memoryview, msg_len: int) -> tuple[int, int, bool] | None:
+    """(offset, length, eof) of the data of a successful READ reply given its head, else None.
+
+    None also when the head is unusual or wrong: the caller then decodes the whole
+    message with the full decoders, which report what is wrong.
+    """
+    if len(head) >= _READ_HEAD.size:
+        # Fast path for the usual shape: empty verifier, success, attributes present or not.
+        _, mtype, rstat, _, vlen, astat, status, attrs = _READ_HEAD.unpack_from(head)
+        if (mtype, rstat, vlen, astat, status) == (1, 0, 0, 0, NFS3_OK) and attrs <= 1:
+            pos = _READ_HEAD.size + (_FATTR.size if attrs else 0)
+            if pos + _READ_TAIL.size > len(head):
+                return None
+            count, eof, n = _READ_TAIL.unpack_from(head, pos)
+            pos += _READ_TAIL.size
+            if n != count or eof > 1 or pos + n > msg_len:
+                return None
+            return pos, n, eof == 1
     try:
         _, u = decode_reply(head)
         r = decode_read(u)
     except (ProtocolError, RpcError, NfsError):
-        return None  # let the full decoder report it from the whole message
+        return None
     if r.data_offset + r.data_len > msg_len:
         return None
-    return r.data_offset, r.data_len
+    return r.data_offset, r.data_len, r.eof
 
 
 @dataclass(frozen=True, slots=True)
