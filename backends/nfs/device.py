@@ -185,14 +185,17 @@ class NfsDevice(DeviceBase):
 
     async def _jukebox_retry(self, attempt):
         delay = 0.05
-        deadline = trio.current_time() + self._jukebox_timeout
+        deadline = None
         while True:
             try:
                 return await attempt()
             except NfsJukeboxError:
                 # The server is busy (e.g. recalling a file from slow storage): ask again later
                 # with a new XID, since the duplicate-request cache may hold the JUKEBOX reply.
-                if trio.current_time() + delay > deadline:
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + self._jukebox_timeout
+                if now + delay > deadline:
                     raise
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
