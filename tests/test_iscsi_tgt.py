@@ -356,7 +356,7 @@ async def test_dropped_connections_mid_workload(tgt):
     """tgtadm cuts the connection repeatedly under load: commands are reissued, nothing is lost."""
     name = "mrdsl8192"
     dev = await iscsi.open_uri(url(tgt, name), recovery_timeout=20)
-    chunk = 256 * 1024
+    chunk = 1 << 20  # four WRITE commands per request (MaxBurstLength 256 KiB): the batched path
     nchunks = LUN_SIZE // chunk
     done_writing = trio.Event()
     written: dict[int, int] = {}

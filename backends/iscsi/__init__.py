@@ -475,26 +475,87 @@ class IscsiDevice(DeviceBase):
             size = self.max_transfer or max(burst, 1 << 20)
         return max(self.block_size, size - size % self.block_size)
 
-    async def _run_chunks(self, jobs: list) -> None:
+    async def _run_chunks(self, jobs: list[tuple]) -> None:
+        """Run (cdb, read_buf, write_buf, what, exact) commands concurrently; raise the first error."""
         if len(jobs) == 1:
-            await jobs[0]()
+            cdb, rb, wb, what, exact = jobs[0]
+            await self._execute(cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
+            return
+        # Fast path: this task submits every command and serves their R2Ts itself
+        # (no task per command). Whatever does not end GOOD goes the slow way.
+        jobs = await self._batch(jobs)
+        if not jobs:
             return
         # Callers get one VstoreError, never an ExceptionGroup. Siblings of a failed
         # chunk run to their own end (bounded by the timeouts): cancelling a write
         # mid-transfer would cost the whole connection.
         errors: list[VstoreError] = []
 
-        async def guarded(job) -> None:
+        async def guarded(cdb, rb, wb, what, exact) -> None:
             try:
-                await job()
+                await self._execute(cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
             except VstoreError as e:
                 errors.append(e)
 
         async with trio.open_nursery() as nursery:
             for job in jobs:
-                nursery.start_soon(guarded, job)
+                nursery.start_soon(guarded, *job)
         if errors:
             raise errors[0]
+
+    async def _batch(self, jobs: list[tuple]) -> list[tuple]:
+        """Submit all jobs on the current session at once; return the ones to redo one by one."""
+        s = self._session
+        if s is None or not s.alive:
+            return jobs
+        # All queue slots or none: taking them one by one could deadlock two batches.
+        got = 0
+        try:
+            for _ in jobs:
+                self._slots.acquire_nowait()
+                got += 1
+        except trio.WouldBlock:
+            for _ in range(got):
+                self._slots.release()
+            return jobs
+        tasks = []
+        try:
+            try:
+                for cdb, rb, wb, _what, _exact in jobs:
+                    tasks.append(await s.submit(self.lun, cdb, read_buf=rb, write_buf=wb))
+            except MemberIOError:
+                if s.alive:
+                    raise
+                # The session died: its tasks have failed, the rest was never sent.
+            except BaseException:
+                if any(t.write_buf is not None and not t.done for t in tasks):
+                    s.abort(ConnectionLostError("a write was abandoned mid-transfer"))
+                raise
+            if tasks:
+                try:
+                    await s.finish(tasks)
+                except MemberIOError:
+                    if s.alive:
+                        raise
+                    # A send failed and aborted the session: every task has its error.
+        finally:
+            for _ in range(got):
+                self._slots.release()
+        redo = list(jobs[len(tasks):])
+        for job, t in zip(jobs, tasks, strict=False):
+            c = t.completion
+            if t.error is None and c is not None and not c.digest_error and c.status == scsi.GOOD:
+                rb, exact = job[1], job[4]
+                if not exact or c.received == len(rb):
+                    continue
+            if c is not None and c.digest_error:
+                self.stats["digest_errors"] += 1
+            if isinstance(t.error, (ConnectionLostError, DeviceTimeoutError, ProtocolError)):
+                if self.recovery_timeout <= 0:
+                    raise type(t.error)(f"{self.name}: {job[3]} failed: {t.error}") from t.error
+                self.stats["reissued"] += 1
+            redo.append(job)
+        return redo
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read length bytes at offset (both multiples of the block size)."""
@@ -505,16 +566,11 @@ class IscsiDevice(DeviceBase):
         mv = memoryview(buf)
         step = self._chunk(False)
         bs = self.block_size
-
-        def job(pos: int, n: int):
-            async def run() -> None:
-                await self._execute(
-                    scsi.read_16((offset + pos) // bs, n // bs), read_buf=mv[pos : pos + n],
-                    what="READ(16)", exact=True,
-                )
-            return run
-
-        await self._run_chunks([job(p, min(step, length - p)) for p in range(0, length, step)])
+        await self._run_chunks([
+            (scsi.read_16((offset + p) // bs, min(step, length - p) // bs),
+             mv[p : p + min(step, length - p)], None, "READ(16)", True)
+            for p in range(0, length, step)
+        ])
         return buf
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -537,16 +593,11 @@ class IscsiDevice(DeviceBase):
         key = self._write_seq
         self._writes[key] = (offset, end)
         try:
-
-            def job(pos: int, n: int):
-                async def run() -> None:
-                    await self._execute(
-                        scsi.write_16((offset + pos) // bs, n // bs), write_buf=mv[pos : pos + n],
-                        what="WRITE(16)",
-                    )
-                return run
-
-            await self._run_chunks([job(p, min(step, length - p)) for p in range(0, length, step)])
+            await self._run_chunks([
+                (scsi.write_16((offset + p) // bs, min(step, length - p) // bs),
+                 None, mv[p : p + min(step, length - p)], "WRITE(16)", False)
+                for p in range(0, length, step)
+            ])
         finally:
             del self._writes[key]
             self._writes_changed.set()
