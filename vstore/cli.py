@@ -239,10 +239,16 @@ def fail(ctx: click.Context, pool: str, index: int, force: bool) -> None:
 
     async def local(p: Any) -> dict[str, Any]:
         await p.fail_member(index, force=force)
+        await p.lifecycle.settle(progress_bar)  # a hot spare takes its place (vstore.rebuild)
         return p.status()
 
     st = pool_command(ctx, pool, {"cmd": "fail", "index": index, "force": force}, local)
-    click.echo(f"member {index} of pool {pool!r} marked failed; pool is {st['state']}")
+    op = st.get("operation") or {}
+    spare = ""
+    if op.get("kind") == "rebuild" and op.get("how") == "spare" and op.get("member") == index:
+        spare = (f"; spare {st['members'][index]['uri']} "
+                 + ("rebuilt in its place" if op.get("state") == "done" else "is being rebuilt in its place"))
+    click.echo(f"member {index} of pool {pool!r} marked failed{spare}; pool is {st['state']}")
 
 
 # ---------------------------------------------------------------------------- volumes

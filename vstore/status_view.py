@@ -10,7 +10,8 @@ from rich.table import Table
 from vstore.sizes import format_size
 
 _STATE_STYLE = {"clean": "green", "active": "green", "degraded": "yellow", "failed": "red",
-                "missing": "red", "bad": "red", "standby": "cyan", "pending": "yellow"}
+                "missing": "red", "bad": "red", "standby": "cyan", "pending": "yellow",
+                "rebuilding": "yellow"}
 
 
 def render_status(st: dict[str, Any], console: Console | None = None) -> None:
@@ -26,9 +27,12 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
         f"free {format_size(st['free'])}  chunk {format_size(st['chunk'])}  "
         f"generation {st['generation']}"
     )
-    for key in ("journal", "operation"):
-        if st.get(key):
-            console.print(f"{key}: {_flat(st[key])}")
+    if st.get("journal"):
+        console.print(f"journal: {_flat(st['journal'])}")
+    if st.get("operation"):
+        console.print(f"operation: {_operation(st['operation'])}", markup=False)
+    if st.get("spares"):
+        console.print("spares: " + ", ".join(f"{s['uri']} ({format_size(s['size'])})" for s in st["spares"]))
     members = Table(title="members", title_justify="left")
     for col in ("index", "uri", "state", "data_offset", "data_size", "note"):
         members.add_column(col)
@@ -64,6 +68,26 @@ def _render_paths(st: dict[str, Any], console: Console) -> None:
                       str(p.get("selector", "")), str(p.get("inflight", "")),
                       str(p.get("errors", "")), format_size(p.get("bytes", 0)), p.get("error", ""))
     console.print(table)
+
+
+def _operation(op: dict[str, Any]) -> str:
+    """A rebuild, move or scrub (vstore.lifecycle) as one line."""
+    what = op.get("kind", "operation")
+    if op.get("member") is not None:
+        what += f" of member {op['member']}" + (f" onto {op['uri']}" if op.get("uri") else "")
+    line = f"{what}: {op.get('state', '')}"
+    if op.get("total"):
+        line += (f", {format_size(int(op.get('done', 0)))} of {format_size(int(op['total']))} "
+                 f"({op.get('percent', 0)}%)")
+    if op.get("state") == "running":
+        line += f", {op.get('rate', '')}"
+        if op.get("eta_seconds") is not None:
+            line += f", {op['eta_seconds']} s left"
+    if op.get("state") == "interrupted" and op.get("cursor") is not None:
+        line += f" at row {op['cursor']} (a mount resumes it; or `vstore resume`)"
+    if op.get("error"):
+        line += f": {op['error']}"
+    return line
 
 
 def _flat(value: Any) -> str:
