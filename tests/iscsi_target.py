@@ -160,6 +160,13 @@ class TgtServer:
                     p.send_signal(signal.SIGKILL)
                     p.wait(timeout=5)
         finally:
+            if p is not None and p.poll() is not None:
+                # tgtd leaves its control socket behind; it was ours, so tidy it.
+                for suffix in ("", ".lock"):
+                    try:
+                        os.unlink(f"/var/run/tgtd/socket.{self.control}{suffix}")
+                    except OSError:
+                        pass
             self.proc = None
             if getattr(self, "_log", None) is not None:
                 self._log.close()
