@@ -196,6 +196,9 @@ class Lifecycle:
                 log.error("pool %s: %s failed: %s", self.pool.name, kind, e)
             except Exception:  # a bug must not take the mount down
                 log.exception("pool %s: %s failed", self.pool.name, kind)
+            # A member that failed meanwhile takes a spare now.
+            if self.pending_spares and self.pool.meta.get("spares") and self.current is None:
+                self.member_failed(self.pending_spares[0])
 
         self.nursery.start_soon(task)
         return op

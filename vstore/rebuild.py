@@ -137,7 +137,11 @@ async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndar
             except MemberFailed:
                 continue
     if pool.level not in ("raid5", "raid6"):
-        return await layout.member_bytes(index, r0 * C, count * C)
+        # Row by row in this task: member_bytes takes the row locks this task already holds.
+        out = np.empty(count * C, dtype=np.uint8)
+        for r in range(r0, r0 + count):
+            out[(r - r0) * C : (r - r0 + 1) * C] = await layout.member_bytes(index, r * C, C)
+        return out
     while True:
         gone = layout.failed | {index}
         layout.require_usable()
@@ -309,7 +313,10 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
         await sweep(list(range(start, rows, step)), batch, unit_bytes=step * C, op=op,
                     limiter=limiter, checkpoint=checkpoint, window=WINDOW)
     except BaseException:
-        record(op.cursor)  # committed with the next metadata change (at the latest on close)
+        if index in layout.rebuilding:
+            record(op.cursor)  # committed with the next metadata change (at the latest on close)
+        else:
+            pool.meta["operation"] = None  # the new member failed: nothing left to resume
         raise
     await layout.members[index].flush()
     if index not in layout.rebuilding:

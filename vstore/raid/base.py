@@ -199,24 +199,27 @@ class RaidLayout(DeviceBase):
         the bytes written to the others were computed for the whole update, so the
         failed member's intended content stays computable from them.
         """
-        writes = [w for w in writes
-                  if (w[0] not in self.failed or w[0] in self.rebuilding) and len(w[2])]
+        intended = [w for w in writes if len(w[2])]
+        writes = [w for w in intended if w[0] not in self.failed or w[0] in self.rebuilding]
         watch = self.write_watch
         if watch is not None and writes:
             await watch.before(writes)  # a move may hold updates back while it switches members
         try:
-            await self._issue_member_writes(writes)
+            await self._issue_member_writes(writes, intended)
         finally:
             if watch is not None and writes:
                 watch.after(writes)
         self.require_usable()
 
-    async def _issue_member_writes(self, writes: Sequence[MemberWrite]) -> None:
+    async def _issue_member_writes(self, writes: Sequence[MemberWrite],
+                                   intended: Sequence[MemberWrite] | None = None) -> None:
         if writes and self.journal is not None:
             # Logged first, then written in place; neither half may be cancelled alone
-            # (a logged but unwritten update would be replayed over later ones).
+            # (a logged but unwritten update would be replayed over later ones). The log
+            # keeps the failed members' bytes too (intended): should a crash come before
+            # their failure reaches the metadata, the replay brings them level with parity.
             with trio.CancelScope(shield=True):
-                ticket = await self.journal.commit(writes)
+                ticket = await self.journal.commit(intended or writes)
                 try:
                     await run_all([lambda w=w: self._write_member(*w) for w in writes])
                 finally:
@@ -242,8 +245,17 @@ class RaidLayout(DeviceBase):
             except MemberIOError as e:
                 await self._member_failed(i, e)
 
-        if ranges:
-            await run_all([lambda r=r: one(*r) for r in ranges])
+        watch = self.write_watch
+        # A move (vstore.move) tracks discards as it tracks writes: the range is copied again.
+        marks = [(i, off, np.broadcast_to(np.uint8(0), (n,))) for i, off, n in ranges]
+        if ranges and watch is not None:
+            await watch.before(marks)
+        try:
+            if ranges:
+                await run_all([lambda r=r: one(*r) for r in ranges])
+        finally:
+            if ranges and watch is not None:
+                watch.after(marks)
         self.require_usable()
 
     # --- per-key locks ------------------------------------------------------------------
