@@ -10,6 +10,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -455,3 +456,35 @@ def test_random_io_against_a_model_with_restarts(ganesha, small_cache, ops):
             await dev.aclose()
 
     trio.run(run)
+
+
+def test_cli_raid6_pool_mixing_local_and_nfs_members(ganesha, tmp_path):
+    """The heterogeneous pool through the CLI: build, import, degrade, export, rebuild onto NFS."""
+    vstore = [sys.executable, "-m", "vstore.cli"] if shutil.which("vstore") is None else ["vstore"]
+    home = tmp_path / "home"
+
+    def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run([*vstore, "--home", str(home), *args], capture_output=True,
+                             text=True, timeout=300)
+        if ok:
+            assert res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    members = [f"file://{tmp_path}/m0.img", f"file://{tmp_path}/m1.img",
+               ganesha.url("cli-m2.img"), ganesha.url("cli-m3.img")]
+    cli("create", "p", "--level", "raid6", "--size", "32M", *members)
+    assert ganesha.path("cli-m2.img").stat().st_size == 32 * MiB  # created through NFS
+    payload = os.urandom(3 * MiB + 12345)
+    (tmp_path / "in.bin").write_bytes(payload)
+    cli("import", "p", "v1", str(tmp_path / "in.bin"))
+    assert "nfs://127.0.0.1" in cli("status", "p").stdout
+    cli("fail", "p", "3")
+    cli("fail", "p", "0")  # raid6 survives two failed members, one of them on NFS
+    cli("export", "p", "v1", str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes()[: len(payload)] == payload
+    cli("replace", "p", "3", ganesha.url("cli-m4.img"), "--size", "32M")
+    cli("replace", "p", "0", f"file://{tmp_path}/m5.img", "--size", "32M")
+    cli("scrub", "p")
+    (tmp_path / "out.bin").unlink()
+    cli("export", "p", "v1", str(tmp_path / "out.bin"))
+    assert (tmp_path / "out.bin").read_bytes()[: len(payload)] == payload
