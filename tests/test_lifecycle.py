@@ -21,7 +21,7 @@ from vstore.home import Home
 from vstore.metadata import DATA_OFFSET
 from vstore.move import move
 from vstore.pool import Pool
-from vstore.rebuild import add_spare, rebuild_member, replace, resume
+from vstore.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
 from vstore.scrub import run_scrub, scrub_units
 
 CHUNK = 4096
@@ -173,8 +173,16 @@ async def test_rebuild_resumes_after_restart(tmp_path: Path, monkeypatch) -> Non
         assert st["members"][2]["state"] == "rebuilding"
         assert st["operation"]["state"] == "interrupted" and st["operation"]["cursor"] == cursor
         await check(pool, "v", model)  # reads of the rebuilding member are reconstructed
-        res = await resume(pool)
-        assert res["resumed_at_row"] == cursor
+        # The mount process (resident) resumes it by itself, in the background.
+        pool.lifecycle.resident = True
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.lifecycle.run_background)
+            op = pool.lifecycle.current
+            assert op is not None and op.kind == "rebuild"
+            await op.finished.wait()
+            nursery.cancel_scope.cancel()
+        res = pool.lifecycle.last
+        assert res["state"] == "done" and res["resumed_at_row"] == cursor
         assert pool.state == "clean" and pool.meta["operation"] is None
         await check(pool, "v", model)
         assert (await run_scrub(pool))["mismatches"] == 0
@@ -355,6 +363,11 @@ async def test_spare_takes_a_failed_members_place(tmp_path: Path) -> None:
         assert pool.members[3].uri_text.endswith("s1.img") and pool.state == "clean"
         assert pool.meta["spares"] == []
         await check(pool, "v", model)
+        # A spare's superblock marks it (vstore create refuses it); removing it wipes that.
+        await add_spare(pool, f"file://{tmp_path}/s2.img", size=MEMBER)
+        assert (tmp_path / "s2.img").read_bytes()[:8] == b"VSTORESB"
+        await remove_spare(pool, f"file://{tmp_path}/s2.img")
+        assert pool.meta["spares"] == [] and (tmp_path / "s2.img").read_bytes()[:8] == bytes(8)
     finally:
         await pool.aclose()
     pool = await Pool.open(home, "p")
