@@ -67,7 +67,7 @@ class Options:
     initiator_name: str
     header_digest: str = "None,CRC32C"
     data_digest: str = "None,CRC32C"
-    max_recv: int = 1 << 20  # one Data-In PDU per 1 MiB READ: a quarter of the per-PDU work of 256 KiB
+    max_recv: int = 1 << 20  # one Data-In PDU per READ command up to 1 MiB (fewer PDUs to handle)
     max_burst: int = 1 << 20
     first_burst: int = 262144
     immediate_data: bool = True
