@@ -440,6 +440,10 @@ from vstore.commands.lifecycle import COMMANDS as _LIFECYCLE_COMMANDS  # noqa: E
 for _command in _LIFECYCLE_COMMANDS:
     cli.add_command(_command)
 
+from vstore.commands.torture import torture as _torture  # noqa: E402
+
+cli.add_command(_torture)
+
 
 def main() -> None:
     """Entry point: run the CLI, turning every VstoreError into one line and an exit code."""
