@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             })
     finally:
         srv.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # two LUN files of lun_size each
 
     print(f"{'op':6} {'qd':>3} {'vstore GB/s':>12} {'libiscsi GB/s':>14} {'ratio':>6}"
           f" {'CPU s/GB: vstore':>17} {'libiscsi':>9} {'tgtd':>6}  baseline")
