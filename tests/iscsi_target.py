@@ -94,7 +94,9 @@ class TgtServer:
                 return self._start_once(timeout)
             except _EarlyExit:
                 if attempt == 4:
-                    raise RuntimeError(f"tgtd would not start: {self.log()}") from None
+                    message = f"tgtd would not start: {self.log()}"
+                    self.stop()  # removes our work directory
+                    raise RuntimeError(message) from None
                 # Another process took our control number or port meanwhile: pick new ones.
                 _used_controls.discard(self.control)
                 self.control = _control_number()
@@ -121,8 +123,9 @@ class TgtServer:
             if r.returncode == 0 and self._listening():
                 return self
             if time.monotonic() > deadline:
+                message = f"tgtd did not become ready: {self.log()}"
                 self.stop()
-                raise RuntimeError(f"tgtd did not become ready: {self.log()}")
+                raise RuntimeError(message)
             time.sleep(0.05)
 
     def _listening(self) -> bool:
