@@ -13,7 +13,7 @@ Anything that does not parse raises ``vstore.errors.ProtocolError``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 import crc32c as _crc32c
@@ -630,7 +630,6 @@ class PDU:
     ahs: bytes = b""
     data: bytes = b""
     data_digest_ok: bool = True
-    extra: dict = field(default_factory=dict)
 
     @property
     def opcode(self) -> int:
