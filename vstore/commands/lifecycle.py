@@ -179,6 +179,20 @@ def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | Non
         _echo_done(pool, r)
 
 
+@click.command()
+@click.argument("pool")
+@click.pass_context
+def stop(ctx: click.Context, pool: str) -> None:
+    """Stop POOL's running rebuild, move or scrub (a rebuild or scrub resumes from its checkpoint)."""
+    from vstore.cli import pool_command
+
+    async def local(p: Any) -> dict[str, Any]:
+        return {"stopped": p.lifecycle.stop()}  # unmounted, nothing runs between commands
+
+    r = pool_command(ctx, pool, {"cmd": "operation_stop"}, local)
+    click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
+
+
 def _echo_done(pool: str, r: dict[str, Any]) -> None:
     kind = r.get("kind", "operation")
     secs = float(r.get("seconds", 0) or 0)
@@ -295,4 +309,4 @@ def _echo_scrub(pool: str, r: dict[str, Any]) -> None:
         click.echo(f"  ... (only the first {len(r.get('found', []))} listed)")
 
 
-COMMANDS = (replace, move, resume, spare, scrub)
+COMMANDS = (replace, move, resume, stop, spare, scrub)
