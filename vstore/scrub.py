@@ -187,7 +187,9 @@ class _Scrub:
                 known = len(best) * 2 > len(got) and len(got) >= 3
                 good = best[0] if known else 0
                 for x, g in enumerate(got):
-                    if x in best if known else np.array_equal(g[a:b], got[0][a:b]):
+                    # With a majority the outvoted copies are wrong; else those unlike the first.
+                    agrees = x in best if known else np.array_equal(g[a:b], got[0][a:b])
+                    if agrees:
                         continue
                     m, off = copies[x]
                     self._report(unit, m, off + a, b - a, "copy", m if known else None, self.repair)
