@@ -180,8 +180,9 @@ def markdown(result: dict) -> str:
            f"numpy {m['numpy']}, numba {m['numba']}, fio {m['fio']}); load average "
            f"{m['load_average']} at the start, {m.get('load_average_end')} at the end.", ""]
     if "kernels" in result:
-        out += ["**Kernels**, one core (GB/s of data consumed; ISA-L on the same buffers; "
-                "recovery is compared with `pq_gen`, as ISA-L has no recovery call):", "",
+        out += ["**Kernels** (GB/s of data consumed; numba on one core, and on all cores at once with one "
+                "stripe each; ISA-L on the same buffers, one core; recovery is compared with `pq_gen`, as "
+                "ISA-L has no recovery call):", "",
                 "| kernel | k | chunk | numba | numba, all cores | numpy ref | memcpy | ISA-L | numba / ISA-L |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in result["kernels"]["rows"]:
@@ -219,7 +220,7 @@ def markdown(result: dict) -> str:
                     best = max(vals, key=lambda x: x["single_gbs"])
                     singles.append(f"{best['single_iops'] / 1000:.0f}k" if "4K" in w and best.get("single_iops")
                                    else f"{best['single_gbs']:.2f}")
-            out += ["| *one member (best round)* | " + " | ".join(singles) + " |", ""]
+            out += ["| *one member (best of its rounds)* | " + " | ".join(singles) + " |", ""]
     if "stack" in result:
         st = result["stack"]
         targets = st["targets"]
