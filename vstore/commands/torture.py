@@ -179,7 +179,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
                                    "URIs): they would harm an existing pool")
         ok = _existing_pool(ctx, spec[0], seed=seed, seconds=seconds, ops=ops, rounds=rounds,
                             window=sizes["window"], schedule=schedule, shrink_budget=shrink_budget)
-        raise click.exceptions.Exit(0 if ok else 1)
+        sys.exit(0 if ok else 1)
 
     jr = None if journal.lower() == "none" else journal
     opts = dict(level=level, members=list(spec), journal=jr, sizes=sizes, seed=seed,
@@ -198,7 +198,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
         rerun.append("--force")
     rerun += ["--seed", str(seed), *spec]
     ok = _throwaway(rerun, **opts)
-    raise click.exceptions.Exit(0 if ok else 1)
+    sys.exit(0 if ok else 1)
 
 
 def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: str = "") -> None:

@@ -1,0 +1,296 @@
+"""vstore.testing as a product: strategies, state machines, fault wrappers and the torture engine.
+
+The pool state machine runs over every RAID level with memory members, with and
+without a journal; a user-style device (a write-back cache) passes the device
+state machine; deliberately broken layers (flushes dropped under the journal,
+under the members, or inside a cache) are caught by the state machines and by
+the campaign engine within a bounded number of examples, and the engine's shrunk
+schedule fails again when replayed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Flaky
+
+from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.testing import (
+    DropFlushes,
+    Rig,
+    device_state_machine,
+    pool_state_machine,
+)
+from vstore.testing import strategies as vs
+from vstore.torture import (
+    Campaign,
+    CheckFailed,
+    Op,
+    PoolTarget,
+    Runner,
+    Shape,
+    format_schedule,
+    parse_schedule,
+    run_schedule,
+)
+
+FAST = settings(max_examples=5, stateful_step_count=10, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+HUNT = settings(FAST, max_examples=60, stateful_step_count=15, phases=[Phase.generate])
+
+CASES = [(level, False) for level in ("linear", "raid0", "raid1", "raid5", "raid6", "raid10")]
+CASES += [(level, True) for level in ("raid1", "raid5", "raid6", "raid10")]
+
+
+def _run(machine: type) -> None:
+    machine.TestCase().runTest()
+
+
+# ---------------------------------------------------------------------------- pools
+
+
+@pytest.mark.parametrize(("level", "journal"), CASES,
+                         ids=[f"{lv}-{'journal' if j else 'bitmap'}" for lv, j in CASES])
+def test_pool_machine_every_level(level: str, journal: bool) -> None:
+    """Workload, member failures and rebuilds, crashes anywhere: all checks pass."""
+    # Two known bugs stay out of this sweep (each has its own strict xfail below): with a
+    # journal a crash after a rebuild replays records older than the rebuild onto the new
+    # member; a discard on mirrors is neither journaled nor resynced, so copies may differ.
+    m = pool_state_machine(level, journal=journal, rebuild=not journal, rows=6,
+                           discard=level not in ("raid1", "raid10"), settings=FAST)
+    _run(m)
+
+
+def test_pool_machine_catches_a_journal_that_skips_its_flush() -> None:
+    """The journal's flushes dropped: acknowledged writes are lost in a crash, and it is seen."""
+    m = pool_state_machine("raid5", journal=True, wrap=DropFlushes, wrap_journal_only=True,
+                           failures=False, rows=4, settings=HUNT)
+    with pytest.raises((CheckFailed, Flaky)):
+        _run(m)
+
+
+async def test_campaign_catches_members_that_drop_flushes() -> None:
+    """Without a journal, flushed data must survive a crash; members that drop flushes lose it."""
+    rig = await _memory_rig("raid6", 5, journal=False, wrap=DropFlushes)
+    shape = Shape(window=4 * 12288, level="raid6", members=5, redundancy=2, row=12288)
+
+    async def make() -> Runner:
+        return Runner(PoolTarget(rig, "raid6"), window=shape.window)
+
+    try:
+        camp = Campaign(make, shape, seed=5, seconds=30, crashes=True, failures=False,
+                        max_rounds=30, shrink_budget=2)
+        failure = await camp.run()
+        assert failure is not None and failure.outcome.check in "ab"
+        kinds = [op.kind for op in failure.minimal]
+        assert "f" in kinds and kinds[-1] == "crash", format_schedule(failure.minimal)
+    finally:
+        await rig.aclose()
+
+
+# ---------------------------------------------------------------------------- a user's device
+
+
+class WriteBackCache(DeviceBase):
+    """A user's layer: writes stay in RAM until flush (a correct write-back cache)."""
+
+    def __init__(self, inner, *, flush_through: bool = True) -> None:
+        self.inner = inner
+        self.size, self.block_size = inner.size, inner.block_size
+        self.dirty: dict[int, np.ndarray] = {}  # offset -> bytes, in write order
+        self.flush_through = flush_through
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        out = np.asarray(await self.inner.read(offset, length)).copy()
+        for off, buf in self.dirty.items():
+            a, b = max(off, offset), min(off + len(buf), offset + length)
+            if a < b:
+                out[a - offset : b - offset] = buf[a - off : b - off]
+        return out
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        self.check(offset, len(as_u8(data)))
+        self.dirty.pop(offset, None)  # re-inserted last: dict order is write order
+        self.dirty[offset] = as_u8(data).copy()
+
+    async def flush(self) -> None:
+        for off, buf in self.dirty.items():
+            await self.inner.write(off, buf)
+        self.dirty.clear()
+        if self.flush_through:
+            await self.inner.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.flush()
+        await self.inner.discard(offset, length)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_device_machine_on_a_users_cache() -> None:
+    """The ten-line use: a write-back cache over a recorded member, crashes included."""
+    TestCache = device_state_machine(lambda backing: WriteBackCache(backing.devices[0]),
+                                     size=256 << 10, settings=FAST)
+    _run(TestCache)
+
+
+def test_device_machine_catches_a_cache_that_forgets_the_device_flush() -> None:
+    """The cache writes back on flush but never flushes the device below: caught after a crash."""
+    m = device_state_machine(lambda b: WriteBackCache(b.devices[0], flush_through=False),
+                             size=64 << 10, settings=HUNT)
+    with pytest.raises((CheckFailed, Flaky)):
+        _run(m)
+
+
+def test_device_machine_without_backing() -> None:
+    """A factory with no arguments: workload and reads against the model, no crashes."""
+    from backends.memory import MemoryDevice
+
+    m = device_state_machine(lambda: MemoryDevice(np.zeros(128 << 10, np.uint8)), size=128 << 10,
+                             settings=FAST)
+    _run(m)
+
+
+# ---------------------------------------------------------------------------- strategies, schedules
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(vs.schedules(100_000, members=4, with_crashes=True, with_failures=True, block_size=512,
+                    chunk=4096, row=12288))
+def test_schedules_stay_in_bounds_and_round_trip(ops: list[Op]) -> None:
+    for op in ops:
+        if op.kind in "wrd":
+            off, n = op.args[:2]
+            assert 0 <= off < 100_000 and 1 <= n and off + n <= 100_000
+    assert parse_schedule(format_schedule(ops)) == [Op.parse(str(o)) for o in ops]
+
+
+def test_bad_schedule_text_is_a_usage_error() -> None:
+    from vstore.errors import ConfigError
+
+    for bad in ("w:1", "crash@2:random:1", "zz", "c:1:2"):
+        with pytest.raises(ConfigError):
+            parse_schedule(bad)
+
+
+# ---------------------------------------------------------------------------- the campaign engine
+
+
+async def _memory_rig(level: str, n: int, *, journal: bool, wrap=None, journal_only=False) -> Rig:
+    rig = Rig(wrap=wrap, wrap_only={"j"} if journal_only else None)
+    for i in range(n):
+        rig.add_memory(f"m{i}", 8 << 20)
+    if journal:
+        rig.add_memory("j", 4 << 20)
+    await rig.start()
+    return rig
+
+
+async def test_campaign_catches_a_broken_journal_and_its_replay_fails_again() -> None:
+    rig = await _memory_rig("raid5", 4, journal=True, wrap=DropFlushes, journal_only=True)
+    shape = Shape(window=12 * 12288, level="raid5", members=4, redundancy=1, row=12288,
+                  journal=True)
+
+    async def make() -> Runner:
+        return Runner(PoolTarget(rig, "raid5", journal=True), window=shape.window)
+
+    try:
+        camp = Campaign(make, shape, seed=7, seconds=30, crashes=True, failures=False,
+                        max_rounds=40, shrink_budget=10)
+        failure = await camp.run()
+        assert failure is not None, "40 rounds never noticed that the journal is not flushed"
+        assert failure.outcome.check in "ab"
+        assert len(failure.minimal) <= len(failure.schedule)
+        again = await run_schedule(make, parse_schedule(format_schedule(failure.minimal)))
+        assert not again.ok and again.check == failure.outcome.check
+    finally:
+        await rig.aclose()
+
+
+async def test_campaign_passes_on_a_sound_pool_with_failures_and_crashes() -> None:
+    rig = await _memory_rig("raid6", 5, journal=True)
+    shape = Shape(window=8 * 12288, level="raid6", members=5, redundancy=2, row=12288,
+                  journal=True)
+
+    async def make() -> Runner:
+        return Runner(PoolTarget(rig, "raid6", journal=True, rebuild=False), window=shape.window)
+
+    try:
+        camp = Campaign(make, shape, seed=11, seconds=3, crashes=True, failures=True, max_rounds=8)
+        failure = await camp.run()
+        assert failure is None, failure and failure.outcome.message
+        assert camp.stats.crashes > 0 and camp.stats.failures > 0
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: journal replay after a rebuild rewrites the "
+                                       "rebuilt member with records that predate the rebuild")
+async def test_known_replay_after_rebuild() -> None:
+    """Found by vstore torture: member 0 fails, the array is written degraded, member 0 is
+    rebuilt, and a crash follows; the replay brings back pre-rebuild records (row 7's parity)."""
+    rig = await _memory_rig("raid5", 4, journal=True)
+
+    async def make() -> Runner:
+        return Runner(PoolTarget(rig, "raid5", journal=True), window=8 * 12288)
+
+    try:
+        out = await run_schedule(make, parse_schedule(
+            "x:0,w:12288:10739:53304,w:65536:27764:45920,h:0,w:54742:1024:50355,"
+            "crash@0.077:keep:42616"))
+        assert out.ok, out.message
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a discard on raid1/raid10 is neither journaled "
+                                       "nor resynced; after a crash the copies differ")
+async def test_known_discard_diverges_mirrors() -> None:
+    """Found by the pool state machine: a crash after a discard leaves one copy discarded."""
+    rig = await _memory_rig("raid1", 2, journal=True)
+
+    async def make() -> Runner:
+        return Runner(PoolTarget(rig, "raid1", journal=True), window=12 * 4096)
+
+    try:
+        out = await run_schedule(make, parse_schedule(
+            "w:0:7806:65535,r:23512:1,crash@0.357:keep:5052,crash@0:keep:2,d:1398:2,w:0:2:25022,"
+            "w:41966:444:441,c:724:2:496+3978:71:23867,crash@0.357:random:245"))
+        assert out.ok, out.message
+    finally:
+        await rig.aclose()
+
+
+async def test_rig_crash_writes_back_only_what_changed() -> None:
+    """Over a non-memory device the crash writes the differing pages, then flushes."""
+    from backends.memory import MemoryDevice
+    from vstore.faults import FaultDevice
+
+    inner = FaultDevice(MemoryDevice(np.zeros(1 << 20, np.uint8)))
+    rig = Rig()
+    rig.add("m", inner)
+    await rig.start()
+    try:
+        h = rig.handle("m")
+        await h.write(4096, np.full(100, 7, np.uint8))
+        await h.flush()
+        await h.write(300_000, np.full(10, 9, np.uint8))  # unflushed: dropped below
+        before = inner.ops["write"]
+        await rig.crash(len(rig.events), "drop", random.Random(1))
+        assert inner.ops["write"] - before == 1  # one 64 KiB page differs
+        got = np.asarray(await rig.handle("m").read(0, 1 << 20))
+        assert (got[4096:4196] == 7).all() and not got[300_000:300_010].any()
+        with pytest.raises(Exception, match="crashed"):
+            await h.read(0, 1)
+    finally:
+        await rig.aclose()
+
+
+def test_trio_is_not_left_seeded_oddly() -> None:
+    """run_schedule seeds trio's scheduler; plain trio.run still works afterwards."""
+    assert trio.run(trio.sleep, 0) is None

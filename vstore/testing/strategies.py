@@ -1,0 +1,128 @@
+"""Hypothesis strategies for storage workloads: writes, reads, flushes, discards, failures, crashes.
+
+Every strategy draws ``vstore.torture.Op`` values (the steps of a torture
+schedule; ``str(op)`` is their text) bounded by a device size. Offsets and
+lengths come in any size and alignment, biased towards the boundaries where
+layers go wrong: sectors, chunks and stripe rows.
+
+    from vstore.testing import strategies as vs
+    @given(vs.schedules(1 << 20, with_crashes=True))
+    def test_something(ops): ...
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from vstore.torture import MODES, Op
+
+__all__ = [
+    "concurrent_writes",
+    "crashes",
+    "discards",
+    "extents",
+    "flushes",
+    "heals",
+    "member_failures",
+    "path_failures",
+    "reads",
+    "schedules",
+    "slow_members",
+    "workload",
+    "writes",
+]
+
+
+@st.composite
+def extents(draw: st.DrawFn, size: int, *, block_size: int = 512, chunk: int = 4096,
+            row: int | None = None, max_length: int | None = None) -> tuple[int, int]:
+    """(offset, length) inside [0, size): arbitrary, or aligned to a sector, chunk or row."""
+    if size < 1:
+        raise ValueError("size must be positive")
+    row = row or chunk
+    top_len = max_length or max(block_size, 3 * row)
+    unit = draw(st.sampled_from([1, block_size, chunk, row]), label="alignment")
+    off = draw(st.integers(0, size - 1), label="offset")
+    if unit > 1 and draw(st.booleans(), label="aligned"):
+        off -= off % unit
+    top = max(1, min(size - off, top_len))
+    length = draw(st.one_of(
+        st.integers(1, top),
+        st.sampled_from(sorted({min(top, unit), min(top, 2 * unit), top})),
+        st.integers(1, min(top, 600)),
+    ), label="length")
+    return off, length
+
+
+def writes(size: int, **kw: int) -> st.SearchStrategy[Op]:
+    """A write of random bytes (``w:OFF:LEN:SEED``)."""
+    return st.builds(lambda e, s: Op("w", (*e, s)), extents(size, **kw), st.integers(0, 2**16 - 1))
+
+
+def concurrent_writes(size: int, **kw: int) -> st.SearchStrategy[Op]:
+    """2-4 writes issued at once (``c:...``); overlapping ones are dropped when run."""
+    one = st.builds(lambda e, s: (*e, s), extents(size, **kw), st.integers(0, 2**16 - 1))
+    return st.lists(one, min_size=2, max_size=4).map(lambda xs: Op("c", tuple(xs)))
+
+
+def reads(size: int, **kw: int) -> st.SearchStrategy[Op]:
+    """A read checked against the model (``r:OFF:LEN``)."""
+    return extents(size, **kw).map(lambda e: Op("r", e))
+
+
+def discards(size: int, **kw: int) -> st.SearchStrategy[Op]:
+    """A discard (``d:OFF:LEN``): the range then holds its old bytes or zeros."""
+    return extents(size, **kw).map(lambda e: Op("d", e))
+
+
+def flushes() -> st.SearchStrategy[Op]:
+    """A flush (``f``)."""
+    return st.just(Op("f"))
+
+
+def crashes() -> st.SearchStrategy[Op]:
+    """A power cut somewhere in the previous operation, in any crash mode."""
+    return st.builds(lambda f, m, s: Op("crash", (round(f, 3), m, s)), st.floats(0, 1),
+                     st.sampled_from(MODES), st.integers(0, 2**16 - 1))
+
+
+def member_failures(members: int) -> st.SearchStrategy[Op]:
+    """Member M fails (``x:M``); the runner skips it beyond the target's redundancy."""
+    return st.integers(0, max(0, members - 1)).map(lambda i: Op("x", (i,)))
+
+
+def heals(members: int) -> st.SearchStrategy[Op]:
+    """Member M is healed and, if dropped, rebuilt (``h:M``)."""
+    return st.integers(0, max(0, members - 1)).map(lambda i: Op("h", (i,)))
+
+
+def path_failures(members: int, paths: int = 2) -> st.SearchStrategy[Op]:
+    """A path of a multipath member fails or is reinstated (``p:M:P`` / ``q:M:P``)."""
+    return st.builds(lambda k, m, p: Op(k, (m, p)), st.sampled_from("pq"),
+                     st.integers(0, max(0, members - 1)), st.integers(0, paths - 1))
+
+
+def slow_members(members: int) -> st.SearchStrategy[Op]:
+    """Member M answers MS milliseconds late (``s:M:MS``)."""
+    return st.builds(lambda m, ms: Op("s", (m, ms)), st.integers(0, max(0, members - 1)),
+                     st.sampled_from([0, 1, 3]))
+
+
+def workload(size: int, *, discard: bool = True, **kw: int) -> st.SearchStrategy[Op]:
+    """One I/O step: write, concurrent writes, read, flush or discard."""
+    parts = [writes(size, **kw), writes(size, **kw), concurrent_writes(size, **kw),
+             reads(size, **kw), flushes()]
+    if discard:
+        parts.append(discards(size, **kw))
+    return st.one_of(parts)
+
+
+def schedules(size: int, *, members: int = 0, with_crashes: bool = False, with_failures: bool = False,
+              max_ops: int = 30, **kw: int) -> st.SearchStrategy[list[Op]]:
+    """Whole schedules for ``vstore.torture.run_schedule`` (and ``vstore torture --replay``)."""
+    steps = [workload(size, **kw)]
+    if with_failures and members:
+        steps += [member_failures(members), heals(members)]
+    if with_crashes:
+        steps.append(crashes())
+    return st.lists(st.one_of(steps), min_size=1, max_size=max_ops)
