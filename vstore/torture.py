@@ -467,8 +467,10 @@ class Stats:
 class Runner:
     """Applies operations to a target and checks it against a byte-array model."""
 
-    def __init__(self, target: Target, window: int | None = None, stats: Stats | None = None) -> None:
+    def __init__(self, target: Target, window: int | None = None, stats: Stats | None = None,
+                 align: int = 1) -> None:
         self.target = target
+        self.align = max(1, align)  # I/O rounded to this (members such as iSCSI LUNs need sectors)
         self.rig = target.rig
         self.want_window = window
         self.stats = stats or Stats()
@@ -490,6 +492,7 @@ class Runner:
         await self.rig.reset()
         self.dev = await self.target.open(False)
         size = self.dev.size if self.want_window is None else min(self.want_window, self.dev.size)
+        size -= size % self.align
         self.model = np.zeros(size, np.uint8)
         self.base = self.model.copy()  # the model when the ops since the last crash began
         await self.dev.write(0, self.model)
@@ -504,6 +507,10 @@ class Runner:
         # Schedules are written for a window; a smaller device still runs them.
         w = self.window
         off = off % w
+        a = self.align
+        if a > 1:
+            off -= off % a
+            length = -(-max(1, length) // a) * a
         return off, max(1, min(length, w - off))
 
     async def apply(self, op: Op) -> None:
@@ -934,7 +941,9 @@ async def shrink(make: MakeRunner, ops: list[Op], first: Outcome, *, budget: flo
                 i += size
         if not changed:
             size //= 2
-    # Simplify what is left: shorter writes, crashes that keep or drop everything.
+    # Simplify what is left: crashes after the whole previous step or keeping/dropping
+    # everything, shorter writes; then try dropping steps once more.
+    changed = False
     for i in range(len(best)):
         if time.monotonic() >= deadline:
             break
@@ -944,14 +953,24 @@ async def shrink(make: MakeRunner, ops: list[Op], first: Outcome, *, budget: flo
             variants = [Op("w", (op.args[0], max(1, op.args[1] // 2), op.args[2]))]
         elif op.kind == "c" and len(op.args) > 1:
             variants = [Op("w", op.args[0])]
-        elif op.kind == "crash" and op.args[1] == "random":
-            variants = [Op("crash", (op.args[0], "drop", 0)), Op("crash", (op.args[0], "keep", 0))]
+        elif op.kind == "crash":
+            variants = [Op("crash", (1.0, op.args[1], op.args[2]))] if op.args[0] != 1.0 else []
+            if op.args[1] == "random":
+                variants += [Op("crash", (op.args[0], "drop", 0)), Op("crash", (op.args[0], "keep", 0))]
         for v in variants:
             cand = best[:i] + [v] + best[i + 1 :]
             out = await fails(cand)
             if out is not None:
-                best, best_out = cand, out
+                best, best_out, changed = cand, out, True
                 break
+    i = 0
+    while changed and i < len(best) and time.monotonic() < deadline:
+        cand = best[:i] + best[i + 1 :]
+        out = await fails(cand) if cand else None
+        if out is not None:
+            best, best_out = cand, out
+        else:
+            i += 1
     return best, best_out
 
 

@@ -107,6 +107,9 @@ class Reporter:
 @click.option("--member-size", default="8M", show_default=True,
               help="Bytes of each member the throwaway pool uses (missing files are created).")
 @click.option("--window", default="256K", show_default=True, help="Bytes of the device the workload touches.")
+@click.option("--align", default="auto", show_default=True,
+              help="Round offsets and lengths to this many bytes (auto: 512 when a member is an "
+                   "iSCSI LUN, which takes whole sectors only; else 1, any alignment).")
 @click.option("--ops", type=click.IntRange(1, 10000), default=24, show_default=True,
               help="Most operations per round.")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Stop after this many rounds.")
@@ -122,7 +125,7 @@ class Reporter:
 @click.pass_context
 def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: int | None,
             duration: str, crashes: bool, failures: bool, journal: str, journal_size: str,
-            chunk: str, member_size: str, window: str, ops: int, rounds: int | None,
+            chunk: str, member_size: str, window: str, align: str, ops: int, rounds: int | None,
             no_rebuild: bool, wrap: str | None, replay: str | None, schedule_file: str | None,
             shrink_time: str, force: bool) -> None:
     """Torture a pool: random I/O, crashes and failures, checked against a model.
@@ -151,6 +154,14 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     wrap_fn, wrap_where = _load_wrap(wrap)
+    if align == "auto":
+        iscsi = any(p.strip().lower().startswith("iscsi://") for m in spec for p in m.split(","))
+        align_bytes = 512 if iscsi else 1
+    else:
+        try:
+            align_bytes = _size(align)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
     if replay and schedule_file:
         raise click.UsageError("give --replay or --schedule, not both")
     schedule = None
@@ -184,10 +195,10 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
     jr = None if journal.lower() == "none" else journal
     opts = dict(level=level, members=list(spec), journal=jr, sizes=sizes, seed=seed,
                 seconds=seconds, crashes=crashes, failures=failures, ops=ops, rounds=rounds,
-                rebuild=not no_rebuild, wrap=(wrap_fn, wrap_where), schedule=schedule,
+                rebuild=not no_rebuild, wrap=(wrap_fn, wrap_where), schedule=schedule, align=align_bytes,
                 shrink_budget=shrink_budget, force=force)
     rerun = ["vstore", "torture", "--level", level, "--chunk", chunk, "--member-size", member_size,
-             "--window", window]
+             "--window", window, "--align", str(align_bytes)]
     if jr:
         rerun += ["--journal", journal, "--journal-size", journal_size]
     if no_rebuild:
@@ -217,7 +228,7 @@ def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: st
 def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str | None,
                sizes: dict[str, int], seed: int, seconds: float, crashes: bool, failures: bool,
                ops: int, rounds: int | None, rebuild: bool, wrap: tuple[Any, str],
-               schedule: list[Any] | None, shrink_budget: float, force: bool) -> bool:
+               schedule: list[Any] | None, shrink_budget: float, force: bool, align: int) -> bool:
     from vstore import torture as T
     from vstore.cli import run
 
@@ -232,10 +243,10 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
             async def make() -> T.Runner:
                 return T.Runner(T.PoolTarget(rig, level, chunk=sizes["chunk"],
                                              journal=journal is not None, rebuild=rebuild),
-                                window=shape.window)
+                                window=shape.window, align=align)
 
             desc = (f"{level} pool of {shape.members} members ({', '.join(m.split('://')[0] for m in members)}), "
-                    f"chunk {format_size(shape.chunk)}, window {format_size(shape.window)}, "
+                    f"chunk {format_size(shape.chunk)}, window {format_size(shape.window)}, align {align}, "
                     f"{'journal ' + journal if journal else 'bitmap'}; seed {seed}")
             if schedule is not None:
                 click.echo(f"replaying {len(schedule)} steps on a {desc}")
