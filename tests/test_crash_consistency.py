@@ -165,7 +165,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
         def fail_member(self, data) -> None:
             # Only with a journal: a degraded array without one has the write hole
             # (test_write_hole_without_journal shows it).
-            failed = set(self.layout.failed)
+            failed = set(self.layout.failed) | {int(m[1:]) for m in self.rec.dead}
             choices = [i for i in range(n) if i not in failed and survives(level, n, failed | {i})]
             if not choices:
                 return
@@ -173,6 +173,17 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
             start = self._events()
             trio.run(self.pool.fail_member, i)
             self.ops.append(("x", start, self._events(), i))
+
+        @precondition(lambda self: journal)
+        @rule(data=st.data())
+        def member_dies(self, data) -> None:
+            # A member starts failing its I/O mid-workload (it is back after the crash): the
+            # layout drops it and the pool records that at the next flush — or never, if the
+            # crash comes first; then the replay must bring it up to date.
+            failed = set(self.layout.failed) | {int(m[1:]) for m in self.rec.dead}
+            choices = [i for i in range(n) if i not in failed and survives(level, n, failed | {i})]
+            if choices:
+                self.rec.fail(f"m{data.draw(st.sampled_from(choices), label='dying member')}")
 
         @rule(data=st.data())
         def read(self, data) -> None:

@@ -96,6 +96,11 @@ class WriteIntentBitmap:
         self._epoch = 0
         self._lock = trio.Lock()
         self.stats = {"sets": 0, "clears": 0}
+        # False while a member has failed but the pool metadata does not say so yet: a
+        # crash then brings it back stale, and only a resync of its regions mends parity.
+        self.checkpoint_allowed: Callable[[], bool] = lambda: True
+        # Called before an update goes out: the pool puts member failures on record first.
+        self.before_commit: Callable[[], Any] | None = None
 
     # --- reading and resetting ------------------------------------------------------------
 
@@ -158,6 +163,8 @@ class WriteIntentBitmap:
 
     async def commit(self, writes: Sequence[MemberWrite]) -> set[int]:
         """Make sure the update's regions are marked dirty on the members; returns the ticket."""
+        if self.before_commit is not None:
+            await self.before_commit()
         regions = self.regions_of(writes)
         for r in regions:
             self._inflight[r] = self._inflight.get(r, 0) + 1
@@ -209,7 +216,7 @@ class WriteIntentBitmap:
         """Clear the bits of regions idle since the flush before this one."""
         idle = {r for r in self._durable
                 if r not in self._inflight and self._done_epoch.get(r, -1) < mark}
-        if not idle or self._lock.locked():
+        if not idle or self._lock.locked() or not self.checkpoint_allowed():
             return
         async with self._lock:
             idle = {r for r in idle if r not in self._inflight}

@@ -196,9 +196,27 @@ class Consistency:
         if layout is None or not self.started:
             return
         guard = self.journal if self.journal is not None else self.bitmap
+        if guard is None:
+            return
+        guard.checkpoint_allowed = lambda: not self.pool._pending_failures
+        guard.before_commit = self._record_failures
         if self.journal is not None:
-            self.journal.flush_members = layout.flush
+            self.journal.flush_members = self._flush_for_checkpoint
         layout.journal = guard
+
+    async def _record_failures(self) -> None:
+        """A member that failed is marked so in the metadata before any update goes on without it.
+
+        Otherwise a crash could bring it back as active with stale bytes (as md updates its
+        superblocks before completing writes to a degraded array).
+        """
+        pool = self.pool
+        if pool._pending_failures and not pool.read_only:
+            await pool.commit()
+
+    async def _flush_for_checkpoint(self) -> None:
+        """Flush the members, then put any member failure seen on record (so the log may let go)."""
+        await self.pool.flush()
 
     async def _replay_write(self, index: int, offset: int, buf: np.ndarray) -> None:
         pool = self.pool

@@ -420,6 +420,11 @@ class Journal:
         self.tail_lsn = sb.tail_lsn
         self.tail_seq = sb.tail_seq
         self.flush_members: FlushMembers | None = None
+        # False while a member has failed but the pool metadata does not say so yet: the
+        # log must keep the updates that member missed until its failure is on record.
+        self.checkpoint_allowed: Callable[[], bool] = lambda: True
+        # Called before an update is logged: the pool puts member failures on record first.
+        self.before_commit: Callable[[], Awaitable[None]] | None = None
         self._queue: list[_Request] = []
         self._staging = np.empty(0, np.uint8)
         self._io_lock = trio.Lock()
@@ -552,6 +557,8 @@ class Journal:
         """
         if self.broken is not None:
             raise self.broken
+        if self.before_commit is not None:
+            await self.before_commit()
         req = _Request(list(writes))
         self._queue.append(req)
         async with self._io_lock:
@@ -676,7 +683,7 @@ class Journal:
         if self.flush_members is None:
             raise JournalError("internal: journal has no member flush")
         await self.flush_members()
-        if lsn > self._durable_lsn:
+        if lsn > self._durable_lsn and self.checkpoint_allowed():
             self._durable_lsn, self._durable_seq = lsn, seq
 
     # --- flush notifications (from the layout) ----------------------------------------------
@@ -687,6 +694,8 @@ class Journal:
 
     async def after_flush(self, mark: tuple[int, int]) -> None:
         """Called after the members were flushed: a lazy checkpoint when the log is a quarter full."""
+        if not self.checkpoint_allowed():
+            return  # the pool records the failure after this flush; the next one counts
         if mark[0] > self._durable_lsn:
             self._durable_lsn, self._durable_seq = mark
         if (self._durable_lsn - self.tail_lsn > self.log_size // 4 and not self._io_lock.locked()

@@ -77,6 +77,7 @@ class CrashRecorder:
         self.events: list[Event] = []
         self.base: dict[str, np.ndarray] = {}
         self.recording = False
+        self.dead: set[str] = set()  # members failing every I/O until the next crash
         self.epoch = 0  # bumped by crash(): handles of an older epoch are dead
         self._flush_ids = 0
         _GROUPS[group] = self
@@ -95,6 +96,10 @@ class CrashRecorder:
         from backends.memory import MemoryDevice
 
         return self.add(name, MemoryDevice(np.zeros(size, np.uint8), block_size, name))
+
+    def fail(self, name: str) -> None:
+        """Member name fails every I/O from now on (it is back after the next crash)."""
+        self.dead.add(name)
 
     def forget(self) -> None:
         """Remove the group from the registry."""
@@ -202,6 +207,7 @@ class CrashRecorder:
             states = self.materialize(mode="drop")
         self.epoch += 1
         self.recording = False
+        self.dead.clear()
         for name, data in states.items():
             dev = self.members[name]
             store = getattr(dev, "store", None)
@@ -227,6 +233,8 @@ class CrashDevice(DeviceBase):
     def _alive(self) -> None:
         if self.epoch != self.recorder.epoch:
             raise MemberIOError(f"{self.recorder.uri(self.name)}: the machine crashed")
+        if self.name in self.recorder.dead:
+            raise MemberIOError(f"{self.recorder.uri(self.name)}: simulated member failure")
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read through."""
