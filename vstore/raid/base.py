@@ -107,6 +107,16 @@ class RaidLayout(DeviceBase):
         self.inflight = [0] * self.n
         self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
         self.closed = False
+        # The pool's journal (vstore.journal) or write-intent bitmap (vstore.bitmap): when
+        # set, every update's member writes pass through journal.commit() first.
+        self.journal: Any = None
+        # Members being rebuilt (vstore.rebuild): in ``failed`` for reads, yet written by every
+        # update (rows the rebuild already passed must stay current; the rest it overwrites).
+        self.rebuilding: set[int] = set()
+        # Observes every update's member writes (vstore.move: dirty tracking, the final pause).
+        self.write_watch: Any = None
+        # Foreground requests so far: background work (rebuild, scrub) slows down when it moves.
+        self.io_count = 0
 
     # --- state --------------------------------------------------------------------------
 
@@ -143,8 +153,9 @@ class RaidLayout(DeviceBase):
 
     async def _member_failed(self, i: int, exc: BaseException) -> None:
         """Mark member i failed after an I/O error and tell the owner once."""
-        if i in self.failed:
+        if i in self.failed and i not in self.rebuilding:
             return
+        self.rebuilding.discard(i)
         self.failed.add(i)
         if self.on_member_failed is not None:
             res = self.on_member_failed(i, exc)
@@ -171,7 +182,7 @@ class RaidLayout(DeviceBase):
         return await run_all([lambda r=r: self._read_member(*r) for r in reqs])
 
     async def _write_member(self, i: int, offset: int, data: np.ndarray) -> None:
-        if i in self.failed:
+        if i in self.failed and i not in self.rebuilding:
             return
         self.inflight[i] += 1
         try:
@@ -188,13 +199,36 @@ class RaidLayout(DeviceBase):
         the bytes written to the others were computed for the whole update, so the
         failed member's intended content stays computable from them.
         """
-        writes = [w for w in writes if w[0] not in self.failed and len(w[2])]
-        if writes:
+        intended = [w for w in writes if len(w[2])]
+        writes = [w for w in intended if w[0] not in self.failed or w[0] in self.rebuilding]
+        watch = self.write_watch
+        if watch is not None and writes:
+            await watch.before(writes)  # a move may hold updates back while it switches members
+        try:
+            await self._issue_member_writes(writes, intended)
+        finally:
+            if watch is not None and writes:
+                watch.after(writes)
+        self.require_usable()
+
+    async def _issue_member_writes(self, writes: Sequence[MemberWrite],
+                                   intended: Sequence[MemberWrite] | None = None) -> None:
+        if writes and self.journal is not None:
+            # Logged first, then written in place; neither half may be cancelled alone
+            # (a logged but unwritten update would be replayed over later ones). The log
+            # keeps the failed members' bytes too (intended): should a crash come before
+            # their failure reaches the metadata, the replay brings them level with parity.
+            with trio.CancelScope(shield=True):
+                ticket = await self.journal.commit(intended or writes)
+                try:
+                    await run_all([lambda w=w: self._write_member(*w) for w in writes])
+                finally:
+                    self.journal.applied(ticket)
+        elif writes:
             # Once an update's member writes start they all finish: a cancelled caller
             # must not leave data and parity (or two mirrors) disagreeing.
             with trio.CancelScope(shield=True):
                 await run_all([lambda w=w: self._write_member(*w) for w in writes])
-        self.require_usable()
 
     async def _discard_members(self, ranges: Sequence[tuple[int, int, int]]) -> None:
         """Discard (member, offset, length) ranges concurrently; an error fails that member.
@@ -204,15 +238,24 @@ class RaidLayout(DeviceBase):
         """
 
         async def one(i: int, off: int, n: int) -> None:
-            if i in self.failed:
+            if i in self.failed and i not in self.rebuilding:
                 return
             try:
                 await self.members[i].discard(off, n)
             except MemberIOError as e:
                 await self._member_failed(i, e)
 
-        if ranges:
-            await run_all([lambda r=r: one(*r) for r in ranges])
+        watch = self.write_watch
+        # A move (vstore.move) tracks discards as it tracks writes: the range is copied again.
+        marks = [(i, off, np.broadcast_to(np.uint8(0), (n,))) for i, off, n in ranges]
+        if ranges and watch is not None:
+            await watch.before(marks)
+        try:
+            if ranges:
+                await run_all([lambda r=r: one(*r) for r in ranges])
+        finally:
+            if ranges and watch is not None:
+                watch.after(marks)
         self.require_usable()
 
     # --- per-key locks ------------------------------------------------------------------
@@ -222,6 +265,7 @@ class RaidLayout(DeviceBase):
         """Hold the locks of these keys (stripe rows or chunks), taken in order."""
         held: list[tuple[int, list[Any]]] = []
         entries: list[tuple[int, list[Any]]] = []
+        me = trio.lowlevel.current_task()
         try:
             for key in sorted(set(keys)):
                 ent = self._locks.get(key)
@@ -229,6 +273,8 @@ class RaidLayout(DeviceBase):
                     ent = self._locks[key] = [trio.Lock(), 0]
                 ent[1] += 1
                 entries.append((key, ent))
+                if ent[0].statistics().owner is me:
+                    continue  # re-entered (a rebuild holds the row while member_bytes locks it)
                 await ent[0].acquire()
                 held.append((key, ent))
             yield
@@ -245,6 +291,7 @@ class RaidLayout(DeviceBase):
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read length bytes at offset, reconstructing from redundancy where needed."""
         self.check(offset, length)
+        self.io_count += 1
         while True:
             self.require_usable()
             try:
@@ -258,12 +305,15 @@ class RaidLayout(DeviceBase):
         self.check(offset, len(buf))
         if not len(buf):
             return
+        self.io_count += 1
         self.require_usable()
         await self._write(offset, buf)
 
     async def flush(self) -> None:
         """Flush every healthy member concurrently."""
         self.require_usable()
+        journal = self.journal
+        mark = journal.before_flush() if journal is not None else None
 
         async def one(i: int) -> None:
             if i in self.failed:
@@ -275,6 +325,8 @@ class RaidLayout(DeviceBase):
 
         await run_all([lambda i=i: one(i) for i in self.healthy()])
         self.require_usable()
+        if journal is not None:
+            await journal.after_flush(mark)
 
     async def aclose(self) -> None:
         """Close every member."""
@@ -520,7 +572,7 @@ class ParityLayout(RaidLayout):
         row_members = set(dmem) | set(pmem)
 
         lost = row_members & self.failed
-        if lost and set(pmem) <= lost and not lost & set(dmem):
+        if lost and set(pmem) <= lost and not lost & set(dmem) and not lost & self.rebuilding:
             # Every parity member of the row is gone and the data is whole: there is
             # no parity left to keep right, so the data alone is written.
             return writes
