@@ -229,11 +229,10 @@ async def test_campaign_passes_on_a_sound_pool_with_failures_and_crashes() -> No
         await rig.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: journal replay after a rebuild rewrites the "
-                                       "rebuilt member with records that predate the rebuild")
 async def test_known_replay_after_rebuild() -> None:
     """Found by vstore torture: member 0 fails, the array is written degraded, member 0 is
-    rebuilt, and a crash follows; the replay brings back pre-rebuild records (row 7's parity)."""
+    rebuilt, and a crash follows; the replay brought back pre-rebuild records (row 7's parity).
+    Fixed: with a journal the layout logs parity even for a lost parity member."""
     rig = await _memory_rig("raid5", 4, journal=True)
 
     async def make() -> Runner:

@@ -409,6 +409,9 @@ ApplyWrite = Callable[[int, int, np.ndarray], Awaitable[None]]
 class Journal:
     """A pool's write-ahead journal on its own device (see the module docstring)."""
 
+    # The layout logs parity even for members that are gone (see ParityLayout.plan_row_write).
+    logs_parity = True
+
     def __init__(self, dev: BlockDevice, sb: JournalSuperblock, *, uri: str = "") -> None:
         self.dev = dev
         self.sb = sb

@@ -572,7 +572,10 @@ class ParityLayout(RaidLayout):
         row_members = set(dmem) | set(pmem)
 
         lost = row_members & self.failed
-        if lost and set(pmem) <= lost and not lost & set(dmem) and not lost & self.rebuilding:
+        if (lost and set(pmem) <= lost and not lost & set(dmem) and not lost & self.rebuilding
+                and not getattr(self.journal, "logs_parity", False)):
+            # (A journal keeps the parity even so: replayed onto the member once it is
+            # rebuilt, an older record's parity must not outlive this update.)
             # Every parity member of the row is gone and the data is whole: there is
             # no parity left to keep right, so the data alone is written.
             return writes
