@@ -247,10 +247,9 @@ async def test_known_replay_after_rebuild() -> None:
         await rig.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a discard on raid1/raid10 is neither journaled "
-                                       "nor resynced; after a crash the copies differ")
 async def test_known_discard_diverges_mirrors() -> None:
-    """Found by the pool state machine: a crash after a discard leaves one copy discarded."""
+    """Found by the pool state machine: a crash after a discard left one copy discarded.
+    Fixed: under a journal, mirrors drop discards (they are advisory)."""
     rig = await _memory_rig("raid1", 2, journal=True)
 
     async def make() -> Runner:

@@ -236,6 +236,10 @@ class RaidLayout(DeviceBase):
         A member that errs may have discarded part of the range, so its copy can no
         longer be trusted, just as after a failed write.
         """
+        if getattr(self.journal, "logs_parity", False):
+            # Under a journal a discard is dropped (it is advisory): unlogged, a crash could
+            # leave one copy discarded and the other not, and no replay would mend that.
+            return
 
         async def one(i: int, off: int, n: int) -> None:
             if i in self.failed and i not in self.rebuilding:
