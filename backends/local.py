@@ -29,12 +29,13 @@ _IOV_MAX = 1024
 class _Request:
     """One read or write waiting in a device's plug."""
 
-    __slots__ = ("is_write", "offset", "buf", "done", "error")
+    __slots__ = ("is_write", "offset", "bufs", "length", "done", "error")
 
-    def __init__(self, is_write: bool, offset: int, buf: np.ndarray) -> None:
+    def __init__(self, is_write: bool, offset: int, bufs: list[np.ndarray]) -> None:
         self.is_write = is_write
         self.offset = offset
-        self.buf = buf
+        self.bufs = bufs
+        self.length = sum(len(b) for b in bufs)
         self.done = trio.Event()
         self.error: OSError | None = None
 
@@ -62,8 +63,15 @@ class LocalDevice(DeviceBase):
         self.check(offset, length)
         buf = np.empty(length, dtype=np.uint8)
         if length:
-            await self._submit(_Request(False, offset, buf))
+            await self._submit(_Request(False, offset, [buf]))
         return buf
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Scatter-read consecutive bytes at offset straight into the views (no copy)."""
+        req = _Request(False, offset, views)
+        self.check(offset, req.length)
+        if req.length:
+            await self._submit(req)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset."""
@@ -73,7 +81,7 @@ class LocalDevice(DeviceBase):
             return
         if not buf.flags.c_contiguous:
             buf = np.ascontiguousarray(buf)
-        await self._submit(_Request(True, offset, buf))
+        await self._submit(_Request(True, offset, [buf]))
 
     async def _submit(self, req: _Request) -> None:
         # Plugging, as the kernel's block layer does: requests issued in the same
@@ -101,10 +109,10 @@ class LocalDevice(DeviceBase):
         i = 0
         while i < len(batch):
             j = i + 1
-            end = batch[i].offset + len(batch[i].buf)
+            end = batch[i].offset + batch[i].length
             while (j < len(batch) and j - i < _IOV_MAX and batch[j].is_write == batch[i].is_write
                    and batch[j].offset == end):
-                end += len(batch[j].buf)
+                end += batch[j].length
                 j += 1
             run = batch[i:j]
             try:
@@ -115,7 +123,7 @@ class LocalDevice(DeviceBase):
             i = j
 
     def _do_run(self, run: list[_Request]) -> None:
-        views = [memoryview(r.buf) for r in run]
+        views = [memoryview(b) for r in run for b in r.bufs if len(b)]
         offset = run[0].offset
         total = sum(len(v) for v in views)
         done = 0
@@ -125,7 +133,7 @@ class LocalDevice(DeviceBase):
             while skip >= len(views[k]):
                 skip -= len(views[k])
                 k += 1
-            iov = [views[k][skip:], *views[k + 1 :]]
+            iov = [views[k][skip:], *views[k + 1 : k + _IOV_MAX]]
             if run[0].is_write:
                 n = os.pwritev(self.fd, iov, offset + done)
             else:

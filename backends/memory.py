@@ -30,6 +30,13 @@ class MemoryDevice(DeviceBase):
         self.check(offset, length)
         return self.store[offset : offset + length].copy()
 
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Copy consecutive bytes straight into the views (one copy)."""
+        self.check(offset, sum(len(v) for v in views))
+        for v in views:
+            v[:] = self.store[offset : offset + len(v)]
+            offset += len(v)
+
     async def write(self, offset: int, data: Buffer) -> None:
         """Store the bytes."""
         buf = as_u8(data)

@@ -75,3 +75,16 @@ class DeviceBase:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+async def read_into(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> None:
+    """Read consecutive bytes at offset into the views (scatter), copying as little as the device allows."""
+    fn = getattr(dev, "readv_into", None)
+    if fn is not None:
+        await fn(offset, views)
+        return
+    data = as_u8(await dev.read(offset, sum(len(v) for v in views)))
+    pos = 0
+    for v in views:
+        v[:] = data[pos : pos + len(v)]
+        pos += len(v)

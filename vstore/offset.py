@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
 from vstore.errors import ConfigError
 
 
@@ -36,6 +36,11 @@ class OffsetDevice(DeviceBase):
         """Read from the window."""
         self.check(offset, length)
         return await self.inner.read(self.offset + offset, length)
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Scatter-read from the window straight into the views."""
+        self.check(offset, sum(len(v) for v in views))
+        await read_into(self.inner, self.offset + offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write into the window."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
 from vstore.raid import geometry
 
@@ -176,6 +176,43 @@ class RaidLayout(DeviceBase):
             raise MemberFailed(i) from e
         finally:
             self.inflight[i] -= 1
+
+    async def _read_member_into(self, i: int, offset: int, views: list[np.ndarray]) -> None:
+        """Scatter-read member i into views; a failure marks it failed and raises MemberFailed."""
+        if i in self.failed:
+            raise MemberFailed(i)
+        self.inflight[i] += 1
+        try:
+            await read_into(self.members[i], offset, views)
+        except MemberIOError as e:
+            await self._member_failed(i, e)
+            raise MemberFailed(i) from e
+        finally:
+            self.inflight[i] -= 1
+
+    def _read_pieces_into(self, pieces: Sequence[tuple[int, int, int, int]],
+                                out: np.ndarray) -> list[Callable[[], Awaitable[Any]]]:
+        """Jobs reading (member, member offset, length, out offset) pieces into out.
+
+        Pieces that are contiguous on one member (a chunk of each row, or the
+        chunks of one member across rows) become ONE scatter read of that member
+        straight into out: one task and no copy per chunk.
+        """
+        by_member: dict[int, list[tuple[int, int, int]]] = {}
+        for m, off, n, at in pieces:
+            by_member.setdefault(m, []).append((off, n, at))
+        jobs: list[Callable[[], Awaitable[Any]]] = []
+        for m, items in by_member.items():
+            items.sort()
+            start, views, end = items[0][0], [], items[0][0]
+            for off, n, at in items:
+                if off != end:
+                    jobs.append(lambda m=m, s=start, v=views: self._read_member_into(m, s, v))
+                    start, views = off, []
+                views.append(out[at : at + n])
+                end = off + n
+            jobs.append(lambda m=m, s=start, v=views: self._read_member_into(m, s, v))
+        return jobs
 
     async def _read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
         """Read (member, offset, length) ranges concurrently; MemberFailed if any failed."""
@@ -437,9 +474,6 @@ class ParityLayout(RaidLayout):
             return await self._read_member(m, off, n)
         out = np.empty(length, dtype=np.uint8)
 
-        async def plain(p: tuple[int, int, int, int]) -> None:
-            out[p[3] : p[3] + p[2]] = await self._read_member(p[0], p[1], p[2])
-
         async def rebuilt(row: int, parts: list[tuple[int, int, int]]) -> None:
             # Reconstruct only the columns the request touches in this row.
             c0 = min(s % C for s, _, _ in parts)
@@ -450,7 +484,7 @@ class ParityLayout(RaidLayout):
                 j, cs = divmod(s, C)
                 out[at : at + n] = data[j, cs - c0 : cs - c0 + n]
 
-        jobs = [lambda p=p: plain(p) for p in pieces]
+        jobs = self._read_pieces_into(pieces, out)
         jobs += [lambda r=r, ps=ps: rebuilt(r, ps) for r, ps in degraded_rows.items()]
         await run_all(jobs)
         return out

@@ -38,11 +38,7 @@ class Raid0Layout(RaidLayout):
         if len(pieces) == 1:
             return await self._read_member(*pieces[0][:3])
         out = np.empty(length, dtype=np.uint8)
-
-        async def one(p: tuple[int, int, int, int]) -> None:
-            out[p[3] : p[3] + p[2]] = await self._read_member(p[0], p[1], p[2])
-
-        await run_all([lambda p=p: one(p) for p in pieces])
+        await run_all(self._read_pieces_into(pieces, out))
         return out
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
