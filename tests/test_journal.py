@@ -412,7 +412,9 @@ async def test_bitmap_resync_repairs_parity_of_dirty_regions_only(tmp_path: Path
 
 
 def test_bitmap_geometry() -> None:
-    assert choose_region(1 << 30, 65536) == 1 << 20
+    assert choose_region(1 << 30, 65536) == 4 << 20  # about 256 regions per member
+    assert choose_region(64 << 20, 65536) == 1 << 20  # never below 1 MiB
+    assert choose_region(1 << 40, 65536) >= 64 << 20
     assert choose_region(1 << 40, 65536) >= (1 << 40) // (60 << 13)
     assert rows_of_regions([0, 2], 1 << 20, 1 << 18, 100) == [0, 1, 2, 3, 8, 9, 10, 11]
     bm = WriteIntentBitmap(POOL_UUID, 10 << 20, 1 << 20, lambda: [])

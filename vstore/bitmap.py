@@ -43,6 +43,11 @@ HEADER_SIZE = 4096
 PAGE = 4096
 CAPACITY_BITS = (BITMAP_SIZE - HEADER_SIZE) * 8
 DEFAULT_REGION = 1 << 20
+# Each first write to a region waits for a bit write + flush on every member, so big
+# members get big regions (md's internal bitmap uses 64 MiB): about 256 per member,
+# between DEFAULT_REGION and MAX_AUTO_REGION unless the bitmap's capacity needs more.
+REGIONS_PER_MEMBER = 256
+MAX_AUTO_REGION = 64 << 20
 RESYNC_PARALLEL = 8
 
 _HDR = struct.Struct("<8sI16sQQ")  # magic, version, pool uuid, region bytes, bit count; then CRC32C
@@ -53,7 +58,9 @@ OnError = Callable[[int, BaseException], Any]
 
 
 def choose_region(data_size: int, chunk: int, minimum: int = DEFAULT_REGION) -> int:
-    """Region size: at least minimum (rounded to the chunk), enough for the bitmap's capacity."""
+    """Region size for a member's data area: a chunk multiple, about 256 regions, capped."""
+    target = 1 << max(0, (data_size // REGIONS_PER_MEMBER - 1).bit_length())
+    minimum = max(minimum, min(target, MAX_AUTO_REGION))
     region = max(chunk, -(-minimum // chunk) * chunk)
     while -(-data_size // region) > CAPACITY_BITS:
         region *= 2
