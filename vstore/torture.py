@@ -674,14 +674,16 @@ class Runner:
             return
         # Without durable writes: what the last completed flush covered is exact, every other
         # byte holds its old content or one written since.
-        flush_start = -1
-        for op in self.ops:
+        # Steps run one after another, so the order of self.ops (not event indexes: a step
+        # may cause no member I/O at all) says which writes a completed flush covers.
+        last_flush = -1
+        for idx, op in enumerate(self.ops):
             if op[0] == "f" and op[2] <= cut:
-                flush_start = op[1]
+                last_flush = idx
         durable = base.copy()
         later: list[tuple[int, np.ndarray]] = []
-        for op in self.ops:
-            if op[0] == "w" and op[2] <= flush_start:
+        for idx, op in enumerate(self.ops):
+            if op[0] == "w" and idx < last_flush:
                 durable[op[3] : op[3] + len(op[4])] = op[4]
             elif op[0] == "w" and op[1] < cut:
                 later.append((op[3], op[4]))
@@ -839,12 +841,17 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
         elif crashes and rng.random() < 0.5:
             if not shape.journal and failed:
                 heal_all()
-            out.append(Op("crash", (round(rng.random(), 3), rng.choice(MODES), rng.randrange(1 << 16))))
+            out.append(Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16))))
     if crashes:
         if not shape.journal and failed:
             heal_all()
-        out.append(Op("crash", (round(rng.random(), 3), rng.choice(MODES), rng.randrange(1 << 16))))
+        out.append(Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16))))
     return out
+
+
+def _frac(rng: random.Random) -> float:
+    """Where in the previous step a crash cuts: often right after it, else anywhere inside."""
+    return 1.0 if rng.random() < 0.25 else round(rng.random(), 3)
 
 
 # ---------------------------------------------------------------------------- running and shrinking
@@ -983,7 +990,8 @@ class Failure:
     round_seed: int
     schedule: list[Op]
     minimal: list[Op]
-    outcome: Outcome
+    outcome: Outcome  # of the minimal schedule
+    first: Outcome | None = None  # of the whole schedule
 
 
 class Campaign:
@@ -1034,7 +1042,7 @@ class Campaign:
                 if self.on_round:
                     self.on_round(self)
                 minimal, mout = await shrink(self.make, ops, out, budget=self.shrink_budget)
-                self.failure = Failure(self.round_seed(k), ops, minimal, mout)
+                self.failure = Failure(self.round_seed(k), ops, minimal, mout, out)
                 return self.failure
             k += 1
         return None

@@ -215,13 +215,14 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
 def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: str = "") -> None:
     from vstore.torture import format_schedule
 
-    out = failure.outcome
-    click.echo(f"FAIL{round_info}: {out.message}")
+    first = failure.first or failure.outcome
+    click.echo(f"FAIL{round_info}: {first.message}")
     if failure.schedule != failure.minimal:
         click.echo(f"  schedule ({len(failure.schedule)} steps): {format_schedule(failure.schedule)}")
     minimal = format_schedule(failure.minimal)
     click.echo(f"  minimal schedule ({len(failure.minimal)} steps, seed {seed}): {minimal}")
-    click.echo(f"  minimal failure: {failure.outcome.message}")
+    if failure.schedule != failure.minimal:
+        click.echo(f"  minimal failure: {failure.outcome.message}")
     click.echo("rerun: " + shlex.join([*rerun, "--replay", minimal]))
 
 

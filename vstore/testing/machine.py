@@ -73,12 +73,23 @@ def _machine(name: str, make_rig: Callable[[], Rig], make_target: Callable[[Rig]
             await self.rig.start()
             await self.runner.start()
 
+        failed = False
+
         def _apply(self, op: Op) -> None:
             note(str(op))  # the failing example then reads as a schedule
-            trio.run(self.runner.apply, op)
+            try:
+                trio.run(self.runner.apply, op)
+            except BaseException:
+                self.failed = True  # one failure per example: teardown skips the final checks
+                raise
 
         @rule(op=workload)
         def io(self, op: Op) -> None:
+            self._apply(op)
+
+        @rule(op=vs.flushes())
+        def flush(self, op: Op) -> None:
+            # A rule of its own: what a crash may take depends on where the flushes fell.
             self._apply(op)
 
         @precondition(lambda self: crashes)
@@ -95,11 +106,19 @@ def _machine(name: str, make_rig: Callable[[], Rig], make_target: Callable[[Rig]
             if self.runner is None:
                 return
             try:
-                if self.runner.dev is not None:
+                if self.runner.dev is not None and not self.failed:
                     note("(final checks)")
                     trio.run(self.runner.finish)
+                elif self.runner.dev is not None:
+                    trio.run(self._close_quietly)
             finally:
                 self.rig.forget()
+
+        async def _close_quietly(self) -> None:
+            try:
+                await self.runner.target.close()
+            except Exception:  # noqa: BLE001 - the step's own failure is the one to report
+                pass
 
     DeviceMachine.__name__ = DeviceMachine.__qualname__ = name
     DeviceMachine.TestCase.settings = test_settings or DEFAULT_SETTINGS
