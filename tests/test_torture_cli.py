@@ -88,3 +88,18 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         res = torture(*args, home=home)
         assert res.returncode == 2, (args, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+def test_existing_pool_scratch_volume(tmp_path: Path) -> None:
+    """Given a pool's name: workload and checks on a scratch volume, removed afterwards."""
+    from tests.test_cli import vstore
+
+    home = tmp_path / "home"
+    vstore(home, "create", "tank", "--level", "raid6", "--size", "32M",
+           *[f"file://{tmp_path}/p{i}.img" for i in range(4)])
+    vstore(home, "volume", "create", "tank", "keep", "--size", "4M")
+    res = torture("tank", "--time", "2s", "--seed", "9", home=home)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "scratch volume 'torture-scratch'" in res.stdout and "PASS:" in res.stdout
+    listing = vstore(home, "volume", "list", "tank").stdout
+    assert "keep" in listing and "torture-scratch" not in listing

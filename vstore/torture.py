@@ -157,6 +157,14 @@ class Target:
         """Members the device itself has given up on."""
         return set()
 
+    def parity_rows(self, layout: Any, window: int) -> Sequence[int]:
+        """The stripe rows the first `window` bytes of the device live in (to scrub)."""
+        return range(min(layout.rows, -(-window // layout.row_bytes)))
+
+    def view_device(self, view: Any) -> BlockDevice:
+        """The device under test as seen through a degraded view of its layout."""
+        return view
+
     def survivable(self, failed: set[int]) -> bool:
         """Whether the device is meant to survive these members failing."""
         return not failed
@@ -360,6 +368,25 @@ class VolumeTarget(Target):
     async def open(self, reopen: bool) -> BlockDevice:
         """The scratch volume."""
         return self.pool.get_volume(self.volume)
+
+    def layout(self) -> Any:
+        """The pool's layout (scrubbed and degraded where the volume lives)."""
+        return self.pool.layout
+
+    def parity_rows(self, layout: Any, window: int) -> Sequence[int]:
+        """The rows of the volume's first `window` bytes."""
+        vol = self.pool.get_volume(self.volume)
+        rows: set[int] = set()
+        for _voff, poff, n in vol.pieces(0, min(window, vol.size)):
+            rows.update(range(poff // layout.row_bytes, -(-(poff + n) // layout.row_bytes)))
+        return sorted(r for r in rows if r < layout.rows)
+
+    def view_device(self, view: Any) -> BlockDevice:
+        """The volume mapped onto the degraded view."""
+        from vstore.volume import Volume
+
+        vol = self.pool.get_volume(self.volume)
+        return Volume(vol.name, vol.size, vol.extents, view, vol.extent_size, read_only=True)
 
     async def flush(self, dev: BlockDevice) -> None:
         """The pool's flush."""
@@ -710,14 +737,13 @@ class Runner:
         if lay is None:
             return
         if isinstance(lay, ParityLayout):
-            rows = range(min(lay.rows, -(-self.window // lay.row_bytes)))
-            bad = await verify_parity(lay, rows)
+            bad = await verify_parity(lay, self.target.parity_rows(lay, self.window))
             self.stats.checks += 1
             if bad:
                 raise CheckFailed("c", f"stripe rows with inconsistent parity: {bad[:8]}")
         if self.target.level in MIRRORED + PARITY:
             for failed, view in degraded_views(lay):
-                seen = np.asarray(await view.read(0, self.window))
+                seen = np.asarray(await self.target.view_device(view).read(0, self.window))
                 self.stats.checks += 1
                 if not np.array_equal(seen, got):
                     x = _first_diff(seen, got)
