@@ -78,13 +78,16 @@ class Reporter:
             from rich.table import Table
 
             s = c.stats
-            t = Table(title=self.title, show_header=True)
-            for col in ("time", "rounds", "ops", "written", "crashes", "member failures",
-                        "rebuilds", "path failures", "checks", "state"):
-                t.add_column(col)
-            t.add_row(f"{now - c.started:.1f}s", str(s.rounds), str(s.ops),
-                      format_size(s.bytes_written), str(s.crashes), str(s.failures),
-                      str(s.rebuilds), str(s.paths), str(s.checks), c.phase)
+            # Two columns, one stat a row: fits any terminal width.
+            t = Table(title=self.title, show_header=False)
+            t.add_column(style="bold")
+            t.add_column(justify="right")
+            for key, value in (("time", f"{now - c.started:.1f}s"), ("rounds", s.rounds),
+                               ("operations", s.ops), ("written", format_size(s.bytes_written)),
+                               ("crashes", s.crashes), ("member failures", s.failures),
+                               ("rebuilds", s.rebuilds), ("path failures", s.paths),
+                               ("checks", s.checks), ("state", c.phase)):
+                t.add_row(key, str(value))
             self.live.update(t)
         elif force or now - self.last >= 1.0:
             click.echo(self.line(c))
