@@ -146,6 +146,16 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
     consistent (scrub), (d) degraded reads identical. A failure prints the seed and
     the shrunk schedule as a command line that reproduces it. Exit 0: all checks
     passed; 1: a check failed; 2: bad usage.
+
+    
+    Schedules (--replay, --schedule) are comma-separated steps:
+      w:OFF:LEN:SEED  write        c:OFF:LEN:SEED+...  concurrent writes
+      r:OFF:LEN       read, check  f                   flush
+      d:OFF:LEN       discard      x:M / h:M           member M fails / is healed
+      p:M:P / q:M:P   path P of member M fails / returns
+      s:M:MS          member M answers MS ms late
+      crash@FRAC:MODE:SEED   power cut after FRAC of the previous step's member I/O;
+                             MODE random|drop|keep decides the unflushed writes
     """
     from vstore import torture as T
 
