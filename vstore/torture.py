@@ -91,6 +91,10 @@ class Op:
             return "c:" + "+".join(f"{o}:{n}:{s}" for o, n, s in self.args)
         return ":".join([self.kind, *map(str, self.args)])
 
+    def __repr__(self) -> str:
+        # Failing examples (hypothesis prints steps with repr) then read as schedule text.
+        return f"Op.parse({str(self)!r})"
+
     @staticmethod
     def parse(text: str) -> Op:
         """An operation from its text (ConfigError when malformed)."""

@@ -54,25 +54,30 @@ def extents(draw: st.DrawFn, size: int, *, block_size: int = 512, chunk: int = 4
     return off, length
 
 
-def writes(size: int, **kw: int) -> st.SearchStrategy[Op]:
+@st.composite
+def writes(draw: st.DrawFn, size: int, **kw: int) -> Op:
     """A write of random bytes (``w:OFF:LEN:SEED``)."""
-    return st.builds(lambda e, s: Op("w", (*e, s)), extents(size, **kw), st.integers(0, 2**16 - 1))
+    return Op("w", (*draw(extents(size, **kw)), draw(st.integers(0, 2**16 - 1), label="seed")))
 
 
-def concurrent_writes(size: int, **kw: int) -> st.SearchStrategy[Op]:
+@st.composite
+def concurrent_writes(draw: st.DrawFn, size: int, **kw: int) -> Op:
     """2-4 writes issued at once (``c:...``); overlapping ones are dropped when run."""
-    one = st.builds(lambda e, s: (*e, s), extents(size, **kw), st.integers(0, 2**16 - 1))
-    return st.lists(one, min_size=2, max_size=4).map(lambda xs: Op("c", tuple(xs)))
+    n = draw(st.integers(2, 4), label="writes")
+    return Op("c", tuple((*draw(extents(size, **kw)), draw(st.integers(0, 2**16 - 1)))
+                         for _ in range(n)))
 
 
-def reads(size: int, **kw: int) -> st.SearchStrategy[Op]:
+@st.composite
+def reads(draw: st.DrawFn, size: int, **kw: int) -> Op:
     """A read checked against the model (``r:OFF:LEN``)."""
-    return extents(size, **kw).map(lambda e: Op("r", e))
+    return Op("r", draw(extents(size, **kw)))
 
 
-def discards(size: int, **kw: int) -> st.SearchStrategy[Op]:
+@st.composite
+def discards(draw: st.DrawFn, size: int, **kw: int) -> Op:
     """A discard (``d:OFF:LEN``): the range then holds its old bytes or zeros."""
-    return extents(size, **kw).map(lambda e: Op("d", e))
+    return Op("d", draw(extents(size, **kw)))
 
 
 def flushes() -> st.SearchStrategy[Op]:
@@ -80,35 +85,39 @@ def flushes() -> st.SearchStrategy[Op]:
     return st.just(Op("f"))
 
 
-def crashes() -> st.SearchStrategy[Op]:
+@st.composite
+def crashes(draw: st.DrawFn) -> Op:
     """A power cut somewhere in the previous operation, in any crash mode."""
     # Cuts right after a step (1.0) find lost acknowledged data most directly; the rest
     # land inside the step's member I/O.
-    frac = st.one_of(st.just(1.0), st.just(0.0), st.floats(0, 1))
-    return st.builds(lambda f, m, s: Op("crash", (round(f, 3), m, s)), frac,
-                     st.sampled_from(MODES), st.integers(0, 2**16 - 1))
+    frac = draw(st.one_of(st.just(1.0), st.just(0.0), st.floats(0, 1)), label="where")
+    return Op("crash", (round(frac, 3), draw(st.sampled_from(MODES), label="mode"),
+                        draw(st.integers(0, 2**16 - 1), label="seed")))
 
 
-def member_failures(members: int) -> st.SearchStrategy[Op]:
+@st.composite
+def member_failures(draw: st.DrawFn, members: int) -> Op:
     """Member M fails (``x:M``); the runner skips it beyond the target's redundancy."""
-    return st.integers(0, max(0, members - 1)).map(lambda i: Op("x", (i,)))
+    return Op("x", (draw(st.integers(0, max(0, members - 1))),))
 
 
-def heals(members: int) -> st.SearchStrategy[Op]:
+@st.composite
+def heals(draw: st.DrawFn, members: int) -> Op:
     """Member M is healed and, if dropped, rebuilt (``h:M``)."""
-    return st.integers(0, max(0, members - 1)).map(lambda i: Op("h", (i,)))
+    return Op("h", (draw(st.integers(0, max(0, members - 1))),))
 
 
-def path_failures(members: int, paths: int = 2) -> st.SearchStrategy[Op]:
+@st.composite
+def path_failures(draw: st.DrawFn, members: int, paths: int = 2) -> Op:
     """A path of a multipath member fails or is reinstated (``p:M:P`` / ``q:M:P``)."""
-    return st.builds(lambda k, m, p: Op(k, (m, p)), st.sampled_from("pq"),
-                     st.integers(0, max(0, members - 1)), st.integers(0, paths - 1))
+    return Op(draw(st.sampled_from("pq")), (draw(st.integers(0, max(0, members - 1))),
+                                            draw(st.integers(0, paths - 1))))
 
 
-def slow_members(members: int) -> st.SearchStrategy[Op]:
+@st.composite
+def slow_members(draw: st.DrawFn, members: int) -> Op:
     """Member M answers MS milliseconds late (``s:M:MS``)."""
-    return st.builds(lambda m, ms: Op("s", (m, ms)), st.integers(0, max(0, members - 1)),
-                     st.sampled_from([0, 1, 3]))
+    return Op("s", (draw(st.integers(0, max(0, members - 1))), draw(st.sampled_from([0, 1, 3]))))
 
 
 def workload(size: int, *, discard: bool = True, **kw: int) -> st.SearchStrategy[Op]:
