@@ -288,3 +288,22 @@ async def test_rig_crash_writes_back_only_what_changed() -> None:
 def test_trio_is_not_left_seeded_oddly() -> None:
     """run_schedule seeds trio's scheduler; plain trio.run still works afterwards."""
     assert trio.run(trio.sleep, 0) is None
+
+
+async def test_rig_corrupt_read_and_slow_member() -> None:
+    """A corrupt read from a member is silent to raid5 (no checksums): the read check sees it;
+    a slow member only delays (here under trio's real clock, by milliseconds)."""
+    rig = await _memory_rig("raid5", 3, journal=False)
+    runner = Runner(PoolTarget(rig, "raid5"), window=4 * 8192)
+    try:
+        await runner.start()
+        await runner.apply(Op.parse("w:0:8192:1"))
+        rig.slow("m1", 0.002)
+        await runner.apply(Op.parse("r:0:8192"))
+        rig.heal("m1")
+        rig.corrupt("m0")  # its next read returns inverted bytes
+        with pytest.raises(CheckFailed, match=r"\(a\) read"):
+            await runner.apply(Op.parse("r:0:8192"))
+    finally:
+        await runner.target.close()
+        await rig.aclose()
