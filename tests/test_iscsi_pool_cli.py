@@ -61,3 +61,33 @@ def test_raid5_over_three_luns(tgt: TgtServer, tmp_path: Path, mode: str):
     out.unlink()
     vstore(home, "export", "san", "v", str(out))
     assert out.read_bytes() == src.read_bytes()
+
+
+async def test_unaligned_volume_io_over_iscsi_members(tgt: TgtServer, tmp_path: Path):
+    from vstore.home import Home
+    from vstore.pool import Pool
+
+    urls = []
+    for i in range(3):
+        t = tgt.add_target(f"iqn.2026-11.test:align-{i}")
+        tgt.add_lun(t.tid, 1, SIZE, scsi_id=f"align{i}", scsi_sn=f"SN-align-{i}")
+        urls.append(tgt.url(t.tid, 1))
+    home = Home(tmp_path / "home")
+    pool = await Pool.create(home, "a", "raid5", urls)
+    try:
+        vol = await pool.create_volume("v", 1 << 20)
+        model = np.zeros(1 << 20, np.uint8)
+        rng = np.random.default_rng(3)
+        for _ in range(40):  # what a FUSE file receives: any offset, any length
+            off = int(rng.integers(0, (1 << 20) - 5000))
+            n = int(rng.integers(1, 5000))
+            data = rng.integers(0, 256, n, dtype=np.uint8)
+            await vol.write(off, data)
+            model[off : off + n] = data
+            got = await vol.read(off + 1, n - 1)
+            assert (got == model[off + 1 : off + n]).all()
+        await pool.flush()
+        assert (await vol.read(0, 1 << 20) == model).all()
+        assert pool.state == "clean"  # no member was failed by a refused unaligned command
+    finally:
+        await pool.aclose()

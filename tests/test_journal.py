@@ -301,8 +301,8 @@ async def test_corrupt_record_in_the_middle_stops_replay_with_a_message(tmp_path
     try:
         lay = pool.layout
         jr = pool.consistency.journal
-        for i in range(3):
-            await pool.data_dev.write(i * lay.row_bytes + 100, np.full(500, 10 + i, np.uint8))
+        for i in range(3):  # straight to the layout: records of exactly these bytes
+            await lay.write(i * lay.row_bytes + 100, np.full(500, 10 + i, np.uint8))
         lsn1 = jr.tail_lsn + record_size(2, 1000, 512)  # the second record starts here
         await rec.crash(rec.materialize(mode="drop"))  # in-place writes lost, journal kept
         abandon(pool)

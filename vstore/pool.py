@@ -20,6 +20,7 @@ import numpy as np
 import trio
 
 from vstore import owner as owner_mod
+from vstore.align import AlignedDevice
 from vstore.consistency import Consistency
 from vstore.device import BlockDevice
 from vstore.errors import (
@@ -364,7 +365,8 @@ class Pool:
                 for m in self.members]
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
                                   on_member_failed=self._on_member_failed)
-        self.data_dev = self.layout
+        # Volumes take any offset and length; iSCSI members only whole blocks.
+        self.data_dev = AlignedDevice(self.layout)
         # A member being rebuilt is failed for reads but takes every write (vstore.rebuild).
         self.layout.rebuilding = {m.index for m in self.members if m.state == "rebuilding"}
         self.consistency.attach(self.layout)
