@@ -59,6 +59,24 @@ def speed_options(fn: Any) -> Any:
                              "second, not less (default 16M).")(fn)
 
 
+def member_target_options(fn: Any) -> Any:
+    """POOL INDEX NEW_URI [--size] [--background] [--force] [--speed-*]: replace and move."""
+    for deco in reversed([
+        click.argument("pool"),
+        click.argument("index", type=int),
+        click.argument("new_uri"),
+        click.option("--size", type=_size_type(), default=None,
+                     help="Create a missing file:// member of this size."),
+        click.option("--background", is_flag=True,
+                     help="Return once started (the pool must be mounted)."),
+        click.option("--force", is_flag=True, help="Use NEW_URI even if it belongs to another pool."),
+        speed_options,
+        click.pass_context,
+    ]):
+        fn = deco(fn)
+    return fn
+
+
 def _follow(ctx: click.Context, pool: str, label: str) -> dict[str, Any]:
     """Show the progress of the mount process's running operation until it ends; its result."""
     from vstore.cli import mounted_call
@@ -104,14 +122,7 @@ def _execute(ctx: click.Context, pool: str, request: dict[str, Any], local: Any,
 
 
 @click.command()
-@click.argument("pool")
-@click.argument("index", type=int)
-@click.argument("new_uri")
-@click.option("--size", type=_size_type(), default=None, help="Create a missing file:// member of this size.")
-@click.option("--background", is_flag=True, help="Return once started (the pool must be mounted).")
-@click.option("--force", is_flag=True, help="Use NEW_URI even if it belongs to another pool.")
-@speed_options
-@click.pass_context
+@member_target_options
 def replace(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | None,
             background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
     """Replace member INDEX of POOL by NEW_URI and rebuild it online (a healthy one is moved)."""
@@ -132,14 +143,7 @@ def replace(ctx: click.Context, pool: str, index: int, new_uri: str, size: int |
 
 
 @click.command()
-@click.argument("pool")
-@click.argument("index", type=int)
-@click.argument("new_uri")
-@click.option("--size", type=_size_type(), default=None, help="Create a missing file:// member of this size.")
-@click.option("--background", is_flag=True, help="Return once started (the pool must be mounted).")
-@click.option("--force", is_flag=True, help="Use NEW_URI even if it belongs to another pool.")
-@speed_options
-@click.pass_context
+@member_target_options
 def move(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | None,
          background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
     """Move healthy member INDEX of POOL to NEW_URI while the pool stays in use (like pvmove)."""
