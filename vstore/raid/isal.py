@@ -1,9 +1,18 @@
 """ISA-L's ``xor_gen`` and ``pq_gen`` through ctypes: an independent oracle and a baseline.
 
 Debian package ``libisal2``. ISA-L takes an array of pointers, sources first and
-the parity buffers last, with every pointer 32-byte aligned and, for ``pq_gen``,
-a length that is a multiple of 32. Inputs that do not meet this are copied into
-padded, aligned scratch buffers, so any (k, n) uint8 array works.
+the parity buffers last. Its contract differs per CPU path and is not checked
+by ISA-L: the AVX and AVX2 paths (picked by the dispatcher on a CPU with AVX2
+but no AVX-512) load with aligned moves and die with SIGSEGV on a pointer that
+is not 32-byte aligned, and every ``pq_gen`` path needs a length that is a
+multiple of 32 (16 for SSE), else it returns 1. Inputs that do not meet the
+strictest contract (64-byte aligned rows, length a multiple of 64) are copied
+into padded, aligned scratch buffers, so any (k, n) uint8 array works on every
+path.
+
+The library exports each path under its own name (``pq_gen_avx2``, ...):
+``variants()`` lists those this CPU can run, and every call takes one of them,
+so tests exercise all of them whichever path the dispatcher would pick here.
 """
 
 from __future__ import annotations
@@ -15,8 +24,20 @@ from collections.abc import Callable
 
 import numpy as np
 
-_ALIGN = 64
+_ALIGN = 64  # the strictest pointer and length contract of any path (AVX-512)
 _NAMES = ("libisal.so.2", "libisal.so")
+
+# Each CPU path of xor_gen / pq_gen, the cpuinfo flags it needs. xor_gen has no
+# AVX2 path: the dispatcher uses the AVX one there.
+_PATHS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "sse": ("sse4_1",),
+    "avx": ("avx",),
+    "avx2": ("avx2",),
+    "avx512": ("avx512f", "avx512bw", "avx512vl"),
+}
+_XOR_NAMES = {"base": "xor_gen_base", "sse": "xor_gen_sse", "avx": "xor_gen_avx", "avx2": "xor_gen_avx",
+              "avx512": "xor_gen_avx512"}  # fmt: skip
 
 
 @functools.cache
@@ -31,10 +52,46 @@ def _lib() -> ctypes.CDLL | None:
         except OSError:
             continue
         for fn in (lib.xor_gen, lib.pq_gen):
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
-            fn.restype = ctypes.c_int
+            _declare(fn)
         return lib
     return None
+
+
+def _declare(fn: ctypes._CFuncPtr) -> ctypes._CFuncPtr:
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def variants() -> list[str]:
+    """The CPU paths of ISA-L this machine can run (``base`` always), slowest first."""
+    if _lib() is None:
+        return []
+    flags = _cpu_flags()
+    return [name for name, need in _PATHS.items() if all(f in flags for f in need)]
+
+
+@functools.cache
+def _function(op: str, variant: str | None) -> ctypes._CFuncPtr:
+    lib = _require()
+    if variant is None:
+        return getattr(lib, op)  # ISA-L's own dispatch for this CPU
+    if variant not in variants():
+        raise ValueError(f"ISA-L path {variant!r} cannot run on this CPU (have {variants()})")
+    name = _XOR_NAMES[variant] if op == "xor_gen" else f"pq_gen_{variant}"
+    return _declare(getattr(lib, name))
 
 
 def available() -> bool:
@@ -63,8 +120,8 @@ def _usable(a: np.ndarray, n_mult: int) -> bool:
         and a.ndim == 2
         and a.strides[1] == 1
         and a.shape[1] % n_mult == 0
-        and a.ctypes.data % 32 == 0
-        and a.strides[0] % 32 == 0
+        and a.ctypes.data % _ALIGN == 0
+        and a.strides[0] % _ALIGN == 0
     )
 
 
@@ -88,25 +145,25 @@ def _call(fn, data: np.ndarray, nparity: int, n_mult: int) -> np.ndarray:
     return par[:, :n]
 
 
-def xor_gen(data: np.ndarray) -> np.ndarray:
-    """P = XOR of the k rows of data (k, n), computed by ISA-L."""
+def xor_gen(data: np.ndarray, variant: str | None = None) -> np.ndarray:
+    """P = XOR of the k rows of data (k, n), computed by ISA-L (one CPU path, or its dispatch)."""
     data = np.asarray(data, dtype=np.uint8)
     k, n = data.shape
     if k == 1:
         # ISA-L needs at least two sources; the parity of one row is the row itself.
         return data[0].copy()
-    return _call(_require().xor_gen, data, 1, 32)[0]
+    return _call(_function("xor_gen", variant), data, 1, _ALIGN)[0]
 
 
-def pq_gen(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(P, Q) of the k rows of data (k, n), computed by ISA-L."""
+def pq_gen(data: np.ndarray, variant: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(P, Q) of the k rows of data (k, n), computed by ISA-L (one CPU path, or its dispatch)."""
     data = np.asarray(data, dtype=np.uint8)
     k, n = data.shape
     if k == 1:
         # ISA-L rejects a single source; pad with a zero row, which adds nothing
         # to P and g^1 * 0 = 0 to Q.
         data = np.concatenate([data, np.zeros((1, n), dtype=np.uint8)])
-    par = _call(_require().pq_gen, data, 2, 32)
+    par = _call(_function("pq_gen", variant), data, 2, _ALIGN)
     return par[0], par[1]
 
 
@@ -114,14 +171,13 @@ def prepared_call(data: np.ndarray, parity: np.ndarray) -> Callable[[], None]:
     """A no-argument call of xor_gen (1 parity row) or pq_gen (2 rows) on these exact buffers.
 
     For benchmarks: the pointer array is built once, so a call measures ISA-L
-    alone. Every row must be 32-byte aligned and n a multiple of 32; k >= 2.
+    alone. Every row must be 64-byte aligned and n a multiple of 64; k >= 2.
     """
-    lib = _require()
     k, n = data.shape
     nparity = parity.shape[0]
-    if nparity not in (1, 2) or k < 2 or not (_usable(data, 32) and _usable(parity, 32)):
-        raise ValueError("prepared_call needs k >= 2 aligned rows, n % 32 == 0, 1 or 2 parity rows")
-    fn = lib.xor_gen if nparity == 1 else lib.pq_gen
+    if nparity not in (1, 2) or k < 2 or not (_usable(data, _ALIGN) and _usable(parity, _ALIGN)):
+        raise ValueError("prepared_call needs k >= 2 rows 64-byte aligned, n % 64 == 0, 1 or 2 parity rows")
+    fn = _function("xor_gen" if nparity == 1 else "pq_gen", None)
     rows = [data[j].ctypes.data for j in range(k)] + [parity[j].ctypes.data for j in range(nparity)]
     ptrs = (ctypes.c_void_p * (k + nparity))(*rows)
     vects = k + nparity
