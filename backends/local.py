@@ -83,6 +83,15 @@ class LocalDevice(DeviceBase):
             buf = np.ascontiguousarray(buf)
         await self._submit(_Request(True, offset, [buf]))
 
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Gather-write the views as consecutive bytes at offset (one pwritev, no copy)."""
+        bufs = [as_u8(v) for v in views]
+        bufs = [b if b.flags.c_contiguous else np.ascontiguousarray(b) for b in bufs if len(b)]
+        req = _Request(True, offset, bufs)
+        self.check(offset, req.length)
+        if req.length:
+            await self._submit(req)
+
     async def _submit(self, req: _Request) -> None:
         # Plugging, as the kernel's block layer does: requests issued in the same
         # scheduler tick (a RAID layout fans one request out into many chunk-sized

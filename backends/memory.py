@@ -37,6 +37,14 @@ class MemoryDevice(DeviceBase):
             v[:] = self.store[offset : offset + len(v)]
             offset += len(v)
 
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Store consecutive bytes from the views (one copy)."""
+        self.check(offset, sum(len(v) for v in views))
+        for v in views:
+            v = as_u8(v)
+            self.store[offset : offset + len(v)] = v
+            offset += len(v)
+
     async def write(self, offset: int, data: Buffer) -> None:
         """Store the bytes."""
         buf = as_u8(data)

@@ -4,6 +4,13 @@ Reads return 1-D ``numpy.uint8`` arrays (possibly views into a larger buffer, so
 callers must not keep them across a later write to the same device). Writes take
 any buffer: bytes, bytearray, memoryview or a uint8 array; ``as_u8`` views it
 without copying.
+
+The vectored pair ``readv_into(offset, views)`` / ``writev(offset, views)`` moves
+consecutive device bytes straight between the device and a list of caller
+buffers (the pieces of one request that land on one member), so a layer above
+never has to gather or scatter through a copy. ``DeviceBase`` implements both
+over ``read``/``write``; devices that can do better (local files, memory,
+multipath, iSCSI, NFS) override them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ class BlockDevice(Protocol):
     async def read(self, offset: int, length: int) -> np.ndarray: ...
 
     async def write(self, offset: int, data: Buffer) -> None: ...
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None: ...
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None: ...
 
     async def flush(self) -> None: ...
 
@@ -70,6 +81,26 @@ class DeviceBase:
         """Discard is advisory; the default does nothing."""
         self.check(offset, length)
 
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read consecutive bytes at offset into the views (the default: one read, then a copy)."""
+        total = sum(len(v) for v in views)
+        self.check(offset, total)
+        if len(views) == 1:
+            views[0][:] = as_u8(await self.read(offset, total))  # type: ignore[attr-defined]
+            return
+        data = as_u8(await self.read(offset, total))  # type: ignore[attr-defined]
+        pos = 0
+        for v in views:
+            v[:] = data[pos : pos + len(v)]
+            pos += len(v)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views as consecutive bytes at offset (the default: gathered, then one write)."""
+        if len(views) == 1:
+            await self.write(offset, views[0])  # type: ignore[attr-defined]
+            return
+        await self.write(offset, np.concatenate([as_u8(v) for v in views]) if views else b"")  # type: ignore[attr-defined]
+
     async def __aenter__(self):
         return self
 
@@ -88,3 +119,14 @@ async def read_into(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> N
     for v in views:
         v[:] = data[pos : pos + len(v)]
         pos += len(v)
+
+
+async def write_from(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> None:
+    """Write the views as consecutive bytes at offset (gather), copying as little as the device allows."""
+    fn = getattr(dev, "writev", None)
+    if fn is not None:
+        await fn(offset, views)
+    elif len(views) == 1:
+        await dev.write(offset, views[0])
+    else:
+        await dev.write(offset, np.concatenate([as_u8(v) for v in views]))

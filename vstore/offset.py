@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 from vstore.errors import ConfigError
 
 
@@ -41,6 +41,11 @@ class OffsetDevice(DeviceBase):
         """Scatter-read from the window straight into the views."""
         self.check(offset, sum(len(v) for v in views))
         await read_into(self.inner, self.offset + offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Gather-write the views into the window."""
+        self.check(offset, sum(len(v) for v in views))
+        await write_from(self.inner, self.offset + offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write into the window."""
