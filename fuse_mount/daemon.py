@@ -50,6 +50,27 @@ PR_SET_IO_FLUSHER = 57
 READ_AHEAD_KB = 1024  # lets 1 MiB buffered reads arrive instead of the default 128 KiB
 FLUSH_INTERVAL = 5.0  # written data is made durable at least this often even without fsync
 MAX_FUSE_TASKS = 64  # requests in flight at once (each holds at most one 1 MiB buffer)
+# Handler tasks kept alive while idle. pyfuse3 starts a task whenever a request
+# arrives and no task is waiting, and ends it when more than min_tasks wait: with
+# min_tasks=1 a queue depth of 8 costs a task spawn per request. Keep enough for
+# the queue depths we serve.
+MIN_FUSE_TASKS = 16
+
+
+def fuse_settings() -> dict[str, Any]:
+    """The FUSE options vstore mounts with, for peers that must mount alike (the benchmark's ceiling).
+
+    ``options`` are libfuse mount options besides fsname/subtype/allow_other/ro,
+    ``min_tasks``/``max_tasks`` go to ``pyfuse3.main``, ``read_ahead_kb`` is set on
+    the mount's BDI once it is up, and ``writeback_cache`` is the FUSE capability.
+    """
+    return {
+        "options": sorted(pyfuse3.default_options),
+        "min_tasks": MIN_FUSE_TASKS,
+        "max_tasks": MAX_FUSE_TASKS,
+        "read_ahead_kb": READ_AHEAD_KB,
+        "writeback_cache": VolumeFS.enable_writeback_cache,
+    }
 READY_TIMEOUT = 30.0
 
 
@@ -255,7 +276,7 @@ class MountSession:
 
     def fuse_options(self) -> set[str]:
         """Mount options given to libfuse."""
-        opts = set(pyfuse3.default_options)  # default_permissions
+        opts = set(fuse_settings()["options"])  # default_permissions
         opts |= {f"fsname=vstore:{self.target.name}", "subtype=vstore"}
         if self.allow_other:
             opts.add("allow_other")
@@ -393,7 +414,7 @@ class MountSession:
 
     async def _fuse_main(self, nursery: trio.Nursery) -> None:
         try:
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+            await pyfuse3.main(min_tasks=MIN_FUSE_TASKS, max_tasks=MAX_FUSE_TASKS)
         finally:
             self.fuse_done.set()
             nursery.cancel_scope.cancel()  # the mount is gone: stop the control socket too

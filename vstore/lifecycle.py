@@ -203,12 +203,15 @@ class Lifecycle:
         self.nursery.start_soon(task)
         return op
 
-    def stop(self) -> bool:
-        """Stop the running operation (its cursor is checkpointed); False when none runs."""
+    async def stop(self) -> bool:
+        """Stop the running operation and wait until it has (cursor checkpointed); False when none runs."""
         op = self.current
         if op is None or op.cancel_scope is None:
             return False
         op.cancel_scope.cancel()
+        # Return once it has stopped, so a status right after shows it interrupted.
+        with trio.move_on_after(60):
+            await op.finished.wait()
         return True
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -285,7 +288,7 @@ class Lifecycle:
             return {"current": self.current.status() if self.current else None, "last": self.last,
                     "status": self.status()}
         if cmd == "operation_stop":
-            return {"stopped": self.stop()}
+            return {"stopped": await self.stop()}
         if cmd == "replace":
             op = await rebuild.start_replace(self.pool, int(request["index"]), request["uri"],
                                              size=request.get("size"), force=bool(request.get("force")),

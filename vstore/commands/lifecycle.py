@@ -191,7 +191,7 @@ def stop(ctx: click.Context, pool: str) -> None:
     from vstore.cli import pool_command
 
     async def local(p: Any) -> dict[str, Any]:
-        return {"stopped": p.lifecycle.stop()}  # unmounted, nothing runs between commands
+        return {"stopped": await p.lifecycle.stop()}  # unmounted, nothing runs between commands
 
     r = pool_command(ctx, pool, {"cmd": "operation_stop"}, local)
     click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
