@@ -1,7 +1,9 @@
 """file:// members: a regular file (created sparse on request) or a block device.
 
-I/O runs in worker threads (``trio.to_thread``) with ``os.preadv``/``os.pwritev``
-straight into and out of numpy buffers; ``flush`` is ``fdatasync``.
+I/O runs in the threads of ``vstore.io_threads`` with ``os.preadv``/``os.pwritev``
+straight into and out of numpy buffers; ``flush`` is ``fdatasync``. A layout that
+moves data on many members at once takes ``prepare_io`` ops and submits them as
+one batch.
 """
 
 from __future__ import annotations
@@ -15,29 +17,14 @@ import struct
 import numpy as np
 import trio
 
+from vstore import io_threads
 from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import ConfigError, ExistsError, MemberIOError, NotFoundError
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 
-# Many I/Os in flight per file: each batch waits in its own worker thread.
-_LIMITER = trio.CapacityLimiter(64)
-_IOV_MAX = 1024
-
-
-class _Request:
-    """One read or write waiting in a device's plug."""
-
-    __slots__ = ("is_write", "offset", "bufs", "length", "done", "error")
-
-    def __init__(self, is_write: bool, offset: int, bufs: list[np.ndarray]) -> None:
-        self.is_write = is_write
-        self.offset = offset
-        self.bufs = bufs
-        self.length = sum(len(b) for b in bufs)
-        self.done = trio.Event()
-        self.error: OSError | None = None
+_LIMITER = trio.CapacityLimiter(16)  # rare calls outside the I/O engine (hole punching)
 
 
 class LocalDevice(DeviceBase):
@@ -50,115 +37,48 @@ class LocalDevice(DeviceBase):
         self.block_size = block_size
         st = os.fstat(fd)
         self._ident = f"file:{st.st_dev}:{st.st_ino}"
-        self._queue: list[_Request] = []
-        self._plugged = False
         self._is_blockdev = stat.S_ISBLK(st.st_mode)
 
     def identity(self) -> str:
         """Device and inode: equal for two paths exactly when they name the same storage."""
         return self._ident
 
+    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_threads.Op:
+        """A range-checked engine op moving views at offset, for callers that batch ops of many members."""
+        mv = io_threads.views_of(views)
+        op = io_threads.Op(io_threads.WRITE if is_write else io_threads.READ, self.fd, offset, mv, self.path)
+        self.check(offset, op.length)
+        return op
+
+    async def _run(self, op: io_threads.Op) -> None:
+        if op.length or op.kind == io_threads.SYNC:
+            await io_threads.run((op,))
+        msg = op.failure()
+        if msg is not None:
+            raise MemberIOError(msg)
+
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read length bytes at offset."""
         self.check(offset, length)
         buf = np.empty(length, dtype=np.uint8)
-        if length:
-            await self._submit(_Request(False, offset, [buf]))
+        await self._run(self.prepare_io(False, offset, [buf]))
         return buf
 
     async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
         """Scatter-read consecutive bytes at offset straight into the views (no copy)."""
-        req = _Request(False, offset, views)
-        self.check(offset, req.length)
-        if req.length:
-            await self._submit(req)
+        await self._run(self.prepare_io(False, offset, views))
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset."""
-        buf = as_u8(data)
-        self.check(offset, len(buf))
-        if not len(buf):
-            return
-        if not buf.flags.c_contiguous:
-            buf = np.ascontiguousarray(buf)
-        await self._submit(_Request(True, offset, [buf]))
+        await self._run(self.prepare_io(True, offset, [as_u8(data)]))
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Gather-write the views as consecutive bytes at offset (one pwritev, no copy)."""
-        bufs = [as_u8(v) for v in views]
-        bufs = [b if b.flags.c_contiguous else np.ascontiguousarray(b) for b in bufs if len(b)]
-        req = _Request(True, offset, bufs)
-        self.check(offset, req.length)
-        if req.length:
-            await self._submit(req)
-
-    async def _submit(self, req: _Request) -> None:
-        # Plugging, as the kernel's block layer does: requests issued in the same
-        # scheduler tick (a RAID layout fans one request out into many chunk-sized
-        # member I/Os) are gathered, adjacent ones merged into one preadv/pwritev
-        # with an iovec per piece, and the whole batch runs in ONE worker-thread
-        # call. A thread hand-off costs far more than copying 64 KiB.
-        self._queue.append(req)
-        if self._plugged:
-            await req.done.wait()
-        else:
-            self._plugged = True
-            # Shielded: once plugged, this task owes the whole batch its I/O.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            batch, self._queue, self._plugged = self._queue, [], False
-            await trio.to_thread.run_sync(self._run_batch, batch, limiter=_LIMITER)
-            for r in batch:
-                r.done.set()
-        if req.error is not None:
-            op = "write" if req.is_write else "read"
-            raise MemberIOError(f"{self.path}: {op} at {req.offset}: {req.error.strerror}")
-
-    def _run_batch(self, batch: list[_Request]) -> None:
-        batch.sort(key=lambda r: (r.is_write, r.offset))
-        i = 0
-        while i < len(batch):
-            j = i + 1
-            end = batch[i].offset + batch[i].length
-            while (j < len(batch) and j - i < _IOV_MAX and batch[j].is_write == batch[i].is_write
-                   and batch[j].offset == end):
-                end += batch[j].length
-                j += 1
-            run = batch[i:j]
-            try:
-                self._do_run(run)
-            except OSError as e:
-                for r in run:
-                    r.error = e
-            i = j
-
-    def _do_run(self, run: list[_Request]) -> None:
-        views = [memoryview(b) for r in run for b in r.bufs if len(b)]
-        offset = run[0].offset
-        total = sum(len(v) for v in views)
-        done = 0
-        while done < total:
-            # Skip the iovecs already transferred by a short read/write.
-            skip, k = done, 0
-            while skip >= len(views[k]):
-                skip -= len(views[k])
-                k += 1
-            iov = [views[k][skip:], *views[k + 1 : k + _IOV_MAX]]
-            if run[0].is_write:
-                n = os.pwritev(self.fd, iov, offset + done)
-            else:
-                n = os.preadv(self.fd, iov, offset + done)
-                if n == 0:  # past the end of a file that shrank under us: zeros
-                    for v in iov:
-                        v[:] = b"\0" * len(v)
-                    return
-            done += n
+        await self._run(self.prepare_io(True, offset, [as_u8(v) for v in views]))
 
     async def flush(self) -> None:
         """fdatasync: every write that returned is on stable storage."""
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_LIMITER)
-        except OSError as e:
-            raise MemberIOError(f"{self.path}: flush: {e.strerror}") from e
+        await self._run(io_threads.Op(io_threads.SYNC, self.fd, label=self.path))
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole in a regular file (reads back as zeros); ignored on devices."""
