@@ -6,6 +6,8 @@ the RAID layout, as md's v1.2 metadata sits before the data offset.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
@@ -41,6 +43,14 @@ class OffsetDevice(DeviceBase):
         """Scatter-read from the window straight into the views."""
         self.check(offset, sum(len(v) for v in views))
         await read_into(self.inner, self.offset + offset, views)
+
+    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Any:
+        """The inner device's I/O-engine op for this window's range (None if it has none)."""
+        prepare = getattr(self.inner, "prepare_io", None)
+        if prepare is None:
+            return None
+        self.check(offset, sum(len(v) for v in views))
+        return prepare(is_write, self.offset + offset, views)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Gather-write the views into the window."""

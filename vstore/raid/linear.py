@@ -43,11 +43,9 @@ class LinearLayout(RaidLayout):
         return out
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
-        pieces = self.pieces(offset, length)
-        if len(pieces) == 1:
-            return await self._read_member(*pieces[0][:3])
-        got = await self._read_members([p[:3] for p in pieces])
-        return np.concatenate(got) if got else np.empty(0, np.uint8)
+        out = np.empty(length, dtype=np.uint8)
+        await self._read_pieces(self.pieces(offset, length), out)
+        return out
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         await self._submit_member_writes(

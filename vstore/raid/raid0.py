@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vstore.raid import geometry
-from vstore.raid.base import RaidLayout, run_all
+from vstore.raid.base import RaidLayout
 
 
 class Raid0Layout(RaidLayout):
@@ -34,11 +34,8 @@ class Raid0Layout(RaidLayout):
         return out
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
-        pieces = self.pieces(offset, length)
-        if len(pieces) == 1:
-            return await self._read_member(*pieces[0][:3])
         out = np.empty(length, dtype=np.uint8)
-        await run_all(self._read_pieces_into(pieces, out))
+        await self._read_pieces(self.pieces(offset, length), out)
         return out
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:

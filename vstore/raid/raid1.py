@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vstore.raid.base import RaidLayout, run_all
+from vstore.raid.base import RaidLayout
 
 
 class Raid1Layout(RaidLayout):
@@ -35,21 +35,19 @@ class Raid1Layout(RaidLayout):
         return ties[self._turn % len(ties)]
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
-        live = len(self.healthy())
-        parts = min(live, length // self.chunk)
+        live = self.healthy()
+        parts = min(len(live), length // self.chunk)
+        out = np.empty(length, dtype=np.uint8)
         if parts <= 1:
-            return await self._read_member(self.pick_mirror(), offset, length)
-        # Split at chunk boundaries into one part per mirror.
+            await self._read_pieces([(self.pick_mirror(), offset, length, 0)], out)
+            return out
+        # Split at chunk boundaries into one part per mirror, the least busy mirror first.
         step = -(-length // parts)
         step = -(-step // self.chunk) * self.chunk
-        out = np.empty(length, dtype=np.uint8)
-
-        async def one(at: int) -> None:
-            n = min(step, length - at)
-            # pick_mirror runs as each part starts, so the parts spread out.
-            out[at : at + n] = await self._read_member(self.pick_mirror(), offset + at, n)
-
-        await run_all([lambda at=at: one(at) for at in range(0, length, step)])
+        first = live.index(self.pick_mirror())
+        pieces = [(live[(first + p) % len(live)], offset + at, min(step, length - at), at)
+                  for p, at in enumerate(range(0, length, step))]
+        await self._read_pieces(pieces, out)
         return out
 
     async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:

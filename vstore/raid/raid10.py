@@ -41,18 +41,24 @@ class Raid10Layout(RaidLayout):
         return min(live, key=lambda x: self.inflight[x[0]])
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
-        pieces = list(geometry.split_chunks(offset, length, self.chunk))
-        if len(pieces) == 1:
-            c, start, n, _ = pieces[0]
-            m, base = self.pick_copy(c)
-            return await self._read_member(m, base + start, n)
+        chunks = list(geometry.split_chunks(offset, length, self.chunk))
         out = np.empty(length, dtype=np.uint8)
-
-        async def one(c: int, start: int, n: int, at: int) -> None:
+        if len(chunks) == 1:
+            c, start, n, at = chunks[0]
             m, base = self.pick_copy(c)
-            out[at : at + n] = await self._read_member(m, base + start, n)
-
-        await run_all([lambda p=p: one(*p) for p in pieces])
+            await self._read_pieces([(m, base + start, n, at)], out)
+            return out
+        # The first half of the chunks from one copy, the second half from the other:
+        # every member works, and each member's chunks stay consecutive (one I/O each).
+        half = len(chunks) // 2
+        pieces = []
+        for idx, (c, start, n, at) in enumerate(chunks):
+            copies = self.copies(c)
+            m, base = copies[idx >= half]
+            if m in self.failed:
+                m, base = copies[idx < half]
+            pieces.append((m, base + start, n, at))
+        await self._read_pieces(pieces, out)
         return out
 
     async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
