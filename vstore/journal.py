@@ -665,6 +665,11 @@ class Journal:
             self.stats["bytes"] += end - self.head_lsn
             self.head_lsn, self.head_seq = end, self.head_seq + len(part)
 
+    @property
+    def max_update_bytes(self) -> int:
+        """The largest member payload one update should carry (layouts split longer requests)."""
+        return self.log_size // 4
+
     def _size_of(self, r: _Request) -> int:
         return record_size(len(r.writes), sum(len(as_u8(w[2])) for w in r.writes), self.block)
 

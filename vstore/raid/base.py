@@ -639,24 +639,67 @@ class ParityLayout(RaidLayout):
 
     # --- writes -------------------------------------------------------------------------
 
-    async def _write(self, offset: int, buf: np.ndarray) -> None:
-        jobs = [
-            lambda r=r, s=s, n=n, at=at: self._write_row(r, s, buf[at : at + n])
-            for r, s, n, at in geometry.split_rows(offset, len(buf), self.row_bytes)
-        ]
-        await run_all(jobs)
+    # Rows of one update at most (a request longer than this is several updates, in
+    # order): bounds the rows one request locks and the size of one journal record.
+    MAX_UPDATE_BYTES = 8 << 20
 
-    async def _write_row(self, row: int, start: int, src: np.ndarray) -> None:
-        """Update one row under its lock: plan the member writes, then submit them."""
-        async with self.locked([row]):
+    def _update_rows(self) -> int:
+        limit = self.MAX_UPDATE_BYTES
+        journal_limit = getattr(self.journal, "max_update_bytes", None)
+        if journal_limit:
+            limit = min(limit, journal_limit)
+        return max(1, limit // (self.n * self.chunk))
+
+    async def _write(self, offset: int, buf: np.ndarray) -> None:
+        segments = list(geometry.split_rows(offset, len(buf), self.row_bytes))
+        step = self._update_rows()
+        for i in range(0, len(segments), step):
+            await self._write_rows(segments[i : i + step], buf)
+
+    async def _write_rows(self, segments: list[tuple[int, int, int, int]], buf: np.ndarray) -> None:
+        """One update of consecutive rows under their locks: plan every member write, then submit once."""
+        async with self.locked([seg[0] for seg in segments]):
             while True:
                 self.require_usable()
                 try:
-                    writes = await self.plan_row_write(row, start, src)
+                    writes = await self.plan_write(segments, buf)
                 except MemberFailed:
                     continue  # nothing was written yet; plan again without that member
                 await self._submit_member_writes(writes)
                 return
+
+    async def plan_write(self, segments: list[tuple[int, int, int, int]], buf: np.ndarray) -> list[MemberWrite]:
+        """The member writes of (row, row offset, length, buffer offset) segments of buf.
+
+        Whole rows take their parity straight from the caller's buffer, every row's
+        in one call; partial rows (at most the first and the last) are planned one
+        by one (read-modify-write, reconstruct-write or degraded).
+        """
+        writes: list[MemberWrite] = []
+        full: list[tuple[int, int]] = []  # (row, buffer offset)
+        C, k = self.chunk, self.k
+        for row, start, n, at in segments:
+            if n == self.row_bytes:
+                full.append((row, at))
+            else:
+                writes += await self.plan_row_write(row, start, buf[at : at + n])
+        if full:
+            data = [buf[at : at + self.row_bytes].reshape(k, C) for _, at in full]
+            parities = await run_kernel(len(full) * self.row_bytes, self._parity_of_rows, data)
+            for (row, _), d, parity in zip(full, data, parities, strict=True):
+                dmem, pmem = self.row_members(row)
+                base = row * C
+                writes += [(dmem[j], base, d[j]) for j in range(k)]
+                writes += [(pmem[i], base, parity[i]) for i in range(self.nparity)]
+        return writes
+
+    def _parity_of_rows(self, rows: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """The parity chunks of each (k, chunk) data row, computed synchronously (one thread hop at most)."""
+        return [self.parity_now(d) for d in rows]
+
+    def parity_now(self, data: np.ndarray) -> list[np.ndarray]:
+        """[P] or [P, Q] of a (k, span) data array, on the calling thread."""
+        raise NotImplementedError
 
     async def plan_row_write(self, row: int, start: int, src: np.ndarray) -> list[MemberWrite]:
         """The member writes (data and parity) that store src at byte start of a row."""

@@ -25,6 +25,10 @@ class Raid5Layout(ParityLayout):
         """[P] of a (k, span) data array."""
         return [await run_kernel(data.nbytes, kernels.xor_parity, data)]
 
+    def parity_now(self, data: np.ndarray) -> list[np.ndarray]:
+        """[P] of a (k, span) data array, on the calling thread."""
+        return [kernels.xor_parity(data)]
+
     def update_parity(
         self, parity: list[np.ndarray], old: np.ndarray, new: np.ndarray, j: int
     ) -> None:

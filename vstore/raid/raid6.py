@@ -26,6 +26,10 @@ class Raid6Layout(ParityLayout):
         p, q = await run_kernel(data.nbytes, kernels.pq_syndrome, data)
         return [p, q]
 
+    def parity_now(self, data: np.ndarray) -> list[np.ndarray]:
+        """[P, Q] of a (k, span) data array, on the calling thread."""
+        return list(kernels.pq_syndrome(data))
+
     def update_parity(
         self, parity: list[np.ndarray], old: np.ndarray, new: np.ndarray, j: int
     ) -> None:
