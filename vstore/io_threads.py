@@ -55,6 +55,13 @@ class Op:
         self._completions: _Completions | None = None
 
 
+    @classmethod
+    def completed(cls, label: str = "") -> Op:
+        """An op already done: what a device that moves bytes at once (memory) hands back."""
+        op = cls(READ, -1, label=label)
+        op.finished = True
+        return op
+
     def failure(self) -> str | None:
         """What went wrong, as one line naming the file and the range (None when it went well)."""
         if self.error is None:
@@ -210,13 +217,14 @@ def _transfer(fd: int, is_write: bool, offset: int, views: Sequence[memoryview])
 
 def submit(ops: Sequence[Op]) -> None:
     """Hand ops to the I/O threads as one batch (call from the trio thread, then ``wait``)."""
+    ops = [op for op in ops if not op.finished]
     if not ops:
         return
     _ensure_threads()
     comp = _completions()
     for op in ops:
         op._completions = comp
-    _QUEUE.put(list(ops))
+    _QUEUE.put(ops)
 
 
 async def wait(ops: Sequence[Op]) -> None:
