@@ -31,8 +31,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from vstore import io_threads
 from vstore.device import BlockDevice
 from vstore.errors import OutOfRangeError, ReadOnlyError, VstoreError
+from vstore.iostats import HANDOFFS, LayerStats, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class VolumeFS(pyfuse3.Operations):
         self.errors = _ErrorLog()
         self.reads = RequestStats()
         self.writes = RequestStats()
+        self.layer = LayerStats()  # time from the handler into the volume and back
         self.flushes = 0
         self.write_generation = 0  # bumped by every write; compared by the periodic flusher
         self._ino_of: dict[str, int] = {}
@@ -265,13 +268,25 @@ class VolumeFS(pyfuse3.Operations):
 
     def stats(self) -> dict:
         """Request counters of this mount (what request sizes actually arrive)."""
-        return {
+        out: dict[str, Any] = {
             "read": self.reads.as_dict(),
             "write": self.writes.as_dict(),
             "flush": self.flushes,
             "open_handles": len(self._handles),
             "errors": sum(self.errors.counts.values()),
         }
+        # Per-layer accounting: the FUSE handlers' time in the engine, then the layout's
+        # (its own time, what it waited for, its member I/O), then the thread hand-offs.
+        layers: dict[str, Any] = {"fuse_handler": self.layer.as_dict()}
+        io_stats = getattr(self.target, "io_stats", None)
+        if io_stats is not None:
+            layers.update(io_stats())
+        out["layers"] = layers
+        requests = self.reads.count + self.writes.count
+        handoffs = {"io_thread_wakeups": io_threads.handoffs(), **HANDOFFS}
+        out["handoffs"] = handoffs
+        out["handoffs_per_request"] = round(sum(handoffs.values()) / requests, 3) if requests else 0.0
+        return out
 
     def _root_listing(self) -> list[tuple[bytes, int]]:
         names = [(META_DIR.encode(), META_DIR_INODE)]
@@ -437,7 +452,9 @@ class VolumeFS(pyfuse3.Operations):
         length = min(size, dev.size - off)
         if length <= 0:
             return b""
+        t0 = now_ns()
         data = await dev.read(off, length)
+        self.layer.read.add(length, now_ns() - t0)
         if isinstance(data, np.ndarray):
             if not data.flags.c_contiguous:
                 data = np.ascontiguousarray(data)
@@ -459,10 +476,13 @@ class VolumeFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOSPC)  # as a block device does: volumes never grow
         handle.dirty = True
         self.write_generation += 1
+        t0 = now_ns()
         try:
             await dev.write(off, buf)
         except OutOfRangeError:
             raise FUSEError(errno.ENOSPC) from None  # the volume shrank under us
+        finally:
+            self.layer.write.add(length, now_ns() - t0)
         self._mtime_ns[handle.ino] = time.time_ns()
         return length
 

@@ -78,7 +78,10 @@ class AlignedDevice(DeviceBase):
                 ent = self._locks.setdefault(key, [trio.Lock(), 0])
                 ent[1] += 1
                 held.append((key, ent))
-                await ent[0].acquire()
+                try:
+                    ent[0].acquire_nowait()  # no trip through the scheduler when free
+                except trio.WouldBlock:
+                    await ent[0].acquire()
             yield
         finally:
             for key, ent in reversed(held):

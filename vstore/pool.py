@@ -612,6 +612,17 @@ class Pool:
             await dev.reinstate_path(index)
 
     # ------------------------------------------------------------------ status
+    def io_stats(self) -> dict[str, Any]:
+        """Per-layer accounting of the data path (vstore.iostats), by layer name."""
+        out: dict[str, Any] = {}
+        if self.layout is not None:
+            out["layout"] = {"level": self.level, **self.layout.iostats.as_dict()}
+        journal = getattr(self.layout, "journal", None)
+        stats = getattr(journal, "stats", None)
+        if isinstance(stats, dict):
+            out["journal" if getattr(journal, "logs_parity", False) else "bitmap"] = dict(stats)
+        return out
+
     def status(self) -> dict[str, Any]:
         """Everything `vstore status --json` shows (never any secret)."""
         used = len(self.used_extents())

@@ -26,6 +26,7 @@ import trio
 from vstore import io_threads
 from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
+from vstore.iostats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
@@ -68,6 +69,7 @@ class MemberFailed(Exception):
 async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a kernel inline, or in a worker thread when it is long."""
     if nbytes >= KERNEL_THREAD_BYTES:
+        HANDOFFS["kernel_thread_calls"] += 1
         return await trio.to_thread.run_sync(fn, *args)
     return fn(*args)
 
@@ -141,6 +143,8 @@ class RaidLayout(DeviceBase):
         self.write_watch: Any = None
         # Foreground requests so far: background work (rebuild, scrub) slows down when it moves.
         self.io_count = 0
+        # Where requests spend their time (vstore.iostats): shown in the mount's fuse-stats.
+        self.iostats = LayerStats()
 
     # --- state --------------------------------------------------------------------------
 
@@ -236,6 +240,7 @@ class RaidLayout(DeviceBase):
         inflight = self.inflight
         for run in runs:
             inflight[run[0]] += 1
+        t0 = now_ns()
         try:
             if ops:
                 io_threads.submit([op for _, op in ops])
@@ -258,6 +263,11 @@ class RaidLayout(DeviceBase):
         finally:
             for run in runs:
                 inflight[run[0]] -= 1
+            st = self.iostats
+            st.wait("member_write" if is_write else "member_read", now_ns() - t0,
+                    sum(len(v) for run in runs for v in run[2]))
+            st.bump("member_runs", len(runs))
+            st.bump("member_runs_in_threads", len(ops))
         for m, op in ops:
             msg = op.failure()
             if msg is not None:
@@ -323,7 +333,9 @@ class RaidLayout(DeviceBase):
             # keeps the failed members' bytes too (intended): should a crash come before
             # their failure reaches the metadata, the replay brings them level with parity.
             with trio.CancelScope(shield=True):
+                t0 = now_ns()
                 ticket = await self.journal.commit(intended or writes)
+                self.iostats.wait("journal_commit", now_ns() - t0)
                 try:
                     await self._write_runs(writes)
                 finally:
@@ -379,6 +391,7 @@ class RaidLayout(DeviceBase):
         held: list[tuple[int, list[Any]]] = []
         entries: list[tuple[int, list[Any]]] = []
         me = trio.lowlevel.current_task()
+        t0 = now_ns()
         try:
             for key in sorted(set(keys)):
                 ent = self._locks.get(key)
@@ -388,8 +401,14 @@ class RaidLayout(DeviceBase):
                 entries.append((key, ent))
                 if ent[0].statistics().owner is me:
                     continue  # re-entered (a rebuild holds the row while member_bytes locks it)
-                await ent[0].acquire()
+                try:
+                    # Uncontended: take it without a trip through the scheduler (an
+                    # await acquire() yields even when the lock is free).
+                    ent[0].acquire_nowait()
+                except trio.WouldBlock:
+                    await ent[0].acquire()
                 held.append((key, ent))
+            self.iostats.wait("stripe_locks", now_ns() - t0)
             yield
         finally:
             for _, ent in held:
@@ -405,12 +424,17 @@ class RaidLayout(DeviceBase):
         """Read length bytes at offset, reconstructing from redundancy where needed."""
         self.check(offset, length)
         self.io_count += 1
-        while True:
-            self.require_usable()
-            try:
-                return await self._read(offset, length)
-            except MemberFailed:
-                continue
+        t0 = now_ns()
+        try:
+            while True:
+                self.require_usable()
+                try:
+                    return await self._read(offset, length)
+                except MemberFailed:
+                    self.iostats.bump("retries_after_member_failure")
+                    continue
+        finally:
+            self.iostats.read.add(length, now_ns() - t0)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset to every copy / with parity."""
@@ -420,7 +444,11 @@ class RaidLayout(DeviceBase):
             return
         self.io_count += 1
         self.require_usable()
-        await self._write(offset, buf)
+        t0 = now_ns()
+        try:
+            await self._write(offset, buf)
+        finally:
+            self.iostats.write.add(len(buf), now_ns() - t0)
 
     async def flush(self) -> None:
         """Flush every healthy member concurrently."""
@@ -436,7 +464,9 @@ class RaidLayout(DeviceBase):
             except MemberIOError as e:
                 await self._member_failed(i, e)
 
+        t0 = now_ns()
         await run_all([lambda i=i: one(i) for i in self.healthy()])
+        self.iostats.flush.add(0, now_ns() - t0)
         self.require_usable()
         if journal is not None:
             await journal.after_flush(mark)
