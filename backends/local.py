@@ -25,6 +25,34 @@ BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 
 _LIMITER = trio.CapacityLimiter(16)  # rare calls outside the I/O engine (hole punching)
+# Requests up to this size are done on the trio thread when the bytes are in memory
+# anyway (see io_threads.run_now): tmpfs members always, other files' reads when
+# they hit the page cache.
+INLINE_BYTES = 64 * 1024
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+
+def _fs_magic(fd: int) -> int:
+    """f_type of statfs(2) on the file's filesystem (0 when it cannot be had)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:8], "little")
+
+
+def _nowait_reads(fd: int) -> bool:
+    """True when preadv2(RWF_NOWAIT) works on this file (EAGAIN instead of waiting for a disk)."""
+    try:
+        os.preadv(fd, [bytearray(512)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 class LocalDevice(DeviceBase):
@@ -38,6 +66,10 @@ class LocalDevice(DeviceBase):
         st = os.fstat(fd)
         self._ident = f"file:{st.st_dev}:{st.st_ino}"
         self._is_blockdev = stat.S_ISBLK(st.st_mode)
+        # How small requests may skip the I/O threads: always (in memory), reads only
+        # with RWF_NOWAIT, or never (a block device: reads may wait for the disk).
+        in_memory = not self._is_blockdev and _fs_magic(fd) in (TMPFS_MAGIC, RAMFS_MAGIC)
+        self._inline = "all" if in_memory else ("nowait-reads" if _nowait_reads(fd) else "")
 
     def identity(self) -> str:
         """Device and inode: equal for two paths exactly when they name the same storage."""
@@ -48,11 +80,18 @@ class LocalDevice(DeviceBase):
         mv = io_threads.views_of(views)
         op = io_threads.Op(io_threads.WRITE if is_write else io_threads.READ, self.fd, offset, mv, self.path)
         self.check(offset, op.length)
+        if op.length <= INLINE_BYTES and self._inline:
+            if self._inline == "all":
+                io_threads.run_now(op)
+            elif not is_write:
+                io_threads.run_now(op, nowait=True)
         return op
 
     async def _run(self, op: io_threads.Op) -> None:
-        if op.length or op.kind == io_threads.SYNC:
+        if (op.length or op.kind == io_threads.SYNC) and not op.finished:
             await io_threads.run((op,))
+        elif op.finished:
+            await trio.lowlevel.checkpoint()
         msg = op.failure()
         if msg is not None:
             raise MemberIOError(msg)
