@@ -39,11 +39,14 @@ class Op:
     """One vectored read or write (or an fdatasync) of one file descriptor."""
 
     __slots__ = ("kind", "fd", "offset", "views", "length", "error", "finished", "waiter", "_completions",
-                 "label")
+                 "label", "scatter")
 
     def __init__(self, kind: int, fd: int, offset: int = 0, views: Sequence[memoryview] = (),
                  label: str = "") -> None:
         self.label = label  # the file's path, for error messages
+        # Read through a bounce buffer (O_DIRECT needs aligned memory): after the
+        # transfer, its bytes are copied out to these caller views.
+        self.scatter: list[np.ndarray] | None = None
         self.kind = kind
         self.fd = fd
         self.offset = offset
@@ -194,7 +197,19 @@ def _run_batch(batch: list[Op]) -> None:
         except OSError as e:
             for op in run:
                 op.error = e
+        else:
+            for op in run:
+                if op.scatter is not None:
+                    _copy_out(op)
         i = j
+
+
+def _copy_out(op: Op) -> None:
+    src = np.frombuffer(op.views[0], dtype=np.uint8)
+    pos = 0
+    for v in op.scatter or ():
+        v[:] = src[pos : pos + len(v)]
+        pos += len(v)
 
 
 def _transfer(fd: int, is_write: bool, offset: int, views: Sequence[memoryview]) -> None:
