@@ -6,8 +6,10 @@ Sections (``--only`` takes a comma-separated subset):
   plus an all-cores column: the same kernel on one stripe per core, in threads
   (numba kernels release the GIL), GB/s summed;
 - ``layouts``: ``bench.layouts`` (every RAID level over memory and file members vs one member);
-- ``stack``: ``bench.stack`` (fio through the FUSE mount vs a plain file, the empty
-  pyfuse3 ceiling and qemu-storage-daemon's FUSE export);
+- ``stack``: ``bench.stack`` (fio through FUSE mounts of raid0/raid5 pools of file
+  members on tmpfs and on the disk, vs the empty pyfuse3 ceiling mounted like vstore and
+  with pyfuse3's defaults, qemu-storage-daemon's FUSE export and plain files; ``--profile``
+  adds a py-spy profile of the mount per vstore job, in ``OUT/stack-profiles/``);
 - ``iscsi``, ``nfs``, ``multipath``, ``journal``: the backend benchmarks, run as
   ``python -m bench.NAME [--quick]`` when the module exists; their JSON is folded
   in. They run by default in a full run only (``--quick`` runs them only when
@@ -33,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from bench import machine, report
+from bench.fuse_ceiling import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -139,7 +142,8 @@ def run_peer(name: str, quick: bool, out: Path) -> dict:
     before = path.stat().st_mtime if path.exists() else None
     cmd = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else [])
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PEER_TIMEOUT)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PEER_TIMEOUT,
+                         env=child_env())
     sys.stdout.write(res.stdout)
     if res.returncode:
         return {"status": "failed", "returncode": res.returncode, "stderr": res.stderr.strip()[-2000:]}
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CORE + PEERS)}")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     ap.add_argument("--kinds", default="memory,file", help="member kinds for the layouts (memory,file)")
+    ap.add_argument("--profile", action="store_true",
+                    help="stack: py-spy on the vstore mount during each of its jobs (OUT/stack-profiles/)")
     args = ap.parse_args(argv)
     present = [p for p in PEERS if importlib.util.find_spec(f"bench.{p}") is not None]
     if args.only:
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "stack":
                 from bench import stack
 
-                result["stack"] = stack.run(args.quick, log=_log)
+                result["stack"] = stack.run(args.quick, log=_log, profile=args.profile, out=out)
                 report.show_stack(result["stack"])
             elif section not in present:
                 result.setdefault("peers", {})[section] = {"status": "absent", "note": f"bench/{section}.py not there yet"}

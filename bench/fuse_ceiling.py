@@ -1,7 +1,11 @@
 """FUSE throughput: the ceiling of an empty pyfuse3 filesystem vs a vstore mount of RAM volumes.
 
 Run ``python -m bench.fuse_ceiling [--size 1G] [--runtime 5]`` as root. Each filesystem
-is served by its own process (``--serve ceiling|vstore MOUNTPOINT``); ``fio`` runs
+is served by its own process (``--serve ceiling|vstore MOUNTPOINT``). The ceiling mounts
+with vstore's FUSE settings, read at run time from ``fuse_mount.daemon.fuse_settings()``
+(options, handler task counts, writeback cache, the BDI's read-ahead), or with the
+settings given as JSON in ``--fuse-settings`` (``bench.stack`` also runs one with
+pyfuse3's defaults, ``default_settings()``). ``fio`` runs
 1 MiB sequential direct (libaio, queue depth 8) and buffered reads and writes, and
 4 KiB random direct reads at queue depth 1 and 8, against one file on each. The
 "ceiling" file answers reads with a preallocated zero buffer and drops writes, so
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuse.json"
 MiB = 1 << 20
@@ -44,15 +49,56 @@ JOBS = {
 # ---------------------------------------------------------------------------- the two servers
 
 
-def _serve_ceiling(mountpoint: str, size: int) -> None:
-    """An empty pyfuse3 filesystem: one file 'vol' of zeros; writes are dropped."""
+def vstore_settings() -> dict[str, Any]:
+    """The FUSE settings vstore mounts with, read from the engine at run time."""
+    from fuse_mount.daemon import fuse_settings
+
+    return dict(fuse_settings())
+
+
+def default_settings() -> dict[str, Any]:
+    """libfuse/pyfuse3 defaults: pyfuse3's default options and task counts, no read-ahead tuning."""
+    import inspect
+
+    import pyfuse3
+
+    params = inspect.signature(pyfuse3.main).parameters
+    return {
+        "options": sorted(pyfuse3.default_options),
+        "min_tasks": params["min_tasks"].default,
+        "max_tasks": params["max_tasks"].default,
+        "read_ahead_kb": None,
+        "writeback_cache": pyfuse3.Operations.enable_writeback_cache,
+    }
+
+
+def bdi_read_ahead_path(mountpoint: str | Path) -> Path:
+    """The read_ahead_kb file of the BDI behind a mount (FUSE mounts get one each)."""
+    dev = os.stat(mountpoint).st_dev
+    return Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+
+
+def _set_read_ahead(mountpoint: str, kb: int) -> None:
+    """What fuse_mount.daemon._tune_bdi does, with the value from the settings."""
+    bdi_read_ahead_path(mountpoint).write_text(str(kb))
+
+
+def _serve_ceiling(mountpoint: str, size: int, settings: dict[str, Any] | None = None) -> None:
+    """An empty pyfuse3 filesystem mounted with the given FUSE settings: one file 'vol' of zeros; writes are dropped.
+
+    ``settings`` has the keys of ``fuse_mount.daemon.fuse_settings()`` (vstore's, the
+    default); ``read_ahead_kb`` None leaves the kernel's read-ahead alone.
+    """
     import pyfuse3
     import trio
 
+    settings = vstore_settings() if settings is None else settings
     zeros = memoryview(bytes(4 * MiB))
     ino_file = pyfuse3.ROOT_INODE + 1
 
     class Ceiling(pyfuse3.Operations):
+        enable_writeback_cache = bool(settings["writeback_cache"])
+
         def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
             e = pyfuse3.EntryAttributes()
             e.st_ino = ino
@@ -76,7 +122,7 @@ def _serve_ceiling(mountpoint: str, size: int) -> None:
             return self._attr(inode)
 
         async def open(self, inode, flags, ctx):
-            return pyfuse3.FileInfo(fh=inode)
+            return pyfuse3.FileInfo(fh=inode)  # direct_io and keep_cache off, as vstore's volumes
 
         async def read(self, fh, off, length):
             return zeros[: max(0, min(length, size - off))]
@@ -90,34 +136,33 @@ def _serve_ceiling(mountpoint: str, size: int) -> None:
         async def flush(self, fh):
             pass
 
-    pyfuse3.init(Ceiling(), mountpoint, {"fsname=ceiling", "subtype=ceiling", "default_permissions"})
-    _tune_read_ahead(mountpoint)
+    options = set(settings["options"]) | {"fsname=ceiling", "subtype=ceiling"}
+    pyfuse3.init(Ceiling(), mountpoint, options)
+    tasks = {k: int(settings[k]) for k in ("min_tasks", "max_tasks") if settings.get(k) is not None}
 
     async def main() -> None:
-        async def on_signal(nursery: trio.Nursery) -> None:
+        async def on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     pyfuse3.terminate()
                     return
 
+        async def tune() -> None:
+            # As the vstore mount does: once the mount answers, set its BDI's read-ahead.
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(_set_read_ahead, mountpoint, int(settings["read_ahead_kb"]))
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(on_signal, nursery)
-            await pyfuse3.main(max_tasks=64)  # returns when unmounted or terminated
+            nursery.start_soon(on_signal)
+            if settings.get("read_ahead_kb") is not None:
+                nursery.start_soon(tune)
+            await pyfuse3.main(**tasks)  # returns when unmounted or terminated
             nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
     finally:
         pyfuse3.close(unmount=True)
-
-
-def _tune_read_ahead(mountpoint: str) -> None:
-    from fuse_mount.daemon import _tune_bdi
-
-    with contextlib.suppress(Exception):
-        import threading
-
-        threading.Timer(0.2, _tune_bdi, args=(mountpoint,)).start()
 
 
 def _serve_vstore(mountpoint: str, size: int) -> None:
@@ -160,6 +205,14 @@ def _serve_vstore(mountpoint: str, size: int) -> None:
 # ---------------------------------------------------------------------------- the driver
 
 
+def child_env() -> dict[str, str]:
+    """The environment for child processes: this checkout's code first on their path."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    return env
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -187,8 +240,9 @@ def _stats(mountpoint: Path) -> dict | None:
 
 def _start(kind: str, size: int) -> tuple[subprocess.Popen, Path]:
     mp = Path(tempfile.mkdtemp(prefix=f"vstore-bench-{kind}-"))
+    root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-m", "bench.fuse_ceiling", "--serve", kind, str(mp),
-                             "--size", str(size)], cwd=Path(__file__).resolve().parent.parent)
+                             "--size", str(size)], cwd=root, env=child_env())
     return proc, mp
 
 
@@ -240,11 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="1G", help="file size (and sequential job size)")
     ap.add_argument("--runtime", type=float, default=5, help="seconds per job at most")
     ap.add_argument("--serve", nargs=2, metavar=("KIND", "MOUNTPOINT"), help=argparse.SUPPRESS)
+    ap.add_argument("--fuse-settings", default=None, help=argparse.SUPPRESS)  # JSON, for --serve ceiling
     args = ap.parse_args(argv)
     size = _parse_size(args.size)
     if args.serve:
         kind, mountpoint = args.serve
-        (_serve_ceiling if kind == "ceiling" else _serve_vstore)(mountpoint, size)
+        if kind == "ceiling":
+            _serve_ceiling(mountpoint, size, json.loads(args.fuse_settings) if args.fuse_settings else None)
+        else:
+            _serve_vstore(mountpoint, size)
         return
     if shutil.which("fio") is None:
         raise SystemExit("fio is not installed")

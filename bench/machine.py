@@ -7,6 +7,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -61,6 +62,12 @@ def _module_version(name: str) -> str | None:
     return str(getattr(mod, "__version__", None) or getattr(mod, "version", None) or "?")
 
 
+def _py_spy() -> str:
+    """py-spy on PATH, else the one beside this Python (a venv's)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else "py-spy")
+
+
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -92,6 +99,7 @@ def describe() -> dict:
         "isal": isal_ok,
         "fio": _version_of(["fio", "--version"]),
         "qemu_storage_daemon": _version_of(["qemu-storage-daemon", "--version"]),
+        "py_spy": _version_of([_py_spy(), "--version"]),
         "load_average": _load(),
     }
 

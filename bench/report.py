@@ -27,9 +27,18 @@ def _iops(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def _target(value: float, target: float) -> str:
+def _target(value: float, target: float | None) -> str:
+    if target is None:
+        return f"{value:.2f} (no target)"
     mark = "[green]met[/]" if value >= target else "[red]below[/]"
     return f"{value:.2f} (≥ {target:g}: {mark})"
+
+
+def _figure(value: float | None, unit: str) -> str:
+    """A GB/s figure, or kIOPS when the unit is IOPS."""
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f}k" if unit == "iops" else f"{value:.2f}"
 
 
 def show_layouts(res: dict) -> None:
@@ -57,50 +66,109 @@ def show_layouts(res: dict) -> None:
 
 
 def show_checks(checks: list[dict], title: str) -> None:
-    """Table of the ratio-against-target checks."""
+    """Table of the ratio-against-target checks (GB/s, or IOPS where the check's unit says so)."""
     if not checks:
         return
     t = Table(title=title)
-    for col in ("check", "on", "GB/s", "baseline GB/s", "ratio vs target"):
-        t.add_column(col, justify="left" if col in ("check", "kind") else "right")
+    for col in ("check", "on", "measured", "baseline", "ratio vs target"):
+        t.add_column(col, justify="left" if col in ("check", "on") else "right")
     for ch in checks:
-        t.add_row(ch["check"], ch.get("kind", ""), _gbs(ch["numerator_gbs"]), _gbs(ch["denominator_gbs"]),
-                  _target(ch["value"], ch["target"]))
-    console().print(t)
+        unit = ch.get("unit", "gbs")
+        num = ch.get("numerator", ch["numerator_gbs"])
+        den = ch.get("denominator", ch["denominator_gbs"])
+        suffix = " IOPS" if unit == "iops" else " GB/s"
+        t.add_row(ch["check"], ch.get("kind", ""), _figure(num, unit) + suffix, _figure(den, unit) + suffix,
+                  _target(ch["value"], ch.get("target")))
+    _print_wide(t)
+
+
+def _print_wide(table: Table, cap: int = 220) -> None:
+    """Print a table at its natural width (up to cap) even when the console is narrower: nothing truncated."""
+    c = console()
+    natural = c.measure(table, options=c.options.update_width(cap)).maximum
+    if natural <= c.width:
+        c.print(table)
+    else:
+        Console(width=natural, force_terminal=c.is_terminal, no_color=c.no_color).print(table)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _unit(job: str) -> str:
+    return "iops" if "4K" in job else "gbs"
 
 
 def show_stack(res: dict) -> None:
-    """Table of the fio jobs on every target, with ratios against the plain file and the FUSE ceiling."""
-    targets = res["targets"]
-    t = Table(title=f"Whole stack: fio on a {res['size'] // (1 << 20)} MiB file, {res['runtime']} s per job "
-                    f"({res['pool']['level']} pool of {res['pool']['members']} file members through FUSE)")
-    t.add_column("job", no_wrap=True)
-    t.add_column("unit", no_wrap=True)
-    short = {"plain file": "plain", "FUSE ceiling": "ceiling", "qemu FUSE": "qemu"}
-    for name in targets:
-        t.add_column(short.get(name, name), justify="right", no_wrap=True)
-    for col in ("vs plain", "vs ceiling", "vs qemu"):
-        t.add_column(col, justify="right", no_wrap=True)
-    t.caption = ("plain: fio on a plain file on the same disk; ceiling: empty pyfuse3 filesystem; "
-                 "qemu: qemu-storage-daemon FUSE export of a plain file; vs X = vstore / X")
-    for job in res["jobs"]:
-        small = "4K" in job
-        cells = [("k" if small else "") + ("IOPS" if small else "GB/s")]
-        for name in targets:
-            r = res["results"].get(name, {}).get(job)
-            if r is None:
-                cells.append("-")
-            elif small:
-                cells.append(f"{r['iops'] / 1000:.1f}")
-            else:
-                cells.append(f"{r['gbs']:.2f}")
-        ratios = res["ratios"].get(job, {})
-        cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
-        t.add_row(job, *cells)
-    console().print(t)
+    """One table per comparison: fio jobs (rows) on its targets, then its ratio columns; missing targets, checks, profiles."""
+    c = console()
+    c.print(f"Whole stack: fio on a {res['size'] // (1 << 20)} MiB file per target, {res['runtime']:g} s per job; "
+            "GB/s, k = thousand IOPS (4K jobs); ratios from the same run"
+            + (" [yellow](profiled: py-spy slowed the vstore jobs)[/]" if res.get("profiles") else ""))
+    for g in res["groups"]:
+        t = Table(title=f"Whole stack, {g['key']}: {g['title']}")
+        t.add_column("job", no_wrap=True)
+        for name in g["targets"]:
+            t.add_column(name, justify="right")
+        for col in g["ratio_columns"]:
+            t.add_column(col["label"], justify="right", style="bold")
+        for job in g["jobs"]:
+            cells = [_figure(res["results"].get(name, {}).get(job, {}).get(_unit(job)), _unit(job))
+                     for name in g["targets"]]
+            ratios = g["ratios"].get(job, {})
+            cells += [f"{ratios[col['label']]:.2f}" if ratios.get(col["label"]) else "-" for col in g["ratio_columns"]]
+            t.add_row(job, *cells)
+        t.caption = "; ".join(f"{col['label']} = {col['numerator']} / {col['denominator']}"
+                              for col in g["ratio_columns"])
+        _print_wide(t)
     for name, why in res.get("missing", {}).items():
-        console().print(f"[yellow]{name}: {why}[/]")
+        c.print(f"[yellow]missing: {name}: {why}[/]")
+    c.print(_targets_line(res))
     show_checks(res.get("checks", []), "Whole-stack targets (reported, not asserted)")
+    show_profiles(res)
+
+
+def _settings_text(fs: dict) -> str:
+    ra = "untouched" if fs.get("read_ahead_kb") is None else f"set to {fs['read_ahead_kb']}"
+    return (f"options {','.join(fs['options'])}, tasks {fs['min_tasks']}-{fs['max_tasks']}, "
+            f"writeback_cache {fs['writeback_cache']}, read_ahead_kb {ra}")
+
+
+def _targets_line(res: dict) -> str:
+    """What each target is, with the FUSE settings and read-ahead in effect."""
+    lines = []
+    for name, t in res.get("targets", {}).items():
+        extra = [_settings_text(t["fuse_settings"])] if t.get("fuse_settings") else []
+        if t.get("bdi_read_ahead_kb") is not None:
+            extra.append(f"BDI read_ahead_kb {t['bdi_read_ahead_kb']}")
+        lines.append(f"  {name}: {t['note']}" + (f" ({'; '.join(extra)})" if extra else ""))
+    vs = res.get("fuse_settings", {}).get("vstore")
+    head = f"[dim]targets; vstore's fuse_settings(): {_settings_text(vs)}" if vs else "[dim]targets:"
+    return "\n".join([head, *lines]) + "[/]"
+
+
+def show_profiles(res: dict) -> None:
+    """Per profiled vstore job: trio main thread vs other threads, and the main thread's top own-time frames."""
+    profiles = res.get("profiles")
+    if not profiles:
+        return
+    t = Table(title="py-spy on the vstore mount, per job: shares of the samples of running threads (trio main "
+                    "thread, of which in epoll; the other threads), the main thread's top own-time frames")
+    for col in ("target", "job", "main", "epoll", "others", "top own-time frames of the main thread"):
+        t.add_column(col, justify="right" if col in ("main", "epoll", "others") else "left")
+    for target, jobs in profiles.items():
+        for job, s in jobs.items():
+            if "error" in s:
+                t.add_row(target, job, "-", "-", "-", s["error"][:80])
+                continue
+            top = "\n".join(f"{_pct(f['share'])} {f['frame']}" for f in s["main_top_own"][:5])
+            t.add_row(target, job, _pct(s["main_share"]), _pct(s["main_epoll_share"]), _pct(s["worker_share"]), top)
+    _print_wide(t)
+    first = next(s for jobs in profiles.values() for s in jobs.values())
+    if "raw" in first:
+        console().print(f"[dim]raw profiles, full summaries and fuse-stats per job "
+                        f"in {Path(first['raw']).parent}[/]")
 
 
 def show_kernels(rows: list[dict]) -> None:
@@ -222,32 +290,7 @@ def markdown(result: dict) -> str:
                                    else f"{best['single_gbs']:.2f}")
             out += ["| *one member (best of its rounds)* | " + " | ".join(singles) + " |", ""]
     if "stack" in result:
-        st = result["stack"]
-        targets = st["targets"]
-        out += [f"**Whole stack**: fio on a {st['size'] // 2**20} MiB file, {st['runtime']:g} s per job, "
-                f"vstore = a volume of a {st['pool']['level']} pool of {st['pool']['members']} file members "
-                f"(chunk {st['pool']['chunk'] // 1024} KiB) mounted with `vstore mount`; plain = a plain file "
-                f"on the same disk, no FUSE; ceiling = an empty pyfuse3 filesystem (reads return a zero buffer, "
-                f"writes are dropped); qemu = qemu-storage-daemon's FUSE export of a plain file on the same disk. "
-                f"GB/s (kIOPS for 4 KiB); the last three columns are vstore / each baseline.", ""]
-        for mode, title in (("direct", "Direct I/O (`--direct=1`, libaio, queue depth 8)"),
-                            ("buffered", "Buffered I/O (psync; the write ends with fsync, reads drop the cache first)")):
-            jobs = [j for j in st["jobs"] if j.startswith(mode)]
-            if not jobs:
-                continue
-            out += [f"{title}:", "",
-                    "| job | " + " | ".join(targets) + " | vstore / plain | vstore / ceiling | vstore / qemu |",
-                    "|---" * (len(targets) + 4) + "|"]
-            for job in jobs:
-                cells = []
-                for name in targets:
-                    r = st["results"].get(name, {}).get(job)
-                    cells.append("-" if r is None else
-                                 (f"{r['iops'] / 1000:.1f}k" if "4K" in job else f"{r['gbs']:.2f}"))
-                ratios = st["ratios"].get(job, {})
-                cells += [f"{ratios[k]:.2f}" if ratios.get(k) else "-" for k in ("plain", "ceiling", "qemu")]
-                out.append(f"| {job.removeprefix(mode).strip()} | " + " | ".join(cells) + " |")
-            out.append("")
+        out += stack_markdown(result["stack"])
     checks = []
     for sec in ("kernels", "layouts", "stack"):
         checks += [(sec, c) for c in result.get(sec, {}).get("checks", [])]
@@ -255,10 +298,45 @@ def markdown(result: dict) -> str:
         out += ["**Targets** (reported by the benchmark, never asserted):", "",
                 "| check | on | measured | baseline | ratio | target |", "|---|---|---|---|---|---|"]
         for _, c in checks:
-            out.append(f"| {c['check']} | {c.get('kind', '')} | {c['numerator_gbs']:.2f} GB/s | "
-                       f"{c['denominator_gbs']:.2f} GB/s | {c['value']:.2f} | ≥ {c['target']:g} |")
+            unit = c.get("unit", "gbs")
+            suffix = " IOPS" if unit == "iops" else " GB/s"
+            num = _figure(c.get("numerator", c["numerator_gbs"]), unit) + suffix
+            den = _figure(c.get("denominator", c["denominator_gbs"]), unit) + suffix
+            target = "-" if c.get("target") is None else f"≥ {c['target']:g}"
+            out.append(f"| {c['check']} | {c.get('kind', '')} | {num} | {den} | {c['value']:.2f} | {target} |")
         out.append("")
     return "\n".join(out)
+
+
+def stack_markdown(st: dict) -> list[str]:
+    """The whole-stack tables in Markdown: one per comparison, figures then ratio columns."""
+    out = [f"**Whole stack**: fio on a {st['size'] // 2**20} MiB file, {st['runtime']:g} s per job, through "
+           f"`vstore mount` (pools of file members, chunk {st['chunk'] // 1024} KiB). GB/s (kIOPS for 4 KiB); "
+           "the last columns are ratios measured in the same run. Targets:", ""]
+    for name, t in st.get("targets", {}).items():
+        out.append(f"- {name}: {t['note']}" + (f" (BDI read_ahead_kb {t['bdi_read_ahead_kb']})"
+                                               if t.get("bdi_read_ahead_kb") is not None else ""))
+    vs = st.get("fuse_settings", {}).get("vstore")
+    if vs:
+        out.append(f"- vstore's FUSE settings (`fuse_settings()`), applied by `ceiling` too: `{json.dumps(vs)}`")
+    out.append("")
+    for g in st["groups"]:
+        cols = [c["label"] for c in g["ratio_columns"]]
+        out += [f"{g['key']}: {g['title']} (" + "; ".join(f"{c['label']} = {c['numerator']} / {c['denominator']}"
+                                                        for c in g["ratio_columns"]) + "):", "",
+                "| job | " + " | ".join(g["targets"] + cols) + " |", "|---" * (len(g["targets"]) + len(cols) + 1) + "|"]
+        for job in g["jobs"]:
+            cells = [_figure(st["results"].get(name, {}).get(job, {}).get(_unit(job)), _unit(job))
+                     for name in g["targets"]]
+            ratios = g["ratios"].get(job, {})
+            cells += [f"{ratios[c]:.2f}" if ratios.get(c) else "-" for c in cols]
+            out.append(f"| {job} | " + " | ".join(cells) + " |")
+        out.append("")
+    for name, why in st.get("missing", {}).items():
+        out.append(f"Missing: {name}: {why}")
+    if st.get("missing"):
+        out.append("")
+    return out
 
 
 if __name__ == "__main__":

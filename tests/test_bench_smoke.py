@@ -31,12 +31,16 @@ LEVELS = {"linear", "raid0", "raid1", "raid5", "raid6", "raid10"}
 FIGURE_KEYS = {"gbs", "iops", "single_gbs", "single_iops", "ratio", "value", "numerator_gbs",
                "denominator_gbs", "numba_gbs", "numpy_gbs", "memcpy_gbs", "isal_gbs", "numba_vs_isal",
                "all_cores_gbs", "fuse_avg_request_kib"}
+# Stored as the engine wrote it (the mount's .vstore/fuse-stats): not the benchmark's figures.
+NOT_FIGURES = {"fuse_stats"}
 
 
 def _figures(node, path: str = ""):
     """Yield (path, value) of every figure key in the report, however deep."""
     if isinstance(node, dict):
         for k, v in node.items():
+            if k in NOT_FIGURES:
+                continue
             if k in FIGURE_KEYS:
                 yield f"{path}.{k}", v
             else:
@@ -91,11 +95,32 @@ def test_layouts_schema(report: dict) -> None:
 
 def test_stack_schema(report: dict) -> None:
     st = report["stack"]
-    assert {"plain file", "vstore", "FUSE ceiling"} <= set(st["targets"])
+    assert [g["key"] for g in st["groups"]] == ["tmpfs", "parity", "disk"]
+    measured = set(st["results"])
+    assert {"raid5x5 disk", "raid0x4 disk", "plain disk", "ceiling", "ceiling dflt"} <= measured, st["missing"]
+    if "raid0x4 tmpfs" not in st["missing"]:  # a machine without a tmpfs on /dev/shm reports it missing
+        assert {"raid0x4 tmpfs", "plain tmpfs", "raid5x5 tmpfs", "raid0x5 tmpfs"} <= measured, st["missing"]
     if shutil.which("qemu-storage-daemon"):
-        assert "qemu FUSE" in st["targets"], st["missing"]
-    for target in st["targets"]:
-        assert set(st["results"][target]) == set(st["jobs"])
+        assert "qemu tmpfs" in measured or "raid0x4 tmpfs" in st["missing"], st["missing"]
+    for g in st["groups"]:
+        for target in g["targets"]:
+            assert target in measured or target in st["missing"], target
+            if target in measured:
+                assert set(st["results"][target]) >= set(g["jobs"]), (g["key"], target)
+        for job in g["jobs"]:
+            for col in g["ratio_columns"]:
+                have = {col["numerator"], col["denominator"]} <= measured
+                assert g["ratios"][job][col["label"]] is not None or not have
+
+
+def test_stack_ceiling_mounts_like_vstore(report: dict) -> None:
+    from fuse_mount.daemon import fuse_settings
+
+    targets = report["stack"]["targets"]
+    assert targets["ceiling"]["fuse_settings"] == json.loads(json.dumps(fuse_settings()))
+    assert targets["ceiling"]["bdi_read_ahead_kb"] == fuse_settings()["read_ahead_kb"]
+    assert targets["ceiling dflt"]["fuse_settings"]["min_tasks"] == 1
+    assert targets["ceiling dflt"]["fuse_settings"]["read_ahead_kb"] is None
 
 
 def test_every_figure_is_a_positive_number(report: dict) -> None:
