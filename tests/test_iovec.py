@@ -40,6 +40,18 @@ def test_slices_match_a_flat_array(sizes, data):
     assert np.array_equal(flat, expect)
 
 
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=8), st.integers(1, 50), st.data())
+def test_segments_walk_like_slices(sizes, size, data):
+    flat = np.arange(sum(sizes), dtype=np.uint64).astype(np.uint8)
+    iov = IoVec(memoryview(v) for v in _split(flat, sizes))
+    a = data.draw(st.integers(0, len(flat)))
+    b = data.draw(st.integers(a, len(flat)))
+    segs = list(iov.segments(a, b, size))
+    want = [flat[p : min(p + size, b)].tobytes() for p in range(a, b, size)]
+    assert [b"".join(bytes(p) for p in seg) for seg in segs] == want
+    assert all(p.nbytes for seg in segs for p in seg)
+
+
 def test_bad_slices_and_lengths():
     iov = IoVec([memoryview(bytearray(4)), memoryview(bytearray(4))])
     with pytest.raises(TypeError):

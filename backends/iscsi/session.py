@@ -1038,13 +1038,22 @@ class Session:
         data_sn = 0
         end = offset + length
         pos = offset
+        buf = t.write_buf
+        # An IoVec is walked once, not sliced per PDU (tgt's default segment is 8 KiB).
+        segments = buf.segments(offset, end, seg) if isinstance(buf, IoVec) else None
         while pos < end:
             n = min(seg, end - pos)
             bhs = P.encode_data_out(
                 lun=t.lun, itt=t.itt, ttt=ttt, exp_stat_sn=self.exp_stat_sn, data_sn=data_sn,
                 buffer_offset=pos, data_length=n, final=pos + n >= end,
             )
-            parts += P.frame(bhs, _segment(t.write_buf[pos : pos + n]),
+            if segments is None:
+                data = buf[pos : pos + n]
+            else:
+                data = next(segments)
+                if len(data) == 1:
+                    data = data[0]  # within one view (the usual case): frame's plain path
+            parts += P.frame(bhs, data,
                              header_digest_on=p.header_digest, data_digest_on=p.data_digest)
             data_sn += 1
             pos += n
