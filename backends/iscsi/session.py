@@ -6,7 +6,10 @@ owner in its nursery) routes every target PDU by ITT to the waiting task, so
 many commands are in flight at once; senders take one lock so CmdSN is assigned
 in send order and PDUs never interleave on the wire. Data-In payloads are
 received straight into the caller's buffer at their BufferOffset; Data-Out is
-sent from the caller's buffer with scatter-gather ``sendmsg``.
+sent from the caller's buffer with scatter-gather ``sendmsg``. That buffer may
+be an ``IoVec`` (the views of a vectored request): received into with
+``recvmsg_into``, sent from piece by piece. Data-In for a command its caller
+abandoned (cancelled) is received and dropped, never placed in the buffer.
 
 When the connection dies every in-flight command fails with
 ``ConnectionLostError``; the device layer (``backends.iscsi``) reconnects and

@@ -12,7 +12,9 @@
   already done. After ``retrans`` retransmissions the call fails with
   ``DeviceTimeoutError``.
 * Payloads are sent with ``sendmsg`` as separate buffers (no concatenation),
-  and a READ reply's data can be received straight into the caller's buffer.
+  and a READ reply's data can be received straight into the caller's buffer
+  (or the pieces of an ``IoVec``); once a call is given up, the rest of its
+  reply goes to scratch, never into that buffer.
 """
 
 from __future__ import annotations
