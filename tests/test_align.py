@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -68,3 +69,40 @@ async def test_aligned_requests_pass_straight_through():
     assert (inner.store[1024:3072] == 5).all() and not inner.store[:1024].any()
     await dev.discard(100, 1500)  # only whole blocks inside the range: 512..1536
     assert (inner.store[512:1536] == 0).all() and (inner.store[1536:3072] == 5).all()
+
+
+async def test_vectored_requests_aligned_and_not():
+    """Whole-block vectored requests go straight below as such; others are merged as writes are."""
+
+    class Counting(StrictDevice):
+        readvs = writevs = 0
+
+        async def readv_into(self, offset, views):
+            self.readvs += 1
+            self.check(offset, sum(len(v) for v in views))
+            await super().readv_into(offset, views)
+
+        async def writev(self, offset, views):
+            self.writevs += 1
+            self.check(offset, sum(len(v) for v in views))
+            await super().writev(offset, views)
+
+    inner = Counting(np.zeros(SIZE, np.uint8), block_size=512)
+    dev = AlignedDevice(inner)
+    model = np.zeros(SIZE, np.uint8)
+    data = np.arange(2048, dtype=np.uint16).astype(np.uint8)
+    await dev.writev(1024, [data[:100], data[100:1500], data[1500:]])
+    model[1024:3072] = data
+    out = np.zeros(2048, np.uint8)
+    await dev.readv_into(1024, [out[:1000], out[1000:]])
+    assert np.array_equal(out, data) and (inner.readvs, inner.writevs) == (1, 1)
+    # Unaligned: read, merged and written as whole blocks below; neighbours keep their bytes.
+    await dev.writev(1100, [data[:7], data[7:700]])
+    model[1100:1800] = data[:700]
+    out = np.zeros(901, np.uint8)
+    await dev.readv_into(999, [out[:1], out[1:900], out[900:]])
+    assert np.array_equal(out, model[999:1900]) and (inner.readvs, inner.writevs) == (1, 1)
+    assert np.array_equal(inner.store, model)
+    for op in (dev.writev, dev.readv_into):
+        with pytest.raises(OutOfRangeError):
+            await op(SIZE - 10, [np.zeros(11, np.uint8)])

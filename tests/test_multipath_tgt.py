@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from tests.iscsi_target import TgtServer, free_port
-from vstore.errors import ConfigError, NoPathError
+from tests.vectors import ViewSet
+from vstore.errors import ConfigError, NoPathError, OutOfRangeError
 from vstore.multipath import MultipathDevice
 from vstore.uri import parse_uri
 
@@ -60,6 +61,7 @@ class Relay:
         self.up = True
         self.scopes: set[trio.CancelScope] = set()
         self.accepted = 0
+        self.cut_after: int | None = None  # cut() once this many more bytes went to the target
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -77,18 +79,23 @@ class Relay:
             try:
                 upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
                 async with client, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope, True)
+                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope, False)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
                 self.scopes.discard(scope)
 
-    @staticmethod
-    async def _pump(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope,
+                    to_target: bool) -> None:
         try:
             while data := await src.receive_some(1 << 20):
                 await dst.send_all(data)
+                if to_target and self.cut_after is not None:
+                    self.cut_after -= len(data)
+                    if self.cut_after <= 0:
+                        self.cut_after = None
+                        self.cut()  # mid-request: the rest never reaches the target
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()  # one direction ending ends the connection
@@ -202,6 +209,53 @@ async def test_sustained_io_survives_a_cut_path_and_uses_it_again(tgt):
             assert f.read(region) == models[w].tobytes()
     print(f"\nsustained I/O: {counts['writes']} writes, {counts['reads']} reads; "
           f"path stats {[(s['state'], s['ios'], s['errors']) for s in stats]}", file=sys.stderr)
+
+
+async def test_path_cut_during_writev_completes_on_the_other(tgt):
+    """A writev whose path is cut mid-transfer completes on the other path; vectored reads agree."""
+    async with trio.open_nursery() as nursery:
+        relays = await start_relays(nursery, tgt)
+        mp = await open_mp([r.url() for r in relays], selector="round-robin", check_interval=0.2)
+        await nursery.start(mp.run)
+        burst = mp.paths[0].dev.session.params.max_burst
+        sizes = [512 + 100, burst + 4096 - 100, 3 * burst, 24 * 1024, (2 << 20) - 8 * 512, 8 * 512]
+        total = sum(sizes)
+        assert total % 512 == 0 and max(sizes) > burst
+        off = 40 << 20
+        data = block(70, total)
+        mp._rr = 1  # the next request goes to path 0
+        relays[0].cut_after = total // 3  # cut once a third of the request went out on it
+        await mp.writev(off, ViewSet(sizes, strided=(1, 4)).fill(data).views)
+        stats = mp.path_stats()
+        assert stats[0]["state"] == "failed" and stats[0]["errors"] == 1, stats
+        assert stats[1]["ios"] == 1 and stats[1]["bytes"] == total, stats
+        assert np.array_equal(await mp.read(off, total), data)
+        dst = ViewSet(sizes, strided=(0, 3))
+        await mp.readv_into(off, dst.views)
+        assert np.array_equal(dst.joined(), data) and dst.outside_untouched()
+        relays[0].restore()
+        await wait_for(lambda: mp.paths[0].state == "active", what="path 0 to return")
+        # Both paths again: vectored writes over the same range (the fence is lifted) and reads.
+        new = block(71, total)
+        for _ in range(2):
+            await mp.writev(off, ViewSet(sizes).fill(new).views)
+            dst.clear()
+            await mp.readv_into(off, dst.views)
+            assert np.array_equal(dst.joined(), new)
+        assert all(p["ios"] > 1 for p in mp.path_stats())
+        # Misaligned: the path refuses it as a request error (like write), and stays in service.
+        for views in ([np.zeros(100, np.uint8)], [np.zeros(256, np.uint8), np.zeros(300, np.uint8)]):
+            with pytest.raises(OutOfRangeError, match="512-byte blocks"):
+                await mp.writev(off, views)
+            with pytest.raises(OutOfRangeError, match="512-byte blocks"):
+                await mp.readv_into(off, views)
+        assert all(p["state"] == "active" for p in mp.path_stats())
+        await mp.flush()
+        await mp.aclose()
+        nursery.cancel_scope.cancel()
+    with open(tgt.targets[1].luns[1].path, "rb") as f:
+        f.seek(off)
+        assert f.read(total) == new.tobytes()
 
 
 async def test_both_paths_cut_fails_after_no_path_retry(tgt):

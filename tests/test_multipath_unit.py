@@ -12,8 +12,9 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.vectors import ViewSet
 from vstore.device import DeviceBase, as_u8
-from vstore.errors import ConfigError, MemberIOError, NoPathError, NotFoundError
+from vstore.errors import ConfigError, MemberIOError, NoPathError, NotFoundError, OutOfRangeError
 from vstore.multipath import MultipathDevice, strip_priority, validate_options
 from vstore.uri import parse_uri
 
@@ -39,6 +40,7 @@ class FakePath(DeviceBase):
         self.pending: list[list] = []
         self.closed = False
         self.inflight = self.max_inflight = 0
+        self.vios = 0  # vectored requests (readv_into / writev) that reached this path
 
     def identity(self) -> str:
         return self.ident
@@ -89,6 +91,21 @@ class FakePath(DeviceBase):
         self.ios += 1
         self.bytes += len(buf)
         self.store[offset:offset + len(buf)] = buf
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        self.vios += 1
+        if self.mode != "ok":  # a failing path may leave garbage in the caller's views
+            for v in views:
+                v[...] = 0xEE
+        data = await self.read(offset, sum(len(v) for v in views))
+        pos = 0
+        for v in views:
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        self.vios += 1
+        await self.write(offset, np.concatenate([as_u8(v) for v in views]) if views else b"")
 
     async def _land_late(self, job: list) -> None:
         await trio.sleep(self.late_delay)
@@ -588,13 +605,107 @@ async def test_aclose_stops_the_checker_and_closes_paths(autojump_clock):
     assert all(f.closed for f in fakes)
 
 
+# ---------------------------------------------------------------------------- vectored I/O
+
+VEC_SIZES = [100, 1000, 3 * BS + 12, 4096 - 1112]  # 11 blocks in uneven views
+
+
+async def test_vectored_io_is_one_request_on_one_path():
+    """writev / readv_into: one request on one path, counted like write / read, same bytes."""
+    store, (a, b) = make_paths(2)
+    mp = await open_mp([a, b], selector="round-robin")
+    total = sum(VEC_SIZES)
+    data = pattern(5, total)
+    await mp.writev(BS, ViewSet(VEC_SIZES, strided=(1,)).fill(data).views)
+    assert sorted([a.vios, b.vios]) == [0, 1] and a.ios + b.ios == 1
+    assert np.array_equal(store[BS:BS + total], data)
+    dst = ViewSet(VEC_SIZES, strided=(0, 2))
+    await mp.readv_into(BS, dst.views)  # round-robin: the other path
+    assert (a.vios, b.vios) == (1, 1)
+    assert np.array_equal(dst.joined(), data) and dst.outside_untouched()
+    assert np.array_equal(await mp.read(BS, total), data)
+    stats = mp.path_stats()
+    assert sorted(p["ios"] for p in stats) == [1, 2] and sum(p["bytes"] for p in stats) == 3 * total
+    assert all(p["inflight"] == 0 for p in stats)
+    # Plain write, vectored read; and the path that took the writev is flushed.
+    await mp.write(8192, data[::-1].copy())
+    dst.clear()
+    await mp.readv_into(8192, dst.views)
+    assert np.array_equal(dst.joined(), data[::-1]) and dst.outside_untouched()
+    await mp.flush()
+    assert a.flushes + b.flushes >= 1 and not any(p.dirty for p in mp.paths)
+    await mp.writev(0, [])
+    await mp.readv_into(0, [])
+
+
+async def test_path_failing_during_writev_completes_on_the_other(autojump_clock):
+    """A writev that fails on its path completes on the other; its lost copy is fenced like a write's."""
+    store, (a, b) = make_paths(2)
+    mp = await open_mp([a, b], selector="round-robin", stale_write_hold=5.0)
+    total = sum(VEC_SIZES)
+    async with trio.open_nursery() as nursery:
+        a.late_nursery = nursery
+        a.late_delay = 3.0
+        a.mode = "error"
+        mp._rr = 1  # the next pick is path 0 (the one that loses the write)
+        await mp.writev(0, ViewSet(VEC_SIZES, strided=(2,)).fill(np.full(total, 1, np.uint8)).views)
+        assert (a.vios, b.vios) == (1, 1) and a.pending  # failed on a, done on b
+        assert (store[:total] == 1).all()
+        stats = mp.path_stats()
+        assert stats[0]["state"] == "failed" and stats[0]["errors"] == 1 and stats[1]["ios"] == 1
+        t0 = trio.current_time()
+        await mp.writev(0, ViewSet(VEC_SIZES).fill(np.full(total, 2, np.uint8)).views)
+        assert trio.current_time() - t0 >= 3.0  # waited for the fence of the lost copy
+        await trio.sleep(10)
+        assert (store[:total] == 2).all()
+        nursery.cancel_scope.cancel()
+
+
+async def test_readv_into_fails_over_and_leaves_no_garbage(autojump_clock):
+    """A path that hangs (or errs) after scribbling into the views: the retry elsewhere fills them."""
+    store, (a, b) = make_paths(2)
+    store[:] = pattern(9, SIZE)
+    mp = await open_mp([a, b], selector="round-robin", io_timeout=2.0)
+    total = sum(VEC_SIZES)
+    dst = ViewSet(VEC_SIZES, strided=(1,))
+    a.mode = "hang"
+    mp._rr = 1
+    t0 = trio.current_time()
+    await mp.readv_into(4096, dst.views)
+    assert trio.current_time() - t0 == pytest.approx(2.0)
+    assert np.array_equal(dst.joined(), store[4096:4096 + total]) and dst.outside_untouched()
+    assert mp.paths[0].state == "failed" and "2 s" in mp.paths[0].error
+    a.mode = "ok"
+    await mp.reinstate_path(0)
+    b.mode = "error"
+    mp._rr = 0  # the next pick is path 1
+    dst.clear()
+    await mp.readv_into(4096, dst.views)
+    assert np.array_equal(dst.joined(), store[4096:4096 + total]) and dst.outside_untouched()
+    assert mp.paths[1].state == "failed" and (a.vios, b.vios) == (2, 2)  # each: one failure, one success
+
+
+async def test_vectored_out_of_range_fails_like_write():
+    store, (a, b) = make_paths(2)
+    mp = await open_mp([a, b])
+    for off, sizes in ((SIZE - BS, [BS, BS]), (SIZE, [1]), (-1, [1]), (SIZE - 10, [5, 6])):
+        with pytest.raises(OutOfRangeError) as plain:
+            await mp.write(off, np.zeros(sum(sizes), np.uint8))
+        for op in (mp.writev, mp.readv_into):
+            with pytest.raises(OutOfRangeError) as vec:
+                await op(off, [np.zeros(n, np.uint8) for n in sizes])
+            assert str(vec.value) == str(plain.value)
+    assert a.ios + b.ios + a.vios + b.vios == 0
+    assert all(p["state"] == "active" and p["errors"] == 0 for p in mp.path_stats())
+
+
 # ---------------------------------------------------------------------------- property test
 
 BLOCKS = 16
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("write"), st.integers(0, BLOCKS - 1), st.integers(1, 4), st.integers(0, 255)),
-        st.tuples(st.just("read"), st.integers(0, BLOCKS - 1), st.integers(1, 4), st.just(0)),
+        st.tuples(st.just("read"), st.integers(0, BLOCKS - 1), st.integers(1, 4), st.integers(0, 1)),
         st.tuples(st.just("fail"), st.integers(0, 2), st.sampled_from(["error", "hang"]), st.just(0)),
         st.tuples(st.just("heal"), st.integers(0, 2), st.just(""), st.just(0)),
         st.tuples(st.just("sleep"), st.integers(1, 4), st.just(""), st.just(0)),
@@ -622,11 +733,18 @@ def test_random_io_and_path_failures_match_a_model(ops, selector, policy, concur
                 data = np.full(n, val, dtype=np.uint8)
                 data[::7] = (val + off) % 256
                 sequence.append(("w", off, bytes(data)))
-                await mp.write(off, data)
+                if val % 2:  # vectored: the same request as views
+                    await mp.writev(off, [data[:1000], data[1000:1001], data[1001:]])
+                else:
+                    await mp.write(off, data)
             else:
                 slot = len(sequence)
                 sequence.append(("r", off, n, None))
-                got = await mp.read(off, n)
+                if val:
+                    got = np.empty(n, np.uint8)
+                    await mp.readv_into(off, [got[:n // 2], got[n // 2:]])
+                else:
+                    got = await mp.read(off, n)
                 sequence[slot] = ("r", off, n, bytes(got))
 
         async with trio.open_nursery() as nursery:

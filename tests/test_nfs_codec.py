@@ -21,6 +21,7 @@ from backends.nfs.rpc import (
 )
 from backends.nfs.xdr import Packer, Unpacker
 from vstore.errors import MemberIOError, NotFoundError, ProtocolError
+from vstore.iovec import IoVec
 
 # ---- XDR -------------------------------------------------------------------------------
 
@@ -179,6 +180,50 @@ def test_record_receiver_sinks_read_data(size):
     else:
         assert first.sunk == -1 and bytes(first.data) == msg
     assert second.xid == 10
+
+
+@pytest.mark.parametrize("size", [600, 5000, 70000])
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 20])
+def test_record_receiver_scatters_read_data_over_an_iovec(size, chunk):
+    """A READ payload lands across the pieces of an IoVec sink, wherever the receive chunks end."""
+    data = (bytes(range(251)) * (size // 251 + 1))[:size]
+    bufs = [bytearray(n) for n in (1, 300, 17, size)]  # more room than the payload needs
+
+    def splitter(xid, head, n):
+        layout = nfs3.read_reply_layout(head, n)
+        return None if layout is None else (layout[0], IoVec(memoryview(b) for b in bufs)[: layout[1]])
+
+    rx = RecordReceiver(splitter)
+    stream = frame(read_reply(9, data)) + frame(reply(10, b"\0\0\0\1"))
+    got = []
+    for i in range(0, len(stream), chunk):
+        got.extend(rx.feed(stream[i : i + chunk]))
+    first, second = got
+    assert first.sunk == size and b"".join(bytes(b) for b in bufs)[:size] == data
+    assert second.xid == 10
+
+
+def test_record_receiver_drops_the_rest_of_an_abandoned_sink():
+    """drop_sink mid-payload: nothing more lands in the sink, and the stream stays in step."""
+    size = 20000
+    data = bytes([7]) * size
+    bufs = [bytearray(b"-" * 5000), bytearray(b"-" * 15000)]
+
+    def splitter(xid, head, n):
+        layout = nfs3.read_reply_layout(head, n)
+        return layout[0], IoVec(memoryview(b) for b in bufs)[: layout[1]]
+
+    rx = RecordReceiver(splitter)
+    stream = frame(read_reply(9, data)) + frame(reply(10, b"\0\0\0\1"))
+    cut = 3000
+    assert rx.feed(stream[:cut]) == []
+    landed = sum(b.count(7) for b in bufs)
+    assert 0 < landed < size
+    rx.drop_sink(8)  # another call: no effect
+    rx.drop_sink(9)
+    got = rx.feed(stream[cut:])
+    assert [m.xid for m in got] == [9, 10]
+    assert sum(b.count(7) for b in bufs) == landed  # the rest went to scratch
 
 
 def test_record_receiver_limits():

@@ -307,3 +307,92 @@ async def test_rig_corrupt_read_and_slow_member() -> None:
     finally:
         await runner.target.close()
         await rig.aclose()
+
+
+class _VectoredMemory(DeviceBase):
+    """A memory device that counts the vectored requests reaching it natively."""
+
+    def __init__(self, size: int) -> None:
+        from backends.memory import MemoryDevice
+
+        self.mem = MemoryDevice(np.zeros(size, np.uint8))
+        self.store, self.size, self.block_size = self.mem.store, size, 512
+        self.readvs = self.writevs = self.writes = 0
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        return await self.mem.read(offset, length)
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        self.writes += 1
+        await self.mem.write(offset, data)
+
+    async def readv_into(self, offset: int, views: list) -> None:
+        self.readvs += 1
+        await self.mem.readv_into(offset, views)
+
+    async def writev(self, offset: int, views: list) -> None:
+        self.writevs += 1
+        await self.mem.writev(offset, views)
+
+    async def flush(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_wrappers_forward_vectored_io_and_keep_their_semantics() -> None:
+    """Fault, slow, drop-flush, crash and counting wrappers: vectored I/O still injects, records, counts."""
+    from vstore.faults import FaultDevice
+    from vstore.move import CountingDevice
+    from vstore.testing import SlowDevice
+    from vstore.testing.crash import CrashDevice, CrashRecorder, WriteEvent
+
+    data = np.arange(3000, dtype=np.uint16).astype(np.uint8)
+    size = 1 << 16
+
+    def views_of(buf: np.ndarray) -> list[np.ndarray]:
+        return [buf[:100], buf[100:1700], buf[1700:]]
+
+    for wrap in (FaultDevice, SlowDevice, DropFlushes, CountingDevice):
+        inner = _VectoredMemory(size)
+        dev = wrap(inner)
+        await dev.writev(512, views_of(data))
+        out = np.zeros(3000, np.uint8)
+        await dev.readv_into(512, views_of(out))
+        assert np.array_equal(out, data) and np.array_equal(inner.store[512:3512], data)
+        assert (inner.readvs, inner.writevs, inner.writes) == (1, 1, 0), wrap  # forwarded as such
+
+    inner = _VectoredMemory(size)
+    f = FaultDevice(inner)
+    f.corrupt_reads(count=1)
+    await f.writev(0, views_of(data))
+    out = np.zeros(3000, np.uint8)
+    await f.readv_into(0, views_of(out))
+    assert np.array_equal(out, data ^ 0xFF)  # corrupted, as read would be
+    f.fail("read", count=1)
+    with pytest.raises(Exception, match="injected read failure"):
+        await f.readv_into(0, views_of(out))
+    f.fail("write", count=1, torn=True)
+    with pytest.raises(Exception, match="injected write failure"):
+        await f.writev(8192, views_of(data))
+    assert np.array_equal(inner.store[8192:9692], data[:1500]) and not inner.store[9692:11192].any()
+    assert f.ops["read"] == 2 and f.ops["write"] == 2 and f.faults_hit == 3
+
+    rec = CrashRecorder("vec-wrappers")
+    try:
+        rec.add_memory("m", size)
+        await rec.start()
+        h = CrashDevice(rec, "m")
+        await h.writev(1024, views_of(data))
+        [ev] = [e for e in rec.events if isinstance(e, WriteEvent)]
+        assert ev.offset == 1024 and np.array_equal(ev.data, data)  # recorded as one write
+        out = np.zeros(3000, np.uint8)
+        await h.readv_into(1024, views_of(out))
+        assert np.array_equal(out, data)
+        await rec.crash()  # nothing was flushed: the write is gone, the handle is dead
+        with pytest.raises(Exception, match="crashed"):
+            await h.readv_into(1024, views_of(out))
+        assert not (await CrashDevice(rec, "m").read(1024, 3000)).any()
+    finally:
+        rec.forget()

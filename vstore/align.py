@@ -3,8 +3,9 @@
 Volumes accept writes at any offset and length (a FUSE file does), and a RAID
 layout maps a byte range straight onto member ranges with the same alignment.
 An iSCSI LUN only takes whole 512- or 4096-byte blocks, so the pool puts this
-layer on top of the layout: aligned requests pass straight through; an
-unaligned write reads its edge blocks, merges, and writes whole blocks.
+layer on top of the layout: aligned requests pass straight through (the
+vectored pair too); an unaligned write reads its edge blocks, merges, and
+writes whole blocks.
 
 Two unaligned writes that touch different bytes of one block would otherwise
 lose one another's bytes (both read the old block); a lock per edge block
@@ -19,7 +20,8 @@ from contextlib import asynccontextmanager
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.iovec import total_bytes
 
 
 class AlignedDevice(DeviceBase):
@@ -48,6 +50,26 @@ class AlignedDevice(DeviceBase):
             return await self.inner.read(offset, length)
         data = await self.inner.read(start, end - start)
         return data[offset - start : offset - start + length]
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read into the views: straight below for whole blocks, else through read (sliced)."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        if self._span(offset, n) == (offset, offset + n):
+            await read_into(self.inner, offset, views)
+        else:
+            await super().readv_into(offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views: straight below for whole blocks, else gathered and merged as write does."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        if not n:
+            return
+        if self._span(offset, n) == (offset, offset + n):
+            await write_from(self.inner, offset, views)
+        else:
+            await super().writev(offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write any range; unaligned edges are read, merged and written as whole blocks."""

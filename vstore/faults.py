@@ -11,7 +11,8 @@
 Operation kinds are ``read``, ``write``, ``flush``, ``discard``; ``all`` means
 any of them. Counters (``ops``) record what passed through, so tests can check
 that a layout did or did not touch a member. A failed write leaves the device
-unchanged (``torn=True`` writes the first half first, as a crash might).
+unchanged (``torn=True`` writes the first half first, as a crash might). The
+vectored pair counts and fails as ``read``/``write``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 from vstore.errors import ConfigError, MemberIOError
+from vstore.iovec import total_bytes
 
 KINDS = ("read", "write", "flush", "discard")
 
@@ -130,6 +132,30 @@ class FaultDevice(DeviceBase):
             raise self._error("write", offset)
         await self.inner.write(offset, buf)
 
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read into the views, unless a rule fails or corrupts it (counted and ruled as a read)."""
+        self.check(offset, total_bytes(views))
+        await self._pause()
+        rule = self._hit("read")
+        if rule is not None and rule.action == "fail":
+            raise self._error("read", offset)
+        await read_into(self.inner, offset, views)
+        if rule is not None:  # corrupt
+            for v in views:
+                np.invert(v, out=v)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views, unless a rule fails it (counted and ruled as a write; torn: first half lands)."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        await self._pause()
+        rule = self._hit("write")
+        if rule is not None:
+            if rule.torn and n > 1:
+                await write_from(self.inner, offset, _first_bytes(views, n // 2))
+            raise self._error("write", offset)
+        await write_from(self.inner, offset, views)
+
     async def flush(self) -> None:
         """Flush, unless a rule fails it."""
         if self._hit("flush") is not None:
@@ -151,3 +177,15 @@ class FaultDevice(DeviceBase):
         """The wrapped device's identity, when it has one."""
         ident = getattr(self.inner, "identity", None)
         return ident() if ident is not None else f"fault:{id(self)}"
+
+
+def _first_bytes(views: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """The views cut down to their first n bytes together."""
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        u = as_u8(v)
+        out.append(u[:n])
+        n -= len(u)
+    return out

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer
+from vstore.device import BlockDevice, Buffer, read_into, write_from
 from vstore.errors import ConfigError, VstoreError
 from vstore.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
 from vstore.metadata import BITMAP_OFFSET, DATA_OFFSET, Superblock, write_superblock
@@ -123,6 +123,14 @@ class CountingDevice:
     async def write(self, offset: int, data: Buffer) -> None:
         """Write through."""
         await self._call(self.dev.write, offset, data)
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read into the views through."""
+        await self._call(read_into, self.dev, offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views through."""
+        await self._call(write_from, self.dev, offset, views)
 
     async def flush(self) -> None:
         """Flush through."""

@@ -21,7 +21,9 @@ being overtaken by the lost copy. So the failed attempt leaves a fence (a
 path is reinstated (a fresh probe/session on a path means its old commands are
 gone) or ``stale_write_hold`` seconds have passed. Apart from that, requests to
 overlapping ranges are ordered by arrival (writes exclude reads and writes), so
-overlapping writes are never in flight on two paths at once. A failed attempt
+overlapping writes are never in flight on two paths at once. A vectored request
+(``readv_into``/``writev``) is one request on one path, ordered, fenced, retried
+and counted exactly as a read or write of the same range. A failed attempt
 is retried only after it has returned (a timed-out attempt is cancelled and
 unwound first).
 
@@ -58,7 +60,7 @@ import numpy as np
 import trio
 
 from vstore.aio import gather
-from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.device import Buffer, DeviceBase, as_u8, read_into, write_from
 from vstore.errors import (
     ConfigError,
     DeviceTimeoutError,
@@ -68,6 +70,7 @@ from vstore.errors import (
     ReadOnlyError,
     VstoreError,
 )
+from vstore.iovec import total_bytes
 from vstore.uri import MemberURI, open_uri
 
 log = logging.getLogger("vstore.multipath")
@@ -83,6 +86,11 @@ PENDING = "pending"  # answers probes again, held back by failback delay or flap
 _TARGET_SENSE_KEYS = frozenset({0x3, 0x4, 0x5, 0x7, 0x8})
 # Errors about the request itself: the same on every path.
 _REQUEST_ERRORS = (OutOfRangeError, ReadOnlyError, ConfigError)
+
+# I/O kinds: 0 read, 1 write, 2 discard, 3 flush, and the vectored pair.
+_READV = 4
+_WRITEV = 5
+_CHANGES = (1, 2, _WRITEV)  # kinds that change the storage: fenced when lost, make a path dirty
 
 _RATE_SAMPLE = 0.02  # seconds of busy time per service-time throughput sample
 _RATE_ALPHA = 0.3  # weight of a new sample in the moving average
@@ -635,6 +643,10 @@ class MultipathDevice(DeviceBase):
             coro = dev.write(offset, arg)
         elif kind == 2:
             coro = dev.discard(offset, arg)
+        elif kind == _READV:
+            coro = read_into(dev, offset, arg)
+        elif kind == _WRITEV:
+            coro = write_from(dev, offset, arg)
         else:
             coro = dev.flush()
         # A cancel scope per I/O costs more than the rest of this layer: skip it when the path's
@@ -664,21 +676,21 @@ class MultipathDevice(DeviceBase):
                 if _target_error(e) or isinstance(e, _REQUEST_ERRORS):
                     p.errors += 1
                     raise
-                if kind == 1 or kind == 2:
+                if kind in _CHANGES:
                     self._fence(p, offset, offset + nbytes)
                 self._fail(p, str(e))
                 continue
             except BaseException:
                 p.inflight -= 1
                 p.inflight_bytes -= nbytes
-                if kind == 1 or kind == 2:  # abandoned (cancelled): it may still land
+                if kind in _CHANGES:  # abandoned (cancelled): it may still land
                     self._fence(p, offset, offset + nbytes)
                 raise
             p.inflight -= 1
             p.inflight_bytes -= nbytes
             p.ios += 1
             p.bytes += nbytes
-            if kind == 1 or kind == 2:
+            if kind in _CHANGES:
                 p.dirty = True
             # Throughput over busy time (time with something in flight), as a moving average;
             # a flush moves no bytes and would only drag the estimate down.
@@ -717,6 +729,30 @@ class MultipathDevice(DeviceBase):
             if conflicts:
                 await self._wait_conflicts(entry, conflicts)
             await self._io(1, offset, buf, n)
+        finally:
+            self._leave(entry)
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read consecutive bytes at offset into the views through some path (one request, as read)."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        entry, conflicts = self._enter(offset, offset + n, False)
+        try:
+            if conflicts:
+                await self._wait_conflicts(entry, conflicts)
+            await self._io(_READV, offset, views, n)
+        finally:
+            self._leave(entry)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views as consecutive bytes at offset through some path (one request, as write)."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        entry, conflicts = self._enter(offset, offset + n, True)
+        try:
+            if conflicts:
+                await self._wait_conflicts(entry, conflicts)
+            await self._io(_WRITEV, offset, views, n)
         finally:
             self._leave(entry)
 

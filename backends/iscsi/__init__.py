@@ -59,6 +59,7 @@ from vstore.errors import (
     ProtocolError,
     VstoreError,
 )
+from vstore.iovec import IoVec, finish_reads, read_targets, write_sources
 
 __all__ = ["IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
 
@@ -528,6 +529,8 @@ class IscsiDevice(DeviceBase):
             except BaseException:
                 if any(t.write_buf is not None and not t.done for t in tasks):
                     s.abort(ConnectionLostError("a write was abandoned mid-transfer"))
+                for t in tasks:  # reads sent so far: their data must not land in the caller's buffers
+                    t.abandoned = True
                 raise
             if tasks:
                 try:
@@ -559,17 +562,28 @@ class IscsiDevice(DeviceBase):
         """Read length bytes at offset (both multiples of the block size)."""
         self._check_io(offset, length)
         buf = np.empty(length, dtype=np.uint8)
-        if not length:
-            return buf
-        mv = memoryview(buf)
+        if length:
+            await self._read_span(offset, memoryview(buf))
+        return buf
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read consecutive blocks at offset straight into the views (Data-In lands in them)."""
+        dest, bounces = read_targets(views)
+        self._check_io(offset, dest.nbytes)
+        if dest.nbytes:
+            await self._read_span(offset, dest)
+            finish_reads(bounces)
+
+    async def _read_span(self, offset: int, dest: memoryview | IoVec) -> None:
+        # One READ(16) per max_transfer bytes, each filling its slice of dest.
+        length = len(dest)
         step = self._chunk(False)
         bs = self.block_size
         await self._run_chunks([
             (scsi.read_16((offset + p) // bs, min(step, length - p) // bs),
-             mv[p : p + min(step, length - p)], None, "READ(16)", True)
+             _flat(dest[p : p + min(step, length - p)]), None, "READ(16)", True)
             for p in range(0, length, step)
         ])
-        return buf
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset (offset and length multiples of the block size)."""
@@ -580,7 +594,18 @@ class IscsiDevice(DeviceBase):
             return
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        mv = memoryview(arr)
+        await self._write_span(offset, memoryview(arr))
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views as consecutive blocks at offset (Data-Out sent from them, never joined)."""
+        src = write_sources(views)
+        self._check_io(offset, src.nbytes)
+        if src.nbytes:
+            await self._write_span(offset, src)
+
+    async def _write_span(self, offset: int, mv: memoryview | IoVec) -> None:
+        # One WRITE(16) per max_write bytes; never overlapping another write in flight.
+        length = len(mv)
         step = self._chunk(True)
         bs = self.block_size
         end = offset + length
@@ -593,7 +618,7 @@ class IscsiDevice(DeviceBase):
         try:
             await self._run_chunks([
                 (scsi.write_16((offset + p) // bs, min(step, length - p) // bs),
-                 None, mv[p : p + min(step, length - p)], "WRITE(16)", False)
+                 None, _flat(mv[p : p + min(step, length - p)]), "WRITE(16)", False)
                 for p in range(0, length, step)
             ])
         finally:
@@ -643,6 +668,11 @@ class IscsiDevice(DeviceBase):
     def session(self) -> Session | None:
         """The current session (for status displays and tests)."""
         return self._session
+
+
+def _flat(buf: memoryview | IoVec) -> memoryview | IoVec:
+    """A command's slice of the transfer: a plain memoryview whenever it lies in one buffer."""
+    return buf.flat() if isinstance(buf, IoVec) else buf
 
 
 def _device(host: str, port: int, target: str, lun: int, opts: dict, creds, name: str) -> IscsiDevice:

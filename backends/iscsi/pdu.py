@@ -125,10 +125,17 @@ def pad_length(n: int) -> int:
 
 
 def data_digest(data, pad: int | None = None) -> bytes:
-    """The 4-byte wire form of the data digest over data plus its padding."""
-    if pad is None:
-        pad = pad_length(len(data))
-    crc = crc32c(data)
+    """The 4-byte wire form of the data digest over data (a buffer or a list of them) plus padding."""
+    if isinstance(data, list):
+        if pad is None:
+            pad = pad_length(sum(len(d) for d in data))
+        crc = 0
+        for d in data:
+            crc = crc32c(d, crc)
+    else:
+        if pad is None:
+            pad = pad_length(len(data))
+        crc = crc32c(data)
     if pad:
         crc = crc32c(_ZERO_PAD[:pad], crc)
     return _DIGEST.pack(crc)
@@ -565,13 +572,20 @@ def encode_target_pdu(
 
 
 def frame(bhs: bytes, data=b"", *, header_digest_on: bool = False, data_digest_on: bool = False) -> list:
-    """The buffers of a whole PDU: BHS, header digest, data, padding, data digest."""
+    """The buffers of a whole PDU: BHS, header digest, data, padding, data digest.
+
+    The data segment may be one buffer or a list of buffers (gathered on the wire, never joined).
+    """
     parts: list = [bhs]
     if header_digest_on:
         parts.append(header_digest(bhs))
-    n = len(data)
+    gathered = isinstance(data, list)
+    n = sum(len(d) for d in data) if gathered else len(data)
     if n:
-        parts.append(data)
+        if gathered:
+            parts.extend(data)
+        else:
+            parts.append(data)
         pad = pad_length(n)
         if pad:
             parts.append(_ZERO_PAD[:pad])

@@ -6,7 +6,10 @@ owner in its nursery) routes every target PDU by ITT to the waiting task, so
 many commands are in flight at once; senders take one lock so CmdSN is assigned
 in send order and PDUs never interleave on the wire. Data-In payloads are
 received straight into the caller's buffer at their BufferOffset; Data-Out is
-sent from the caller's buffer with scatter-gather ``sendmsg``.
+sent from the caller's buffer with scatter-gather ``sendmsg``. That buffer may
+be an ``IoVec`` (the views of a vectored request): received into with
+``recvmsg_into``, sent from piece by piece. Data-In for a command its caller
+abandoned (cancelled) is received and dropped, never placed in the buffer.
 
 When the connection dies every in-flight command fails with
 ``ConnectionLostError``; the device layer (``backends.iscsi``) reconnects and
@@ -19,6 +22,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -27,6 +31,7 @@ from backends.iscsi import pdu as P
 from backends.iscsi import scsi
 from backends.iscsi.errors import ConnectionLostError
 from vstore.errors import AuthError, DeviceTimeoutError, MemberIOError, NotFoundError, ProtocolError
+from vstore.iovec import IoVec, pieces_of
 
 log = logging.getLogger("vstore.iscsi")
 
@@ -113,6 +118,10 @@ class _Task:
         self.abandoned = False
         self.started = trio.current_time()
 
+    def wanted(self) -> bool:
+        """Whether Data-In may still land in read_buf (its caller has not given it up)."""
+        return not self.abandoned
+
 
 class Wire:
     """A non-blocking TCP socket driven by trio: exact reads of headers, direct reads of payloads.
@@ -190,6 +199,72 @@ class Wire:
                 part = await self.read_exact(min(want - k, len(self.buf) // 2))
                 dest[k : k + len(part)] = part
                 k += len(part)
+
+    async def _recv_some(self, bufs: list[memoryview]) -> int:
+        """One (scatter) receive into bufs; 0 when the socket had nothing yet (after waiting for it)."""
+        try:
+            n = self.sock.recv_into(bufs[0]) if len(bufs) == 1 else self.sock.recvmsg_into(bufs)[0]
+        except BlockingIOError:
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (trio.ClosedResourceError, OSError) as e:
+                raise ConnectionLostError("the connection was closed") from e
+            return 0
+        except OSError as e:
+            raise ConnectionLostError(f"connection to the target failed: {e.strerror or e}") from e
+        if n == 0:
+            raise ConnectionLostError("the target closed the connection")
+        return n
+
+    async def readv_into(self, pieces: list[memoryview], wanted: Callable[[], bool]) -> None:
+        """Fill the pieces in order: buffered bytes first, big tails straight from the socket.
+
+        ``wanted()`` is asked before every copy or receive into the pieces: once it
+        says False (the caller gave the buffers up), the rest is received and dropped.
+        """
+        pieces = [p for p in pieces if len(p)]
+        left = sum(len(p) for p in pieces)
+        i = 0
+        while left:
+            if not wanted():
+                await self.skip(left)
+                return
+            if self.hi > self.lo:
+                p = pieces[i]
+                n = min(self.hi - self.lo, len(p))
+                p[:n] = self.mv[self.lo : self.lo + n]
+                self.lo += n
+                if self.lo == self.hi:
+                    self.lo = self.hi = 0
+            elif left >= _DIRECT_MIN:
+                n = await self._recv_some(pieces[i : i + IOV_MAX])
+            else:
+                # A small tail: through the (empty) buffer, reading a little ahead (the next header).
+                self.lo = self.hi = 0
+                stop = min(len(self.buf), max(left, _READ_AHEAD))
+                self.hi += await self._recv_some([self.mv[:stop]])
+                continue
+            left -= n
+            while n:
+                if n >= len(pieces[i]):
+                    n -= len(pieces[i])
+                    i += 1
+                else:
+                    pieces[i] = pieces[i][n:]
+                    n = 0
+
+    async def skip(self, n: int) -> None:
+        """Receive and drop the next n bytes."""
+        while n:
+            if self.hi == self.lo:
+                self.lo = self.hi = 0
+                self.hi += await self._recv_some([self.mv[: min(len(self.buf), max(n, _READ_AHEAD))]])
+                continue
+            k = min(self.hi - self.lo, n)
+            self.lo += k
+            n -= k
+            if self.lo == self.hi:
+                self.lo = self.hi = 0
 
     async def send(self, parts: list) -> None:
         """Send all buffers (scatter-gather, partial sends resumed)."""
@@ -735,8 +810,10 @@ class Session:
                     f"Data-In at offset {off} length {n} overruns the {len(t.read_buf)}-byte buffer"
                 )
             if n:
-                dest = t.read_buf[off : off + n]
-                await w.read_into(dest)
+                # Straight into the caller's buffer (or the pieces of an IoVec), unless
+                # the caller gave it up: an abandoned command's data is dropped.
+                dest = pieces_of(t.read_buf[off : off + n])
+                await w.readv_into(dest, t.wanted)
                 if pad:
                     await w.read_exact(pad)
                 if dd and not P.data_digest_ok(dest, pad, await w.read_exact(4)):
@@ -915,7 +992,7 @@ class Session:
                 write=write_buf is not None, final=not unsolicited_outs, data_length=immediate,
             )
             self.cmd_sn = (self.cmd_sn + 1) & 0xFFFFFFFF
-            parts += P.frame(cmd, write_buf[:immediate] if immediate else b"",
+            parts += P.frame(cmd, _segment(write_buf[:immediate]) if immediate else b"",
                              header_digest_on=p.header_digest, data_digest_on=p.data_digest)
             parts += unsolicited_outs
             await self._send_guarded(parts)
@@ -964,17 +1041,31 @@ class Session:
         data_sn = 0
         end = offset + length
         pos = offset
+        buf = t.write_buf
+        # An IoVec is walked once, not sliced per PDU (tgt's default segment is 8 KiB).
+        segments = buf.segments(offset, end, seg) if isinstance(buf, IoVec) else None
         while pos < end:
             n = min(seg, end - pos)
             bhs = P.encode_data_out(
                 lun=t.lun, itt=t.itt, ttt=ttt, exp_stat_sn=self.exp_stat_sn, data_sn=data_sn,
                 buffer_offset=pos, data_length=n, final=pos + n >= end,
             )
-            parts += P.frame(bhs, t.write_buf[pos : pos + n],
+            if segments is None:
+                data = buf[pos : pos + n]
+            else:
+                data = next(segments)
+                if len(data) == 1:
+                    data = data[0]  # within one view (the usual case): frame's plain path
+            parts += P.frame(bhs, data,
                              header_digest_on=p.header_digest, data_digest_on=p.data_digest)
             data_sn += 1
             pos += n
         return parts
+
+
+def _segment(buf: memoryview | IoVec) -> memoryview | list[memoryview]:
+    """A data segment for ``pdu.frame``: one buffer, or the pieces of an IoVec (sent as they are)."""
+    return buf.pieces if isinstance(buf, IoVec) else buf
 
 
 async def discovery_targets(

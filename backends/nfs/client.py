@@ -12,7 +12,9 @@
   already done. After ``retrans`` retransmissions the call fails with
   ``DeviceTimeoutError``.
 * Payloads are sent with ``sendmsg`` as separate buffers (no concatenation),
-  and a READ reply's data can be received straight into the caller's buffer.
+  and a READ reply's data can be received straight into the caller's buffer
+  (or the pieces of an ``IoVec``); once a call is given up, the rest of its
+  reply goes to scratch, never into that buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import trio
 
 from vstore.errors import DeviceTimeoutError, MemberIOError, ProtocolError
+from vstore.iovec import IoVec
 
 from .nfs3 import decode_read, read_reply_layout
 from .rpc import Message, RecordReceiver, decode_reply, encode_call, record_mark
@@ -38,7 +41,7 @@ BufferLike = bytes | bytearray | memoryview | np.ndarray
 class _Call:
     __slots__ = ("xid", "parts", "sink", "eof", "msg", "error", "wake", "waiting")
 
-    def __init__(self, xid: int, parts: list[memoryview], sink: memoryview | None) -> None:
+    def __init__(self, xid: int, parts: list[memoryview], sink: memoryview | IoVec | None) -> None:
         self.xid = xid
         self.parts = parts
         self.sink = sink
@@ -168,9 +171,9 @@ class RpcClient:
         _, u = decode_reply(c.msg.data)
         return u, c.msg
 
-    async def call_read(self, proc: int, args: Sequence[BufferLike] | bytes, sink: memoryview,
+    async def call_read(self, proc: int, args: Sequence[BufferLike] | bytes, sink: memoryview | IoVec,
                         what: str = "READ", *, timeout: float | None = None) -> tuple[int, bool]:
-        """An NFSv3 READ whose data lands in ``sink``: return (bytes read, eof).
+        """An NFSv3 READ whose data lands in ``sink`` (a view, or an IoVec's pieces): return (bytes read, eof).
 
         Usually the data is received straight into ``sink``; an unusual reply is
         decoded in full and copied. NFS errors raise ``NfsError``.
@@ -190,7 +193,7 @@ class RpcClient:
         return r.data_len, r.eof
 
     async def _exchange(self, proc: int, args: Sequence[BufferLike] | bytes,
-                        sink: memoryview | None, timeout: float | None) -> _Call:
+                        sink: memoryview | IoVec | None, timeout: float | None) -> _Call:
         if isinstance(args, (bytes, bytearray, memoryview)):
             args = [args]
         async with self._slots:
@@ -207,6 +210,10 @@ class RpcClient:
                 await self._run(c, self.timeout if timeout is None else timeout, proc)
             finally:
                 del self._pending[xid]
+                if sink is not None and not c.done:
+                    # Given up (cancelled): the rest of a reply already streaming in
+                    # must not land in the caller's buffer any more.
+                    self._rx.drop_sink(xid)
         if c.error is not None:
             raise c.error
         return c
@@ -329,7 +336,7 @@ class RpcClient:
                 await trio.lowlevel.checkpoint()
                 return
 
-    def _split(self, xid: int, head: memoryview, msg_len: int) -> tuple[int, memoryview] | None:
+    def _split(self, xid: int, head: memoryview, msg_len: int) -> tuple[int, memoryview | IoVec] | None:
         c = self._pending.get(xid)
         if c is None or c.sink is None or c.done:
             return None

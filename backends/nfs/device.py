@@ -22,6 +22,7 @@ import trio
 
 from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import ConfigError, ProtocolError
+from vstore.iovec import IoVec, finish_reads, read_targets, write_sources
 from vstore.uri import MemberURI
 
 from . import nfs3
@@ -206,15 +207,26 @@ class NfsDevice(DeviceBase):
         """Read length bytes at offset (large requests split at rsize, issued concurrently)."""
         self.check(offset, length)
         out = np.empty(length, dtype=np.uint8)
-        view = memoryview(out)
+        await self._read_span(memoryview(out), offset)
+        return out
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read consecutive bytes at offset straight into the views (READ replies land in them)."""
+        dest, bounces = read_targets(views)
+        self.check(offset, dest.nbytes)
+        await self._read_span(dest, offset)
+        finish_reads(bounces)
+
+    async def _read_span(self, dest: memoryview | IoVec, offset: int) -> None:
+        length = dest.nbytes
         step = self.rsize
         if length <= step:
             if length:
-                await self._read_into(view, offset)
+                await self._read_into(_flat(dest), offset)
         else:
             async with trio.open_nursery() as nursery:
                 for pos in range(0, length, step):
-                    nursery.start_soon(self._read_into, view[pos : pos + step], offset + pos)
+                    nursery.start_soon(self._read_into, _flat(dest[pos : pos + step]), offset + pos)
         # Acknowledged but uncommitted writes win over what the server returned: after a
         # restart it may have lost them until flush() resends them, and a reader (a RAID
         # read-modify-write) must still see its own writes.
@@ -222,10 +234,9 @@ class NfsDevice(DeviceBase):
             end = offset + length
             for r in self._cache.overlapping(offset, end):
                 a, b = max(r.start, offset), min(r.end, end)
-                out[a - offset : b - offset] = r.data[a - r.start : b - r.start]
-        return out
+                dest[a - offset : b - offset] = r.data[a - r.start : b - r.start]
 
-    async def _read_into(self, dest: memoryview, offset: int) -> None:
+    async def _read_into(self, dest: memoryview | IoVec, offset: int) -> None:
         done = 0
         want = dest.nbytes
         while done < want:
@@ -248,26 +259,42 @@ class NfsDevice(DeviceBase):
         self.check(offset, len(buf))
         if not len(buf):
             return
-        cached = len(buf) <= self._cache_limit // 2
+        # Bytes cannot change, so they need no copy to be resent later.
+        await self._write_span(offset, buf, keep=isinstance(data, bytes))
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views as consecutive bytes at offset: each WRITE is built from them, never joined."""
+        src = write_sources(views)
+        self.check(offset, src.nbytes)
+        if src.nbytes:
+            await self._write_span(offset, src, keep=False)
+
+    async def _write_span(self, offset: int, buf: np.ndarray | IoVec, *, keep: bool) -> None:
+        """The write path shared by write and writev; keep: buf never changes (no copy to remember it)."""
+        length = len(buf)
+        cached = length <= self._cache_limit // 2
         if cached:
-            while self._cache.nbytes + len(buf) > self._cache_limit:
+            while self._cache.nbytes + length > self._cache_limit:
                 if self._commit_lock.locked():
                     # A COMMIT is on its way: wait for it rather than queue another.
                     await self._commit_done.wait()
                 else:
                     await self._commit_round()
-        elif not buf.flags.c_contiguous:
+        elif isinstance(buf, np.ndarray) and not buf.flags.c_contiguous:
             buf = np.ascontiguousarray(buf)
         step = self.wsize
         pieces = []
-        for pos in range(0, len(buf), step):
+        for pos in range(0, length, step):
             piece = buf[pos : pos + step]
             base = None
-            if cached and not isinstance(data, bytes):
+            if cached and not keep:
                 # The copy is what makes a resend possible after the caller reuses its
-                # buffer (bytes cannot change, so they are kept as they are).
+                # buffer; it is also where the pieces of a writev are gathered.
                 base = self._pool.get(len(piece))
-                base[:] = piece
+                if isinstance(piece, IoVec):
+                    piece.gather_into(base)
+                else:
+                    base[:] = piece
                 piece = base
             pieces.append((piece, offset + pos, base))
         while self._gate_closed:
@@ -290,14 +317,16 @@ class NfsDevice(DeviceBase):
             # Commit early, in this writer only, while the others go on writing.
             await self._commit_round()
 
-    async def _write_range(self, buf: np.ndarray, offset: int, stable: int,
+    async def _write_range(self, buf: np.ndarray | IoVec, offset: int, stable: int,
                            base: np.ndarray | None = None) -> None:
+        # buf is an IoVec only for FILE_SYNC writes (UNSTABLE ones are remembered as copies).
         done = 0
         while done < len(buf):
             part = buf[done:]
             n = len(part)
             head = nfs3.write_args_head(self.fh, offset + done, n, stable)
-            r = await self._call(nfs3.WRITE, [head, memoryview(part), nfs3.write_padding(n)],
+            data = part.pieces if isinstance(part, IoVec) else [memoryview(part)]
+            r = await self._call(nfs3.WRITE, [head, *data, nfs3.write_padding(n)],
                                  nfs3.decode_write, f"WRITE at {offset + done}")
             if r.count > n or (r.count == 0 and n):
                 raise ProtocolError(f"{self.label}: WRITE of {n} bytes answered count {r.count}")
@@ -382,6 +411,11 @@ class NfsDevice(DeviceBase):
     async def aclose(self) -> None:
         """Close the connection (call flush() first for durability)."""
         await self._nfs.aclose()
+
+
+def _flat(buf: memoryview | IoVec) -> memoryview | IoVec:
+    """One READ's slice of the destination: a plain memoryview whenever it lies in one buffer."""
+    return buf.flat() if isinstance(buf, IoVec) else buf
 
 
 def _transfer_size(maxsize: int) -> int:

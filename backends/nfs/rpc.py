@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vstore.errors import AuthError, MemberIOError, ProtocolError
+from vstore.iovec import IoVec, pieces_of
 
 from .xdr import Packer, Unpacker
 
@@ -138,9 +139,10 @@ class Message:
 
 
 # A splitter looks at the head of a message (its XID and first bytes) and may
-# return (offset of the payload in the message, destination view); the payload
-# is then received straight into the destination.
-Splitter = Callable[[int, memoryview, int], "tuple[int, memoryview] | None"]
+# return (offset of the payload in the message, destination); the payload is
+# then received straight into the destination: one view, or the pieces of an
+# IoVec in turn.
+Splitter = Callable[[int, memoryview, int], "tuple[int, memoryview | IoVec] | None"]
 
 _MARK_STATE, _HEAD, _BODY, _SINK, _TAIL, _FRAG = range(6)
 
@@ -165,6 +167,7 @@ class RecordReceiver:
         self._body: bytearray | None = None
         self._msg: Message | None = None
         self._tail_len = 0
+        self._sink_rest: list[memoryview] = []  # pieces of the sink after the current one
 
     def buffer(self) -> memoryview:
         """Where the next received bytes must go (never empty)."""
@@ -230,6 +233,9 @@ class RecordReceiver:
             body, self._body = self._body, None
             return self._complete(Message(_xid(body), memoryview(body)))
         if st == _SINK:
+            if self._sink_rest:
+                self._expect(_SINK, self._sink_rest.pop(0))
+                return None
             return self._after_sink()
         # _TAIL: padding after a sunk payload, discarded
         msg, self._msg = self._msg, None
@@ -266,11 +272,19 @@ class RecordReceiver:
         # The header is copied out: self._head is reused for the next message.
         self._msg = Message(_xid(head), memoryview(bytes(head[:off])), dlen)
         self._tail_len = n - off - dlen - max(0, hlen - off - dlen)
-        self._expect(_SINK, dest)
-        self._pos = have
         if have == dlen:
             return self._after_sink()
+        rest = pieces_of(dest[have:])
+        self._sink_rest = rest[1:]
+        self._expect(_SINK, rest[0])
         return None
+
+    def drop_sink(self, xid: int) -> None:
+        """The caller of message xid gave up: receive the rest of its payload into scratch, not its sink."""
+        if self._state == _SINK and self._msg is not None and self._msg.xid == xid:
+            left = len(self._view) - self._pos + sum(len(p) for p in self._sink_rest)
+            self._sink_rest = []
+            self._expect(_SINK, memoryview(bytearray(left)))
 
     def _after_sink(self) -> Message | None:
         if self._tail_len:

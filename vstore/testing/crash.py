@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from vstore import owner as owner_mod
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8
+from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
 from vstore.errors import MemberIOError, NotFoundError
+from vstore.iovec import total_bytes
 from vstore.uri import MemberURI, register_scheme
 
 SCHEME = "crashsim"
@@ -241,6 +242,12 @@ class CrashDevice(DeviceBase):
         self._alive()
         self.check(offset, length)
         return await self.inner.read(offset, length)
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read through into the views (writev stays the default: gathered, then write, recorded)."""
+        self._alive()
+        self.check(offset, total_bytes(views))
+        await read_into(self.inner, offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write through and record the write."""

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, DeviceBase
+from vstore.device import BlockDevice, Buffer, DeviceBase, read_into, write_from
 from vstore.errors import NotFoundError
 from vstore.faults import KINDS, FaultDevice, FaultRule
 from vstore.testing.crash import CrashDevice, CrashRecorder
@@ -72,6 +72,16 @@ class SlowDevice(DeviceBase):
         await trio.sleep(self.delay)
         await self.inner.write(offset, data)
 
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read into the views after the delay."""
+        await trio.sleep(self.delay)
+        await read_into(self.inner, offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views after the delay."""
+        await trio.sleep(self.delay)
+        await write_from(self.inner, offset, views)
+
     async def flush(self) -> None:
         """Flush after the delay."""
         await trio.sleep(self.delay)
@@ -106,6 +116,14 @@ class DropFlushes(DeviceBase):
     async def write(self, offset: int, data: Buffer) -> None:
         """Write through."""
         await self.inner.write(offset, data)
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read through into the views."""
+        await read_into(self.inner, offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views through."""
+        await write_from(self.inner, offset, views)
 
     async def flush(self) -> None:
         """The bug: claim durability without asking the device below."""
