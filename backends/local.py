@@ -152,7 +152,12 @@ class LocalDevice(DeviceBase):
 
     async def flush(self) -> None:
         """fdatasync: every write that returned is on stable storage."""
-        await self._run(io_threads.Op(io_threads.SYNC, self.fd, label=self.path))
+        # Not through the I/O threads: a disk's flush can take milliseconds, and they
+        # are few (as many as cores) to keep the data copies fast.
+        try:
+            await trio.to_thread.run_sync(os.fdatasync, self.fd, limiter=_LIMITER)
+        except OSError as e:
+            raise MemberIOError(f"{self.path}: flush: {e.strerror}") from e
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole in a regular file (reads back as zeros); ignored on devices."""
