@@ -625,3 +625,46 @@ def test_cli_raid5_ext4_with_a_member_failed_while_mounted(tmp_path: Path) -> No
             detach_loops(mp)
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_fuse_stats_account_for_every_layer(tmp_path: Path) -> None:
+    """.vstore/fuse-stats: the FUSE handlers' time, the layout's requests, waits and member runs, hand-offs."""
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(5)]
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid5", "--size", "24M", *members)
+            _vstore(home, "volume", "create", "p", "v", "--size", "16M")
+            _vstore(home, "mount", "p", str(mp))
+            buf = mmap.mmap(-1, MiB)
+            buf.write(random.Random(5).randbytes(MiB))
+            fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
+            try:
+                for i in range(4):
+                    assert os.pwritev(fd, [buf], i * MiB) == MiB
+                out = mmap.mmap(-1, MiB)
+                for i in range(4):
+                    assert os.preadv(fd, [out], i * MiB) == MiB and out[:] == buf[:]
+            finally:
+                os.close(fd)
+            stats = json.loads((mp / ".vstore" / "fuse-stats").read_text())
+            layers = stats["layers"]
+            fuse, layout = layers["fuse_handler"], layers["layout"]
+            assert fuse["write"]["count"] >= 4 and fuse["write"]["bytes"] >= 4 * MiB
+            assert fuse["read"]["count"] >= 4 and fuse["read"]["bytes"] >= 4 * MiB
+            assert layout["level"] == "raid5"
+            # every byte the handlers passed down reached the layout (volume zeroing adds more)
+            assert layout["write"]["bytes"] >= fuse["write"]["bytes"]
+            # a 1 MiB raid5 write is 4 full rows: data and parity on all 5 members, one run each
+            assert layout["member_write"]["bytes"] >= 4 * MiB * 5 // 4
+            assert layout["member_runs"] >= 4 * 5 + 4
+            assert layout["stripe_locks"]["count"] >= 4
+            assert layout["write"]["total_ms"] <= fuse["write"]["total_ms"] + 1  # inside the handler's time
+            assert stats["handoffs"]["io_thread_wakeups"] >= 1 and stats["handoffs_per_request"] > 0
+            status = json.loads((mp / ".vstore" / "status").read_text())  # and vstore status --json
+            assert status["io"]["layout"]["write"]["count"] >= layout["write"]["count"]
+            _vstore(home, "umount", str(mp))
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

@@ -642,6 +642,7 @@ class Pool:
             "recovered": self.recovered_from is not None,
             "journal": self.consistency.status(),
             "operation": self.lifecycle.status(),
+            "io": self.io_stats(),  # per-layer accounting of this process's requests
             "spares": [{"uri": s["uri"], "size": s["size"]} for s in self.meta.get("spares", [])],
             "members": [
                 {"index": m.index, "uri": m.uri_text, "state": m.state,
