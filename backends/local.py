@@ -125,8 +125,6 @@ class LocalDevice(DeviceBase):
     async def _run(self, op: io_threads.Op) -> None:
         if (op.length or op.kind == io_threads.SYNC) and not op.finished:
             await io_threads.run((op,))
-        elif op.finished:
-            await trio.lowlevel.checkpoint()
         msg = op.failure()
         if msg is not None:
             raise MemberIOError(msg)

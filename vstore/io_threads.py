@@ -284,7 +284,8 @@ async def wait(ops: Sequence[Op]) -> None:
     """
     pending = [op for op in ops if not op.finished]
     if not pending:
-        await trio.lowlevel.checkpoint()
+        # All done already (in memory, on this thread): no trip through the scheduler,
+        # which would cost more than the I/O did.
         return
     waiter = _Waiter(len(pending))
     for op in pending:
