@@ -96,6 +96,7 @@ def describe() -> dict:
         "numba": _module_version("numba"),
         "trio": _module_version("trio"),
         "pyfuse3": _module_version("pyfuse3"),
+        "pyfuse3_nogil_patch": _pyfuse3_patched(),
         "isal": isal_ok,
         "fio": _version_of(["fio", "--version"]),
         "qemu_storage_daemon": _version_of(["qemu-storage-daemon", "--version"]),
@@ -118,3 +119,12 @@ if __name__ == "__main__":
     import json
 
     print(json.dumps(describe(), indent=2))
+
+
+def _pyfuse3_patched() -> bool:
+    """True when pyfuse3 carries scripts/pyfuse3-nogil.patch (its copies run without the GIL)."""
+    try:
+        import pyfuse3._pyfuse3 as p
+    except ImportError:
+        return False
+    return getattr(p, "VSTORE_NOGIL_PATCH", 0) >= 1

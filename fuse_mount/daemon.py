@@ -505,6 +505,8 @@ async def _daemon_main(open_target: Callable[[], Awaitable[MountTarget]], mountp
         _switch_log(home, target.name, handler, redirect_stderr=detached)
         _set_io_flusher()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        if not getattr(sys.modules.get("pyfuse3._pyfuse3"), "VSTORE_NOGIL_PATCH", 0):
+            log.warning("pyfuse3 lacks scripts/pyfuse3-nogil.patch: its copies hold the GIL (slower)")
         session = MountSession(target, mountpoint, home=home, read_only=read_only,
                                allow_other=allow_other, uid=uid, gid=gid)
     except BaseException:

@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  # FUSE front end (pyfuse3 compiles against libfuse3)
-  fuse3 libfuse3-dev pkg-config gcc python3-dev
+  # FUSE front end (pyfuse3 compiles against libfuse3; patch applies vstore's patch to it)
+  fuse3 libfuse3-dev pkg-config gcc python3-dev patch
   # iSCSI target for tests and libiscsi tools as an independent initiator
   tgt libiscsi-bin
   # NFS server for tests and libnfs tools as an independent client
@@ -30,3 +30,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# pyfuse3 copies every request in from /dev/fuse and every reply out while holding
+# the GIL, so vstore's I/O threads stall behind those copies. Rebuild it from its
+# sdist with scripts/pyfuse3-nogil.patch (the copies in `with nogil` blocks); the
+# marker pyfuse3._pyfuse3.VSTORE_NOGIL_PATCH says it is in place.
+if ! .venv/bin/python -c "import pyfuse3._pyfuse3 as p, sys; sys.exit(0 if getattr(p, 'VSTORE_NOGIL_PATCH', 0) >= 1 else 1)" 2>/dev/null; then
+  version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))")
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: "pyfuse3==$version" -d "$work" >/dev/null
+  tar xzf "$work"/pyfuse3-"$version".tar.gz -C "$work"
+  patch -s -p1 -d "$work/pyfuse3-$version" < scripts/pyfuse3-nogil.patch
+  .venv/bin/python -m pip install -q --no-deps --force-reinstall "$work/pyfuse3-$version" >/dev/null
+  .venv/bin/python -c "import pyfuse3._pyfuse3 as p; assert p.VSTORE_NOGIL_PATCH >= 1"
+  echo "setup: pyfuse3 $version rebuilt with scripts/pyfuse3-nogil.patch"
+fi

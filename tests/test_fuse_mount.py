@@ -78,6 +78,16 @@ async def mounted(target: FakeTarget, tmp_path: Path, **kwargs):
 
 # ---------------------------------------------------------------------------- data path
 
+def test_pyfuse3_copies_without_the_gil() -> None:
+    """The set-up rebuilds pyfuse3 with scripts/pyfuse3-nogil.patch (else the I/O threads stall)."""
+    import pyfuse3._pyfuse3 as p
+
+    patched = getattr(p, "VSTORE_NOGIL_PATCH", 0) >= 1
+    if not patched and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("pyfuse3 without vstore's patch (run scripts/setup.sh)")
+    assert patched, "scripts/setup.sh must rebuild pyfuse3 with scripts/pyfuse3-nogil.patch"
+
+
 
 async def test_random_io_matches_model(tmp_path: Path) -> None:
     sizes = {"big": 8 * MiB, "small": 64 * 1024 + 512}
