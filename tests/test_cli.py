@@ -187,3 +187,16 @@ def test_corrupt_superblock_is_reported_and_nothing_changes(env):
     assert_one_line_error(vstore(home, "volume", "create", "p", "w", "--size", "4M", check=False),
                           "failed members")
     assert digest_files(files) == before
+
+
+def test_raid6_member_limit_refused_before_any_member_is_touched(env, tmp_path: Path):
+    """raid6 of 258 members: two data chunks would share a Q coefficient (issue 15, item 4)."""
+    home, disks = env
+    r = vstore(home, "create", "wide", "--level", "raid6", "--size", "4M", *members(disks, 258), check=False)
+    assert_one_line_error(r, "raid6", "at most 257")
+    assert r.returncode == 2
+    assert list(disks.iterdir()) == []  # no member file was created
+    # 257 is the largest raid6 that every double failure can be recovered from
+    from vstore.raid import geometry
+
+    geometry.check_member_count("raid6", 257)

@@ -678,3 +678,41 @@ def test_fuse_stats_account_for_every_layer(tmp_path: Path) -> None:
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_member_truncated_under_a_mounted_pool_is_failed_not_read_as_zeros(tmp_path: Path) -> None:
+    """A member that returns fewer bytes than asked has failed that I/O (issue 15, item 2)."""
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
+    data = random.Random(7).randbytes(8 * MiB)
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members)
+            _vstore(home, "volume", "create", "p", "v", "--size", "8M")
+            _vstore(home, "mount", "p", str(mp))
+            buf = mmap.mmap(-1, MiB)
+            fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
+            try:
+                for i in range(8):
+                    buf[:] = data[i * MiB : (i + 1) * MiB]
+                    assert os.pwritev(fd, [buf], i * MiB) == MiB
+                os.fsync(fd)
+                # member 1 loses everything past the metadata area and the first MiB of data
+                os.truncate(tmp_path / "m1.img", 3 * MiB)
+                out = mmap.mmap(-1, MiB)
+                got = bytearray()
+                for i in range(8):
+                    assert os.preadv(fd, [out], i * MiB) == MiB
+                    got += out[:]
+            finally:
+                os.close(fd)
+            assert bytes(got) == data  # served from redundancy, never zeros
+            status = json.loads((mp / ".vstore" / "status").read_text())
+            assert status["state"] == "degraded"
+            assert status["members"][1]["state"] == "failed"
+            assert "short read" in status["members"][1].get("error", "") + json.dumps(status["members"][1])
+            _vstore(home, "umount", str(mp))
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

@@ -48,8 +48,8 @@ from vstore.metadata import (
 )
 from vstore.multipath import MultipathDevice, validate_options
 from vstore.offset import OffsetDevice
-from vstore.raid import make_layout, min_members, redundancy, usable_size
-from vstore.raid.geometry import survives
+from vstore.raid import make_layout, redundancy, usable_size
+from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.uri import MemberURI, open_uri, split_paths
 from vstore.volume import EXTENT_SIZE, Volume, list_to_runs, runs_to_list
@@ -175,8 +175,7 @@ class Pool:
         if home.pool_record_path(name).exists():
             raise ExistsError(f"pool {name!r} already exists in {home.root}")
         n = len(member_args)
-        if n < min_members(level):
-            raise ConfigError(f"{level} needs at least {min_members(level)} members, got {n}")
+        check_member_count(level, n)  # before any member is opened or created
         if chunk < 4096 or chunk & (chunk - 1):
             raise ConfigError(f"chunk size must be a power of two >= 4K, got {chunk}")
         paths_list = [split_paths(a) for a in member_args]

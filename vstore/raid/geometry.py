@@ -78,11 +78,21 @@ def check_chunk(chunk: int) -> int:
     return chunk
 
 
+# raid6's Q gives data chunk j the coefficient g^j in GF(2^8), whose powers repeat
+# after 255: with more data chunks two of them share a coefficient and a double
+# failure of those two cannot be solved. Linux md caps raid6 lower still.
+MAX_MEMBERS = {"raid6": 255 + 2}
+
+
 def check_member_count(level: str, n: int) -> None:
     """Raise ConfigError unless n members suit the level."""
     need = min_members(level)
     if n < need:
         raise ConfigError(f"{level} needs at least {need} members, got {n}")
+    most = MAX_MEMBERS.get(level)
+    if most is not None and n > most:
+        raise ConfigError(f"{level} takes at most {most} members ({most - 2} data chunks per row, one "
+                          f"distinct Q coefficient each), got {n}")
 
 
 def data_chunks_per_row(level: str, n: int) -> int:
