@@ -716,3 +716,44 @@ def test_member_truncated_under_a_mounted_pool_is_failed_not_read_as_zeros(tmp_p
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_force_never_overrides_a_live_owner(tmp_path: Path) -> None:
+    """create/torture/import-pool --force on the members of a mounted pool: refused, nothing written (issue 15, item 3)."""
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
+    files = [tmp_path / f"m{i}.img" for i in range(3)]
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "live", "--level", "raid5", "--size", "16M", *members)
+            _vstore(home, "volume", "create", "live", "v", "--size", "4M")
+            _vstore(home, "mount", "live", str(mp))
+            pid = json.loads((home / "mounts" / "live.json").read_text())["pid"]
+            fd = os.open(mp / "v", os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"precious" * 1000, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            before = [f.read_bytes() for f in files]
+            other = tmp_path / "other"
+            attempts = [
+                ("create", "clobber", "--level", "raid5", "--force", *members),
+                ("torture", "--level", "raid5", "--force", "--time", "1s", *members),
+                ("import-pool", "--name", "copy", *members),
+            ]
+            for args in attempts:
+                res = _vstore(other, *args, check=False)
+                assert res.returncode != 0, (args, res.stdout)
+                lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+                assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+                assert "'live'" in lines[0] and f"pid {pid}" in lines[0] and "in use" in lines[0], lines[0]
+            assert [f.read_bytes() for f in files] == before  # nothing was written
+            assert (mp / "v").read_bytes()[:8000] == b"precious" * 1000
+            _vstore(home, "umount", str(mp))
+            # once unmounted (no live owner), --force does overwrite, as it always did
+            _vstore(other, "create", "clobber", "--level", "raid5", "--force", *members)
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

@@ -7,6 +7,7 @@ from typing import Any
 from vstore.errors import ConfigError, ExistsError, MetadataError
 from vstore.home import Home, check_name
 from vstore.metadata import scan_member
+from vstore.owner import refuse_live_owner
 from vstore.uri import open_uri, split_paths
 
 
@@ -34,6 +35,7 @@ async def import_pool(home: Home, member_args: list[str], name: str | None = Non
                           + ", ".join(sorted(found)) + "; import one pool at a time")
     pool_uuid, entries = next(iter(found.items()))
     meta = max(entries, key=lambda e: e[1])[3]
+    refuse_live_owner(meta, "the given members' pool")
     name = check_name("pool", name or meta["name"])
     if home.pool_record_path(name).exists():
         raise ExistsError(f"pool {name!r} already exists in {home.root} (use --name)")

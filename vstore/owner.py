@@ -53,6 +53,15 @@ def token_is_stale(token: dict[str, Any] | None) -> bool:
     return not pid_alive(pid)
 
 
+def refuse_live_owner(meta: dict[str, Any] | None, what: str) -> None:
+    """PoolBusyError when this metadata's pool is open in a live process: --force never overrides that."""
+    token = (meta or {}).get("owner")
+    if token and not token_is_stale(token):
+        name = (meta or {}).get("name", "?")
+        raise PoolBusyError(f"{what} is a member of pool {name!r}, which is in use by {describe(token)}; "
+                            "--force does not override a live owner")
+
+
 class PoolLock:
     """An exclusive, non-blocking flock on the pool's lock file."""
 

@@ -198,6 +198,7 @@ class Pool:
                 if dev.size < DATA_OFFSET + chunk:
                     raise ConfigError(f"member {paths[0].redacted()} is too small ({dev.size} bytes)")
                 scan = await scan_member(dev)
+                owner_mod.refuse_live_owner(scan.meta, f"member {paths[0].redacted()}")
                 if scan.superblock is not None and not force:
                     raise ExistsError(
                         f"member {paths[0].redacted()} already belongs to vstore pool "

@@ -49,6 +49,7 @@ from vstore.errors import (
 from vstore.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
 from vstore.metadata import DATA_OFFSET, Superblock, scan_member, write_superblock
 from vstore.offset import OffsetDevice
+from vstore.owner import refuse_live_owner
 from vstore.raid.base import MemberFailed
 from vstore.raid.geometry import survives
 from vstore.sizes import format_size
@@ -206,6 +207,8 @@ async def open_new_member(pool: Pool, uri_text: str, *, size: int | None, force:
                     raise ExistsError(f"{paths[0].redacted()} is the same storage as member {m.index}")
         scan = await scan_member(dev)
         sb = scan.superblock
+        if sb is not None and sb.pool_uuid != pool.meta["pool_uuid"]:
+            refuse_live_owner(scan.meta, paths[0].redacted())
         if sb is not None and not force:
             ours = sb.pool_uuid == pool.meta["pool_uuid"]
             if not ours or (allow_uuid and sb.member_uuid != allow_uuid) or (

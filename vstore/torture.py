@@ -412,6 +412,7 @@ async def build_rig(members: Sequence[str], *, member_size: int, journal: str | 
     from vstore.metadata import scan_member
     from vstore.multipath import MultipathDevice
     from vstore.offset import OffsetDevice
+    from vstore.owner import refuse_live_owner
     from vstore.uri import open_uri, split_paths
 
     only = {"journal": {"j"}, "members": {f"m{i}" for i in range(len(members))}}.get(wrap_where)
@@ -429,6 +430,7 @@ async def build_rig(members: Sequence[str], *, member_size: int, journal: str | 
                 raise ConfigError(f"{paths[0].redacted()} has {dev.size} bytes; torture uses "
                                   f"{size} (--member-size)")
             scan = await scan_member(dev)
+            refuse_live_owner(scan.meta, paths[0].redacted())
             if scan.superblock is not None and not force and (scan.meta or {}).get("name") != "torture":
                 raise ConfigError(f"{paths[0].redacted()} belongs to vstore pool "
                                   f"{scan.superblock.pool_uuid}: torture would overwrite it "
