@@ -68,6 +68,7 @@ class LocalDevice(DeviceBase):
         # ?direct=1: a second descriptor with O_DIRECT for aligned I/O (bypassing the page
         # cache, as QEMU's cache=none); the buffered one serves what is not aligned.
         self.direct_fd = direct_fd
+        self.created = False  # this open created the file (a failed create removes it again)
         self.size = size
         self.block_size = block_size
         st = os.fstat(fd)
@@ -228,7 +229,9 @@ def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool
                 direct_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
             except OSError as e:
                 raise ConfigError(f"{path}: direct=1 but O_DIRECT is refused here: {e.strerror}") from e
-        return LocalDevice(path, fd, size, block_size, direct_fd)
+        dev = LocalDevice(path, fd, size, block_size, direct_fd)
+        dev.created = created
+        return dev
     except OSError as e:
         os.close(fd)
         if e.errno == errno.ENOTTY:
@@ -242,5 +245,8 @@ def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool
 async def open_uri(uri, *, create_size: int | None = None, **opts) -> LocalDevice:
     """Open file:///PATH (creating it sparse when missing and create_size is given)."""
     block_size = int(uri.params.get("block_size", 512))
-    direct = uri.params.get("direct", "0").lower() in ("1", "true", "yes", "on")
+    direct_text = uri.params.get("direct", "0").lower()
+    if direct_text not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"{uri.path}: direct={direct_text!r} is not a yes/no value (direct=1)")
+    direct = direct_text in ("1", "true", "yes", "on")
     return await trio.to_thread.run_sync(_open_sync, uri.path, create_size, block_size, direct)

@@ -200,3 +200,39 @@ def test_raid6_member_limit_refused_before_any_member_is_touched(env, tmp_path: 
     from vstore.raid import geometry
 
     geometry.check_member_count("raid6", 257)
+
+
+@pytest.mark.parametrize(("uri", "words"), [
+    ("iscsi://[::1/iqn.2026-01.x:t/0", ("malformed",)),
+    ("file:///tmp/a%00b.img", ("nul",)),
+    ("file:///tmp/a.img?bogus=1", ("unknown parameter", "bogus")),
+    ("memory://m?size=8M&sise=9M", ("unknown parameter", "sise")),
+    ("iscsi://127.0.0.1:0/iqn.2026-01.x:t/0", ("port",)),
+    ("nfs://127.0.0.1:0/export/a.img", ("port",)),
+    ("file:///tmp/a.img?direct=maybe", ("direct",)),
+])
+def test_bad_member_uris_are_clean_errors(env, uri: str, words: tuple[str, ...]):
+    """Malformed URIs: one line, exit 2, no member file left behind (issue 15, items 12 and 14)."""
+    home, disks = env
+    r = vstore(home, "create", "p", "--level", "raid1", "--size", "8M", f"file://{disks}/first.img", uri,
+               check=False)
+    assert_one_line_error(r, *words)
+    assert r.returncode == 2
+    assert list(disks.iterdir()) == []  # the first member's file, created here, was removed
+
+
+def test_absurd_size_is_a_clean_error(env):
+    home, disks = env
+    r = vstore(home, "create", "p", "--level", "raid1", "--size", "99999999P", *members(disks, 2), check=False)
+    assert_one_line_error(r, "larger than")
+    assert r.returncode == 2 and list(disks.iterdir()) == []
+
+
+def test_failed_create_removes_the_files_it_created(env):
+    """A member that cannot be opened after others were created: those files go again (issue 15, item 14)."""
+    home, disks = env
+    (disks / "existing.img").write_bytes(b"\0" * (8 << 20))
+    r = vstore(home, "create", "p", "--level", "raid5", "--size", "8M", f"file://{disks}/new0.img",
+               f"file://{disks}/existing.img", f"file://{disks}/missing-dir/x.img", check=False)
+    assert r.returncode != 0
+    assert sorted(p.name for p in disks.iterdir()) == ["existing.img"]  # never removes what it did not make

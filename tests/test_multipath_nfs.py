@@ -85,7 +85,7 @@ async def test_different_nfs_files_are_refused(ganesha):
     export = ganesha.export
     urls = [ganesha.url("a.img"), ganesha.url("b.img")]
     for u in urls:
-        dev = await MultipathDevice.open([parse_uri(u), parse_uri(u.replace("?", "?x=1&"))],
+        dev = await MultipathDevice.open([parse_uri(u), parse_uri(u.replace("?", "?path=2&"))],
                                          create_size=MiB)
         await dev.aclose()
     with pytest.raises(ConfigError, match="different storage"):

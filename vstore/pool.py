@@ -9,7 +9,9 @@ that the CLI (or the control socket of a mounted pool) sends it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -245,6 +247,9 @@ class Pool:
             for dev in devs:
                 with trio.CancelScope(shield=True):
                     await dev.aclose()
+                if getattr(dev, "created", False):  # a file this create made: leave nothing behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(dev.path)
             raise
 
     # ------------------------------------------------------------------ open

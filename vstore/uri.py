@@ -63,7 +63,12 @@ def parse_uri(text: str) -> MemberURI:
     text = text.strip()
     if "://" not in text:
         raise ConfigError(f"not a member URI: {text!r} (expected e.g. file:///path/disk.img)")
-    parts = urlsplit(text)
+    if "\0" in text or "%00" in text:
+        raise ConfigError(f"member URI contains a NUL byte: {text!r}")
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise ConfigError(f"malformed member URI {text!r}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in _OPENERS:
         raise ConfigError(
@@ -71,8 +76,11 @@ def parse_uri(text: str) -> MemberURI:
         )
     try:
         port = parts.port
+        host_text = parts.hostname
     except ValueError as e:
-        raise ConfigError(f"bad port in URI {text!r}") from e
+        raise ConfigError(f"bad host or port in URI {text!r}") from e
+    if port == 0 or (port is None and parts.netloc.rsplit("@", 1)[-1].endswith(":")):
+        raise ConfigError(f"bad port in URI {text!r}: give a port from 1 to 65535, or none")
     user = password = None
     if "@" in parts.netloc:
         userinfo = parts.netloc.rsplit("@", 1)[0]
@@ -85,7 +93,7 @@ def parse_uri(text: str) -> MemberURI:
             user, password = userinfo.split(sep, 1)
         else:
             user = unquote(userinfo)
-    host = parts.hostname or ""
+    host = host_text or ""
     path = unquote(parts.path)
     query = tuple(parse_qsl(parts.query, keep_blank_values=True))
     uri = MemberURI(scheme, host, port, path, user, password, query, text)
@@ -93,7 +101,28 @@ def parse_uri(text: str) -> MemberURI:
     return uri
 
 
+# The query parameters each scheme understands; anything else is a typo to report,
+# not to ignore. ``prio`` (a multipath path's priority) and ``path`` (a label that
+# tells two URIs of one path apart) are the multipath layer's.
+_PARAMS: dict[str, frozenset[str]] = {
+    "file": frozenset({"block_size", "direct"}),
+    "memory": frozenset({"size", "block_size"}),
+    "nfs": frozenset({"nfsport", "mountport", "uid", "gid", "depth", "retrans", "timeout", "cache_bytes",
+                      "rsize", "wsize"}),
+    "iscsi": frozenset({"initiator_name", "header_digest", "data_digest", "max_recv", "max_burst", "timeout",
+                        "login_timeout", "queue_depth", "recovery_timeout", "max_transfer", "max_write",
+                        "credentials_file"}),
+}
+_PATH_PARAMS = frozenset({"prio", "path"})
+
+
 def _validate(uri: MemberURI) -> None:
+    known = _PARAMS.get(uri.scheme)
+    if known is not None:
+        unknown = sorted({k for k, _ in uri.query} - known - _PATH_PARAMS)
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r} in {uri.redacted()!r} "
+                              f"(known for {uri.scheme}://: {', '.join(sorted(known | _PATH_PARAMS))})")
     if uri.scheme == "file":
         if uri.host not in ("", "localhost") or not uri.path.startswith("/"):
             raise ConfigError(f"file URI needs an absolute path: {uri.text!r} (file:///abs/path)")
