@@ -236,3 +236,42 @@ def test_failed_create_removes_the_files_it_created(env):
                f"file://{disks}/existing.img", f"file://{disks}/missing-dir/x.img", check=False)
     assert r.returncode != 0
     assert sorted(p.name for p in disks.iterdir()) == ["existing.img"]  # never removes what it did not make
+
+
+def test_stale_member_copy_is_never_read_and_is_rebuilt(env, tmp_path: Path):
+    """An old copy of a member put back: shown stale, never read, rebuilt in place (issue 15, item 1)."""
+    import shutil
+
+    home, disks = env
+    uris = members(disks, 3)
+    vstore(home, "create", "p", "--level", "raid5", "--size", "24M", *uris)
+    rng = np.random.default_rng(21)
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    second.write_bytes(rng.integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    vstore(home, "import", "p", "one", str(first))
+    shutil.copyfile(disks / "d1.img", tmp_path / "d1.old")  # a copy of member 1, kept
+    vstore(home, "import", "p", "two", str(second))  # more writes the copy misses
+    shutil.copyfile(tmp_path / "d1.old", disks / "d1.img")  # the old copy put back
+
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["state"] == "degraded"
+    m1 = st["members"][1]
+    assert m1["state"] == "stale" and "generation" in m1["error"] and "pool at" in m1["error"], m1
+    text = vstore(home, "status", "p")
+    assert "stale" in text.stdout and "vstore replace p 1" in text.stderr
+    for vol, src in (("one", first), ("two", second)):
+        out = tmp_path / f"{vol}.out"
+        vstore(home, "export", "p", vol, str(out))
+        assert out.read_bytes() == src.read_bytes()  # served from the others, never the stale copy
+    # it stays failed once recorded, also after another open
+    assert json.loads(vstore(home, "status", "p", "--json").stdout)["members"][1]["state"] != "active"
+    # rebuilt in place: the same file as its own replacement
+    vstore(home, "replace", "p", "1", uris[1])
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["state"] == "clean"
+    assert vstore(home, "scrub", "p").returncode == 0
+    for vol, src in (("one", first), ("two", second)):
+        out = tmp_path / f"{vol}.again"
+        vstore(home, "export", "p", vol, str(out))
+        assert out.read_bytes() == src.read_bytes()

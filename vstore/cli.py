@@ -189,9 +189,9 @@ def status(ctx: click.Context, pool: str, as_json: bool) -> None:
 
     render_status(st)
     for m in st["members"]:
-        if m["state"] == "bad":
-            click.echo(f"vstore: warning: member {m['index']} ({m['uri']}) is bad: {m.get('error')}",
-                       err=True)
+        if m["state"] in ("bad", "stale"):
+            click.echo(f"vstore: warning: member {m['index']} ({m['uri']}) is {m['state']}: {m.get('error')}; "
+                       f"rebuild it with `vstore replace {pool} {m['index']} URI`", err=True)
 
 
 @cli.command("list")

@@ -329,6 +329,14 @@ class Pool:
                 m.state, m.error = "bad", scan.error if scan else "unreadable"
             elif scan.superblock.pool_uuid != want_uuid or scan.superblock.member_uuid != mm["uuid"]:
                 m.state, m.error = "bad", "superblock belongs to another pool or member"
+            elif scan.generation < best.generation:
+                # Every metadata change reaches every active member, so an active member
+                # behind the newest generation missed updates (a restored old copy, a
+                # member that was away): like md's event count, it is never read again
+                # until rebuilt. Recorded as failed at the next commit.
+                m.state = "stale"
+                m.error = f"stale (generation {scan.generation}, pool at {best.generation})"
+                log.warning("pool %s: member %d is %s", self.name, idx, m.error)
             if m.state in ("active", "rebuilding"):
                 m.data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
             self.members.append(m)

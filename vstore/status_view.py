@@ -10,7 +10,7 @@ from rich.table import Table
 from vstore.sizes import format_size
 
 _STATE_STYLE = {"clean": "green", "active": "green", "degraded": "yellow", "failed": "red",
-                "missing": "red", "bad": "red", "standby": "cyan", "pending": "yellow",
+                "missing": "red", "bad": "red", "stale": "red", "standby": "cyan", "pending": "yellow",
                 "rebuilding": "yellow"}
 
 
