@@ -275,3 +275,22 @@ def test_stale_member_copy_is_never_read_and_is_rebuilt(env, tmp_path: Path):
         out = tmp_path / f"{vol}.again"
         vstore(home, "export", "p", vol, str(out))
         assert out.read_bytes() == src.read_bytes()
+
+
+def test_same_storage_under_another_spelling_is_refused(env, tmp_path: Path):
+    """//, ./ and symlinks name one file: refused as a second member or a second spare (issue 15, item 7)."""
+    home, disks = env
+    (disks / "sub").mkdir()
+    r = vstore(home, "create", "p", "--level", "raid1", "--size", "8M", f"file://{disks}/d0.img",
+               f"file://{disks}//sub/../d0.img", check=False)
+    assert_one_line_error(r, "same storage")
+    assert not (disks / "d0.img").exists()  # the file this create made is gone again
+    vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members(disks, 2))
+    os.symlink(disks / "d1.img", disks / "d1-alias.img")
+    r = vstore(home, "spare", "add", "p", f"file://{disks}/s.img", "--size", "8M")
+    r = vstore(home, "spare", "add", "p", f"file://{disks}/./s.img", check=False)
+    assert_one_line_error(r, "already a spare")
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert len(st["spares"]) == 1
+    r = vstore(home, "spare", "add", "p", f"file://{disks}/d1-alias.img", check=False)
+    assert_one_line_error(r, "same storage")

@@ -196,6 +196,16 @@ class Pool:
         try:
             for paths in paths_list:
                 devs.append(await _open_paths(paths, size))
+            # The same storage under two spellings (//, ./, a symlink, a second path).
+            seen_ident: dict[str, int] = {}
+            for i, dev in enumerate(devs):
+                ident = getattr(dev, "identity", None)
+                if ident is None:
+                    continue
+                other = seen_ident.setdefault(ident(), i)
+                if other != i:
+                    raise ConfigError(f"members {other} ({paths_list[other][0].redacted()}) and {i} "
+                                      f"({paths_list[i][0].redacted()}) are the same storage")
             for paths, dev in zip(paths_list, devs, strict=True):
                 if dev.size < DATA_OFFSET + chunk:
                     raise ConfigError(f"member {paths[0].redacted()} is too small ({dev.size} bytes)")

@@ -427,6 +427,11 @@ async def add_spare(pool: Pool, uri: str, *, size: int | None = None, force: boo
     need = max(m.data_size for m in pool.members)
     paths, dev = await open_new_member(pool, uri, size=size, force=force, need=need)
     try:
+        sb_now = (await scan_member(dev)).superblock
+        spares = {s["uuid"]: s["uri"] for s in pool.meta.get("spares", [])}
+        if sb_now is not None and sb_now.pool_uuid == pool.meta["pool_uuid"] and sb_now.member_uuid in spares:
+            raise ExistsError(f"{paths[0].redacted()} is already a spare of pool {pool.name!r} "
+                              f"(as {spares[sb_now.member_uuid]})")
         spare_uuid = str(uuid.uuid4())
         sb = Superblock(pool.meta["pool_uuid"], spare_uuid, SPARE_INDEX, SPARE_INDEX + 1, pool.level,
                         pool.meta["chunk"], DATA_OFFSET, dev.size - DATA_OFFSET, 0)
