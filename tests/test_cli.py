@@ -294,3 +294,27 @@ def test_same_storage_under_another_spelling_is_refused(env, tmp_path: Path):
     assert len(st["spares"]) == 1
     r = vstore(home, "spare", "add", "p", f"file://{disks}/d1-alias.img", check=False)
     assert_one_line_error(r, "same storage")
+
+
+def test_export_onto_and_import_from_a_member_are_refused(env, tmp_path: Path):
+    """The output or input of export/import is a member of a known pool: refused, nothing touched (issue 15, item 5)."""
+    home, disks = env
+    vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members(disks, 3))
+    vstore(home, "create", "q", "--level", "raid1", "--size", "8M", f"file://{disks}/q0.img",
+           f"file://{disks}/q1.img")
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    vstore(home, "import", "p", "v", str(src))
+    os.symlink(disks / "d1.img", tmp_path / "alias.img")
+    files = sorted(disks.iterdir())
+    before = digest_files(files)
+    for target in (disks / "d1.img", tmp_path / "alias.img", disks / "q0.img"):
+        r = vstore(home, "export", "p", "v", str(target), check=False)
+        assert_one_line_error(r, "member", "refusing")
+        assert r.returncode == 2
+        r = vstore(home, "import", "p", "w", str(target), check=False)
+        assert_one_line_error(r, "member", "refusing")
+    assert digest_files(files) == before
+    out = tmp_path / "out.bin"
+    vstore(home, "export", "p", "v", str(out))
+    assert out.read_bytes()[: 1 << 20] == src.read_bytes()

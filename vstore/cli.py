@@ -408,11 +408,19 @@ def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
     _refuse_if_mounted(home, pool)
     if not os.path.isfile(file):
         raise NotFoundError(f"{file}: no such file")
+    _refuse_pool_storage(home, file)
     size = os.path.getsize(file)
     if size == 0:
         raise ConfigError(f"{file}: empty file, nothing to import")
     n = run(partial(with_pool, home, pool, partial(import_file, vol=vol, path=file)))
     click.echo(f"imported {format_size(n)} from {file} into volume {vol!r}")
+
+
+def _refuse_pool_storage(home: Home, file: str) -> None:
+    """ConfigError when FILE is the storage of a pool's member or spare (it would be read or destroyed)."""
+    owner = home.pool_storage_of(file)
+    if owner is not None:
+        raise ConfigError(f"{file} is {owner}: refusing to use a pool's storage as a plain file")
 
 
 @cli.command("export")
@@ -426,6 +434,7 @@ def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
 
     home = home_of(ctx)
     _refuse_if_mounted(home, pool)
+    _refuse_pool_storage(home, file)
     n = run(partial(with_pool, home, pool, partial(export_file, vol=vol, path=file),
                     read_only=True))
     click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")

@@ -103,3 +103,38 @@ class Home:
     def remove_pool(self, pool: str) -> None:
         """Forget a pool's record."""
         self.pool_record_path(pool).unlink(missing_ok=True)
+
+    def pool_storage_of(self, path: str) -> str | None:
+        """'member 2 of pool p' when path is the same storage (device and inode) as a local
+        member or spare of a pool recorded here, else None (also when path does not exist)."""
+        from vstore.errors import VstoreError
+        from vstore.uri import split_paths
+
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        want = (st.st_dev, st.st_ino)
+        for pool in self.list_pools():
+            try:
+                record = self.read_pool(pool)
+            except VstoreError:
+                continue
+            groups = [("member", i, m) for i, m in enumerate(record.get("members", []))]
+            groups += [("spare", i, s) for i, s in enumerate(record.get("spares", []))]
+            for kind, i, texts in groups:
+                for text in texts:
+                    try:
+                        uris = split_paths(text)
+                    except VstoreError:
+                        continue
+                    for uri in uris:
+                        if uri.scheme != "file":
+                            continue
+                        try:
+                            other = os.stat(uri.path)
+                        except (OSError, ValueError):
+                            continue
+                        if (other.st_dev, other.st_ino) == want:
+                            return f"{kind} {i} of pool {pool!r}"
+        return None
