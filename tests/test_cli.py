@@ -318,3 +318,22 @@ def test_export_onto_and_import_from_a_member_are_refused(env, tmp_path: Path):
     out = tmp_path / "out.bin"
     vstore(home, "export", "p", "v", str(out))
     assert out.read_bytes()[: 1 << 20] == src.read_bytes()
+
+
+def test_member_shorter_than_the_data_area_is_failed_and_replaceable(env, tmp_path: Path):
+    """A member truncated while the pool was closed: named, the pool opens degraded, replace works (item 6)."""
+    home, disks = env
+    vstore(home, "create", "p", "--level", "raid5", "--size", "24M", *members(disks, 3))
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(6 << 20))
+    vstore(home, "import", "p", "v", str(src))
+    os.truncate(disks / "d2.img", 10 << 20)
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["state"] == "degraded"
+    assert st["members"][2]["state"] == "bad" and "shorter" in st["members"][2]["error"]
+    out = tmp_path / "out.bin"
+    vstore(home, "export", "p", "v", str(out))
+    assert out.read_bytes()[: 6 << 20] == src.read_bytes()
+    vstore(home, "replace", "p", "2", f"file://{disks}/n2.img", "--size", "24M")
+    assert json.loads(vstore(home, "status", "p", "--json").stdout)["state"] == "clean"
+    assert vstore(home, "scrub", "p").returncode == 0

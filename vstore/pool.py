@@ -339,6 +339,11 @@ class Pool:
                 m.state, m.error = "bad", scan.error if scan else "unreadable"
             elif scan.superblock.pool_uuid != want_uuid or scan.superblock.member_uuid != mm["uuid"]:
                 m.state, m.error = "bad", "superblock belongs to another pool or member"
+            elif dev.size < DATA_OFFSET + m.data_size:
+                # Truncated or swapped for a smaller device: what is missing cannot be read.
+                m.state = "bad"
+                m.error = (f"shorter than the pool's data area ({format_size(dev.size)} of "
+                           f"{format_size(DATA_OFFSET + m.data_size)})")
             elif scan.generation < best.generation:
                 # Every metadata change reaches every active member, so an active member
                 # behind the newest generation missed updates (a restored old copy, a
