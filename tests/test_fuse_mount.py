@@ -757,3 +757,33 @@ def test_force_never_overrides_a_live_owner(tmp_path: Path) -> None:
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_status_of_a_stopped_mount_says_so_quickly(tmp_path: Path, monkeypatch) -> None:
+    """A mount process under SIGSTOP: status answers within seconds naming the process (issue 15, item 9)."""
+    import time
+
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members)
+            _vstore(home, "mount", "p", str(mp))
+            pid = json.loads((home / "mounts" / "p.json").read_text())["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                res = _vstore(home, "status", "p", check=False)
+                took = time.monotonic() - t0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert res.returncode != 0 and "Traceback" not in res.stderr
+            lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and f"pid {pid}" in lines[0] and "does not answer" in lines[0], res.stderr
+            assert took < 60  # bounded (10 s), not the 600 s of a long command
+            assert json.loads(_vstore(home, "status", "p", "--json").stdout)["state"] == "clean"  # alive again
+            _vstore(home, "umount", str(mp))
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

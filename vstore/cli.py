@@ -56,14 +56,37 @@ def home_of(ctx: click.Context) -> Home:
     return ctx.obj["home"]
 
 
+# Queries a live mount answers at once; a mount that does not answer them within this
+# time is stopped or stuck, and saying so beats waiting. Commands that do work (a
+# rebuild, a scrub, volume zeroing) keep the long timeout.
+QUICK_COMMANDS = frozenset({"status", "operation", "volume_list"})
+QUICK_TIMEOUT = 10.0
+
+
 def mounted_call(home: Home, pool: str, request: dict[str, Any]) -> dict[str, Any] | None:
     """Send a command to the mount process that owns the pool, or None when it is not mounted."""
     sock = _mount_socket(home, pool)
     if sock is None:
         return None
-    from vstore.control import call_sync
+    from vstore.control import ControlSocketError, call_sync
 
-    return call_sync(sock, request)
+    quick = request.get("cmd") in QUICK_COMMANDS
+    try:
+        return call_sync(sock, request, timeout=QUICK_TIMEOUT if quick else 600)
+    except ControlSocketError as e:
+        if "no answer" not in str(e):
+            raise
+        raise ControlSocketError(f"the mount process of pool {pool!r} ({_mount_pid(home, pool)}) does not "
+                                 f"answer: {e} (stopped or hung?)") from None
+
+
+def _mount_pid(home: Home, pool: str) -> str:
+    try:
+        from fuse_mount.daemon import record_path
+
+        return f"pid {json.loads(record_path(home.root, pool).read_text())['pid']}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "pid unknown"
 
 
 def _mount_socket(home: Home, pool: str) -> Any:
