@@ -43,6 +43,7 @@ import trio
 from fuse_mount.fs import MountTarget, VolumeFS
 from vstore import control, errors
 from vstore.errors import ConfigError, NotFoundError, PoolBusyError, VstoreError
+from vstore.uri import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -485,10 +486,36 @@ class _StderrFormatter(logging.Formatter):
         return f"vstore mount: {record.getMessage()}"
 
 
+class _RedactSecrets(logging.Filter):
+    """Passwords of URIs in any log record become *** (a failed replace names its URI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = redact_text(str(record.exc_info[1]))
+            if text != str(record.exc_info[1]):
+                record.exc_info = None
+                record.msg = f"{record.msg} ({text})"
+        return True
+
+
+def _private_handler(path: Path) -> logging.FileHandler:
+    """A log file only its owner can read (it may name hosts, targets and users)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    handler = logging.FileHandler(path)
+    handler.addFilter(_RedactSecrets())
+    return handler
+
+
 def _setup_logging(home: Path, *, to_stderr: bool) -> logging.FileHandler:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    handler = logging.FileHandler(_private_dir(Path(home) / "logs") / "mount.log")
+    handler = _private_handler(_private_dir(Path(home) / "logs") / "mount.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     if to_stderr and not any(type(h) is logging.StreamHandler for h in root.handlers[:-1]):
@@ -502,7 +529,7 @@ def _setup_logging(home: Path, *, to_stderr: bool) -> logging.FileHandler:
 def _switch_log(home: Path, pool: str, handler: logging.FileHandler, *, redirect_stderr: bool) -> None:
     """From the generic mount.log to this pool's log once the pool is known."""
     path = log_path(home, pool)
-    new = logging.FileHandler(path)
+    new = _private_handler(path)
     new.setFormatter(handler.formatter)
     root = logging.getLogger()
     root.addHandler(new)

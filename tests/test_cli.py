@@ -337,3 +337,28 @@ def test_member_shorter_than_the_data_area_is_failed_and_replaceable(env, tmp_pa
     vstore(home, "replace", "p", "2", f"file://{disks}/n2.img", "--size", "24M")
     assert json.loads(vstore(home, "status", "p", "--json").stdout)["state"] == "clean"
     assert vstore(home, "scrub", "p").returncode == 0
+
+
+SECRET = "Zq8-very-secret-7Xw"
+
+
+@pytest.mark.parametrize("args", [
+    ("create", "p", "--level", "raid1", "--size", "8M", f"iscsi://alice%{SECRET}@127.0.0.1:99999/iqn.2026-01.x:t/0"),
+    ("create", "p", "--level", "raid1", "--size", "8M", f"iscsi://alice%{SECRET}@127.0.0.1:1/iqn.2026-01.x:t/0"),
+    ("create", "p", "--level", "raid1", "--size", "8M", f"iscsi://alice%{SECRET}@127.0.0.1/iqn.2026-01.x:t"),
+    ("create", "p", "--level", "raid1", "--size", "8M", f"iscsi://alice:{SECRET}@[::1/iqn.2026-01.x:t/0"),
+    ("create", "p", "--level", "raid1", "--size", "8M", f"iscsi://alice%{SECRET}@127.0.0.1:1/iqn.x:t/0?bogus=1"),
+    ("discover", f"iscsi://alice%{SECRET}@127.0.0.1:1"),
+    ("discover", f"nfs://alice:{SECRET}@127.0.0.1/x"),
+])
+def test_secrets_never_reach_errors(env, args):
+    """Every failing path with a secret in the URI: the secret is in no output and no file (issue 15, item 10)."""
+    home, disks = env
+    full = [*args, f"file://{disks}/d0.img"] if args[0] == "create" else list(args)
+    r = vstore(home, *full, check=False)
+    assert r.returncode != 0
+    assert SECRET not in r.stdout + r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    for f in [*home.rglob("*"), *disks.rglob("*")] if home.exists() else disks.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f

@@ -787,3 +787,27 @@ def test_status_of_a_stopped_mount_says_so_quickly(tmp_path: Path, monkeypatch) 
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_mount_logs_are_private_and_hold_no_secret(tmp_path: Path) -> None:
+    """Logs are 0600; a failed replace with CHAP in its URI leaves no secret in them (issue 15, item 10)."""
+    secret = "Pw-in-the-uri-9f3"
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members)
+            _vstore(home, "mount", "p", str(mp))
+            res = _vstore(home, "replace", "p", "1", f"iscsi://bob%{secret}@127.0.0.1:1/iqn.2026-01.x:t/0",
+                          check=False)
+            assert res.returncode != 0 and secret not in res.stdout + res.stderr
+            _vstore(home, "umount", str(mp))
+            logs = list((home / "logs").iterdir())
+            assert logs
+            for f in logs:
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+                assert secret.encode() not in f.read_bytes(), f
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

@@ -24,6 +24,7 @@ from vstore.errors import ConfigError, NotFoundError, VstoreError
 from vstore.home import Home
 from vstore.progress import progress_bar
 from vstore.sizes import format_size, parse_size
+from vstore.uri import redact_text
 
 LEVELS = ["linear", "raid0", "raid1", "raid5", "raid6", "raid10"]
 
@@ -356,7 +357,7 @@ def discover(portal: str, as_json: bool) -> None:
     from backends.iscsi import discover as iscsi_discover
 
     if not portal.lower().startswith("iscsi://"):
-        raise ConfigError(f"discover takes an iscsi:// portal URI, not {portal!r}")
+        raise ConfigError(f"discover takes an iscsi:// portal URI, not {redact_text(portal)!r}")
     targets = run(iscsi_discover, portal)
     if as_json:
         click.echo(json.dumps(targets, indent=2))
@@ -486,10 +487,10 @@ def main() -> None:
         sys.exit(130)
     except click.UsageError as e:
         where = f"vstore {e.ctx.command_path.split(' ', 1)[1]}" if e.ctx and " " in e.ctx.command_path else "vstore"
-        click.echo(f"vstore: error: {e.format_message()} (see '{where} --help')", err=True)
+        click.echo(redact_text(f"vstore: error: {e.format_message()} (see '{where} --help')"), err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"vstore: error: {e.format_message()}", err=True)
+        click.echo(redact_text(f"vstore: error: {e.format_message()}"), err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -500,16 +501,16 @@ def main() -> None:
         if os.environ.get("VSTORE_DEBUG"):
             raise
         if isinstance(leaf, VstoreError):
-            click.echo(f"vstore: error: {leaf}", err=True)
+            click.echo(redact_text(f"vstore: error: {leaf}"), err=True)
             sys.exit(leaf.exit_code)
         if isinstance(leaf, KeyboardInterrupt):
             click.echo("vstore: interrupted", err=True)
             sys.exit(130)
         if isinstance(leaf, OSError):
-            click.echo(f"vstore: error: {leaf}", err=True)
+            click.echo(redact_text(f"vstore: error: {leaf}"), err=True)
             sys.exit(1)
-        click.echo(f"vstore: internal error: {type(leaf).__name__}: {leaf} "
-                   "(set VSTORE_DEBUG=1 for a traceback)", err=True)
+        click.echo(redact_text(f"vstore: internal error: {type(leaf).__name__}: {leaf} ")
+                   + "(set VSTORE_DEBUG=1 for a traceback)", err=True)
         sys.exit(70)
 
 

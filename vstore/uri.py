@@ -11,6 +11,7 @@ A member reached over several paths is written as several URIs joined by commas.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
@@ -58,29 +59,37 @@ class MemberURI:
         return self.redacted()
 
 
+_SECRET_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:%]+[:%])[^@\s/]+@")
+
+
+def redact_text(text: str) -> str:
+    """Any text with the passwords of the URIs in it replaced by *** (for errors and logs)."""
+    return _SECRET_RE.sub(r"\1***@", text)
+
+
 def parse_uri(text: str) -> MemberURI:
     """Parse one member URI, raising ConfigError with the reason when it is malformed."""
     text = text.strip()
     if "://" not in text:
-        raise ConfigError(f"not a member URI: {text!r} (expected e.g. file:///path/disk.img)")
+        raise ConfigError(f"not a member URI: {redact_text(text)!r} (expected e.g. file:///path/disk.img)")
     if "\0" in text or "%00" in text:
-        raise ConfigError(f"member URI contains a NUL byte: {text!r}")
+        raise ConfigError(f"member URI contains a NUL byte: {redact_text(text)!r}")
     try:
         parts = urlsplit(text)
     except ValueError as e:
-        raise ConfigError(f"malformed member URI {text!r}: {e}") from None
+        raise ConfigError(f"malformed member URI {redact_text(text)!r}: {e}") from None
     scheme = parts.scheme.lower()
     if scheme not in _OPENERS:
         raise ConfigError(
-            f"unknown URI scheme {scheme!r} in {text!r} (known: {', '.join(sorted(_OPENERS))})"
+            f"unknown URI scheme {scheme!r} in {redact_text(text)!r} (known: {', '.join(sorted(_OPENERS))})"
         )
     try:
         port = parts.port
         host_text = parts.hostname
     except ValueError as e:
-        raise ConfigError(f"bad host or port in URI {text!r}") from e
+        raise ConfigError(f"bad host or port in URI {redact_text(text)!r}") from e
     if port == 0 or (port is None and parts.netloc.rsplit("@", 1)[-1].endswith(":")):
-        raise ConfigError(f"bad port in URI {text!r}: give a port from 1 to 65535, or none")
+        raise ConfigError(f"bad port in URI {redact_text(text)!r}: give a port from 1 to 65535, or none")
     user = password = None
     if "@" in parts.netloc:
         userinfo = parts.netloc.rsplit("@", 1)[0]
@@ -125,18 +134,18 @@ def _validate(uri: MemberURI) -> None:
                               f"(known for {uri.scheme}://: {', '.join(sorted(known | _PATH_PARAMS))})")
     if uri.scheme == "file":
         if uri.host not in ("", "localhost") or not uri.path.startswith("/"):
-            raise ConfigError(f"file URI needs an absolute path: {uri.text!r} (file:///abs/path)")
+            raise ConfigError(f"file URI needs an absolute path: {uri.redacted()!r} (file:///abs/path)")
     elif uri.scheme == "memory":
         if not uri.host:
-            raise ConfigError(f"memory URI needs a name: {uri.text!r} (memory://NAME?size=1G)")
+            raise ConfigError(f"memory URI needs a name: {uri.redacted()!r} (memory://NAME?size=1G)")
     elif uri.scheme == "nfs":
         if not uri.host or len(uri.path.strip("/").split("/")) < 2:
-            raise ConfigError(f"NFS URI needs host, export and file: {uri.text!r}")
+            raise ConfigError(f"NFS URI needs host, export and file: {uri.redacted()!r}")
     elif uri.scheme == "iscsi":
         comps = uri.path.strip("/").split("/")
         if not uri.host or len(comps) != 2 or not comps[1].isdigit():
             raise ConfigError(
-                f"iSCSI URI needs host, target IQN and LUN number: {uri.text!r} "
+                f"iSCSI URI needs host, target IQN and LUN number: {uri.redacted()!r} "
                 "(iscsi://HOST[:PORT]/IQN/LUN)"
             )
 
