@@ -317,6 +317,12 @@ class MountSession:
             return self.fs.stats()
         if cmd == "mount-info":
             return {"pid": os.getpid(), "pool": self.target.name, "mountpoint": self.mountpoint}
+        if cmd == "volume_remove" and not request.get("force"):
+            users = self.fs.open_count(str(request.get("name")))
+            if users:
+                raise PoolBusyError(f"volume {request.get('name')!r} is open in the mount on {self.mountpoint} "
+                                    f"({users} open file handle(s), e.g. a loop device); close it first, "
+                                    "or use --force")
         try:
             return await self.target.handle_command(request)
         finally:

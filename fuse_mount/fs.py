@@ -266,6 +266,10 @@ class VolumeFS(pyfuse3.Operations):
             return status_json(self.target)
         return (json.dumps(self.stats(), indent=2) + "\n").encode()
 
+    def open_count(self, name: str) -> int:
+        """How many open file handles this mount has on volume ``name``."""
+        return sum(1 for h in self._handles.values() if h.name == name)
+
     def stats(self) -> dict:
         """Request counters of this mount (what request sizes actually arrive)."""
         out: dict[str, Any] = {

@@ -811,3 +811,40 @@ def test_mount_logs_are_private_and_hold_no_secret(tmp_path: Path) -> None:
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_volume_remove_refused_while_its_file_is_open(tmp_path: Path) -> None:
+    """volume remove of a volume held open through the mount: busy unless --force (issue 15, item 13)."""
+    import time
+
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
+    with cleanup(tmp_path):
+        try:
+            _vstore(home, "create", "p", "--level", "raid1", "--size", "16M", *members)
+            _vstore(home, "volume", "create", "p", "v", "--size", "4M")
+            _vstore(home, "volume", "create", "p", "w", "--size", "4M")
+            _vstore(home, "mount", "p", str(mp))
+            fd = os.open(mp / "v", os.O_RDWR)
+            try:
+                res = _vstore(home, "volume", "remove", "p", "v", check=False)
+                assert res.returncode != 0 and "Traceback" not in res.stderr
+                assert "open" in res.stderr and "--force" in res.stderr, res.stderr
+                listed = _vstore(home, "volume", "list", "p").stdout
+                assert "v\t" in listed
+                _vstore(home, "volume", "remove", "p", "w")  # a volume nobody holds goes at once
+            finally:
+                os.close(fd)
+            # closed now: allowed (the kernel's RELEASE of the handle may trail close() a little)
+            for _ in range(50):
+                res = _vstore(home, "volume", "remove", "p", "v", check=False)
+                if res.returncode == 0 or "open" not in res.stderr:
+                    break
+                time.sleep(0.1)
+            assert res.returncode == 0, res.stderr
+            assert _vstore(home, "volume", "list", "p").stdout.strip() == ""
+            _vstore(home, "umount", str(mp))
+        finally:
+            if mount_entry(mp) is not None:
+                _vstore(home, "umount", str(mp), check=False)

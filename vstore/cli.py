@@ -319,15 +319,16 @@ def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
 @volume.command("remove")
 @click.argument("pool")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Remove it even while it is open in the mount.")
 @click.pass_context
-def volume_remove(ctx: click.Context, pool: str, name: str) -> None:
-    """Remove volume NAME from POOL."""
+def volume_remove(ctx: click.Context, pool: str, name: str, force: bool) -> None:
+    """Remove volume NAME from POOL (refused while its file is open in the mount, unless --force)."""
 
     async def local(p: Any) -> dict[str, Any]:
         await p.remove_volume(name)
         return {}
 
-    pool_command(ctx, pool, {"cmd": "volume_remove", "name": name}, local)
+    pool_command(ctx, pool, {"cmd": "volume_remove", "name": name, "force": force}, local)
     click.echo(f"removed volume {name!r} from pool {pool!r}")
 
 
