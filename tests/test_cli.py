@@ -362,3 +362,35 @@ def test_secrets_never_reach_errors(env, args):
     for f in [*home.rglob("*"), *disks.rglob("*")] if home.exists() else disks.rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_config_directory_of_another_user_or_open_to_others_is_refused(tmp_path: Path):
+    """--home owned by someone else, writable by others, or a lock file swapped for a symlink (issue 15, item 11)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 12345, 12345)
+    r = vstore(theirs, "list", check=False)
+    assert_one_line_error(r, "belongs to uid 12345")
+    assert r.returncode == 2 and list(theirs.iterdir()) == []
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    r = vstore(open_dir, "list", check=False)
+    assert_one_line_error(r, "writable by others")
+    assert list(open_dir.iterdir()) == []
+    r = vstore(tmp_path / "no" / "such" / "home", "list", check=False)
+    assert_one_line_error(r, "parent does not exist")
+    # a lock file replaced by a symlink to a file of root's is not followed
+    home = tmp_path / "home"
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members(disks, 2))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    lock = home / "locks" / "p.lock"
+    lock.parent.mkdir(mode=0o700, exist_ok=True)
+    lock.unlink(missing_ok=True)
+    os.symlink(victim, lock)
+    r = vstore(home, "status", "p", check=False)
+    assert_one_line_error(r, "symlink")
+    assert victim.read_text() == "keep me"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,43 @@ class Home:
     """Paths and pool records inside one config directory."""
 
     def __init__(self, root: Path | str | None = None) -> None:
+        self.default = not root and not os.environ.get("VSTORE_HOME")
         self.root = Path(root) if root else default_home()
+        self._checked = False
+
+    def _check_root(self) -> None:
+        """Refuse a config directory another user could tamper with (as ssh does for its files).
+
+        It holds pool records (member URIs, maybe credentials), lock files and control
+        sockets: it must be the caller's and writable by nobody else. Missing parents
+        are created only for the default directory.
+        """
+        if self._checked:
+            return
+        try:
+            self.root.mkdir(parents=self.default, exist_ok=True, mode=0o700)
+        except FileNotFoundError:
+            raise ConfigError(f"config directory {self.root}: its parent does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"config directory {self.root}: {e.strerror}") from None
+        st = os.stat(self.root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"config directory {self.root} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"config directory {self.root} belongs to uid {st.st_uid}, not to you "
+                              f"(uid {os.geteuid()}): refusing to use it")
+        if st.st_mode & 0o022:
+            raise ConfigError(f"config directory {self.root} is writable by others "
+                              f"(mode {stat.S_IMODE(st.st_mode):o}): refusing to use it (chmod 700)")
+        os.chmod(self.root, 0o700)
+        self._checked = True
 
     def _dir(self, name: str) -> Path:
+        self._check_root()
         d = self.root / name
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
+        d.mkdir(exist_ok=True, mode=0o700)
+        if d.is_symlink() or os.stat(d).st_uid != os.geteuid():
+            raise ConfigError(f"{d} is a symlink or not yours: refusing to use it")
         return d
 
     def pool_record_path(self, pool: str) -> Path:
@@ -93,7 +125,7 @@ class Home:
         if new and path.exists():
             raise ExistsError(f"pool {pool!r} already exists in {self.root}")
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2)
             f.flush()

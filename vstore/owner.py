@@ -71,7 +71,10 @@ class PoolLock:
 
     def acquire(self, pool: str, token_hint: dict[str, Any] | None = None) -> None:
         """Take the lock or raise PoolBusyError naming who holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:  # ELOOP: a symlink planted in place of the lock file
+            raise PoolBusyError(f"lock file {self.path}: {e.strerror} (refusing to follow a symlink)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
