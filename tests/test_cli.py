@@ -394,3 +394,30 @@ def test_config_directory_of_another_user_or_open_to_others_is_refused(tmp_path:
     r = vstore(home, "status", "p", check=False)
     assert_one_line_error(r, "symlink")
     assert victim.read_text() == "keep me"
+
+
+def test_messages_say_what_is_wrong(env, tmp_path: Path):
+    """Export from a failed pool, a device as import source, a small journal, member notes (issue 15, item 12)."""
+    home, disks = env
+    vstore(home, "create", "p", "--level", "raid0", "--size", "16M", *members(disks, 2))
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    vstore(home, "import", "p", "v", str(src))
+    vstore(home, "fail", "p", "1", "--force")
+    r = vstore(home, "export", "p", "v", str(tmp_path / "out.bin"), check=False)
+    assert_one_line_error(r, "failed")
+    assert "not found" not in r.stderr
+    r = vstore(home, "import", "p", "w", "/dev/zero", check=False)
+    assert_one_line_error(r, "character device")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = vstore(home, "import", "p", "w", str(fifo), check=False)
+    assert_one_line_error(r, "fifo")
+    # member notes do not grow "failed: failed: ..." at every open
+    notes = {json.loads(vstore(home, "status", "p", "--json").stdout)["members"][1]["error"] for _ in range(3)}
+    assert len(notes) == 1 and not next(iter(notes)).startswith("failed: failed")
+    r = vstore(home, "create", "q", "--level", "raid5", "--size", "16M", *[f"file://{disks}/q{i}.img" for i in range(3)],
+               "--journal", f"file://{disks}/j.img", "--journal-size", "4K", check=False)
+    assert_one_line_error(r, "journal", "at least", "--journal-size")
+    assert r.returncode == 2
+    assert not any(p.name.startswith(("q", "j")) for p in disks.iterdir())  # nothing left behind

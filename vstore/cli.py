@@ -431,8 +431,16 @@ def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
 
     home = home_of(ctx)
     _refuse_if_mounted(home, pool)
-    if not os.path.isfile(file):
+    if not os.path.exists(file):
         raise NotFoundError(f"{file}: no such file")
+    if not os.path.isfile(file):
+        import stat as stat_mod
+
+        mode = os.stat(file).st_mode
+        kind = ("a character device" if stat_mod.S_ISCHR(mode) else "a block device" if stat_mod.S_ISBLK(mode)
+                else "a FIFO" if stat_mod.S_ISFIFO(mode) else "a directory" if stat_mod.S_ISDIR(mode)
+                else "not a regular file")
+        raise ConfigError(f"{file} is {kind}: import copies a regular file (its size sets the volume's)")
     _refuse_pool_storage(home, file)
     size = os.path.getsize(file)
     if size == 0:

@@ -10,7 +10,9 @@ pool recovers when it is opened for writing, before anything else uses it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +23,9 @@ from vstore import owner as owner_mod
 from vstore.bitmap import WriteIntentBitmap, choose_region, resync_rows, rows_of_regions
 from vstore.device import BlockDevice
 from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
-from vstore.journal import DEFAULT_SIZE, Journal, JournalError, record_size
+from vstore.journal import DEFAULT_SIZE, LOG_OFFSET, Journal, JournalError, record_size
 from vstore.metadata import DATA_OFFSET, scan_member
+from vstore.sizes import format_size
 from vstore.uri import open_uri, split_paths
 
 if TYPE_CHECKING:
@@ -89,16 +92,21 @@ class Consistency:
                         mid = getattr(mdev, "identity", None)
                         if mid is not None and mid() == ident():
                             raise ConfigError(f"journal {uri.redacted()} is the same storage as member {i}")
+                # The log must hold two full-stripe updates (records in blocks of up to 4 KiB).
+                biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], 4096)
+                need = LOG_OFFSET + 2 * biggest
+                need += -need % (1 << 20)
+                if dev.size < need:
+                    raise ConfigError(f"journal {uri.redacted()} is too small ({format_size(dev.size)}): this "
+                                      f"pool needs at least {format_size(need)} (--journal-size {format_size(need)})")
                 if not force:
                     await _refuse_if_in_use(dev, uri.redacted())
                 jr = await Journal.format(dev, meta["pool_uuid"], uri=uri.redacted())
-                biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], jr.block)
-                if biggest > jr.log_size // 2:
-                    raise ConfigError(
-                        f"journal {uri.redacted()} is too small: a full stripe update takes "
-                        f"{biggest} bytes and the log must hold two; use --journal-size")
             except BaseException:
                 await dev.aclose()
+                if getattr(dev, "created", False):  # made by this create: leave nothing behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(dev.path)
                 raise
             self.journal = jr
             meta["journal"] = {"uri": uri.redacted(), "uuid": jr.sb.journal_uuid, "size": jr.log_size}

@@ -89,7 +89,14 @@ class Member:
                "state": self.state if self.state in ("active", "rebuilding") else "failed",
                "data_size": self.data_size}
         if self.state not in ("active", "rebuilding"):
-            rec["reason"] = f"{self.state}: {self.error}" if self.error else self.state
+            # A failed member's reason is kept as it is (it was "failed: ..." already), so
+            # it does not grow by a "failed: " at every commit.
+            if not self.error:
+                rec["reason"] = self.state
+            elif self.state == "failed" or self.error.startswith(f"{self.state}"):
+                rec["reason"] = self.error
+            else:
+                rec["reason"] = f"{self.state}: {self.error}"
         return rec
 
 
@@ -548,10 +555,13 @@ class Pool:
         return vol
 
     def get_volume(self, name: str) -> Volume:
-        """The named volume or NotFoundError."""
+        """The named volume or NotFoundError (DegradedError when the pool has failed)."""
         try:
             return self.volumes[name]
         except KeyError:
+            if self.layout is None and any(v.get("name") == name for v in self.meta.get("volumes", [])):
+                failed = {m.index for m in self.members if m.state != "active"}
+                raise DegradedError(self._degraded_message(failed)) from None
             raise NotFoundError(f"volume {name!r} not found in pool {self.name!r}") from None
 
     async def remove_volume(self, name: str) -> None:
