@@ -421,3 +421,40 @@ def test_messages_say_what_is_wrong(env, tmp_path: Path):
     assert_one_line_error(r, "journal", "at least", "--journal-size")
     assert r.returncode == 2
     assert not any(p.name.startswith(("q", "j")) for p in disks.iterdir())  # nothing left behind
+
+
+def test_import_killed_halfway_leaves_a_volume_marked_incomplete(env, tmp_path: Path):
+    """kill -9 during import: the volume says incomplete, and importing again replaces it (issue 15, item 8)."""
+    import signal
+    import time
+
+    home, disks = env
+    vstore(home, "create", "p", "--level", "raid5", "--size", "200M", *members(disks, 3))
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(8 << 20))
+    env_vars = dict(os.environ, VSTORE_HOME=str(home))
+    base = (disks / "d0.img").stat().st_blocks
+    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", "import", "p", "img", str(src)], env=env_vars,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill it once data lands on the members (the volume was recorded before the copy began).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (disks / "d0.img").stat().st_blocks - base > (16 << 20) // 512:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the import finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["volumes"] == [{"name": "img", "size": st["volumes"][0]["size"], "incomplete": True}]
+    assert "incomplete" in vstore(home, "volume", "list", "p").stdout
+    vstore(home, "import", "p", "img", str(src))  # again: replaces the incomplete one
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert [v.get("incomplete") for v in st["volumes"]] == [None]
+    out = tmp_path / "out.bin"
+    vstore(home, "export", "p", "img", str(out))
+    assert out.read_bytes()[: src.stat().st_size] == src.read_bytes()

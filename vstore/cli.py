@@ -313,7 +313,8 @@ def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
         click.echo(json.dumps(r["volumes"], indent=2))
     else:
         for v in r["volumes"]:
-            click.echo(f"{v['name']}\t{format_size(v['size'])}\t{v['size']}")
+            note = "\tincomplete (an import did not finish; import it again)" if v.get("incomplete") else ""
+            click.echo(f"{v['name']}\t{format_size(v['size'])}\t{v['size']}{note}")
 
 
 @volume.command("remove")

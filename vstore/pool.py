@@ -535,8 +535,14 @@ class Pool:
             await self.data_dev.flush()
         return chosen
 
-    async def create_volume(self, name: str, size: int, progress: Progress | None = None) -> Volume:
-        """Create a volume of at least size bytes (rounded up to 4 KiB), reading as zeros."""
+    async def create_volume(self, name: str, size: int, progress: Progress | None = None, *,
+                            incomplete: bool = False) -> Volume:
+        """Create a volume of at least size bytes (rounded up to 4 KiB), reading as zeros.
+
+        ``incomplete`` records it as not yet filled (an import under way): status and
+        volume list say so until ``mark_complete``, so a copy cut short is never
+        mistaken for a whole one.
+        """
         self._require_writable()
         check_name("volume", name)
         if name in self.volumes:
@@ -547,12 +553,25 @@ class Pool:
         count = -(-size // self.extent_size)
         extents = await self._allocate(count, progress)
         vol = Volume(name, size, extents, self.data_dev, self.extent_size)
-        self.meta["volumes"].append(vol.to_meta())
+        entry = vol.to_meta()
+        if incomplete:
+            entry["incomplete"] = True
+        self.meta["volumes"].append(entry)
         self.meta["zeroed"] = list_to_runs(
             sorted(set(runs_to_list(self.meta["zeroed"])) - set(extents)))
         self.volumes[name] = vol
         await self.commit()
         return vol
+
+    def volume_incomplete(self, name: str) -> bool:
+        """Whether the volume is recorded as not yet filled (an import that did not finish)."""
+        return any(v["name"] == name and v.get("incomplete") for v in self.meta["volumes"])
+
+    async def mark_complete(self, name: str) -> None:
+        """Record that the volume holds all its data now."""
+        for v in self.meta["volumes"]:
+            if v["name"] == name and v.pop("incomplete", None):
+                await self.commit()
 
     def get_volume(self, name: str) -> Volume:
         """The named volume or NotFoundError (DegradedError when the pool has failed)."""
@@ -690,7 +709,8 @@ class Pool:
                            else [{"uri": p.redacted(), "state": m.state} for p in m.paths])}
                 for m in self.members
             ],
-            "volumes": [{"name": v["name"], "size": v["size"]} for v in self.meta["volumes"]],
+            "volumes": [{"name": v["name"], "size": v["size"], **({"incomplete": True} if v.get("incomplete") else {})}
+                        for v in self.meta["volumes"]],
         }
 
     async def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:

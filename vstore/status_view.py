@@ -46,7 +46,7 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     vols.add_column("name")
     vols.add_column("size")
     for v in st["volumes"]:
-        vols.add_row(v["name"], format_size(v["size"]))
+        vols.add_row(v["name"], format_size(v["size"]) + (" (incomplete)" if v.get("incomplete") else ""))
     if st["volumes"]:
         console.print(vols)
     else:

@@ -18,10 +18,14 @@ IN_FLIGHT = 4
 async def import_file(pool: Any, *, vol: str, path: str) -> int:
     """Create volume vol sized to the file (rounded up) and copy the file in."""
     size = os.path.getsize(path)
-    volume = await pool.create_volume(vol, size)
+    if vol in pool.volumes and pool.volume_incomplete(vol):
+        # An earlier import of it was cut short (kill -9): start it again from scratch.
+        await pool.remove_volume(vol)
+    volume = await pool.create_volume(vol, size, incomplete=True)
     try:
         await _copy(path, size, volume, to_volume=True, label=f"import {vol}")
         await pool.flush()
+        await pool.mark_complete(vol)
     except BaseException:
         # Leave nothing half-imported behind.
         with trio.CancelScope(shield=True):
