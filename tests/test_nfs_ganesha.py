@@ -637,3 +637,23 @@ async def test_cancelled_vectored_read_never_lands_later(ganesha, rng):
         assert np.array_equal(dst.joined(), data)
     finally:
         await dev.aclose()
+
+
+async def test_read_past_a_truncated_end_is_an_error_not_zeros(ganesha, rng):
+    """The file shrank on the server: a READ that meets EOF inside the device fails (issue 15, item 2)."""
+    from vstore.errors import MemberIOError
+
+    size = 4 * MiB
+    dev = await open_dev(ganesha.url("shrunk.img"), create_size=size)
+    try:
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        await dev.write(0, data)
+        await dev.flush()
+        os.truncate(ganesha.path("shrunk.img"), MiB + 100)
+        assert np.array_equal(await dev.read(0, MiB), data[:MiB])  # what is still there reads fine
+        with pytest.raises(MemberIOError, match="short read"):
+            await dev.read(MiB, 64 * 1024)
+        with pytest.raises(MemberIOError, match="short read"):
+            await dev.readv_into(2 * MiB, [np.empty(4096, np.uint8), np.empty(4096, np.uint8)])
+    finally:
+        await dev.aclose()

@@ -21,7 +21,7 @@ import numpy as np
 import trio
 
 from vstore.device import Buffer, DeviceBase, as_u8
-from vstore.errors import ConfigError, ProtocolError
+from vstore.errors import ConfigError, MemberIOError, ProtocolError
 from vstore.iovec import IoVec, finish_reads, read_targets, write_sources
 from vstore.uri import MemberURI
 
@@ -246,10 +246,11 @@ class NfsDevice(DeviceBase):
             got, eof = await self._jukebox_retry(partial(
                 self._nfs.call_read, nfs3.READ, args, part, f"{self.label}: READ at {offset + done}"))
             done += got
-            if eof or got == 0:
-                # The file ended early (truncated behind our back): the rest reads as zeros.
-                dest[done:] = bytes(want - done)
-                return
+            if done < want and (eof or got == 0):
+                # The file ended inside the device (truncated behind our back): those bytes
+                # are gone, not zeros — an error of this member, served from redundancy.
+                raise MemberIOError(f"{self.label}: short read at {offset}: the file ended after "
+                                    f"{done} of {want} bytes")
 
     # ---- write ------------------------------------------------------------------------
 
