@@ -94,6 +94,8 @@ class LocalDevice(DeviceBase):
         mv = io_threads.views_of(views)
         op = io_threads.Op(io_threads.WRITE if is_write else io_threads.READ, self.fd, offset, mv, self.path)
         self.check(offset, op.length)
+        if is_write and not self._is_blockdev:
+            op.min_size = self.size
         if op.length <= INLINE_BYTES and self._inline:
             if self._inline == "all":
                 io_threads.run_now(op)
@@ -111,7 +113,9 @@ class LocalDevice(DeviceBase):
         kind = io_threads.WRITE if is_write else io_threads.READ
         bufs = [as_u8(v) for v in views]
         if all(b.flags.c_contiguous and b.ctypes.data % a == 0 and len(b) % a == 0 for b in bufs):
-            return io_threads.Op(kind, self.direct_fd, offset, io_threads.views_of(bufs), self.path)
+            op = io_threads.Op(kind, self.direct_fd, offset, io_threads.views_of(bufs), self.path)
+            op.min_size = self.size if is_write and not self._is_blockdev else 0
+            return op
         bounce = aligned_empty(length, a)
         if is_write:
             pos = 0
@@ -121,6 +125,8 @@ class LocalDevice(DeviceBase):
         op = io_threads.Op(kind, self.direct_fd, offset, [memoryview(bounce)], self.path)
         if not is_write:
             op.scatter = bufs
+        elif not self._is_blockdev:
+            op.min_size = self.size
         return op
 
     async def _run(self, op: io_threads.Op) -> None:

@@ -179,3 +179,26 @@ async def test_io_uring_engine_moves_the_same_bytes(tmp_path: Path, monkeypatch)
     with pytest.raises(MemberIOError, match="write at 0"):
         await dev.write(0, np.ones(256 * 1024, np.uint8))
     await dev.aclose()
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+async def test_write_into_a_truncated_member_fails_instead_of_leaving_holes(tmp_path: Path, where: str):
+    """A member file truncated under us: a write fails (it would regrow the file with zero holes)."""
+    import tempfile
+
+    from vstore.raid import make_layout
+
+    with tempfile.TemporaryDirectory(dir=where) as d:
+        members = [await open_uri(f"file://{d}/m{i}.img", create_size=4 << 20) for i in range(3)]
+        lay = make_layout("raid5", members, chunk=65536)
+        data = np.random.default_rng(2).integers(0, 256, lay.size, dtype=np.uint8)
+        await lay.write(0, data)
+        os.truncate(f"{d}/m1.img", 1 << 20)
+        with pytest.raises(MemberIOError, match="shrank"):
+            await members[1].write(3 << 20, np.ones(4096, np.uint8))
+        assert os.path.getsize(f"{d}/m1.img") == 1 << 20  # not regrown
+        new = np.random.default_rng(3).integers(0, 256, lay.size, dtype=np.uint8)
+        await lay.write(0, new)  # member 1 fails on the way; the others carry the data
+        assert 1 in lay.failed
+        assert np.array_equal(await lay.read(0, lay.size), new)
+        await lay.aclose()

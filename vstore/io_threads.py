@@ -44,7 +44,7 @@ class Op:
     """One vectored read or write (or an fdatasync) of one file descriptor."""
 
     __slots__ = ("kind", "fd", "offset", "views", "length", "error", "finished", "waiter", "_completions",
-                 "label", "scatter")
+                 "label", "scatter", "min_size")
 
     def __init__(self, kind: int, fd: int, offset: int = 0, views: Sequence[memoryview] = (),
                  label: str = "") -> None:
@@ -52,6 +52,9 @@ class Op:
         # Read through a bounce buffer (O_DIRECT needs aligned memory): after the
         # transfer, its bytes are copied out to these caller views.
         self.scatter: list[np.ndarray] | None = None
+        # A regular file's size may not drop below this (the member's size): a write into a
+        # truncated file would grow it again with holes that read back as zeros.
+        self.min_size = 0
         self.kind = kind
         self.fd = fd
         self.offset = offset
@@ -202,6 +205,8 @@ def _run_batch(batch: list[Op]) -> None:
             if first.kind == SYNC:
                 os.fdatasync(first.fd)
             else:
+                if first.kind == WRITE and first.min_size:
+                    _check_size(first)
                 _transfer(first.fd, first.kind == WRITE, first.offset,
                           run[0].views if len(run) == 1 else [v for op in run for v in op.views])
         except OSError as e:
@@ -212,6 +217,13 @@ def _run_batch(batch: list[Op]) -> None:
                 if op.scatter is not None:
                     _copy_out(op)
         i = j
+
+
+def _check_size(op: Op) -> None:
+    size = os.fstat(op.fd).st_size
+    if size < op.min_size:
+        raise ShortIOError(5, f"the file shrank to {size} bytes (the member has {op.min_size}): "
+                              "writing would leave holes that read as zeros")
 
 
 def _copy_out(op: Op) -> None:
@@ -255,6 +267,8 @@ def run_now(op: Op, nowait: bool = False) -> bool:
             if n != op.length:
                 return False  # not all cached: the threads read it whole
         else:
+            if op.kind == WRITE and op.min_size:
+                _check_size(op)
             _transfer(op.fd, op.kind == WRITE, op.offset, op.views)
     except BlockingIOError:
         return False
