@@ -692,6 +692,12 @@ class MultipathDevice(DeviceBase):
             p.bytes += nbytes
             if kind in _CHANGES:
                 p.dirty = True
+                # Paths that keep unstable writes of their own (NFS) must not lay those older
+                # bytes over this newer write when they read the range later.
+                for q in self.paths:
+                    forget = getattr(q.dev, "forget_range", None) if q is not p else None
+                    if forget is not None:
+                        forget(offset, nbytes)
             # Throughput over busy time (time with something in flight), as a moving average;
             # a flush moves no bytes and would only drag the estimate down.
             now = trio.current_time()

@@ -87,6 +87,15 @@ class UncommittedRanges:
                 self._put(_Range(end, r.data[end - r.start :], r.verf, r.seq))
         self._put(_Range(start, data, verf, seq, base))
 
+    def forget(self, start: int, end: int) -> None:
+        """Drop [start, end) from every range (newer bytes went to the server another way)."""
+        for r in self.overlapping(start, end):
+            self._drop(r)
+            if r.start < start:
+                self._put(_Range(r.start, r.data[: start - r.start], r.verf, r.seq))
+            if r.end > end:
+                self._put(_Range(end, r.data[end - r.start :], r.verf, r.seq))
+
     def overlapping(self, start: int, end: int) -> list[_Range]:
         """The ranges that overlap [start, end)."""
         starts = self._starts
@@ -235,6 +244,12 @@ class NfsDevice(DeviceBase):
             for r in self._cache.overlapping(offset, end):
                 a, b = max(r.start, offset), min(r.end, end)
                 dest[a - offset : b - offset] = r.data[a - r.start : b - r.start]
+
+    def forget_range(self, offset: int, length: int) -> None:
+        """Another path to this file wrote [offset, offset+length): our older uncommitted bytes
+        there must no longer be laid over what the server returns (nor be resent)."""
+        if len(self._cache):
+            self._cache.forget(offset, offset + length)
 
     async def _read_into(self, dest: memoryview | IoVec, offset: int) -> None:
         done = 0
