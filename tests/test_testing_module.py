@@ -396,3 +396,38 @@ async def test_wrappers_forward_vectored_io_and_keep_their_semantics() -> None:
         assert not (await CrashDevice(rec, "m").read(1024, 3000)).any()
     finally:
         rec.forget()
+
+
+async def test_short_read_and_shrink_faults():
+    """FaultDevice.short_reads / shrink, and a raid5 that serves a shrunk member's bytes from redundancy."""
+    import numpy as np
+
+    from backends.memory import MemoryDevice
+    from vstore.errors import MemberIOError
+    from vstore.faults import FaultDevice
+    from vstore.raid import make_layout
+    from vstore.torture import format_schedule, parse_schedule
+
+    f = FaultDevice(MemoryDevice(np.zeros(1 << 20, np.uint8)), "m")
+    f.shrink(at=256 * 1024)
+    await f.read(0, 4096)  # below the end: fine
+    with pytest.raises(MemberIOError, match="short read .*ends at 262144"):
+        await f.read(250 * 1024, 16 * 1024)
+    with pytest.raises(MemberIOError, match="short write"):
+        await f.write(512 * 1024, b"x" * 512)
+    f.heal()
+    f.short_reads(count=1)
+    with pytest.raises(MemberIOError, match="short read"):
+        await f.read(0, 512)
+    await f.read(0, 512)  # count=1: only once
+
+    members = [FaultDevice(MemoryDevice(np.zeros(1 << 20, np.uint8)), f"m{i}") for i in range(4)]
+    lay = make_layout("raid5", members, chunk=4096)
+    data = np.random.default_rng(5).integers(0, 256, lay.size, dtype=np.uint8)
+    await lay.write(0, data)
+    members[2].shrink(at=300 * 1024)
+    assert np.array_equal(await lay.read(0, lay.size), data)
+    assert lay.failed == {2}
+
+    steps = "x:1,x:2:short:0.5,x:0:shrink:0.25,h:1"
+    assert format_schedule(parse_schedule(steps)) == steps

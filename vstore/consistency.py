@@ -95,7 +95,7 @@ class Consistency:
                 # The log must hold two full-stripe updates (records in blocks of up to 4 KiB).
                 biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], 4096)
                 need = LOG_OFFSET + 2 * biggest
-                need += -need % (1 << 20)
+                need += -need % 4096
                 if dev.size < need:
                     raise ConfigError(f"journal {uri.redacted()} is too small ({format_size(dev.size)}): this "
                                       f"pool needs at least {format_size(need)} (--journal-size {format_size(need)})")

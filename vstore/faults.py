@@ -6,6 +6,8 @@
     f.fail("write", after=3)       # the 4th write from now, and every one after, fails
     f.fail("all", after=10, count=1)   # only the 11th operation fails (once)
     f.corrupt_reads(after=0, count=1)  # the next read returns flipped bytes
+    f.short_reads()                # reads come back short (a backend's "short read" error)
+    f.shrink(at=1 << 20)           # the member ends at 1 MiB: I/O reaching past it fails
     f.heal()                       # forget every rule
 
 Operation kinds are ``read``, ``write``, ``flush``, ``discard``; ``all`` means
@@ -38,10 +40,14 @@ class FaultRule:
     after: int = 0
     count: int | None = None  # None: forever
     torn: bool = False
+    style: str = "error"  # "error", "short" (fewer bytes than asked) or "shrink" (the member ends)
+    beyond: int | None = None  # shrink: only operations reaching past this offset are hit
 
-    def matches(self, kind: str) -> bool:
+    def matches(self, kind: str, end: int | None = None) -> bool:
         """Count this operation; True when the fault hits it."""
         if kind not in self.kinds:
+            return False
+        if self.beyond is not None and (end is None or end <= self.beyond):
             return False
         if self.after > 0:
             self.after -= 1
@@ -82,6 +88,14 @@ class FaultDevice(DeviceBase):
         """Make reads return their bytes inverted, after letting `after` reads pass."""
         self.rules.append(FaultRule(_kinds("read"), "corrupt", after, count))
 
+    def short_reads(self, *, after: int = 0, count: int | None = None) -> None:
+        """Make reads fail as a backend reports fewer bytes than asked (a short read)."""
+        self.rules.append(FaultRule(_kinds("read"), "fail", after, count, style="short"))
+
+    def shrink(self, at: int) -> None:
+        """Make the member end at byte `at`: reads, writes and discards reaching past it fail."""
+        self.rules.append(FaultRule(frozenset({"read", "write", "discard"}), "fail", style="shrink", beyond=at))
+
     def heal(self) -> None:
         """Forget every armed fault."""
         self.rules.clear()
@@ -94,25 +108,32 @@ class FaultDevice(DeviceBase):
         else:
             await trio.lowlevel.checkpoint()
 
-    def _hit(self, kind: str) -> FaultRule | None:
+    def _hit(self, kind: str, end: int | None = None) -> FaultRule | None:
         self.ops[kind] += 1
         hit = None
         for rule in self.rules:
-            if rule.matches(kind) and hit is None:
+            if rule.matches(kind, end) and hit is None:
                 hit = rule
         if hit is not None:
             self.faults_hit += 1
+            self._last = hit
         return hit
 
     def _error(self, kind: str, offset: int | None = None) -> MemberIOError:
         where = f" at {offset}" if offset is not None else ""
+        rule = getattr(self, "_last", None)
+        if rule is not None and rule.style == "short":
+            return MemberIOError(f"{self.name}: short {kind}{where}: fewer bytes than asked (injected)")
+        if rule is not None and rule.style == "shrink":
+            return MemberIOError(f"{self.name}: short {kind}{where}: the member ends at {rule.beyond} "
+                                 "(injected shrink)")
         return MemberIOError(f"{self.name}: injected {kind} failure{where}")
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read, unless a rule fails or corrupts it."""
         self.check(offset, length)
         await self._pause()
-        rule = self._hit("read")
+        rule = self._hit("read", offset + length)
         if rule is not None and rule.action == "fail":
             raise self._error("read", offset)
         data = as_u8(await self.inner.read(offset, length))
@@ -125,7 +146,7 @@ class FaultDevice(DeviceBase):
         buf = as_u8(data)
         self.check(offset, len(buf))
         await self._pause()
-        rule = self._hit("write")
+        rule = self._hit("write", offset + len(buf))
         if rule is not None:
             if rule.torn and len(buf) > 1:
                 await self.inner.write(offset, buf[: len(buf) // 2])
@@ -136,7 +157,7 @@ class FaultDevice(DeviceBase):
         """Read into the views, unless a rule fails or corrupts it (counted and ruled as a read)."""
         self.check(offset, total_bytes(views))
         await self._pause()
-        rule = self._hit("read")
+        rule = self._hit("read", offset + total_bytes(views))
         if rule is not None and rule.action == "fail":
             raise self._error("read", offset)
         await read_into(self.inner, offset, views)
@@ -149,7 +170,7 @@ class FaultDevice(DeviceBase):
         n = total_bytes(views)
         self.check(offset, n)
         await self._pause()
-        rule = self._hit("write")
+        rule = self._hit("write", offset + n)
         if rule is not None:
             if rule.torn and n > 1:
                 await write_from(self.inner, offset, _first_bytes(views, n // 2))
@@ -165,7 +186,7 @@ class FaultDevice(DeviceBase):
     async def discard(self, offset: int, length: int) -> None:
         """Discard, unless a rule fails it."""
         self.check(offset, length)
-        if self._hit("discard") is not None:
+        if self._hit("discard", offset + length) is not None:
             raise self._error("discard", offset)
         await self.inner.discard(offset, length)
 

@@ -351,11 +351,13 @@ class Pool:
                 m.state = "bad"
                 m.error = (f"shorter than the pool's data area ({format_size(dev.size)} of "
                            f"{format_size(DATA_OFFSET + m.data_size)})")
-            elif scan.generation < best.generation:
+            elif scan.generation < best.generation - 1:
                 # Every metadata change reaches every active member, so an active member
-                # behind the newest generation missed updates (a restored old copy, a
-                # member that was away): like md's event count, it is never read again
-                # until rebuilt. Recorded as failed at the next commit.
+                # two or more generations behind missed a completed commit (a restored old
+                # copy, a member that was away): like md's event count, it is never read
+                # again until rebuilt. Recorded as failed at the next commit. One behind is
+                # what a crash in the middle of a commit leaves (that commit never finished,
+                # so nothing after it was written): such a member is current.
                 m.state = "stale"
                 m.error = f"stale (generation {scan.generation}, pool at {best.generation})"
                 log.warning("pool %s: member %d is %s", self.name, idx, m.error)

@@ -106,6 +106,11 @@ class Op:
                     raise ValueError(mode)
                 return Op("crash", (float(frac), mode, int(seed)))
             kind, _, rest = text.partition(":")
+            if kind == "x" and rest.count(":") == 2:  # x:M:short:F / x:M:shrink:F
+                m, how, frac = rest.split(":")
+                if how not in ("short", "shrink") or not 0 <= float(frac) <= 1:
+                    raise ValueError(text)
+                return Op("x", (int(m), how, float(frac)))
             if kind == "c":
                 parts = [tuple(int(x) for x in p.split(":")) for p in rest.split("+")]
                 if any(len(p) != 3 for p in parts):
@@ -603,11 +608,15 @@ class Runner:
             self.ops.append(("d", start, self._events(), off, got, old))
             self.model[off : off + n] = got
         elif k == "x":
+            # (member[, how, where]): a dead member, one whose reads come back short, or one
+            # that shrank (ends at a fraction of its size; I/O past that fails).
             i = a[0]
+            how = a[1] if len(a) > 1 else "error"
             if 0 <= i < len(t.members):
                 gone = {j for j, name in enumerate(t.members) if self.rig.failed(name)} | t.failed()
                 if i not in gone and t.survivable(gone | {i}):
-                    self.rig.fail(t.members[i])
+                    at = int(a[2] * self.rig.handle(t.members[i]).size) if len(a) > 2 else 0
+                    self.rig.fail(t.members[i], how=how, at=at)
                     st.failures += 1
         elif k == "h":
             i = a[0]
@@ -859,7 +868,8 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
             if alive and rng.random() < 0.6:
                 i = rng.choice(alive)
                 failed.add(i)
-                out.append(Op("x", (i,)))
+                how = rng.choice(["error", "error", "short", "shrink"])
+                out.append(Op("x", (i,) if how == "error" else (i, how, round(rng.random(), 3))))
             elif failed:
                 i = rng.choice(sorted(failed))
                 failed.discard(i)

@@ -152,6 +152,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
       w:OFF:LEN:SEED  write        c:OFF:LEN:SEED+...  concurrent writes
       r:OFF:LEN       read, check  f                   flush
       d:OFF:LEN       discard      x:M / h:M           member M fails / is healed
+      x:M:short:F     member M's reads come back short; x:M:shrink:F: it ends at F of its size
       p:M:P / q:M:P   path P of member M fails / returns
       s:M:MS          member M answers MS ms late
       crash@FRAC:MODE:SEED   power cut after FRAC of the previous step's member I/O;

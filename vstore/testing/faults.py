@@ -220,10 +220,17 @@ class Rig:
 
     # --- faults ------------------------------------------------------------------------
 
-    def fail(self, name: str, kind: str = "all") -> None:
-        """Every later operation of a kind on the member raises MemberIOError (a dead disk)."""
-        self.rules[name].append(FaultRule(frozenset(KINDS) if kind == "all" else frozenset([kind]),
-                                          "fail"))
+    def fail(self, name: str, kind: str = "all", *, how: str = "error", at: int = 0) -> None:
+        """The member fails: ``error`` every later operation of a kind raises MemberIOError (a dead
+        disk), ``short`` its reads come back short, ``shrink`` it ends at byte ``at``."""
+        if how == "short":
+            self.rules[name].append(FaultRule(frozenset(["read"]), "fail", style="short"))
+        elif how == "shrink":
+            self.rules[name].append(FaultRule(frozenset({"read", "write", "discard"}), "fail", style="shrink",
+                                              beyond=at))
+        else:
+            self.rules[name].append(FaultRule(frozenset(KINDS) if kind == "all" else frozenset([kind]),
+                                              "fail"))
 
     def corrupt(self, name: str, count: int | None = 1) -> None:
         """The member's next `count` reads return inverted bytes (silent corruption)."""
