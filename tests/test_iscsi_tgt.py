@@ -273,6 +273,25 @@ async def test_discover_matches_iscsi_ls(tgt):
     assert "error" not in chap and any(lun.get("size") == LUN_SIZE for lun in chap["luns"])
 
 
+async def test_cli_discover_exits_non_zero_when_a_login_fails(tgt):
+    """vstore discover: a target it cannot log in to (CHAP) makes the exit code 1 (issue 15, item 14)."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vstore.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = await trio.to_thread.run_sync(cli, "discover", f"iscsi://127.0.0.1:{tgt.port}")
+    assert r.returncode == 1, r.stderr
+    assert iqn_of("chap") in r.stdout and iqn_of("default") in r.stdout  # the listing is still there
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "could not log in" in lines[0] and "Traceback" not in r.stderr
+    r = await trio.to_thread.run_sync(cli, "discover", f"iscsi://{CHAP_USER}%{CHAP_SECRET}@127.0.0.1:{tgt.port}")
+    assert r.returncode == 0, r.stderr
+    assert CHAP_SECRET not in r.stdout + r.stderr
+
+
 async def test_chap_login_and_failures(tgt):
     dev = await iscsi.open_uri(url(tgt, "chap"))
     try:

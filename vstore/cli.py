@@ -361,16 +361,21 @@ def discover(portal: str, as_json: bool) -> None:
     if not portal.lower().startswith("iscsi://"):
         raise ConfigError(f"discover takes an iscsi:// portal URI, not {redact_text(portal)!r}")
     targets = run(iscsi_discover, portal)
+    failed = [t for t in targets if t.get("error")]
     if as_json:
         click.echo(json.dumps(targets, indent=2))
-        return
-    if not targets:
-        click.echo("no targets")
-    for t in targets:
-        click.echo(f"{t['target']}  ({t['portal']})" + (f"  error: {t['error']}" if t.get("error") else ""))
-        for lun in t.get("luns", []):
-            size = f"{format_size(lun['size'])} ({lun['size']} bytes, {lun.get('block_size')}-byte blocks)" if "size" in lun else lun.get("type", "")
-            click.echo(f"  {lun['uri']}  {size}")
+    else:
+        if not targets:
+            click.echo("no targets")
+        for t in targets:
+            click.echo(f"{t['target']}  ({t['portal']})" + (f"  error: {t['error']}" if t.get("error") else ""))
+            for lun in t.get("luns", []):
+                size = f"{format_size(lun['size'])} ({lun['size']} bytes, {lun.get('block_size')}-byte blocks)" if "size" in lun else lun.get("type", "")
+                click.echo(f"  {lun['uri']}  {size}")
+    if failed:  # a target we could not log in to (CHAP, ACL): say so in the exit code too
+        click.echo(redact_text(f"vstore: error: could not log in to {len(failed)} of {len(targets)} target(s): "
+                               f"{failed[0]['target']}: {failed[0]['error']}"), err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------- mount
