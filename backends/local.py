@@ -91,8 +91,14 @@ class LocalDevice(DeviceBase):
             direct = self._prepare_direct(is_write, offset, views)
             if direct is not None:
                 return direct
+        scatter = None
+        if not is_write and not all(as_u8(v).flags.c_contiguous for v in views):
+            # A strided destination cannot take a readv: read into one buffer, then copy out.
+            scatter = [as_u8(v) for v in views]
+            views = [np.empty(sum(len(v) for v in scatter), dtype=np.uint8)]
         mv = io_threads.views_of(views)
         op = io_threads.Op(io_threads.WRITE if is_write else io_threads.READ, self.fd, offset, mv, self.path)
+        op.scatter = scatter
         self.check(offset, op.length)
         if is_write and not self._is_blockdev:
             op.min_size = self.size

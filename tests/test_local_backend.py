@@ -202,3 +202,20 @@ async def test_write_into_a_truncated_member_fails_instead_of_leaving_holes(tmp_
         assert 1 in lay.failed
         assert np.array_equal(await lay.read(0, lay.size), new)
         await lay.aclose()
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+async def test_strided_views_are_read_and_written_through(tmp_path: Path, where: str):
+    """readv_into / writev with strided numpy views (every other byte): the bytes reach the views."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=where) as d:
+        dev = await open_uri(f"file://{d}/s.img", create_size=1 << 20)
+        rng = np.random.default_rng(6)
+        for n in (1000, 100_000):  # inline (small) and through the threads
+            src = rng.integers(0, 256, 2 * n, dtype=np.uint8)
+            await dev.writev(4096, [src[::2]])
+            dst = np.zeros(2 * n, np.uint8)
+            await dev.readv_into(4096, [dst[::2]])
+            assert np.array_equal(dst[::2], src[::2]) and not dst[1::2].any()
+        await dev.aclose()

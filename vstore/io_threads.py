@@ -83,7 +83,7 @@ class Op:
 
 
 def views_of(bufs: Sequence[np.ndarray]) -> list[memoryview]:
-    """Byte memoryviews of uint8 buffers (contiguous copies only where a buffer is strided)."""
+    """Byte memoryviews of uint8 buffers (contiguous copies where a buffer is strided: for writes only)."""
     out = []
     for b in bufs:
         if len(b):
@@ -276,6 +276,8 @@ def run_now(op: Op, nowait: bool = False) -> bool:
         if nowait:
             return False  # let the threads try (and report) it the ordinary way
         op.error = e
+    if op.error is None and op.scatter is not None:
+        _copy_out(op)
     op.finished = True
     HANDOFFS_SAVED[0] += 1
     return True
