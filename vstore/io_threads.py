@@ -171,7 +171,12 @@ def _worker() -> None:
         batch = _QUEUE.get()
         if batch is None:
             return
-        _run_batch(batch)
+        try:
+            _run_batch(batch)
+        except BaseException as e:  # noqa: BLE001 - a waiting task must hear of it, never hang
+            for op in batch:
+                if op.error is None:
+                    op.error = OSError(5, f"internal error in the I/O thread: {e!r}")
         by_run: dict[int, tuple[_Completions, list[Op]]] = {}
         for op in batch:
             c = op._completions
