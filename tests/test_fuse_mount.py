@@ -848,3 +848,37 @@ def test_volume_remove_refused_while_its_file_is_open(tmp_path: Path) -> None:
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_old_copy_put_back_after_a_crashed_session_is_stale(tmp_path: Path) -> None:
+    """A member copy one generation behind, the newer commit complete everywhere: stale (issue 15, item 1)."""
+    import shutil
+
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
+    data = random.Random(11).randbytes(4 * MiB)
+    with cleanup(tmp_path):
+        _vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members)
+        _vstore(home, "volume", "create", "p", "v", "--size", "4M")
+        shutil.copyfile(tmp_path / "m1.img", tmp_path / "m1.old")  # kept while the pool is closed
+        _vstore(home, "mount", "p", str(mp))  # one commit: the owner token
+        fd = os.open(mp / "v", os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        pid = json.loads((home / "mounts" / "p.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)  # no clean close: the pool is one generation on
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+        force_unmount(mp)
+    shutil.copyfile(tmp_path / "m1.old", tmp_path / "m1.img")  # the old copy put back
+    st = json.loads(_vstore(home, "status", "p", "--json").stdout)
+    assert st["members"][1]["state"] == "stale", st["members"]
+    out = tmp_path / "out.bin"
+    _vstore(home, "export", "p", "v", str(out))
+    assert out.read_bytes() == data  # recovered and served without the stale copy

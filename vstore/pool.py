@@ -322,6 +322,13 @@ class Pool:
                                for i, (e, s) in enumerate(zip(errors, scans, strict=True)))
             raise MetadataError(f"pool {self.name!r}: no member holds valid metadata ({detail})")
         self.meta = best.meta
+        # A commit writes its metadata slot to every active member before any superblock:
+        # once one member's superblock has the newest generation, every member got its
+        # slot, and a member one generation behind lost it (an old copy put back). With
+        # no such superblock the newest commit may have been cut short by a crash, which
+        # leaves members one generation behind that are current.
+        newest_done = any(s and s.superblock and s.superblock.pool_uuid == want_uuid
+                          and s.superblock.generation >= best.generation for s in scans)
         by_uuid = {}
         for i, s in enumerate(scans):
             if s and s.superblock and s.superblock.pool_uuid == want_uuid:
@@ -351,13 +358,14 @@ class Pool:
                 m.state = "bad"
                 m.error = (f"shorter than the pool's data area ({format_size(dev.size)} of "
                            f"{format_size(DATA_OFFSET + m.data_size)})")
-            elif scan.generation < best.generation - 1:
+            elif scan.generation < best.generation - 1 or (scan.generation < best.generation
+                                                            and newest_done):
                 # Every metadata change reaches every active member, so an active member
-                # two or more generations behind missed a completed commit (a restored old
-                # copy, a member that was away): like md's event count, it is never read
-                # again until rebuilt. Recorded as failed at the next commit. One behind is
-                # what a crash in the middle of a commit leaves (that commit never finished,
-                # so nothing after it was written): such a member is current.
+                # that missed a completed commit (a restored old copy, a member that was
+                # away) is stale: like md's event count, it is never read again until
+                # rebuilt. Recorded as failed at the next commit. One behind with the
+                # newest commit unfinished (a crash in its middle: nothing after it was
+                # written) is current.
                 m.state = "stale"
                 m.error = f"stale (generation {scan.generation}, pool at {best.generation})"
                 log.warning("pool %s: member %d is %s", self.name, idx, m.error)
