@@ -637,217 +637,168 @@ def test_cli_raid5_ext4_with_a_member_failed_while_mounted(tmp_path: Path) -> No
                 _vstore(home, "umount", str(mp), check=False)
 
 
-def test_fuse_stats_account_for_every_layer(tmp_path: Path) -> None:
-    """.vstore/fuse-stats: the FUSE handlers' time, the layout's requests, waits and member runs, hand-offs."""
+@contextlib.contextmanager
+def cli_mounted(tmp_path: Path, level: str, n: int, size: str, volumes: tuple[tuple[str, str], ...] = (),
+                pool: str = "p"):
+    """A pool of n file members created and mounted through the CLI; always unmounted afterwards."""
     home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
-    members = [f"file://{tmp_path}/m{i}.img" for i in range(5)]
+    mp.mkdir(exist_ok=True)
     with cleanup(tmp_path):
         try:
-            _vstore(home, "create", "p", "--level", "raid5", "--size", "24M", *members)
-            _vstore(home, "volume", "create", "p", "v", "--size", "16M")
-            _vstore(home, "mount", "p", str(mp))
-            buf = mmap.mmap(-1, MiB)
-            buf.write(random.Random(5).randbytes(MiB))
-            fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
-            try:
-                for i in range(4):
-                    assert os.pwritev(fd, [buf], i * MiB) == MiB
-                out = mmap.mmap(-1, MiB)
-                for i in range(4):
-                    assert os.preadv(fd, [out], i * MiB) == MiB and out[:] == buf[:]
-            finally:
-                os.close(fd)
-            stats = json.loads((mp / ".vstore" / "fuse-stats").read_text())
-            layers = stats["layers"]
-            fuse, layout = layers["fuse_handler"], layers["layout"]
-            assert fuse["write"]["count"] >= 4 and fuse["write"]["bytes"] >= 4 * MiB
-            assert fuse["read"]["count"] >= 4 and fuse["read"]["bytes"] >= 4 * MiB
-            assert layout["level"] == "raid5"
-            # every byte the handlers passed down reached the layout (volume zeroing adds more)
-            assert layout["write"]["bytes"] >= fuse["write"]["bytes"]
-            # a 1 MiB raid5 write is 4 full rows: data and parity on all 5 members, one run each
-            assert layout["member_write"]["bytes"] >= 4 * MiB * 5 // 4
-            assert layout["member_runs"] >= 4 * 5 + 4
-            assert layout["stripe_locks"]["count"] >= 4
-            assert layout["write"]["total_ms"] <= fuse["write"]["total_ms"] + 1  # inside the handler's time
-            assert stats["handoffs"]["io_thread_wakeups"] >= 1 and stats["handoffs_per_request"] > 0
-            status = json.loads((mp / ".vstore" / "status").read_text())  # and vstore status --json
-            assert status["io"]["layout"]["write"]["count"] >= layout["write"]["count"]
+            _vstore(home, "create", pool, "--level", level, "--size", size,
+                    *[f"file://{tmp_path}/m{i}.img" for i in range(n)])
+            for name, vsize in volumes:
+                _vstore(home, "volume", "create", pool, name, "--size", vsize)
+            _vstore(home, "mount", pool, str(mp))
+            yield home, mp
             _vstore(home, "umount", str(mp))
         finally:
             if mount_entry(mp) is not None:
                 _vstore(home, "umount", str(mp), check=False)
+
+
+def test_fuse_stats_account_for_every_layer(tmp_path: Path) -> None:
+    """.vstore/fuse-stats: the FUSE handlers' time, the layout's requests, waits and member runs, hand-offs."""
+    with cli_mounted(tmp_path, "raid5", 5, "24M", (("v", "16M"),)) as (_, mp):
+        buf = mmap.mmap(-1, MiB)
+        buf.write(random.Random(5).randbytes(MiB))
+        fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
+        try:
+            for i in range(4):
+                assert os.pwritev(fd, [buf], i * MiB) == MiB
+            out = mmap.mmap(-1, MiB)
+            for i in range(4):
+                assert os.preadv(fd, [out], i * MiB) == MiB and out[:] == buf[:]
+        finally:
+            os.close(fd)
+        stats = json.loads((mp / ".vstore" / "fuse-stats").read_text())
+        layers = stats["layers"]
+        fuse, layout = layers["fuse_handler"], layers["layout"]
+        assert fuse["write"]["count"] >= 4 and fuse["write"]["bytes"] >= 4 * MiB
+        assert fuse["read"]["count"] >= 4 and fuse["read"]["bytes"] >= 4 * MiB
+        assert layout["level"] == "raid5"
+        # every byte the handlers passed down reached the layout
+        assert layout["write"]["bytes"] >= fuse["write"]["bytes"]
+        # a 1 MiB raid5 write is 4 full rows: data and parity on all 5 members, one run each
+        assert layout["member_write"]["bytes"] >= 4 * MiB * 5 // 4
+        assert layout["member_runs"] >= 4 * 5 + 4
+        assert layout["stripe_locks"]["count"] >= 4
+        assert layout["write"]["total_ms"] <= fuse["write"]["total_ms"] + 1  # inside the handler's time
+        assert stats["handoffs"]["io_thread_wakeups"] >= 1 and stats["handoffs_per_request"] > 0
+        status = json.loads((mp / ".vstore" / "status").read_text())  # and vstore status --json
+        assert status["io"]["layout"]["write"]["count"] >= layout["write"]["count"]
 
 
 def test_member_truncated_under_a_mounted_pool_is_failed_not_read_as_zeros(tmp_path: Path) -> None:
     """A member that returns fewer bytes than asked has failed that I/O (issue 15, item 2)."""
-    home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
-    members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
     data = random.Random(7).randbytes(8 * MiB)
-    with cleanup(tmp_path):
+    with cli_mounted(tmp_path, "raid5", 3, "16M", (("v", "8M"),)) as (_, mp):
+        buf = mmap.mmap(-1, MiB)
+        fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
         try:
-            _vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members)
-            _vstore(home, "volume", "create", "p", "v", "--size", "8M")
-            _vstore(home, "mount", "p", str(mp))
-            buf = mmap.mmap(-1, MiB)
-            fd = os.open(mp / "v", os.O_RDWR | os.O_DIRECT)
-            try:
-                for i in range(8):
-                    buf[:] = data[i * MiB : (i + 1) * MiB]
-                    assert os.pwritev(fd, [buf], i * MiB) == MiB
-                os.fsync(fd)
-                # member 1 loses everything past the metadata area and the first MiB of data
-                os.truncate(tmp_path / "m1.img", 3 * MiB)
-                out = mmap.mmap(-1, MiB)
-                got = bytearray()
-                for i in range(8):
-                    assert os.preadv(fd, [out], i * MiB) == MiB
-                    got += out[:]
-            finally:
-                os.close(fd)
-            assert bytes(got) == data  # served from redundancy, never zeros
-            status = json.loads((mp / ".vstore" / "status").read_text())
-            assert status["state"] == "degraded"
-            assert status["members"][1]["state"] == "failed"
-            assert "short read" in status["members"][1].get("error", "") + json.dumps(status["members"][1])
-            _vstore(home, "umount", str(mp))
+            for i in range(8):
+                buf[:] = data[i * MiB : (i + 1) * MiB]
+                assert os.pwritev(fd, [buf], i * MiB) == MiB
+            os.fsync(fd)
+            # member 1 loses everything past the metadata area and the first MiB of data
+            os.truncate(tmp_path / "m1.img", 3 * MiB)
+            out = mmap.mmap(-1, MiB)
+            got = bytearray()
+            for i in range(8):
+                assert os.preadv(fd, [out], i * MiB) == MiB
+                got += out[:]
         finally:
-            if mount_entry(mp) is not None:
-                _vstore(home, "umount", str(mp), check=False)
+            os.close(fd)
+        assert bytes(got) == data  # served from redundancy, never zeros
+        status = json.loads((mp / ".vstore" / "status").read_text())
+        assert status["state"] == "degraded"
+        assert status["members"][1]["state"] == "failed"
+        assert "short read" in json.dumps(status["members"][1])
 
 
 def test_force_never_overrides_a_live_owner(tmp_path: Path) -> None:
     """create/torture/import-pool --force on the members of a mounted pool: refused, nothing written (issue 15, item 3)."""
-    home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
     members = [f"file://{tmp_path}/m{i}.img" for i in range(3)]
     files = [tmp_path / f"m{i}.img" for i in range(3)]
-    with cleanup(tmp_path):
+    other = tmp_path / "other"
+    with cli_mounted(tmp_path, "raid5", 3, "16M", (("v", "4M"),), pool="live") as (home, mp):
+        pid = json.loads((home / "mounts" / "live.json").read_text())["pid"]
+        fd = os.open(mp / "v", os.O_WRONLY)
         try:
-            _vstore(home, "create", "live", "--level", "raid5", "--size", "16M", *members)
-            _vstore(home, "volume", "create", "live", "v", "--size", "4M")
-            _vstore(home, "mount", "live", str(mp))
-            pid = json.loads((home / "mounts" / "live.json").read_text())["pid"]
-            fd = os.open(mp / "v", os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"precious" * 1000, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            before = [f.read_bytes() for f in files]
-            other = tmp_path / "other"
-            attempts = [
-                ("create", "clobber", "--level", "raid5", "--force", *members),
-                ("torture", "--level", "raid5", "--force", "--time", "1s", *members),
-                ("import-pool", "--name", "copy", *members),
-            ]
-            for args in attempts:
-                res = _vstore(other, *args, check=False)
-                assert res.returncode != 0, (args, res.stdout)
-                lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-                assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-                assert "'live'" in lines[0] and f"pid {pid}" in lines[0] and "in use" in lines[0], lines[0]
-            assert [f.read_bytes() for f in files] == before  # nothing was written
-            assert (mp / "v").read_bytes()[:8000] == b"precious" * 1000
-            _vstore(home, "umount", str(mp))
-            # once unmounted (no live owner), --force does overwrite, as it always did
-            _vstore(other, "create", "clobber", "--level", "raid5", "--force", *members)
+            os.pwrite(fd, b"precious" * 1000, 0)
+            os.fsync(fd)
         finally:
-            if mount_entry(mp) is not None:
-                _vstore(home, "umount", str(mp), check=False)
-
-
-def test_status_of_a_stopped_mount_says_so_quickly(tmp_path: Path, monkeypatch) -> None:
-    """A mount process under SIGSTOP: status answers within seconds naming the process (issue 15, item 9)."""
-    import time
-
-    home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
-    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
-    with cleanup(tmp_path):
-        try:
-            _vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members)
-            _vstore(home, "mount", "p", str(mp))
-            pid = json.loads((home / "mounts" / "p.json").read_text())["pid"]
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                res = _vstore(home, "status", "p", check=False)
-                took = time.monotonic() - t0
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            assert res.returncode != 0 and "Traceback" not in res.stderr
+            os.close(fd)
+        before = [f.read_bytes() for f in files]
+        attempts = [
+            ("create", "clobber", "--level", "raid5", "--force", *members),
+            ("torture", "--level", "raid5", "--force", "--time", "1s", *members),
+            ("import-pool", "--name", "copy", *members),
+        ]
+        for args in attempts:
+            res = _vstore(other, *args, check=False)
+            assert res.returncode != 0, (args, res.stdout)
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-            assert len(lines) == 1 and f"pid {pid}" in lines[0] and "does not answer" in lines[0], res.stderr
-            assert took < 60  # bounded (10 s), not the 600 s of a long command
-            assert json.loads(_vstore(home, "status", "p", "--json").stdout)["state"] == "clean"  # alive again
-            _vstore(home, "umount", str(mp))
+            assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+            assert "'live'" in lines[0] and f"pid {pid}" in lines[0] and "in use" in lines[0], lines[0]
+        assert [f.read_bytes() for f in files] == before  # nothing was written
+        assert (mp / "v").read_bytes()[:8000] == b"precious" * 1000
+    # once unmounted (no live owner), --force does overwrite, as it always did
+    _vstore(other, "create", "clobber", "--level", "raid5", "--force", *members)
+
+
+def test_status_of_a_stopped_mount_says_so_quickly(tmp_path: Path) -> None:
+    """A mount process under SIGSTOP: status answers within seconds naming the process (issue 15, item 9)."""
+    with cli_mounted(tmp_path, "raid1", 2, "8M") as (home, _):
+        pid = json.loads((home / "mounts" / "p.json").read_text())["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            res = _vstore(home, "status", "p", check=False)
+            took = time.monotonic() - t0
         finally:
-            if mount_entry(mp) is not None:
-                _vstore(home, "umount", str(mp), check=False)
+            os.kill(pid, signal.SIGCONT)
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"pid {pid}" in lines[0] and "does not answer" in lines[0], res.stderr
+        assert took < 60  # bounded (10 s), not the 600 s of a long command
+        assert json.loads(_vstore(home, "status", "p", "--json").stdout)["state"] == "clean"  # alive again
 
 
 def test_mount_logs_are_private_and_hold_no_secret(tmp_path: Path) -> None:
     """Logs are 0600; a failed replace with CHAP in its URI leaves no secret in them (issue 15, item 10)."""
     secret = "Pw-in-the-uri-9f3"
-    home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
-    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
-    with cleanup(tmp_path):
-        try:
-            _vstore(home, "create", "p", "--level", "raid1", "--size", "8M", *members)
-            _vstore(home, "mount", "p", str(mp))
-            res = _vstore(home, "replace", "p", "1", f"iscsi://bob%{secret}@127.0.0.1:1/iqn.2026-01.x:t/0",
-                          check=False)
-            assert res.returncode != 0 and secret not in res.stdout + res.stderr
-            _vstore(home, "umount", str(mp))
-            logs = list((home / "logs").iterdir())
-            assert logs
-            for f in logs:
-                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
-                assert secret.encode() not in f.read_bytes(), f
-        finally:
-            if mount_entry(mp) is not None:
-                _vstore(home, "umount", str(mp), check=False)
+    with cli_mounted(tmp_path, "raid1", 2, "8M") as (home, _):
+        res = _vstore(home, "replace", "p", "1", f"iscsi://bob%{secret}@127.0.0.1:1/iqn.2026-01.x:t/0",
+                      check=False)
+        assert res.returncode != 0 and secret not in res.stdout + res.stderr
+    logs = list((tmp_path / "home" / "logs").iterdir())
+    assert logs
+    for f in logs:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        assert secret.encode() not in f.read_bytes(), f
 
 
 def test_volume_remove_refused_while_its_file_is_open(tmp_path: Path) -> None:
     """volume remove of a volume held open through the mount: busy unless --force (issue 15, item 13)."""
-    import time
-
-    home, mp = tmp_path / "home", tmp_path / "mnt"
-    mp.mkdir()
-    members = [f"file://{tmp_path}/m{i}.img" for i in range(2)]
-    with cleanup(tmp_path):
+    with cli_mounted(tmp_path, "raid1", 2, "16M", (("v", "4M"), ("w", "4M"))) as (home, mp):
+        fd = os.open(mp / "v", os.O_RDWR)
         try:
-            _vstore(home, "create", "p", "--level", "raid1", "--size", "16M", *members)
-            _vstore(home, "volume", "create", "p", "v", "--size", "4M")
-            _vstore(home, "volume", "create", "p", "w", "--size", "4M")
-            _vstore(home, "mount", "p", str(mp))
-            fd = os.open(mp / "v", os.O_RDWR)
-            try:
-                res = _vstore(home, "volume", "remove", "p", "v", check=False)
-                assert res.returncode != 0 and "Traceback" not in res.stderr
-                assert "open" in res.stderr and "--force" in res.stderr, res.stderr
-                listed = _vstore(home, "volume", "list", "p").stdout
-                assert "v\t" in listed
-                _vstore(home, "volume", "remove", "p", "w")  # a volume nobody holds goes at once
-            finally:
-                os.close(fd)
-            # closed now: allowed (the kernel's RELEASE of the handle may trail close() a little)
-            for _ in range(50):
-                res = _vstore(home, "volume", "remove", "p", "v", check=False)
-                if res.returncode == 0 or "open" not in res.stderr:
-                    break
-                time.sleep(0.1)
-            assert res.returncode == 0, res.stderr
-            assert _vstore(home, "volume", "list", "p").stdout.strip() == ""
-            _vstore(home, "umount", str(mp))
+            res = _vstore(home, "volume", "remove", "p", "v", check=False)
+            assert res.returncode != 0 and "Traceback" not in res.stderr
+            assert "open" in res.stderr and "--force" in res.stderr, res.stderr
+            assert "v\t" in _vstore(home, "volume", "list", "p").stdout
+            _vstore(home, "volume", "remove", "p", "w")  # a volume nobody holds goes at once
         finally:
-            if mount_entry(mp) is not None:
-                _vstore(home, "umount", str(mp), check=False)
+            os.close(fd)
+        # closed now: allowed (the kernel's RELEASE of the handle may trail close() a little)
+        for _ in range(50):
+            res = _vstore(home, "volume", "remove", "p", "v", check=False)
+            if res.returncode == 0 or "open" not in res.stderr:
+                break
+            time.sleep(0.1)
+        assert res.returncode == 0, res.stderr
+        assert _vstore(home, "volume", "list", "p").stdout.strip() == ""
 
 
 def test_old_copy_put_back_after_a_crashed_session_is_stale(tmp_path: Path) -> None:

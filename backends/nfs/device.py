@@ -78,13 +78,7 @@ class UncommittedRanges:
     def add(self, start: int, data: np.ndarray, verf: bytes, seq: int,
             base: np.ndarray | None = None) -> None:
         """Record data written at start; older overlapping ranges are trimmed away."""
-        end = start + len(data)
-        for r in self.overlapping(start, end):
-            self._drop(r)
-            if r.start < start:
-                self._put(_Range(r.start, r.data[: start - r.start], r.verf, r.seq))
-            if r.end > end:
-                self._put(_Range(end, r.data[end - r.start :], r.verf, r.seq))
+        self.forget(start, start + len(data))
         self._put(_Range(start, data, verf, seq, base))
 
     def forget(self, start: int, end: int) -> None:
