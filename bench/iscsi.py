@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the LUN files go")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tests.iscsi_target import TgtServer
+    from vstore.testing.iscsi_target import TgtServer
 
     lun_size = (256 if args.quick else 1024) * MiB
     count = lun_size // MiB

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the LUN file goes")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tests.iscsi_target import TgtServer, free_port
+    from vstore.testing.iscsi_target import TgtServer, free_port
 
     lun_size = (256 if args.quick else 1024) * MiB
     count = lun_size // MiB

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (bash scripts/setup.sh)")
 
-    from tests.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha
+    from vstore.testing.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha
 
     best: dict[str, float] = {}
     every: dict[str, list[float]] = {}

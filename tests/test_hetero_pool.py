@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.iscsi_target import TgtServer
-from tests.nfs_server import Ganesha, ServerError
 from tests.test_cli import vstore
+from vstore.testing.iscsi_target import TgtServer
+from vstore.testing.nfs_server import Ganesha, ServerError
 
 
 @pytest.fixture(scope="module")

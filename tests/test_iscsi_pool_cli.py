@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.iscsi_target import TgtServer
 from tests.test_cli import vstore
+from vstore.testing.iscsi_target import TgtServer
 
 SIZE = 40 << 20
 

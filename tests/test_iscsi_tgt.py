@@ -14,7 +14,6 @@ import trio
 
 import backends.iscsi as iscsi
 from backends.iscsi import pdu as P
-from tests.iscsi_target import TgtServer
 from tests.vectors import ViewSet
 from vstore.errors import (
     AuthError,
@@ -24,6 +23,7 @@ from vstore.errors import (
     OutOfRangeError,
     ProtocolError,
 )
+from vstore.testing.iscsi_target import TgtServer
 from vstore.uri import parse_uri
 
 pytestmark = [
@@ -716,7 +716,7 @@ async def test_no_recovery_fails_fast_and_probe_reconnects(tgt):
 
 async def test_two_portals_one_lun(tgt):
     """Two paths (portals) to one LUN: same identity, independent sessions (different ISIDs)."""
-    from tests.iscsi_target import free_port
+    from vstore.testing.iscsi_target import free_port
 
     port2 = free_port()
     tgt.adm("--op", "new", "--mode", "portal", "--param", f"portal=127.0.0.1:{port2}")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import trio
 
-from tests.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha, RpcRelay, ServerError
 from tests.vectors import ViewSet
 from vstore.errors import ConfigError
 from vstore.multipath import MultipathDevice
+from vstore.testing.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha, RpcRelay, ServerError
 from vstore.uri import parse_uri
 
 pytestmark = pytest.mark.integration

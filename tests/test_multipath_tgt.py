@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import trio
 
-from tests.iscsi_target import TgtServer, free_port
 from tests.vectors import ViewSet
 from vstore.errors import ConfigError, NoPathError, OutOfRangeError
 from vstore.multipath import MultipathDevice
+from vstore.testing.iscsi_target import TgtServer, free_port
 from vstore.uri import parse_uri
 
 pytestmark = [

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.nfs import NfsDevice
-from tests.nfs_server import Ganesha, RpcRelay, ServerError
 from tests.vectors import ViewSet
 from vstore.errors import (
     ConfigError,
@@ -29,6 +28,7 @@ from vstore.errors import (
     OutOfRangeError,
     VstoreError,
 )
+from vstore.testing.nfs_server import Ganesha, RpcRelay, ServerError
 from vstore.uri import open_uri
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.iscsi_target import TgtServer
-from tests.nfs_server import Ganesha, ServerError
+from vstore.testing.iscsi_target import TgtServer
+from vstore.testing.nfs_server import Ganesha, ServerError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,6 +14,9 @@
 - ``vstore.testing.machine``: ``device_state_machine(factory, size=..., ...)`` checks
   any ``BlockDevice`` factory against a byte-array model (a hypothesis
   ``RuleBasedStateMachine``); ``pool_state_machine(level, ...)`` does it for a pool.
+- ``vstore.testing.iscsi_target`` (``TgtServer``) and ``vstore.testing.nfs_server``
+  (``Ganesha``, ``RpcRelay``): real tgtd and NFS-Ganesha servers on loopback, started and
+  always stopped, for tests and benchmarks alike.
 - ``vstore.torture``: the engine under both and under ``vstore torture``: schedules,
   ``Runner`` and its checks (a)-(d), ``Campaign``, ``shrink``.
 
