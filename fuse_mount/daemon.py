@@ -317,7 +317,7 @@ class MountSession:
             return self.fs.stats()
         if cmd == "mount-info":
             return {"pid": os.getpid(), "pool": self.target.name, "mountpoint": self.mountpoint}
-        if cmd == "volume_remove" and not request.get("force"):
+        if cmd in ("volume_remove", "volume_rename") and not request.get("force"):
             users = self.fs.open_count(str(request.get("name")))
             if users:
                 raise PoolBusyError(f"volume {request.get('name')!r} is open in the mount on {self.mountpoint} "

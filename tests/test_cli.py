@@ -458,3 +458,41 @@ def test_import_killed_halfway_leaves_a_volume_marked_incomplete(env, tmp_path: 
     out = tmp_path / "out.bin"
     vstore(home, "export", "p", "img", str(out))
     assert out.read_bytes()[: src.stat().st_size] == src.read_bytes()
+
+
+def test_forget_destroy_and_volume_rename(env, tmp_path: Path):
+    """Housekeeping: forget keeps the members, rename keeps the data, destroy wipes the metadata."""
+    home, disks = env
+    uris = members(disks, 3)
+    vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *uris)
+    vstore(home, "spare", "add", "p", f"file://{disks}/spare.img", "--size", "16M")
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    vstore(home, "import", "p", "old", str(src))
+    r = vstore(home, "volume", "rename", "p", "old", "new")
+    assert "renamed" in r.stdout
+    assert vstore(home, "volume", "list", "p").stdout.split("\t")[0] == "new"
+    assert_one_line_error(vstore(home, "volume", "rename", "p", "gone", "x", check=False), "not found")
+    assert_one_line_error(vstore(home, "volume", "rename", "p", "new", "bad/name", check=False), "name")
+    out = tmp_path / "out.bin"
+    vstore(home, "export", "p", "new", str(out))
+    assert out.read_bytes()[: 1 << 20] == src.read_bytes()
+
+    before = digest_files(sorted(disks.iterdir()))
+    vstore(home, "forget", "p")
+    assert "no pools" in vstore(home, "list").stdout
+    assert digest_files(sorted(disks.iterdir())) == before  # members untouched
+    assert_one_line_error(vstore(home, "forget", "p", check=False), "not found")
+    vstore(home, "import-pool", *uris)
+    assert json.loads(vstore(home, "status", "p", "--json").stdout)["volumes"][0]["name"] == "new"
+
+    r = subprocess.run([sys.executable, "-m", "vstore.cli", "destroy", "p"], env=dict(os.environ, VSTORE_HOME=str(home)),
+                       capture_output=True, text=True, input="n\n", timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr  # answered no: nothing happens
+    assert json.loads(vstore(home, "status", "p", "--json").stdout)["state"] == "clean"
+    r = vstore(home, "destroy", "p", "--yes")
+    assert "destroyed" in r.stdout
+    assert "no pools" in vstore(home, "list").stdout
+    for f in [disks / f"d{i}.img" for i in range(3)]:
+        assert not any(f.read_bytes()[: 2 << 20])  # superblock and metadata slots are gone
+    assert_one_line_error(vstore(home, "import-pool", *uris, check=False), "no vstore member")

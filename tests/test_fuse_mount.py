@@ -833,3 +833,25 @@ def test_old_copy_put_back_after_a_crashed_session_is_stale(tmp_path: Path) -> N
     out = tmp_path / "out.bin"
     _vstore(home, "export", "p", "v", str(out))
     assert out.read_bytes() == data  # recovered and served without the stale copy
+
+
+def test_forget_destroy_and_rename_respect_the_mount(tmp_path: Path) -> None:
+    """A mounted pool cannot be forgotten or destroyed; an open volume cannot be renamed."""
+    with cli_mounted(tmp_path, "raid1", 2, "16M", (("v", "4M"),)) as (home, mp):
+        for args in (("forget", "p"), ("destroy", "p", "--yes")):
+            res = _vstore(home, *args, check=False)
+            assert res.returncode != 0 and "mounted" in res.stderr and "Traceback" not in res.stderr
+        fd = os.open(mp / "v", os.O_RDWR)
+        try:
+            res = _vstore(home, "volume", "rename", "p", "v", "w", check=False)
+            assert res.returncode != 0 and "open" in res.stderr
+        finally:
+            os.close(fd)
+        for _ in range(50):  # the kernel's RELEASE may trail close() a little
+            res = _vstore(home, "volume", "rename", "p", "v", "w", check=False)
+            if res.returncode == 0 or "open" not in res.stderr:
+                break
+            time.sleep(0.1)
+        assert res.returncode == 0, res.stderr
+        assert (mp / "w").exists() and not (mp / "v").exists()
+    assert "p  " in _vstore(tmp_path / "home", "list").stdout  # still recorded

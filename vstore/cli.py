@@ -218,6 +218,51 @@ def status(ctx: click.Context, pool: str, as_json: bool) -> None:
                        f"rebuild it with `vstore replace {pool} {m['index']} URI`", err=True)
 
 
+def _refuse_if_open(home: Home, pool: str, what: str) -> None:
+    """PoolBusyError when the pool is mounted or open in another process."""
+    from vstore.errors import PoolBusyError
+    from vstore.owner import PoolLock
+
+    if _mount_socket(home, pool) is not None:
+        raise PoolBusyError(f"pool {pool!r} is mounted: unmount it before you {what} it")
+    lock = PoolLock(home.lock_path(pool))
+    lock.acquire(pool)  # raises PoolBusyError naming the process that has it open
+    lock.release()
+
+
+@cli.command()
+@click.argument("pool")
+@click.pass_context
+def forget(ctx: click.Context, pool: str) -> None:
+    """Drop POOL from the config directory; its members are not touched (import-pool brings it back)."""
+    home = home_of(ctx)
+    home.read_pool(pool)  # NotFoundError for an unknown pool
+    _refuse_if_open(home, pool, "forget")
+    home.remove_pool(pool)
+    home.lock_path(pool).unlink(missing_ok=True)
+    click.echo(f"forgot pool {pool!r}; its members are untouched (vstore import-pool brings it back)")
+
+
+@cli.command()
+@click.argument("pool")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def destroy(ctx: click.Context, pool: str, yes: bool) -> None:
+    """Wipe POOL's superblocks and metadata on every member, spare and journal, and forget it."""
+    from vstore.destroy import destroy_pool
+
+    home = home_of(ctx)
+    record = home.read_pool(pool)
+    _refuse_if_open(home, pool, "destroy")
+    n = len(record["members"]) + len(record.get("spares", [])) + (1 if record.get("journal") else 0)
+    if not yes:
+        click.confirm(f"destroy pool {pool!r}: wipe the vstore metadata of its {n} device(s)? Their data "
+                      "becomes unreachable", abort=True)
+    wiped = run(destroy_pool, home, pool)
+    home.lock_path(pool).unlink(missing_ok=True)
+    click.echo(f"destroyed pool {pool!r}: metadata wiped on {wiped} device(s)")
+
+
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -331,6 +376,22 @@ def volume_remove(ctx: click.Context, pool: str, name: str, force: bool) -> None
 
     pool_command(ctx, pool, {"cmd": "volume_remove", "name": name, "force": force}, local)
     click.echo(f"removed volume {name!r} from pool {pool!r}")
+
+
+@volume.command("rename")
+@click.argument("pool")
+@click.argument("name")
+@click.argument("new")
+@click.pass_context
+def volume_rename(ctx: click.Context, pool: str, name: str, new: str) -> None:
+    """Rename volume NAME of POOL to NEW (refused while its file is open in the mount)."""
+
+    async def local(p: Any) -> dict[str, Any]:
+        await p.rename_volume(name, new)
+        return {}
+
+    pool_command(ctx, pool, {"cmd": "volume_rename", "name": name, "new": new}, local)
+    click.echo(f"renamed volume {name!r} of pool {pool!r} to {new!r}")
 
 
 @volume.command("resize")

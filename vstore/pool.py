@@ -601,6 +601,20 @@ class Pool:
         del self.volumes[name]
         await self.commit()
 
+    async def rename_volume(self, name: str, new: str) -> None:
+        """Give a volume another name (its data and extents stay)."""
+        self._require_writable()
+        check_name("volume", new)
+        vol = self.get_volume(name)
+        if new in self.volumes:
+            raise ExistsError(f"volume {new!r} already exists in pool {self.name!r}")
+        for v in self.meta["volumes"]:
+            if v["name"] == name:
+                v["name"] = new
+        vol.name = new
+        self.volumes = {(new if k == name else k): v for k, v in self.volumes.items()}
+        await self.commit()
+
     async def resize_volume(self, name: str, size: int, progress: Progress | None = None) -> Volume:
         """Grow a volume (shrinking would cut a filesystem short, so it is refused)."""
         self._require_writable()
@@ -742,6 +756,9 @@ class Pool:
             return {"name": vol.name, "size": vol.size}
         if cmd == "volume_remove":
             await self.remove_volume(request["name"])
+            return {}
+        if cmd == "volume_rename":
+            await self.rename_volume(request["name"], request["new"])
             return {}
         if cmd == "volume_resize":
             vol = await self.resize_volume(request["name"], int(request["size"]))
