@@ -223,7 +223,7 @@ def _refuse_if_open(home: Home, pool: str, what: str) -> None:
     from vstore.errors import PoolBusyError
     from vstore.owner import PoolLock
 
-    if _mount_socket(home, pool) is not None:
+    if _mount_socket(home, pool) is not None:  # the mount process holds the lock too, but says more
         raise PoolBusyError(f"pool {pool!r} is mounted: unmount it before you {what} it")
     lock = PoolLock(home.lock_path(pool))
     lock.acquire(pool)  # raises PoolBusyError naming the process that has it open

@@ -85,21 +85,11 @@ class DeviceBase:
         """Read consecutive bytes at offset into the views (the default: one read, then a copy)."""
         total = sum(len(v) for v in views)
         self.check(offset, total)
-        if len(views) == 1:
-            views[0][:] = as_u8(await self.read(offset, total))  # type: ignore[attr-defined]
-            return
-        data = as_u8(await self.read(offset, total))  # type: ignore[attr-defined]
-        pos = 0
-        for v in views:
-            v[:] = data[pos : pos + len(v)]
-            pos += len(v)
+        _scatter(as_u8(await self.read(offset, total)), views)  # type: ignore[attr-defined]
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Write the views as consecutive bytes at offset (the default: gathered, then one write)."""
-        if len(views) == 1:
-            await self.write(offset, views[0])  # type: ignore[attr-defined]
-            return
-        await self.write(offset, np.concatenate([as_u8(v) for v in views]) if views else b"")  # type: ignore[attr-defined]
+        await self.write(offset, _gather(views))  # type: ignore[attr-defined]
 
     async def __aenter__(self):
         return self
@@ -114,11 +104,7 @@ async def read_into(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> N
     if fn is not None:
         await fn(offset, views)
         return
-    data = as_u8(await dev.read(offset, sum(len(v) for v in views)))
-    pos = 0
-    for v in views:
-        v[:] = data[pos : pos + len(v)]
-        pos += len(v)
+    _scatter(as_u8(await dev.read(offset, sum(len(v) for v in views))), views)
 
 
 async def write_from(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> None:
@@ -126,7 +112,20 @@ async def write_from(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> 
     fn = getattr(dev, "writev", None)
     if fn is not None:
         await fn(offset, views)
-    elif len(views) == 1:
-        await dev.write(offset, views[0])
     else:
-        await dev.write(offset, np.concatenate([as_u8(v) for v in views]))
+        await dev.write(offset, _gather(views))
+
+
+def _scatter(data: np.ndarray, views: list[np.ndarray]) -> None:
+    """Copy consecutive bytes out into the views."""
+    pos = 0
+    for v in views:
+        v[:] = data[pos : pos + len(v)]
+        pos += len(v)
+
+
+def _gather(views: list[np.ndarray]) -> Buffer:
+    """The views as one buffer (the view itself when there is one, no copy)."""
+    if len(views) == 1:
+        return views[0]
+    return np.concatenate([as_u8(v) for v in views]) if views else b""

@@ -241,9 +241,10 @@ class RaidLayout(DeviceBase):
         for run in runs:
             inflight[run[0]] += 1
         t0 = now_ns()
+        op_list = [op for _, op in ops]
         try:
             if ops:
-                io_threads.submit([op for _, op in ops])
+                io_threads.submit(op_list)
             if slow:
                 async def one(m: int, off: int, views: list[np.ndarray]) -> None:
                     try:
@@ -256,10 +257,10 @@ class RaidLayout(DeviceBase):
 
                 jobs: list[Callable[[], Awaitable[Any]]] = [lambda r=r: one(*r) for r in slow]
                 if ops:
-                    jobs.append(lambda: io_threads.wait([op for _, op in ops]))
+                    jobs.append(lambda: io_threads.wait(op_list))
                 await run_all(jobs)
             elif ops:
-                await io_threads.wait([op for _, op in ops])
+                await io_threads.wait(op_list)
         finally:
             for run in runs:
                 inflight[run[0]] -= 1
