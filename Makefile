@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m vstore.demo
+	$(PY) -m vstore.cli.demo
 
 test: setup
 	$(PY) -m pytest -q tests

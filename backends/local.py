@@ -1,6 +1,6 @@
 """file:// members: a regular file (created sparse on request) or a block device.
 
-I/O runs in the threads of ``vstore.io_threads`` with ``os.preadv``/``os.pwritev``
+I/O runs in the threads of ``vstore.io.threads`` with ``os.preadv``/``os.pwritev``
 straight into and out of numpy buffers; ``flush`` is ``fdatasync``. A layout that
 moves data on many members at once takes ``prepare_io`` ops and submits them as
 one batch. ``file:///PATH?direct=1`` adds an O_DIRECT descriptor for aligned
@@ -19,10 +19,11 @@ import struct
 import numpy as np
 import trio
 
-from vstore import io_threads
-from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import ConfigError, ExistsError, MemberIOError, NotFoundError
-from vstore.raid.kernels import aligned_empty
+from vstore.io import op as io_op
+from vstore.io import threads as io_threads
+from vstore.io.buffers import aligned_empty
+from vstore.stack.device import Buffer, DeviceBase, as_u8
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -85,7 +86,7 @@ class LocalDevice(DeviceBase):
         """Device and inode: equal for two paths exactly when they name the same storage."""
         return self._ident
 
-    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_threads.Op:
+    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_op.Op:
         """A range-checked engine op moving views at offset, for callers that batch ops of many members."""
         if self.direct_fd >= 0:
             direct = self._prepare_direct(is_write, offset, views)
@@ -96,8 +97,8 @@ class LocalDevice(DeviceBase):
             # A strided destination cannot take a readv: read into one buffer, then copy out.
             scatter = [as_u8(v) for v in views]
             views = [np.empty(sum(len(v) for v in scatter), dtype=np.uint8)]
-        mv = io_threads.views_of(views)
-        op = io_threads.Op(io_threads.WRITE if is_write else io_threads.READ, self.fd, offset, mv, self.path)
+        mv = io_op.views_of(views)
+        op = io_op.Op(io_op.WRITE if is_write else io_op.READ, self.fd, offset, mv, self.path)
         op.scatter = scatter
         self.check(offset, op.length)
         if is_write and not self._is_blockdev:
@@ -109,17 +110,17 @@ class LocalDevice(DeviceBase):
                 io_threads.run_now(op, nowait=True)
         return op
 
-    def _prepare_direct(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_threads.Op | None:
+    def _prepare_direct(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_op.Op | None:
         """An O_DIRECT op, through an aligned bounce buffer when the caller's memory is not aligned."""
         a = DIRECT_ALIGN
         length = sum(len(v) for v in views)
         self.check(offset, length)
         if offset % a or length % a or not length:
             return None  # the buffered descriptor takes it (Linux keeps the two coherent)
-        kind = io_threads.WRITE if is_write else io_threads.READ
+        kind = io_op.WRITE if is_write else io_op.READ
         bufs = [as_u8(v) for v in views]
         if all(b.flags.c_contiguous and b.ctypes.data % a == 0 and len(b) % a == 0 for b in bufs):
-            op = io_threads.Op(kind, self.direct_fd, offset, io_threads.views_of(bufs), self.path)
+            op = io_op.Op(kind, self.direct_fd, offset, io_op.views_of(bufs), self.path)
             op.min_size = self.size if is_write and not self._is_blockdev else 0
             return op
         bounce = aligned_empty(length, a)
@@ -128,15 +129,15 @@ class LocalDevice(DeviceBase):
             for b in bufs:
                 bounce[pos : pos + len(b)] = b
                 pos += len(b)
-        op = io_threads.Op(kind, self.direct_fd, offset, [memoryview(bounce)], self.path)
+        op = io_op.Op(kind, self.direct_fd, offset, [memoryview(bounce)], self.path)
         if not is_write:
             op.scatter = bufs
         elif not self._is_blockdev:
             op.min_size = self.size
         return op
 
-    async def _run(self, op: io_threads.Op) -> None:
-        if (op.length or op.kind == io_threads.SYNC) and not op.finished:
+    async def _run(self, op: io_op.Op) -> None:
+        if (op.length or op.kind == io_op.SYNC) and not op.finished:
             await io_threads.run((op,))
         msg = op.failure()
         if msg is not None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vstore import io_threads
-from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import ConfigError, NotFoundError
+from vstore.io import op as io_op
 from vstore.sizes import parse_size
+from vstore.stack.device import Buffer, DeviceBase, as_u8
 
 _STORES: dict[str, np.ndarray] = {}
 
@@ -38,7 +38,7 @@ class MemoryDevice(DeviceBase):
             v[:] = self.store[offset : offset + len(v)]
             offset += len(v)
 
-    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_threads.Op | None:
+    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> io_op.Op | None:
         """Move the bytes at once and hand back a finished op (layouts batch member I/O as ops).
 
         A subclass that changes read/write (a test device that yields or refuses)
@@ -54,7 +54,7 @@ class MemoryDevice(DeviceBase):
             else:
                 v[:] = self.store[offset : offset + n]
             offset += n
-        return io_threads.Op.completed(self.name)
+        return io_op.Op.completed(self.name)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Store consecutive bytes from the views (one copy)."""

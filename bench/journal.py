@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from vstore.home import Home
-from vstore.pool import Pool
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 
 MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results" / "journal.json"

@@ -30,8 +30,8 @@ import numpy as np
 import trio
 
 from backends.memory import MemoryDevice
-from vstore.device import BlockDevice
 from vstore.raid import kernels, make_layout
+from vstore.stack.device import BlockDevice
 
 KiB, MiB = 1 << 10, 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,16 +205,16 @@ async def copy_member(src: BlockDevice, dst: BlockDevice, seconds: float) -> dic
 
 
 async def pool_rebuild(level: str, n: int, kind: str, member_size: int, directory: Path | None) -> dict | None:
-    """Rebuild rate of the pool's own API (``vstore.rebuild.replace``): fail member 0, replace it.
+    """Rebuild rate of the pool's own API (``vstore.ops.rebuild.replace``): fail member 0, replace it.
 
     A pool of ``n`` fresh members of the kind is created in a scratch config
     directory, member 0 is failed and replaced by a new member; GB/s of member
     data rebuilt, as ``replace`` reports it. None when the API is not there.
     """
     try:
-        from vstore import rebuild as rb
-        from vstore.home import Home
-        from vstore.pool import Pool
+        from vstore.ops import rebuild as rb
+        from vstore.pool.home import Home
+        from vstore.pool.pool import Pool
     except ImportError:
         return None
     from backends import memory
@@ -350,10 +350,10 @@ async def bench_kind(kind: str, quick: bool, log: Callable[[str], None]) -> tupl
                 api = await pool_rebuild(level, n, kind, member_size, directory)
                 if api is None:
                     skipped.append({"kind": kind, "level": level, "workload": REBUILD_API,
-                                    "why": "no vstore.rebuild (replace) API"})
+                                    "why": "no vstore.ops.rebuild (replace) API"})
                 else:
                     rows.append(_row(kind, level, n, REBUILD_API, api, got["single"],
-                                     method="vstore.rebuild.replace on a pool, speed unlimited; "
+                                     method="vstore.ops.rebuild.replace on a pool, speed unlimited; "
                                             "single: copy one member"))
             else:
                 for name in (DEGRADED.name, REBUILD, REBUILD_API):

@@ -40,7 +40,7 @@ IQN = "iqn.2026-11.bench:multipath"
 
 async def _open(kind: str, urls: list[str]):
     import backends.iscsi as iscsi
-    from vstore.multipath import MultipathDevice
+    from vstore.stack.multipath import MultipathDevice
     from vstore.uri import parse_uri
 
     if kind == "plain":

@@ -3,7 +3,7 @@
 Run ``python -m bench.rebuild [--quick]``. For each level, a pool of file
 members is created in a scratch directory on the repository's disk, the members'
 data areas are filled with random bytes, member 0 is failed and replaced by a new
-file (``vstore.rebuild.replace``, speed unlimited); the figure is member bytes
+file (``vstore.ops.rebuild.replace``, speed unlimited); the figure is member bytes
 rebuilt per second. The baseline, measured in the same run on the same disk, is
 a plain copy of one member of the same size through the same file backend (1 MiB
 reads and writes, four in flight, then fdatasync) — the ceiling of any rebuild,
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from vstore.home import Home
-from vstore.metadata import DATA_OFFSET
-from vstore.pool import Pool
-from vstore.rebuild import replace
-from vstore.scrub import run_scrub
+from vstore.consistency.metadata import DATA_OFFSET
+from vstore.ops.rebuild import replace
+from vstore.ops.scrub import run_scrub
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 from vstore.uri import open_uri, parse_uri
 
 MiB = 1 << 20

@@ -171,7 +171,7 @@ def child_env() -> dict[str, str]:
 
 def _vstore_cmd() -> list[str]:
     # Never the venv's console script: that imports whichever checkout was installed.
-    return [sys.executable, "-c", "from vstore.cli import main; main()"]
+    return [sys.executable, "-c", "from vstore.cli.main import main; main()"]
 
 
 def fio(path: Path, job: str, size: int, runtime: float | None) -> dict:

@@ -41,8 +41,9 @@ import pyfuse3
 import trio
 
 from fuse_mount.fs import MountTarget, VolumeFS
-from vstore import control, errors
+from vstore import errors
 from vstore.errors import ConfigError, NotFoundError, PoolBusyError, VstoreError
+from vstore.pool import control
 from vstore.uri import redact_text
 
 log = logging.getLogger(__name__)

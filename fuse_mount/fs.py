@@ -31,10 +31,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from vstore import io_threads
-from vstore.device import BlockDevice
 from vstore.errors import OutOfRangeError, ReadOnlyError, VstoreError
-from vstore.iostats import HANDOFFS, LayerStats, now_ns
+from vstore.io import threads as io_threads
+from vstore.io.stats import HANDOFFS, LayerStats, now_ns
+from vstore.stack.device import BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ STATFS_BLOCK = 4096
 
 
 class MountTarget(Protocol):
-    """What the FUSE front end mounts: a pool (vstore.pool.Pool satisfies it)."""
+    """What the FUSE front end mounts: a pool (vstore.pool.pool.Pool satisfies it)."""
 
     name: str
     volumes: Mapping[str, BlockDevice]
@@ -67,7 +67,7 @@ class MountTarget(Protocol):
 
 def status_json(target: MountTarget) -> bytes:
     """The bytes of .vstore/status: json.dumps(target.status())."""
-    from vstore.control import json_default
+    from vstore.pool.control import json_default
 
     return (json.dumps(target.status(), default=json_default, indent=2) + "\n").encode()
 

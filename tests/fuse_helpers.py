@@ -16,8 +16,8 @@ from pathlib import Path
 
 import trio
 
-from vstore.device import BlockDevice
 from vstore.errors import ConfigError, ExistsError, NotFoundError, VstoreError
+from vstore.stack.device import BlockDevice
 
 
 class FakeTarget:

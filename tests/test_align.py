@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.memory import MemoryDevice
-from vstore.align import AlignedDevice
 from vstore.errors import OutOfRangeError
+from vstore.stack.align import AlignedDevice
 
 
 class StrictDevice(MemoryDevice):

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vstore.metadata import DATA_OFFSET
+from vstore.consistency.metadata import DATA_OFFSET
 
 
 def vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run the CLI with a private config directory."""
     env = dict(os.environ, VSTORE_HOME=str(home))
     env.pop("VSTORE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "vstore.cli", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "vstore.cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"vstore {' '.join(args)} failed: {proc.stderr}")
@@ -436,7 +436,7 @@ def test_import_killed_halfway_leaves_a_volume_marked_incomplete(env, tmp_path: 
             f.write(os.urandom(8 << 20))
     env_vars = dict(os.environ, VSTORE_HOME=str(home))
     base = (disks / "d0.img").stat().st_blocks
-    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", "import", "p", "img", str(src)], env=env_vars,
+    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli.main", "import", "p", "img", str(src)], env=env_vars,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Kill it once data lands on the members (the volume was recorded before the copy began).
@@ -486,7 +486,7 @@ def test_forget_destroy_and_volume_rename(env, tmp_path: Path):
     vstore(home, "import-pool", *uris)
     assert json.loads(vstore(home, "status", "p", "--json").stdout)["volumes"][0]["name"] == "new"
 
-    r = subprocess.run([sys.executable, "-m", "vstore.cli", "destroy", "p"], env=dict(os.environ, VSTORE_HOME=str(home)),
+    r = subprocess.run([sys.executable, "-m", "vstore.cli.main", "destroy", "p"], env=dict(os.environ, VSTORE_HOME=str(home)),
                        capture_output=True, text=True, input="n\n", timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr  # answered no: nothing happens
     assert json.loads(vstore(home, "status", "p", "--json").stdout)["state"] == "clean"

@@ -42,9 +42,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from vstore.consistency import Consistency
-from vstore.home import Home
-from vstore.pool import Pool
+from vstore.pool.consistency import Consistency
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 from vstore.raid.geometry import survives
 from vstore.testing import CrashRecorder, abandon, degraded_views, reopen_after_crash, verify_parity
 
@@ -302,7 +302,7 @@ needs_fuse_root = pytest.mark.skipif(
 
 
 def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "vstore.cli", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "vstore.cli.main", *args], capture_output=True,
                          text=True, cwd=REPO, timeout=180,
                          env={**os.environ, "VSTORE_HOME": str(home), "PYTHONPATH": str(REPO)})
     if check:
@@ -325,7 +325,7 @@ def test_kill9_mount_under_fio_then_recover(tmp_path: Path, journal: bool) -> No
     """kill -9 `vstore mount` while fio writes into ext4 on the volume; remount, scrub, e2fsck."""
     from fuse_mount.daemon import mount_entry, mounted_pool_socket
     from tests.fuse_helpers import detach_loops, force_unmount
-    from vstore import control
+    from vstore.pool import control
 
     home, mp, ext = tmp_path / "home", tmp_path / "mnt", tmp_path / "ext4"
     mp.mkdir()

@@ -31,7 +31,6 @@ from fuse_mount.daemon import (
     unmount,
 )
 from tests.fuse_helpers import FailingDevice, FakeTarget, detach_loops, force_unmount
-from vstore import control
 from vstore.errors import (
     ConfigError,
     ExistsError,
@@ -39,6 +38,7 @@ from vstore.errors import (
     PoolBusyError,
     VstoreError,
 )
+from vstore.pool import control
 
 pytestmark = [
     pytest.mark.integration,
@@ -578,7 +578,7 @@ async def test_ext4_on_a_loop_device(tmp_path: Path) -> None:
 
 def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "vstore"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from vstore.cli import main; main()"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from vstore.cli.main import main; main()"]
     res = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "VSTORE_HOME": str(home)}, timeout=120)
     if check:

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vstore.iovec import IoVec, finish_reads, pieces_of, read_targets, total_bytes, write_sources
+from vstore.stack.iovec import (
+    IoVec,
+    finish_reads,
+    pieces_of,
+    read_targets,
+    total_bytes,
+    write_sources,
+)
 
 
 def _split(data: np.ndarray, sizes: list[int]) -> list[np.ndarray]:

@@ -64,8 +64,8 @@ def test_raid5_over_three_luns(tgt: TgtServer, tmp_path: Path, mode: str):
 
 
 async def test_unaligned_volume_io_over_iscsi_members(tgt: TgtServer, tmp_path: Path):
-    from vstore.home import Home
-    from vstore.pool import Pool
+    from vstore.pool.home import Home
+    from vstore.pool.pool import Pool
 
     urls = []
     for i in range(3):

@@ -279,7 +279,7 @@ async def test_cli_discover_exits_non_zero_when_a_login_fails(tgt):
     import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vstore.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "vstore.cli.main", *args], capture_output=True, text=True,
                               timeout=120)
 
     r = await trio.to_thread.run_sync(cli, "discover", f"iscsi://127.0.0.1:{tgt.port}")

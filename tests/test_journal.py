@@ -18,10 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.memory import MemoryDevice
-from vstore.bitmap import WriteIntentBitmap, choose_region, rows_of_regions
-from vstore.errors import ConfigError, VstoreError
-from vstore.home import Home
-from vstore.journal import (
+from vstore.consistency.bitmap import WriteIntentBitmap, choose_region, rows_of_regions
+from vstore.consistency.journal import (
     HDR_SIZE,
     LOG_OFFSET,
     Journal,
@@ -39,7 +37,9 @@ from vstore.journal import (
     parse_payload,
     record_size,
 )
-from vstore.pool import Pool
+from vstore.errors import ConfigError, VstoreError
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 from vstore.testing import CrashRecorder, abandon, reopen_after_crash, verify_parity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,7 +309,7 @@ async def test_corrupt_record_in_the_middle_stops_replay_with_a_message(tmp_path
         # Corrupt the second record's payload on the journal device.
         jdev = rec.members["j"]
         jdev.store[jr.sb.log_offset + lsn1 % jr.log_size + HDR_SIZE + 32 + 7] ^= 0xFF
-        with caplog.at_level(logging.WARNING, logger="vstore.journal"):
+        with caplog.at_level(logging.WARNING, logger="vstore.consistency.journal"):
             pool = await reopen_after_crash(home, "p")
         assert "CRC32C mismatch" in caplog.text and "1 record(s) before it replayed" in caplog.text
         assert pool.status()["journal"]["replayed"]["torn"] is True
@@ -425,7 +425,7 @@ def test_bitmap_geometry() -> None:
 
 
 def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "vstore.cli", "--home", str(home), *args],
+    res = subprocess.run([sys.executable, "-m", "vstore.cli.main", "--home", str(home), *args],
                          capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     if check:
@@ -458,9 +458,9 @@ def test_cli_create_with_journal_and_status(tmp_path: Path) -> None:
 
 
 async def test_background_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    import vstore.consistency
+    import vstore.pool.consistency
 
-    monkeypatch.setattr(vstore.consistency, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(vstore.pool.consistency, "CHECKPOINT_INTERVAL", 0.01)
     rec, home, pool = await _pool(tmp_path)
     try:
         jr = pool.consistency.journal

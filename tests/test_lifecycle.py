@@ -14,15 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends import memory
-from vstore import lifecycle
-from vstore.aio import unwrap
+from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import DegradedError, MemberIOError
-from vstore.home import Home
-from vstore.metadata import DATA_OFFSET
-from vstore.move import move
-from vstore.pool import Pool
-from vstore.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
-from vstore.scrub import run_scrub, scrub_units
+from vstore.io.aio import unwrap
+from vstore.ops import lifecycle
+from vstore.ops.move import move
+from vstore.ops.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
+from vstore.ops.scrub import run_scrub, scrub_units
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 
 CHUNK = 4096
 MEMBER = 8 << 20  # bytes per member (6 MiB of data after the metadata area)

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fuse_helpers import force_unmount
-from vstore.aio import unwrap
-from vstore.cli import cli
+from vstore.cli.main import cli
+from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import VstoreError
-from vstore.metadata import DATA_OFFSET
+from vstore.io.aio import unwrap
 
 MiB = 1 << 20
 
@@ -26,7 +26,7 @@ MiB = 1 << 20
 def vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run the CLI in this process (click's runner; a subprocess per command costs seconds).
 
-    As ``vstore`` (vstore.cli.main) does, a VstoreError becomes one line on stderr and its
+    As ``vstore`` (vstore.cli.main.main) does, a VstoreError becomes one line on stderr and its
     exit code; output is not a terminal, so progress comes as plain lines on stderr.
     """
     res = CliRunner().invoke(cli, ["--home", str(home), *args])
@@ -46,7 +46,7 @@ def vstore_process(home: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the real `vstore` program (a subprocess)."""
     env = dict(os.environ, VSTORE_HOME=str(home))
     env.pop("VSTORE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "vstore.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "vstore.cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

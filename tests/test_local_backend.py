@@ -151,7 +151,7 @@ async def test_raid5_over_direct_members_matches_a_model(tmp_path: Path):
 
 async def test_io_uring_engine_moves_the_same_bytes(tmp_path: Path, monkeypatch):
     """VSTORE_IO_ENGINE=io_uring: a raid5 of file members matches a model; errors and short reads stay errors."""
-    from vstore import io_threads
+    from vstore.io import threads as io_threads
     from vstore.raid import make_layout
 
     monkeypatch.setattr(io_threads, "ENGINE", "io_uring")

@@ -8,7 +8,7 @@ import trio
 
 from tests.vectors import ViewSet
 from vstore.errors import ConfigError
-from vstore.multipath import MultipathDevice
+from vstore.stack.multipath import MultipathDevice
 from vstore.testing.nfs_server import MOUNT_PORT, NFS_PORT, Ganesha, RpcRelay, ServerError
 from vstore.uri import parse_uri
 

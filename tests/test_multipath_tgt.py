@@ -20,7 +20,7 @@ import trio
 
 from tests.vectors import ViewSet
 from vstore.errors import ConfigError, NoPathError, OutOfRangeError
-from vstore.multipath import MultipathDevice
+from vstore.stack.multipath import MultipathDevice
 from vstore.testing.iscsi_target import TgtServer, free_port
 from vstore.uri import parse_uri
 
@@ -337,7 +337,7 @@ async def test_load_balance_two_healthy_paths(tgt, selector):
 
 def test_cli_create_status_and_path_drills(tgt, tmp_path):
     env = {**os.environ, "VSTORE_HOME": str(tmp_path / "home")}
-    vstore = [sys.executable, "-m", "vstore.cli"]
+    vstore = [sys.executable, "-m", "vstore.cli.main"]
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run([*vstore, *args], env=env, capture_output=True, text=True, timeout=120)

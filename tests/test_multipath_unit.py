@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.vectors import ViewSet
-from vstore.device import DeviceBase, as_u8
 from vstore.errors import ConfigError, MemberIOError, NoPathError, NotFoundError, OutOfRangeError
-from vstore.multipath import MultipathDevice, strip_priority, validate_options
+from vstore.stack.device import DeviceBase, as_u8
+from vstore.stack.multipath import MultipathDevice, strip_priority, validate_options
 from vstore.uri import parse_uri
 
 SIZE = 1 << 20
@@ -790,8 +790,8 @@ def test_random_io_and_path_failures_match_a_model(ops, selector, policy, concur
 async def test_pool_with_multipath_members(tmp_path):
     """Pool.create/open with two-path members: options kept in the metadata, drills, status."""
     from backends import memory
-    from vstore.home import Home
-    from vstore.pool import Pool
+    from vstore.pool.home import Home
+    from vstore.pool.pool import Pool
 
     home = Home(tmp_path / "home")
     members = [f"memory://mpp{i}?size=32M,memory://mpp{i}?size=32M&path=2" for i in range(2)]

@@ -21,7 +21,7 @@ from backends.nfs.rpc import (
 )
 from backends.nfs.xdr import Packer, Unpacker
 from vstore.errors import MemberIOError, NotFoundError, ProtocolError
-from vstore.iovec import IoVec
+from vstore.stack.iovec import IoVec
 
 # ---- XDR -------------------------------------------------------------------------------
 

@@ -475,7 +475,7 @@ def test_random_io_against_a_model_with_restarts(ganesha, small_cache, ops):
 
 def test_cli_raid6_pool_mixing_local_and_nfs_members(ganesha, tmp_path):
     """The heterogeneous pool through the CLI: build, import, degrade, export, rebuild onto NFS."""
-    vstore = [sys.executable, "-m", "vstore.cli"] if shutil.which("vstore") is None else ["vstore"]
+    vstore = [sys.executable, "-m", "vstore.cli.main"] if shutil.which("vstore") is None else ["vstore"]
     home = tmp_path / "home"
 
     def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:

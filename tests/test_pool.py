@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vstore.consistency.metadata import SLOT_OFFSETS, Superblock, pack_slot, unpack_slot
 from vstore.errors import DegradedError, MetadataError, PoolBusyError
-from vstore.home import Home
-from vstore.metadata import SLOT_OFFSETS, Superblock, pack_slot, unpack_slot
-from vstore.pool import Pool
+from vstore.pool.home import Home
+from vstore.pool.pool import Pool
 
 
 def uris(d: Path, n: int) -> list[str]:
@@ -95,7 +95,7 @@ async def test_dead_owner_is_taken_over(home: Home, tmp_path: Path):
     # A child process opens the pool and dies without closing it.
     code = (
         "import os, trio, sys\n"
-        "from vstore.home import Home\nfrom vstore.pool import Pool\n"
+        "from vstore.pool.home import Home\nfrom vstore.pool.pool import Pool\n"
         "async def main():\n"
         f"    p = await Pool.open(Home({str(home.root)!r}), 'p')\n"
         "    os._exit(0)\n"

@@ -10,9 +10,9 @@ import trio
 
 from backends.memory import MemoryDevice
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
-from vstore.faults import FaultDevice
-from vstore.offset import OffsetDevice
 from vstore.raid import geometry, make_layout
+from vstore.stack.offset import OffsetDevice
+from vstore.testing.fault_device import FaultDevice
 
 CHUNK = 4096
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from backends.memory import MemoryDevice
-from vstore.faults import FaultDevice
 from vstore.raid import geometry, make_layout
+from vstore.testing.fault_device import FaultDevice
 
 CHUNK = 4096
 ROWS = 6

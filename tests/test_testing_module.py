@@ -18,7 +18,7 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Flaky
 
-from vstore.device import Buffer, DeviceBase, as_u8
+from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.testing import (
     DropFlushes,
     Rig,
@@ -26,7 +26,7 @@ from vstore.testing import (
     pool_state_machine,
 )
 from vstore.testing import strategies as vs
-from vstore.torture import (
+from vstore.testing.torture import (
     Campaign,
     CheckFailed,
     Op,
@@ -263,7 +263,7 @@ async def test_known_discard_diverges_mirrors() -> None:
 async def test_rig_crash_writes_back_only_what_changed() -> None:
     """Over a non-memory device the crash writes the differing pages, then flushes."""
     from backends.memory import MemoryDevice
-    from vstore.faults import FaultDevice
+    from vstore.testing.fault_device import FaultDevice
 
     inner = FaultDevice(MemoryDevice(np.zeros(1 << 20, np.uint8)))
     rig = Rig()
@@ -343,10 +343,10 @@ class _VectoredMemory(DeviceBase):
 
 async def test_wrappers_forward_vectored_io_and_keep_their_semantics() -> None:
     """Fault, slow, drop-flush, crash and counting wrappers: vectored I/O still injects, records, counts."""
-    from vstore.faults import FaultDevice
-    from vstore.move import CountingDevice
+    from vstore.ops.move import CountingDevice
     from vstore.testing import SlowDevice
     from vstore.testing.crash import CrashDevice, CrashRecorder, WriteEvent
+    from vstore.testing.fault_device import FaultDevice
 
     data = np.arange(3000, dtype=np.uint16).astype(np.uint8)
     size = 1 << 16
@@ -404,9 +404,9 @@ async def test_short_read_and_shrink_faults():
 
     from backends.memory import MemoryDevice
     from vstore.errors import MemberIOError
-    from vstore.faults import FaultDevice
     from vstore.raid import make_layout
-    from vstore.torture import format_schedule, parse_schedule
+    from vstore.testing.fault_device import FaultDevice
+    from vstore.testing.torture import format_schedule, parse_schedule
 
     f = FaultDevice(MemoryDevice(np.zeros(1 << 20, np.uint8)), "m")
     f.shrink(at=256 * 1024)

@@ -22,7 +22,7 @@ def torture(*args: str, home: Path, timeout: float = 120) -> subprocess.Complete
     """Run `vstore torture ...` as a user would."""
     env = dict(os.environ, VSTORE_HOME=str(home), PYTHONPATH=str(REPO))
     env.pop("VSTORE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "vstore.cli", "torture", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vstore.cli.main", "torture", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -48,7 +48,6 @@ from backends.iscsi.session import (
     discovery_targets,
     new_isid,
 )
-from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import (
     AuthError,
     ConfigError,
@@ -59,7 +58,8 @@ from vstore.errors import (
     ProtocolError,
     VstoreError,
 )
-from vstore.iovec import IoVec, finish_reads, read_targets, write_sources
+from vstore.stack.device import Buffer, DeviceBase, as_u8
+from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
 
 __all__ = ["IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
 

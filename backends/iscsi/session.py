@@ -31,7 +31,7 @@ from backends.iscsi import pdu as P
 from backends.iscsi import scsi
 from backends.iscsi.errors import ConnectionLostError
 from vstore.errors import AuthError, DeviceTimeoutError, MemberIOError, NotFoundError, ProtocolError
-from vstore.iovec import IoVec, pieces_of
+from vstore.stack.iovec import IoVec, pieces_of
 
 log = logging.getLogger("vstore.iscsi")
 

@@ -29,7 +29,7 @@ import numpy as np
 import trio
 
 from vstore.errors import DeviceTimeoutError, MemberIOError, ProtocolError
-from vstore.iovec import IoVec
+from vstore.stack.iovec import IoVec
 
 from .nfs3 import decode_read, read_reply_layout
 from .rpc import Message, RecordReceiver, decode_reply, encode_call, record_mark

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.device import Buffer, DeviceBase, as_u8
 from vstore.errors import ConfigError, MemberIOError, ProtocolError
-from vstore.iovec import IoVec, finish_reads, read_targets, write_sources
+from vstore.stack.device import Buffer, DeviceBase, as_u8
+from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
 from vstore.uri import MemberURI
 
 from . import nfs3

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vstore.errors import AuthError, MemberIOError, ProtocolError
-from vstore.iovec import IoVec, pieces_of
+from vstore.stack.iovec import IoVec, pieces_of
 
 from .xdr import Packer, Unpacker
 

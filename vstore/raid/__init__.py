@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from vstore.device import BlockDevice
 from vstore.raid.base import OnMemberFailed, RaidLayout
 from vstore.raid.geometry import LEVELS, check_level, min_members, redundancy, usable_size
+from vstore.stack.device import BlockDevice
 
 __all__ = ["LEVELS", "RaidLayout", "make_layout", "min_members", "redundancy", "usable_size"]
 

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore import io_threads
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
-from vstore.iostats import HANDOFFS, LayerStats, now_ns
+from vstore.io import op as io_op
+from vstore.io import threads as io_threads
+from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
 # nogil) so the trio thread keeps serving other requests. Below it the thread hop costs
@@ -133,17 +134,17 @@ class RaidLayout(DeviceBase):
         self.inflight = [0] * self.n
         self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
         self.closed = False
-        # The pool's journal (vstore.journal) or write-intent bitmap (vstore.bitmap): when
+        # The pool's journal (vstore.consistency.journal) or write-intent bitmap (vstore.consistency.bitmap): when
         # set, every update's member writes pass through journal.commit() first.
         self.journal: Any = None
-        # Members being rebuilt (vstore.rebuild): in ``failed`` for reads, yet written by every
+        # Members being rebuilt (vstore.ops.rebuild): in ``failed`` for reads, yet written by every
         # update (rows the rebuild already passed must stay current; the rest it overwrites).
         self.rebuilding: set[int] = set()
-        # Observes every update's member writes (vstore.move: dirty tracking, the final pause).
+        # Observes every update's member writes (vstore.ops.move: dirty tracking, the final pause).
         self.write_watch: Any = None
         # Foreground requests so far: background work (rebuild, scrub) slows down when it moves.
         self.io_count = 0
-        # Where requests spend their time (vstore.iostats): shown in the mount's fuse-stats.
+        # Where requests spend their time (vstore.io.stats): shown in the mount's fuse-stats.
         self.iostats = LayerStats()
 
     # --- state --------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class RaidLayout(DeviceBase):
         (network members, test wrappers) each run as one task of readv_into/writev.
         Failures are returned, not raised, and not yet recorded.
         """
-        ops: list[tuple[int, io_threads.Op]] = []
+        ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
         for run in runs:
             prepare = getattr(self.members[run[0]], "prepare_io", None)
@@ -372,7 +373,7 @@ class RaidLayout(DeviceBase):
                 await self._member_failed(i, e)
 
         watch = self.write_watch
-        # A move (vstore.move) tracks discards as it tracks writes: the range is copied again.
+        # A move (vstore.ops.move) tracks discards as it tracks writes: the range is copied again.
         marks = [(i, off, np.broadcast_to(np.uint8(0), (n,))) for i, off, n in ranges]
         if ranges and watch is not None:
             await watch.before(marks)

@@ -47,6 +47,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from vstore.io.buffers import aligned_empty  # noqa: F401 - part of this module's API
 from vstore.raid.reference import GF_MUL as _GF_MUL
 from vstore.raid.reference import gf_inv, gf_pow2
 
@@ -442,15 +443,6 @@ def _rmw_pq(p: np.ndarray, q: np.ndarray, old: np.ndarray, new: np.ndarray, c: i
 
 # --------------------------------------------------------------------------
 # Public API (signatures and semantics of vstore.raid.reference).
-
-
-def aligned_empty(shape: int | tuple[int, ...], align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous uint8 array whose first byte is ``align``-aligned."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    size = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(size + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + size].reshape(shape)
 
 
 _U8 = np.dtype(np.uint8)

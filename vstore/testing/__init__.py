@@ -17,7 +17,7 @@
 - ``vstore.testing.iscsi_target`` (``TgtServer``) and ``vstore.testing.nfs_server``
   (``Ganesha``, ``RpcRelay``): real tgtd and NFS-Ganesha servers on loopback, started and
   always stopped, for tests and benchmarks alike.
-- ``vstore.torture``: the engine under both and under ``vstore torture``: schedules,
+- ``vstore.testing.torture``: the engine under both and under ``vstore torture``: schedules,
   ``Runner`` and its checks (a)-(d), ``Campaign``, ``shrink``.
 
 The hypothesis-based names (``device_state_machine``, ``pool_state_machine``,
@@ -45,11 +45,11 @@ _LAZY = {
     "device_state_machine": "vstore.testing.machine",
     "pool_state_machine": "vstore.testing.machine",
     "strategies": "vstore.testing.strategies",
-    "Backing": "vstore.torture",
-    "CheckFailed": "vstore.torture",
-    "Op": "vstore.torture",
-    "run_schedule": "vstore.torture",
-    "parse_schedule": "vstore.torture",
+    "Backing": "vstore.testing.torture",
+    "CheckFailed": "vstore.testing.torture",
+    "Op": "vstore.testing.torture",
+    "run_schedule": "vstore.testing.torture",
+    "parse_schedule": "vstore.testing.torture",
 }
 
 

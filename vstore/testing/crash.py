@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from vstore import owner as owner_mod
-from vstore.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
 from vstore.errors import MemberIOError, NotFoundError
-from vstore.iovec import total_bytes
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
+from vstore.stack.iovec import total_bytes
 from vstore.uri import MemberURI, register_scheme
 
 SCHEME = "crashsim"
@@ -320,7 +320,7 @@ def abandon(pool: Any) -> None:
 
 async def reopen_after_crash(home: Any, name: str, **kwargs: Any) -> Any:
     """Open a pool whose owner (this process, before the simulated crash) died."""
-    from vstore.pool import Pool
+    from vstore.pool.pool import Pool
 
     with dead_owner():
         return await Pool.open(home, name, **kwargs)

@@ -2,7 +2,7 @@
 
 The wrappers (all ``BlockDevice``s):
 
-- ``FaultDevice`` (from ``vstore.faults``): a *failing member* (``fail("all")``) or a
+- ``FaultDevice`` (from ``vstore.testing.fault_device``): a *failing member* (``fail("all")``) or a
   *corrupt read* (``corrupt_reads()``), armed and healed on command;
 - ``SlowDevice``: a *slow member*, every operation first sleeps (``trio.sleep``, so
   under ``trio.testing.MockClock`` the delay is virtual and the run deterministic);
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, DeviceBase, read_into, write_from
 from vstore.errors import NotFoundError
-from vstore.faults import KINDS, FaultDevice, FaultRule
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, read_into, write_from
 from vstore.testing.crash import CrashDevice, CrashRecorder
+from vstore.testing.fault_device import KINDS, FaultDevice, FaultRule
 from vstore.uri import MemberURI, register_scheme
 
 __all__ = [

@@ -6,15 +6,15 @@ memory members (recorded by a ``CrashRecorder``, behind fault switches), calls
 ``factory(backing)`` to get the device under test, and then draws steps —
 writes, concurrent writes, reads, flushes and discards of any size and
 alignment, and optionally member failures and power cuts — checking every read
-and, after every crash, what survived (``vstore.torture`` checks (a)-(d)).
+and, after every crash, what survived (``vstore.testing.torture`` checks (a)-(d)).
 When hypothesis finds a failure it shrinks it and prints the steps; the same
-steps as a schedule replay with ``vstore.torture.run_schedule``.
+steps as a schedule replay with ``vstore.testing.torture.run_schedule``.
 
     from vstore.testing import device_state_machine
     TestMyCache = device_state_machine(
         lambda backing: MyCache(backing.devices[0]), size=1 << 20, crashes=True).TestCase
 
-``factory`` takes a ``vstore.torture.Backing`` (``devices``, ``uris``, ``reopen``,
+``factory`` takes a ``vstore.testing.torture.Backing`` (``devices``, ``uris``, ``reopen``,
 ``scratch``) or nothing (then there is nothing to crash or fail underneath);
 it may be async. ``pool_state_machine(level, ...)`` does the same for a vstore
 pool of any RAID level, with or without a journal.
@@ -33,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from vstore.raid.geometry import min_members, redundancy
 from vstore.testing import strategies as vs
 from vstore.testing.faults import Rig
-from vstore.torture import DeviceTarget, Op, PoolTarget, Runner, Target
+from vstore.testing.torture import DeviceTarget, Op, PoolTarget, Runner, Target
 
 __all__ = ["DEFAULT_SETTINGS", "device_state_machine", "pool_state_machine", "row_bytes"]
 

@@ -1,6 +1,6 @@
 """Hypothesis strategies for storage workloads: writes, reads, flushes, discards, failures, crashes.
 
-Every strategy draws ``vstore.torture.Op`` values (the steps of a torture
+Every strategy draws ``vstore.testing.torture.Op`` values (the steps of a torture
 schedule; ``str(op)`` is their text) bounded by a device size. Offsets and
 lengths come in any size and alignment, biased towards the boundaries where
 layers go wrong: sectors, chunks and stripe rows.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from vstore.torture import MODES, Op
+from vstore.testing.torture import MODES, Op
 
 __all__ = [
     "concurrent_writes",
@@ -131,7 +131,7 @@ def workload(size: int, *, discard: bool = True, **kw: int) -> st.SearchStrategy
 
 def schedules(size: int, *, members: int = 0, with_crashes: bool = False, with_failures: bool = False,
               max_ops: int = 30, **kw: int) -> st.SearchStrategy[list[Op]]:
-    """Whole schedules for ``vstore.torture.run_schedule`` (and ``vstore torture --replay``)."""
+    """Whole schedules for ``vstore.testing.torture.run_schedule`` (and ``vstore torture --replay``)."""
     steps = [workload(size, **kw)]
     if with_failures and members:
         steps += [member_failures(members), heals(members)]

@@ -1,1 +1,0 @@
-"""CLI command groups that live in their own modules (registered in vstore.cli)."""

@@ -1,0 +1,288 @@
+"""Write-intent bitmap and resync: crash consistency for parity pools without a journal.
+
+As md's bitmap: the data area of every member is cut into regions (``region``
+bytes of member space, a whole number of stripe rows); before the first write to
+a region its bit is set on every member and flushed, and only then is the region
+written. Bits are cleared lazily, once a member flush has made the region's
+writes durable and the region has stayed idle for a further flush. After an
+unclean shutdown the pool ORs the bitmaps of its members and recomputes the
+parity of every row in a dirty region (a resync) before anything else uses it.
+
+Where it lives on each member (see ``vstore.consistency.metadata``): ``BITMAP_OFFSET`` (the
+64 KiB between metadata slot 1 and the data), a 4 KiB header (magic, pool UUID,
+region size, bit count, CRC32C) then the bits, one per region, LSB first.
+
+A resync only restores consistency: it cannot tell which of data and parity was
+written last, so it trusts the data. On an array already degraded when it
+crashed, a row whose update was interrupted may have lost the content of its
+failed member (the RAID "write hole"); only the journal (``vstore.consistency.journal``)
+closes that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import trio
+
+from vstore.consistency.journal import crc32c
+from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
+from vstore.errors import MemberIOError
+from vstore.stack.device import BlockDevice
+
+log = logging.getLogger("vstore.consistency.bitmap")
+
+MAGIC = b"VSTBITMP"
+HEADER_SIZE = 4096
+PAGE = 4096
+CAPACITY_BITS = (BITMAP_SIZE - HEADER_SIZE) * 8
+DEFAULT_REGION = 1 << 20
+# Each first write to a region waits for a bit write + flush on every member, so big
+# members get big regions (md's internal bitmap uses 64 MiB): about 256 per member,
+# between DEFAULT_REGION and MAX_AUTO_REGION unless the bitmap's capacity needs more.
+REGIONS_PER_MEMBER = 256
+MAX_AUTO_REGION = 64 << 20
+RESYNC_PARALLEL = 8
+
+_HDR = struct.Struct("<8sI16sQQ")  # magic, version, pool uuid, region bytes, bit count; then CRC32C
+
+MemberWrite = tuple[int, int, Any]
+ActiveDevices = Callable[[], list[tuple[int, BlockDevice]]]
+OnError = Callable[[int, BaseException], Any]
+
+
+def choose_region(data_size: int, chunk: int, minimum: int = DEFAULT_REGION) -> int:
+    """Region size for a member's data area: a chunk multiple, about 256 regions, capped."""
+    target = 1 << max(0, (data_size // REGIONS_PER_MEMBER - 1).bit_length())
+    minimum = max(minimum, min(target, MAX_AUTO_REGION))
+    region = max(chunk, -(-minimum // chunk) * chunk)
+    while -(-data_size // region) > CAPACITY_BITS:
+        region *= 2
+    return region
+
+
+def pack_header(pool_uuid: str, region: int, nbits: int) -> bytes:
+    """The bitmap header block."""
+    body = _HDR.pack(MAGIC, 1, uuid.UUID(pool_uuid).bytes, region, nbits)
+    return (body + struct.pack("<I", crc32c(body))).ljust(HEADER_SIZE, b"\0")
+
+
+def unpack_header(raw: bytes) -> tuple[str, int, int] | None:
+    """(pool uuid, region, bit count) of a valid header, else None."""
+    body = bytes(raw[: _HDR.size])
+    if len(raw) < _HDR.size + 4 or body[:8] != MAGIC:
+        return None
+    if struct.unpack_from("<I", raw, _HDR.size)[0] != crc32c(body):
+        return None
+    _, version, pool_u, region, nbits = _HDR.unpack(body)
+    if version != 1 or region <= 0 or nbits > CAPACITY_BITS:
+        return None
+    return str(uuid.UUID(bytes=pool_u)), region, nbits
+
+
+class WriteIntentBitmap:
+    """The dirty-region bitmap of a parity pool, kept on every active member."""
+
+    def __init__(self, pool_uuid: str, data_size: int, region: int, active: ActiveDevices,
+                 on_error: OnError | None = None) -> None:
+        self.pool_uuid = pool_uuid
+        self.region = region
+        self.nbits = -(-data_size // region)
+        self.active = active
+        self.on_error = on_error
+        self.bits = np.zeros((BITMAP_SIZE - HEADER_SIZE), dtype=np.uint8)
+        self._durable: set[int] = set()  # regions whose bit is set on the members
+        self._inflight: dict[int, int] = {}
+        self._done_epoch: dict[int, int] = {}
+        self._epoch = 0
+        self._lock = trio.Lock()
+        self.stats = {"sets": 0, "clears": 0}
+        # False while a member has failed but the pool metadata does not say so yet: a
+        # crash then brings it back stale, and only a resync of its regions mends parity.
+        self.checkpoint_allowed: Callable[[], bool] = lambda: True
+        # Called before an update goes out: the pool puts member failures on record first.
+        self.before_commit: Callable[[], Any] | None = None
+
+    # --- reading and resetting ------------------------------------------------------------
+
+    async def load_dirty(self) -> set[int] | None:
+        """The regions marked dirty on any active member; None when no member holds a valid bitmap."""
+        found = False
+        dirty: set[int] = set()
+        for _, dev in self.active():
+            try:
+                raw = as_bytes(await dev.read(BITMAP_OFFSET, BITMAP_SIZE))
+            except MemberIOError:
+                continue
+            hdr = unpack_header(raw[:HEADER_SIZE])
+            if hdr is None or hdr[0] != self.pool_uuid:
+                continue
+            _, region, nbits = hdr
+            found = True
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8, offset=HEADER_SIZE), bitorder="little")
+            for b in np.flatnonzero(bits[:nbits]):
+                # A bitmap written with another region size: map its regions onto ours.
+                lo = int(b) * region // self.region
+                hi = (-(-(int(b) + 1) * region // self.region))
+                dirty.update(range(lo, min(hi, self.nbits)))
+        return dirty if found else None
+
+    async def reset(self) -> None:
+        """Write an all-clear bitmap (and its header) to every active member, durably."""
+        self.bits[:] = 0
+        self._durable.clear()
+        image = pack_header(self.pool_uuid, self.region, self.nbits) + self.bits.tobytes()
+        await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
+
+    async def _on_members(self, fn: Callable[[BlockDevice], Any], *, flush: bool) -> None:
+        async def one(i: int, dev: BlockDevice) -> None:
+            try:
+                await fn(dev)
+                if flush:
+                    await dev.flush()
+            except MemberIOError as e:
+                log.error("write-intent bitmap on member %d: %s", i, e)
+                if self.on_error is not None:
+                    res = self.on_error(i, e)
+                    if inspect.isawaitable(res):
+                        await res
+
+        async with trio.open_nursery() as nursery:
+            for i, dev in self.active():
+                nursery.start_soon(one, i, dev)
+
+    # --- the write path (the layout calls these around every update) ------------------------
+
+    def regions_of(self, writes: Sequence[MemberWrite]) -> set[int]:
+        """The regions an update's member writes touch."""
+        out: set[int] = set()
+        for _, off, buf in writes:
+            n = len(buf)
+            if n:
+                out.update(range(off // self.region, (off + n - 1) // self.region + 1))
+        return out
+
+    async def commit(self, writes: Sequence[MemberWrite]) -> set[int]:
+        """Make sure the update's regions are marked dirty on the members; returns the ticket."""
+        if self.before_commit is not None:
+            await self.before_commit()
+        regions = self.regions_of(writes)
+        for r in regions:
+            self._inflight[r] = self._inflight.get(r, 0) + 1
+        try:
+            if not regions <= self._durable:
+                async with self._lock:
+                    new = regions - self._durable
+                    if new:
+                        await self._write_bits(new, True)
+                        self._durable |= new
+                        self.stats["sets"] += len(new)
+        except BaseException:
+            self.applied(regions)
+            raise
+        return regions
+
+    def applied(self, ticket: set[int]) -> None:
+        """The update's member writes have completed."""
+        for r in ticket:
+            left = self._inflight.get(r, 0) - 1
+            if left <= 0:
+                self._inflight.pop(r, None)
+            else:
+                self._inflight[r] = left
+            self._done_epoch[r] = self._epoch
+
+    async def _write_bits(self, regions: set[int], value: bool) -> None:
+        pages = set()
+        for r in regions:
+            byte, bit = divmod(r, 8)
+            if value:
+                self.bits[byte] |= np.uint8(1 << bit)
+            else:
+                self.bits[byte] &= np.uint8(~(1 << bit) & 0xFF)
+            pages.add(byte // PAGE)
+        for p in sorted(pages):
+            page = self.bits[p * PAGE : (p + 1) * PAGE].copy()
+            off = BITMAP_OFFSET + HEADER_SIZE + p * PAGE
+            # Setting must be durable before the data write; clearing may stay lazy.
+            await self._on_members(lambda dev, off=off, page=page: dev.write(off, page), flush=value)
+
+    def before_flush(self) -> int:
+        """A member flush begins: writes completed so far will be durable after it."""
+        mark = self._epoch
+        self._epoch += 1
+        return mark
+
+    async def after_flush(self, mark: int) -> None:
+        """Clear the bits of regions idle since the flush before this one."""
+        idle = {r for r in self._durable
+                if r not in self._inflight and self._done_epoch.get(r, -1) < mark}
+        if not idle or self._lock.locked() or not self.checkpoint_allowed():
+            return
+        async with self._lock:
+            idle = {r for r in idle if r not in self._inflight}
+            self._durable -= idle
+            await self._write_bits(idle, False)
+            self.stats["clears"] += len(idle)
+
+    def status(self) -> dict[str, Any]:
+        """What `vstore status` shows about the bitmap."""
+        return {"region": self.region, "regions": self.nbits, "dirty": len(self._durable), **self.stats}
+
+
+def as_bytes(buf: Any) -> bytes:
+    """Bytes of a buffer."""
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------- resync
+
+
+def rows_of_regions(regions: Iterable[int], region: int, chunk: int, rows: int) -> list[int]:
+    """The stripe rows inside the given regions (member offsets ``row * chunk``)."""
+    per = max(1, region // chunk)
+    out: list[int] = []
+    for r in sorted(set(regions)):
+        out.extend(range(r * per, min((r + 1) * per, rows)))
+    return out
+
+
+async def resync_rows(layout: Any, rows: Sequence[int],
+                      progress: Callable[[int, int], None] | None = None) -> int:
+    """Recompute and rewrite the parity of these rows from their data; then flush. Returns rows done."""
+    from vstore.raid.base import MemberFailed
+
+    done = 0
+    total = len(rows)
+    limiter = trio.CapacityLimiter(RESYNC_PARALLEL)
+
+    async def one(row: int) -> None:
+        nonlocal done
+        async with limiter, layout.locked([row]):
+            while True:
+                layout.require_usable()
+                try:
+                    data, _ = await layout.read_row(row)
+                except MemberFailed:
+                    continue
+                break
+            parity = await layout.compute_parity(data)
+            _, pmem = layout.row_members(row)
+            for i, m in enumerate(pmem):
+                await layout._write_member(m, row * layout.chunk, parity[i])
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    for at in range(0, total, 256):  # in batches: a task per row of a whole pool is too many
+        async with trio.open_nursery() as nursery:
+            for row in rows[at : at + 256]:
+                nursery.start_soon(one, row)
+    await layout.flush()
+    return done

@@ -1,0 +1,164 @@
+"""io_uring for local member I/O: the kernel's own workers move the bytes, the trio thread only submits.
+
+With ``vstore.io.threads``' threads, every member I/O needs the GIL before and
+after its syscall, and waits for it while the trio thread runs Python or pyfuse3
+copies a request. Here a request's ops become SQEs (``readv``/``writev`` over the
+caller's buffers, flagged ``IOSQE_ASYNC`` so the kernel's io-wq workers do the
+copies in parallel rather than the submitting thread), submitted with one
+``io_uring_enter``; an eventfd registered with the ring wakes one system task of
+the trio run, which reaps every ready CQE and wakes the waiting tasks. No Python
+thread takes part.
+
+Opt-in (``VSTORE_IO_ENGINE=io_uring``): measured through the mount it is slower
+than the threads on this machine (see ``vstore.io.threads.ENGINE``). Binding: the
+``liburing`` package on PyPI (a test extra). ``open_ring`` returns None when it
+is missing or the kernel refuses io_uring (``kernel.io_uring_disabled``,
+seccomp).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from vstore.io.op import WRITE, Op, ShortIOError, copy_out, finish
+
+log = logging.getLogger(__name__)
+
+ENTRIES = 256
+
+
+class Ring:
+    """One io_uring of a trio run, reaped by a system task woken through an eventfd."""
+
+    def __init__(self, liburing: Any) -> None:
+        self.L = liburing
+        self.ring = liburing.Ring()
+        liburing.io_uring_queue_init(ENTRIES, self.ring, 0)
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            liburing.io_uring_register_eventfd(self.ring, self.efd)
+        except BaseException:
+            os.close(self.efd)
+            liburing.io_uring_queue_exit(self.ring)
+            raise
+        self.cqe = liburing.Cqe()
+        # user_data -> (op, its iovec kept alive, the views still to move, bytes moved so far)
+        self.inflight: dict[int, tuple[Op, Any, Sequence[memoryview], int]] = {}
+        self.next_id = 1
+        self.submitted = 0
+        self.closed = False
+
+    def submit(self, ops: Sequence[Op]) -> None:
+        """Queue the ops' SQEs and enter the kernel once."""
+        for op in ops:
+            self._queue(op, op.views, 0)
+        self._enter()
+
+    def _enter(self) -> None:
+        self.L.io_uring_submit(self.ring)
+        self.submitted += 1
+
+    def _queue(self, op: Op, views: Sequence[memoryview], done: int) -> None:
+        L = self.L
+        sqe = L.io_uring_get_sqe(self.ring)
+        if sqe is None:  # the submission queue is full: hand what is there to the kernel
+            self._enter()
+            sqe = L.io_uring_get_sqe(self.ring)
+        iov = L.Iovec(list(views))
+        uid = self.next_id
+        self.next_id += 1
+        self.inflight[uid] = (op, iov, views, done)
+        prep = L.io_uring_prep_writev if op.kind == WRITE else L.io_uring_prep_readv
+        prep(sqe, op.fd, iov, op.offset + done)
+        L.io_uring_sqe_set_data64(sqe, uid)
+        sqe.flags = L.IOSQE_ASYNC
+
+    async def reap_forever(self) -> None:
+        """Wait on the eventfd; complete every ready CQE; wake their tasks."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self.efd)
+                try:
+                    os.eventfd_read(self.efd)
+                except BlockingIOError:
+                    pass
+                self._reap()
+        finally:
+            self.close()
+
+    def _reap(self) -> None:
+        L = self.L
+        finished: list[Op] = []
+        again = False
+        while L.io_uring_cq_ready(self.ring):
+            L.io_uring_wait_cqe(self.ring, self.cqe)  # ready: returns at once
+            c = self.cqe[0]
+            uid = c.user_data
+            error: OSError | None = None
+            try:
+                res = c.res  # the binding raises the errno of a failed op
+            except OSError as e:
+                res, error = -1, e
+            L.io_uring_cq_advance(self.ring, 1)
+            entry = self.inflight.pop(uid, None)
+            if entry is None:
+                continue
+            op, _, views, done = entry
+            if error is not None or res is None or res < 0:
+                op.error = error or OSError(5, os.strerror(5))
+                finished.append(op)
+            elif done + res >= op.length:
+                if op.scatter is not None:
+                    copy_out(op)
+                finished.append(op)
+            elif res == 0:
+                what = "write" if op.kind == WRITE else "read"
+                op.error = ShortIOError(5, f"short {what}: {done} of {op.length} bytes (the file or device ended)")
+                finished.append(op)
+            else:  # a partial transfer: the rest as a new SQE
+                self._queue(op, _skip(views, res), done + res)
+                again = True
+        if again:
+            self._enter()
+        finish(finished)
+
+    def close(self) -> None:
+        """Release the ring (the kernel waits for what is still in flight) and the eventfd."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.L.io_uring_queue_exit(self.ring)
+        finally:
+            os.close(self.efd)
+
+
+def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def open_ring() -> Ring | None:
+    """A ring for this trio run with its reaper started, or None where io_uring cannot be had."""
+    try:
+        import liburing
+    except ImportError:
+        return None
+    try:
+        ring = Ring(liburing)
+    except Exception as e:  # noqa: BLE001 - any refusal means: use the threads
+        log.info("io_uring not available (%s): member I/O uses threads", e)
+        return None
+    trio.lowlevel.spawn_system_task(ring.reap_forever, name="vstore io_uring reaper")
+    return ring

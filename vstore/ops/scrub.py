@@ -1,0 +1,267 @@
+"""`vstore scrub`: read every stripe in use, verify parity and mirror copies, report and repair.
+
+Like md's ``check``/``repair`` sync actions, but each mismatch is reported with
+where it is: the stripe row, the member and the byte offset on that member (as
+an absolute offset on the member device, and relative to its data area).
+
+Which member is at fault:
+
+- raid6: from P and Q, as md's raid6check. With Pd = P xor P' and Qd = Q xor Q'
+  (P', Q' recomputed from the data as read), only Pd nonzero means P is wrong,
+  only Qd means Q is wrong; both mean one data chunk z is wrong when Qd = g^z * Pd
+  bytewise for one z (its error is Pd). Anything else: not known.
+- raid1 with three or more copies: the copies outvoted by a strict majority.
+- raid5, raid10 and two-way raid1: not known.
+
+``repair`` rewrites the member at fault where it is known; else, as md does, the
+parity from the data (raid5/6) or the other copies from the first (raid1/10).
+
+What is scrubbed: the extents allocated to volumes and the extents known to be
+zeroed; the other extents may hold bytes from before the pool and are never read
+by a volume before they are zeroed. The cursor is checkpointed in the pool
+metadata (``meta["scrub"]``); a scrub that was stopped resumes where it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vstore.consistency.metadata import DATA_OFFSET
+from vstore.errors import ConfigError, DegradedError
+from vstore.ops.lifecycle import (
+    Operation,
+    Progress,
+    RateLimiter,
+    speed_of,
+    sweep,
+)
+from vstore.raid.base import MemberFailed
+from vstore.raid.reference import GF_LOG
+from vstore.stack.volume import runs_to_list
+
+if TYPE_CHECKING:
+    from vstore.pool.pool import Pool
+
+PAGE = 4096  # mismatches are located to this granularity
+WINDOW = 16  # units verified concurrently
+MAX_REPORTED = 256  # mismatches kept in the result and the checkpoint
+
+
+def scrub_units(pool: Pool) -> tuple[list[int], int]:
+    """(sorted units to verify, bytes of pool address space per unit) of the pool's level."""
+    layout = pool.layout
+    level = pool.level
+    if level in ("linear", "raid0"):
+        raise ConfigError(f"a {level} pool has no redundancy to verify")
+    if layout is None:
+        raise DegradedError(f"pool {pool.name!r} has failed: nothing to scrub")
+    ext = pool.extent_size
+    extents = sorted(pool.used_extents() | set(runs_to_list(pool.meta.get("zeroed", []))))
+    unit = layout.row_bytes if level in ("raid5", "raid6") else layout.chunk
+    units: list[int] = []
+    for e in extents:
+        lo, hi = e * ext // unit, -(-((e + 1) * ext) // unit)
+        units.extend(range(lo, hi))
+    limit = layout.rows if level in ("raid5", "raid6", "raid1") else layout.chunks
+    return [u for u in units if u < limit], unit
+
+
+def _pages(diff: np.ndarray) -> list[int]:
+    """Page indexes of a chunk-long difference mask that hold a nonzero byte."""
+    n = len(diff) // PAGE * PAGE
+    bad = np.flatnonzero(diff[:n].reshape(-1, PAGE).any(axis=1)).tolist()
+    if len(diff) > n and diff[n:].any():
+        bad.append(n // PAGE)
+    return bad
+
+
+def _raid6_culprit(pd: np.ndarray, qd: np.ndarray, k: int) -> int | str | None:
+    """'P', 'Q', a data index z, or None (not known) for one page's P and Q differences."""
+    p_bad, q_bad = bool(pd.any()), bool(qd.any())
+    if p_bad and not q_bad:
+        return "P"
+    if q_bad and not p_bad:
+        return "Q"
+    nz = pd != 0
+    if not np.array_equal(nz, qd != 0):
+        return None
+    z = (GF_LOG[qd[nz]] - GF_LOG[pd[nz]]) % 255
+    if len(z) and np.all(z == z[0]) and int(z[0]) < k:
+        return int(z[0])
+    return None
+
+
+class _Scrub:
+    """One scrub pass over a pool."""
+
+    def __init__(self, pool: Pool, repair: bool) -> None:
+        self.pool = pool
+        self.layout = pool.layout
+        self.repair = repair
+        self.found: list[dict[str, Any]] = []
+        self.count = 0
+        self.repaired = 0
+
+    def _report(self, unit: int, member: int, member_off: int, length: int, what: str,
+                culprit: int | None, fixed: bool) -> None:
+        self.count += 1
+        self.repaired += int(fixed)
+        if len(self.found) < MAX_REPORTED:
+            self.found.append({"row": unit, "member": member, "offset": DATA_OFFSET + member_off,
+                               "data_offset": member_off, "length": length, "what": what,
+                               "culprit": culprit, "repaired": fixed})
+
+    async def _fix(self, writes: list[tuple[int, int, np.ndarray]]) -> None:
+        if self.repair and writes:
+            await self.layout._submit_member_writes(writes)
+
+    async def unit(self, u: int) -> None:
+        """Verify (and repair) one unit under its lock; retried once a member fails is known."""
+        layout = self.layout
+        while True:
+            layout.require_usable()
+            if layout.failed:
+                raise DegradedError(f"pool {self.pool.name!r} is degraded (failed members "
+                                    f"{sorted(layout.failed)}): replace them before a scrub")
+            try:
+                if self.pool.level in ("raid5", "raid6"):
+                    await self._parity_row(u)
+                elif self.pool.level == "raid1":
+                    await self._mirror(u, [(m, u * layout.chunk) for m in range(layout.n)], [u])
+                else:
+                    await self._mirror(u, layout.copies(u), [u])
+                return
+            except MemberFailed:
+                continue
+
+    async def _parity_row(self, row: int) -> None:
+        layout = self.layout
+        C, k = layout.chunk, layout.k
+        dmem, pmem = layout.row_members(row)
+        base = row * C
+        async with layout.locked([row]):
+            got = await layout._read_members([(m, base, C) for m in dmem + pmem])
+            data = np.stack(got[:k])
+            fresh = await layout.compute_parity(data)
+            diffs = [np.bitwise_xor(got[k + x], fresh[x]) for x in range(layout.nparity)]
+            bad = sorted(set().union(*(_pages(d) for d in diffs)))
+            writes: list[tuple[int, int, np.ndarray]] = []
+            for pg in bad:
+                a, b = pg * PAGE, min((pg + 1) * PAGE, C)
+                if layout.nparity == 1:
+                    self._report(row, pmem[0], base + a, b - a, "parity", None, self.repair)
+                    writes.append((pmem[0], base + a, fresh[0][a:b]))
+                    continue
+                who = _raid6_culprit(diffs[0][a:b], diffs[1][a:b], k)
+                if who in ("P", "Q"):
+                    x = 0 if who == "P" else 1
+                    self._report(row, pmem[x], base + a, b - a, who, pmem[x], self.repair)
+                    writes.append((pmem[x], base + a, fresh[x][a:b]))
+                elif isinstance(who, int):
+                    fixed = np.bitwise_xor(data[who, a:b], diffs[0][a:b])
+                    self._report(row, dmem[who], base + a, b - a, "data", dmem[who], self.repair)
+                    writes.append((dmem[who], base + a, fixed))
+                else:
+                    self._report(row, pmem[0], base + a, b - a, "parity", None, self.repair)
+                    writes += [(pmem[x], base + a, fresh[x][a:b]) for x in range(2)]
+            await self._fix(writes)
+
+    async def _mirror(self, unit: int, copies: list[tuple[int, int]], keys: list[int]) -> None:
+        layout = self.layout
+        C = layout.chunk
+        async with layout.locked(keys):
+            got = await layout._read_members([(m, off, C) for m, off in copies])
+            if all(np.array_equal(got[0], g) for g in got[1:]):
+                return
+            writes: list[tuple[int, int, np.ndarray]] = []
+            pages = sorted(set().union(*(_pages(np.bitwise_xor(got[0], g)) for g in got[1:])))
+            for pg in pages:
+                a, b = pg * PAGE, min((pg + 1) * PAGE, C)
+                votes: dict[bytes, list[int]] = {}
+                for x, g in enumerate(got):
+                    votes.setdefault(g[a:b].tobytes(), []).append(x)
+                best = max(votes.values(), key=len)
+                known = len(best) * 2 > len(got) and len(got) >= 3
+                good = best[0] if known else 0
+                for x, g in enumerate(got):
+                    # With a majority the outvoted copies are wrong; else those unlike the first.
+                    agrees = x in best if known else np.array_equal(g[a:b], got[0][a:b])
+                    if agrees:
+                        continue
+                    m, off = copies[x]
+                    self._report(unit, m, off + a, b - a, "copy", m if known else None, self.repair)
+                    writes.append((m, off + a, got[good][a:b]))
+            await self._fix(writes)
+
+
+async def scrub(pool: Pool, op: Operation, *, repair: bool = False, restart: bool = False,
+                speed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Verify (and repair) every unit in use; checkpoints and resumes; returns the findings."""
+    units, unit_bytes = scrub_units(pool)
+    job = _Scrub(pool, repair)
+    saved = pool.meta.get("scrub") or {}
+    start_at = 0
+    if not restart and saved.get("state") == "running" and bool(saved.get("repair")) == repair:
+        start_at = int(saved.get("cursor", 0))
+        job.count = int(saved.get("mismatches", 0))
+        job.repaired = int(saved.get("repaired", 0))
+        job.found = list(saved.get("found", []))
+    todo = [u for u in units if u >= start_at]
+    total = len(units) * unit_bytes
+    op.base = (len(units) - len(todo)) * unit_bytes
+    op.detail.update({"repair": repair, "resumed_at": start_at} if start_at else {"repair": repair})
+    op.progress(op.base, total)
+    lo, hi = speed_of(speed)
+    limiter = RateLimiter(pool.layout, lo, hi)
+    started = saved.get("started") if start_at else None
+
+    def record(cursor: int, final: str = "running") -> dict[str, Any]:
+        rec = {"state": final, "repair": repair, "cursor": cursor, "mismatches": job.count,
+               "repaired": job.repaired, "found": job.found[:MAX_REPORTED],
+               "started": started or int(time.time())}
+        pool.meta["scrub"] = rec
+        return rec
+
+    async def checkpoint(cursor: int) -> None:
+        record(cursor)
+        await pool.commit()
+
+    await checkpoint(start_at)
+    try:
+        if job.layout.failed:
+            raise DegradedError(f"pool {pool.name!r} is degraded (failed members "
+                                f"{sorted(job.layout.failed)}): replace them before a scrub")
+        await sweep(todo, job.unit, unit_bytes=unit_bytes, op=op, limiter=limiter,
+                    checkpoint=checkpoint, window=WINDOW)
+    except BaseException:
+        record(op.cursor)  # persisted by the next commit (at the latest when the pool closes)
+        raise
+    if repair and job.repaired:
+        await pool.data_dev.flush()
+    result = record(units[-1] + 1 if units else 0, "done")
+    result["finished"] = int(time.time())
+    await pool.commit()
+    remaining = job.count - job.repaired
+    return {"kind": "scrub", "level": pool.level, "scrubbed": total, "units": len(units),
+            "unit_bytes": unit_bytes, "mismatches": job.count, "repaired": job.repaired,
+            "remaining": remaining, "found": job.found, "truncated": job.count > len(job.found),
+            "repair": repair, "resumed_at": start_at}
+
+
+async def run_scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
+                    speed: dict[str, Any] | None = None, progress: Progress | None = None
+                    ) -> dict[str, Any]:
+    """Scrub in this task, to completion."""
+    return await pool.lifecycle.run(
+        "scrub", lambda op: scrub(pool, op, repair=repair, restart=restart, speed=speed), progress)
+
+
+def start_scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
+                speed: dict[str, Any] | None = None) -> Operation:
+    """Scrub in the background (the mount process)."""
+    scrub_units(pool)  # a clear error now rather than in the background
+    return pool.lifecycle.start(
+        "scrub", lambda op: scrub(pool, op, repair=repair, restart=restart, speed=speed))

@@ -1,0 +1,130 @@
+"""Byte-granular I/O over a device whose members need whole blocks (iSCSI LUNs).
+
+Volumes accept writes at any offset and length (a FUSE file does), and a RAID
+layout maps a byte range straight onto member ranges with the same alignment.
+An iSCSI LUN only takes whole 512- or 4096-byte blocks, so the pool puts this
+layer on top of the layout: aligned requests pass straight through (the
+vectored pair too); an unaligned write reads its edge blocks, merges, and
+writes whole blocks.
+
+Two unaligned writes that touch different bytes of one block would otherwise
+lose one another's bytes (both read the old block); a lock per edge block
+orders them. Overlapping concurrent writes have no defined order anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import trio
+
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.stack.iovec import total_bytes
+
+
+class AlignedDevice(DeviceBase):
+    """Accepts any offset and length; issues only block-aligned I/O below."""
+
+    def __init__(self, inner: BlockDevice, block: int | None = None) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.block_size = inner.block_size
+        self.block = block or inner.block_size
+        self._locks: dict[int, list] = {}  # block index -> [trio.Lock, users]
+
+    def __getattr__(self, name: str):
+        # Everything else (state, fail_member, row_members, ...) is the layout's.
+        return getattr(self.inner, name)
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        b = self.block
+        return offset - offset % b, -(-(offset + length) // b) * b
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        """Read any range (a whole-block read below, sliced)."""
+        self.check(offset, length)
+        start, end = self._span(offset, length)
+        if (start, end) == (offset, offset + length):
+            return await self.inner.read(offset, length)
+        data = await self.inner.read(start, end - start)
+        return data[offset - start : offset - start + length]
+
+    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
+        """Read into the views: straight below for whole blocks, else through read (sliced)."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        if self._span(offset, n) == (offset, offset + n):
+            await read_into(self.inner, offset, views)
+        else:
+            await super().readv_into(offset, views)
+
+    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
+        """Write the views: straight below for whole blocks, else gathered and merged as write does."""
+        n = total_bytes(views)
+        self.check(offset, n)
+        if not n:
+            return
+        if self._span(offset, n) == (offset, offset + n):
+            await write_from(self.inner, offset, views)
+        else:
+            await super().writev(offset, views)
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write any range; unaligned edges are read, merged and written as whole blocks."""
+        buf = as_u8(data)
+        self.check(offset, len(buf))
+        if not len(buf):
+            return
+        start, end = self._span(offset, len(buf))
+        if (start, end) == (offset, offset + len(buf)):
+            await self.inner.write(offset, buf)
+            return
+        b = self.block
+        edges = sorted({start // b, (end - 1) // b})
+        async with self._locked(edges):
+            merged = np.empty(end - start, dtype=np.uint8)
+            if offset != start:
+                merged[:b] = await self.inner.read(start, b)
+            if offset + len(buf) != end and (end - b > start or offset == start):
+                merged[-b:] = await self.inner.read(end - b, b)
+            merged[offset - start : offset - start + len(buf)] = buf
+            await self.inner.write(start, merged)
+
+    @asynccontextmanager
+    async def _locked(self, keys: list[int]) -> AsyncIterator[None]:
+        held: list[tuple[int, list]] = []
+        try:
+            for key in keys:  # sorted: no deadlock between two writers
+                ent = self._locks.setdefault(key, [trio.Lock(), 0])
+                ent[1] += 1
+                held.append((key, ent))
+                try:
+                    ent[0].acquire_nowait()  # no trip through the scheduler when free
+                except trio.WouldBlock:
+                    await ent[0].acquire()
+            yield
+        finally:
+            for key, ent in reversed(held):
+                if ent[0].locked() and ent[0].statistics().owner is trio.lowlevel.current_task():
+                    ent[0].release()
+                ent[1] -= 1
+                if ent[1] == 0:
+                    del self._locks[key]
+
+    async def flush(self) -> None:
+        """Flush below."""
+        await self.inner.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard the whole blocks inside the range (discard is advisory)."""
+        self.check(offset, length)
+        b = self.block
+        start = -(-offset // b) * b
+        end = (offset + length) // b * b
+        if end > start:
+            await self.inner.discard(start, end - start)
+
+    async def aclose(self) -> None:
+        """The pool closes the layout itself."""
