@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from vstore.device import BlockDevice, Buffer, read_into, write_from
+from vstore.consistency.metadata import BITMAP_OFFSET, DATA_OFFSET, Superblock, write_superblock
 from vstore.errors import ConfigError, VstoreError
-from vstore.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
-from vstore.metadata import BITMAP_OFFSET, DATA_OFFSET, Superblock, write_superblock
-from vstore.offset import OffsetDevice
-from vstore.rebuild import _check_index, open_new_member
+from vstore.ops.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
+from vstore.ops.rebuild import _check_index, open_new_member
 from vstore.sizes import format_size
+from vstore.stack.device import BlockDevice, Buffer, read_into, write_from
+from vstore.stack.offset import OffsetDevice
 
 if TYPE_CHECKING:
-    from vstore.pool import Pool
+    from vstore.pool.pool import Pool
 
-log = logging.getLogger("vstore.move")
+log = logging.getLogger("vstore.ops.move")
 
 REGION = 1 << 20  # dirty-tracking and copy granularity
 MAX_ROUNDS = 8  # pre-copy rounds before the final pause, at most
