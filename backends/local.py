@@ -24,6 +24,7 @@ from vstore.io import op as io_op
 from vstore.io import threads as io_threads
 from vstore.io.buffers import aligned_empty
 from vstore.stack.device import Buffer, DeviceBase, as_u8
+from vstore.uri import Backend, MemberURI
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -255,7 +256,7 @@ def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool
         raise
 
 
-async def open_uri(uri, *, create_size: int | None = None, **opts) -> LocalDevice:
+async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts) -> LocalDevice:
     """Open file:///PATH (creating it sparse when missing and create_size is given)."""
     block_size = int(uri.params.get("block_size", 512))
     direct_text = uri.params.get("direct", "0").lower()
@@ -263,3 +264,11 @@ async def open_uri(uri, *, create_size: int | None = None, **opts) -> LocalDevic
         raise ConfigError(f"{uri.path}: direct={direct_text!r} is not a yes/no value (direct=1)")
     direct = direct_text in ("1", "true", "yes", "on")
     return await trio.to_thread.run_sync(_open_sync, uri.path, create_size, block_size, direct)
+
+
+def _check_uri(uri: MemberURI) -> None:
+    if uri.host not in ("", "localhost") or not uri.path.startswith("/"):
+        raise ConfigError(f"file URI needs an absolute path: {uri.redacted()!r} (file:///abs/path)")
+
+
+BACKEND = Backend("file", open_uri, frozenset({"block_size", "direct"}), _check_uri)

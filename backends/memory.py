@@ -12,6 +12,7 @@ from vstore.errors import ConfigError, NotFoundError
 from vstore.io import op as io_op
 from vstore.sizes import parse_size
 from vstore.stack.device import Buffer, DeviceBase, as_u8
+from vstore.uri import Backend, MemberURI
 
 _STORES: dict[str, np.ndarray] = {}
 
@@ -95,7 +96,7 @@ def forget(name: str | None = None) -> None:
         _STORES.pop(name, None)
 
 
-async def open_uri(uri, *, create_size: int | None = None, **opts) -> MemoryDevice:
+async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts) -> MemoryDevice:
     """Open memory://NAME?size=SIZE, creating the store on first use."""
     params = uri.params
     block_size = int(params.get("block_size", 512))
@@ -109,3 +110,11 @@ async def open_uri(uri, *, create_size: int | None = None, **opts) -> MemoryDevi
             raise ConfigError(f"memory member size must be a positive multiple of {block_size}")
         store = _STORES[uri.host] = np.zeros(size, dtype=np.uint8)
     return MemoryDevice(store, block_size, uri.host)
+
+
+def _check_uri(uri: MemberURI) -> None:
+    if not uri.host:
+        raise ConfigError(f"memory URI needs a name: {uri.redacted()!r} (memory://NAME?size=1G)")
+
+
+BACKEND = Backend("memory", open_uri, frozenset({"size", "block_size"}), _check_uri)

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from vstore.errors import ConfigError, ExistsError, NotFoundError, VstoreError
-from vstore.stack.device import BlockDevice
+from vstore.stack.device import BlockDevice, FilterDevice
 
 
 class FakeTarget:
@@ -87,13 +87,12 @@ class FakeTarget:
             self.closed_marker.write_text(json.dumps({"clean": clean, "flushes": self.flush_count}))
 
 
-class FailingDevice:
+class FailingDevice(FilterDevice):
     """Wraps a device; raises a VstoreError on every I/O while .failing is set."""
 
     def __init__(self, dev: BlockDevice) -> None:
+        super().__init__(dev)
         self.dev = dev
-        self.size = dev.size
-        self.block_size = dev.block_size
         self.failing = False
 
     def _check(self) -> None:
@@ -110,15 +109,17 @@ class FailingDevice:
         self._check()
         await self.dev.write(offset, data)
 
+    async def readv_into(self, offset: int, views) -> None:
+        self._check()
+        await self.dev.readv_into(offset, views)
+
+    async def writev(self, offset: int, views) -> None:
+        self._check()
+        await self.dev.writev(offset, views)
+
     async def flush(self) -> None:
         self._check()
         await self.dev.flush()
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self.dev.discard(offset, length)
-
-    async def aclose(self) -> None:
-        await self.dev.aclose()
 
 
 def force_unmount(mountpoint: str | Path) -> None:

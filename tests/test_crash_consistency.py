@@ -46,7 +46,14 @@ from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home
 from vstore.pool.pool import Pool
 from vstore.raid.geometry import survives
-from vstore.testing import CrashRecorder, abandon, degraded_views, reopen_after_crash, verify_parity
+from vstore.testing import (
+    CrashRecorder,
+    DropFlushes,
+    abandon,
+    degraded_views,
+    reopen_after_crash,
+    verify_parity,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 4096
@@ -59,29 +66,6 @@ _counter = itertools.count()
 
 async def _no_resync(self) -> None:
     """The deliberately broken recovery without a journal: no resync at all."""
-
-
-class _NoFlush:
-    """A journal device whose flush does nothing: the deliberately broken journal."""
-
-    def __init__(self, dev) -> None:
-        self.dev = dev
-        self.size, self.block_size = dev.size, dev.block_size
-
-    async def read(self, offset, length):
-        return await self.dev.read(offset, length)
-
-    async def write(self, offset, data):
-        await self.dev.write(offset, data)
-
-    async def flush(self) -> None:
-        return None
-
-    async def discard(self, offset, length):
-        await self.dev.discard(offset, length)
-
-    async def aclose(self) -> None:
-        await self.dev.aclose()
 
 
 def machine_for(level: str, journal: bool, broken: str | None = None) -> type[RuleBasedStateMachine]:
@@ -110,7 +94,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
             self.pool = await Pool.open(self.home, "p")
             if broken == "flush":
                 jr = self.pool.consistency.journal
-                jr.dev = _NoFlush(jr.dev)
+                jr.dev = DropFlushes(jr.dev)  # the deliberately broken journal
             self.layout = self.pool.layout
             self.row_bytes = self.layout.row_bytes
             self.window = WINDOW_ROWS * self.row_bytes

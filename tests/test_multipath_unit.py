@@ -164,7 +164,8 @@ async def test_identity_mismatch_is_refused_naming_the_path():
 
 async def test_path_without_identity_is_refused():
     class NoIdentity(FakePath):
-        identity = None
+        def identity(self) -> None:
+            return None
 
     store, (a,) = make_paths(1)
     b = NoIdentity(store)

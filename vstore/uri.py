@@ -6,25 +6,34 @@ Forms (QEMU / libiscsi / libnfs conventions):
   nfs://HOST[:PORT]/EXPORT/PATH/FILE         a file on an NFSv3 export
   iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN   an iSCSI LUN
 A member reached over several paths is written as several URIs joined by commas.
+
+This module names no backend. Each backend module describes itself with a
+``Backend`` (its scheme, the query parameters it understands, its host/path
+rules and its opener) and is found through the ``vstore.backends`` entry-point
+group (``pyproject.toml``: ``file = "backends.local:BACKEND"``); a test or plug-in
+backend can also ``register`` one at run time. A backend's module is imported the
+first time a URI of its scheme is parsed.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import re
+import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from vstore.errors import ConfigError
 
-# scheme -> "module:function"; the function is ``async def open_uri(uri, *, create_size=None, **opts)``
-_OPENERS: dict[str, str] = {
-    "file": "backends.local:open_uri",
-    "memory": "backends.memory:open_uri",
-    "nfs": "backends.nfs:open_uri",
-    "iscsi": "backends.iscsi:open_uri",
-}
+GROUP = "vstore.backends"  # the entry-point group backends register their scheme in
+
+# Query parameters of every scheme, the multipath layer's: ``prio`` (a path's priority)
+# and ``path`` (a label that tells two URIs of one path apart).
+PATH_PARAMS = frozenset({"prio", "path"})
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,9 @@ def parse_uri(text: str) -> MemberURI:
     except ValueError as e:
         raise ConfigError(f"malformed member URI {redact_text(text)!r}: {e}") from None
     scheme = parts.scheme.lower()
-    if scheme not in _OPENERS:
+    if scheme not in _known():
         raise ConfigError(
-            f"unknown URI scheme {scheme!r} in {redact_text(text)!r} (known: {', '.join(sorted(_OPENERS))})"
+            f"unknown URI scheme {scheme!r} in {redact_text(text)!r} (known: {', '.join(sorted(_known()))})"
         )
     try:
         port = parts.port
@@ -106,53 +115,91 @@ def parse_uri(text: str) -> MemberURI:
     path = unquote(parts.path)
     query = tuple(parse_qsl(parts.query, keep_blank_values=True))
     uri = MemberURI(scheme, host, port, path, user, password, query, text)
-    _validate(uri)
+    backend_for(scheme).validate(uri)
     return uri
 
 
-# The query parameters each scheme understands; anything else is a typo to report,
-# not to ignore. ``prio`` (a multipath path's priority) and ``path`` (a label that
-# tells two URIs of one path apart) are the multipath layer's.
-_PARAMS: dict[str, frozenset[str]] = {
-    "file": frozenset({"block_size", "direct"}),
-    "memory": frozenset({"size", "block_size"}),
-    "nfs": frozenset({"nfsport", "mountport", "uid", "gid", "depth", "retrans", "timeout", "cache_bytes",
-                      "rsize", "wsize"}),
-    "iscsi": frozenset({"initiator_name", "header_digest", "data_digest", "max_recv", "max_burst", "timeout",
-                        "login_timeout", "queue_depth", "recovery_timeout", "max_transfer", "max_write",
-                        "credentials_file"}),
-}
-_PATH_PARAMS = frozenset({"prio", "path"})
+@dataclass(frozen=True)
+class Backend:
+    """What the URI layer knows of a backend: its scheme, its URI rules and how to open a URI."""
+
+    scheme: str
+    open_uri: Callable[..., Awaitable[Any]]  # async def open_uri(uri, *, create_size=None, **opts)
+    params: frozenset[str] | None = None  # the query parameters it understands (None: any)
+    check: Callable[[MemberURI], None] | None = None  # host/port/path rules: raises ConfigError
+
+    def validate(self, uri: MemberURI) -> None:
+        """Raise ConfigError unless the URI keeps this backend's rules (a typo is reported, not ignored)."""
+        if self.params is not None:
+            unknown = sorted({k for k, _ in uri.query} - self.params - PATH_PARAMS)
+            if unknown:
+                raise ConfigError(
+                    f"unknown parameter {unknown[0]!r} in {uri.redacted()!r} "
+                    f"(known for {uri.scheme}://: {', '.join(sorted(self.params | PATH_PARAMS))})")
+        if self.check is not None:
+            self.check(uri)
 
 
-def _validate(uri: MemberURI) -> None:
-    known = _PARAMS.get(uri.scheme)
-    if known is not None:
-        unknown = sorted({k for k, _ in uri.query} - known - _PATH_PARAMS)
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r} in {uri.redacted()!r} "
-                              f"(known for {uri.scheme}://: {', '.join(sorted(known | _PATH_PARAMS))})")
-    if uri.scheme == "file":
-        if uri.host not in ("", "localhost") or not uri.path.startswith("/"):
-            raise ConfigError(f"file URI needs an absolute path: {uri.redacted()!r} (file:///abs/path)")
-    elif uri.scheme == "memory":
-        if not uri.host:
-            raise ConfigError(f"memory URI needs a name: {uri.redacted()!r} (memory://NAME?size=1G)")
-    elif uri.scheme == "nfs":
-        if not uri.host or len(uri.path.strip("/").split("/")) < 2:
-            raise ConfigError(f"NFS URI needs host, export and file: {uri.redacted()!r}")
-    elif uri.scheme == "iscsi":
-        comps = uri.path.strip("/").split("/")
-        if not uri.host or len(comps) != 2 or not comps[1].isdigit():
-            raise ConfigError(
-                f"iSCSI URI needs host, target IQN and LUN number: {uri.redacted()!r} "
-                "(iscsi://HOST[:PORT]/IQN/LUN)"
-            )
+_REGISTERED: dict[str, Backend] = {}  # registered at run time (test and plug-in backends)
+_LOADED: dict[str, Backend] = {}  # found through the entry points, loaded on first use
+_ENTRY_POINTS: dict[str, str] | None = None  # scheme -> "module:attribute"
 
 
-def register_scheme(scheme: str, opener: str) -> None:
-    """Let open_uri open ``scheme://`` URIs with ``"module:function"`` (test and plug-in backends)."""
-    _OPENERS[scheme.lower()] = opener
+def register(backend: Backend) -> None:
+    """Let parse_uri and open_uri take ``backend.scheme://`` URIs (test and plug-in backends)."""
+    _REGISTERED[backend.scheme.lower()] = backend
+
+
+def unregister(scheme: str) -> None:
+    """Forget a backend given to register."""
+    _REGISTERED.pop(scheme.lower(), None)
+
+
+def _entry_points() -> dict[str, str]:
+    """scheme -> "module:attribute" of the installed backends (read once)."""
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        found = {ep.name.lower(): ep.value for ep in importlib.metadata.entry_points(group=GROUP)}
+        # A source checkout whose installed metadata predates a backend (an editable install
+        # not reinstalled since): its pyproject.toml is newer than the metadata.
+        for scheme, value in _source_entry_points().items():
+            found.setdefault(scheme, value)
+        _ENTRY_POINTS = found
+    return _ENTRY_POINTS
+
+
+def _source_entry_points() -> dict[str, str]:
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        with pyproject.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    table = data.get("project", {}).get("entry-points", {}).get(GROUP, {})
+    return {str(k).lower(): str(v) for k, v in table.items()}
+
+
+def _known() -> set[str]:
+    return set(_REGISTERED) | set(_entry_points())
+
+
+def backend_for(scheme: str) -> Backend:
+    """The backend that takes ``scheme://`` URIs (ConfigError when none does)."""
+    scheme = scheme.lower()
+    backend = _REGISTERED.get(scheme) or _LOADED.get(scheme)
+    if backend is not None:
+        return backend
+    target = _entry_points().get(scheme)
+    if target is None:
+        raise ConfigError(f"unknown URI scheme {scheme!r} (known: {', '.join(sorted(_known()))})")
+    modname, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(modname)
+    for name in attr.split(".") if attr else ("BACKEND",):
+        obj = getattr(obj, name)
+    if not isinstance(obj, Backend) or obj.scheme != scheme:
+        raise ConfigError(f"entry point {scheme} = {target!r} of {GROUP} is not the {scheme}:// Backend")
+    _LOADED[scheme] = obj
+    return obj
 
 
 def split_paths(text: str) -> list[MemberURI]:
@@ -167,6 +214,4 @@ async def open_uri(uri: MemberURI | str, *, create_size: int | None = None, **op
     """Open the backend device a URI names (creating a missing file when create_size is set)."""
     if isinstance(uri, str):
         uri = parse_uri(uri)
-    modname, funcname = _OPENERS[uri.scheme].split(":")
-    module = importlib.import_module(modname)
-    return await getattr(module, funcname)(uri, create_size=create_size, **opts)
+    return await backend_for(uri.scheme).open_uri(uri, create_size=create_size, **opts)

@@ -60,8 +60,9 @@ from vstore.errors import (
 )
 from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
+from vstore.uri import Backend, MemberURI, parse_uri
 
-__all__ = ["IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
+__all__ = ["BACKEND", "IscsiDevice", "ScsiError", "discover", "open_uri", "default_initiator_name"]
 
 log = logging.getLogger("vstore.iscsi")
 
@@ -688,10 +689,8 @@ def _device(host: str, port: int, target: str, lun: int, opts: dict, creds, name
     )
 
 
-async def open_uri(uri, *, create_size: int | None = None, **opts: Any) -> IscsiDevice:
+async def open_uri(uri: MemberURI | str, *, create_size: int | None = None, **opts: Any) -> IscsiDevice:
     """Open iscsi://HOST[:PORT]/IQN/LUN as a BlockDevice (LUNs are never created)."""
-    from vstore.uri import parse_uri
-
     if isinstance(uri, str):
         uri = parse_uri(uri)
     target, lun_text = uri.path.strip("/").split("/")
@@ -710,6 +709,24 @@ async def open_uri(uri, *, create_size: int | None = None, **opts: Any) -> Iscsi
             "(iSCSI LUNs cannot be created or grown by vstore)"
         )
     return dev
+
+
+def _check_uri(uri: MemberURI) -> None:
+    comps = uri.path.strip("/").split("/")
+    if not uri.host or len(comps) != 2 or not comps[1].isdigit():
+        raise ConfigError(
+            f"iSCSI URI needs host, target IQN and LUN number: {uri.redacted()!r} "
+            "(iscsi://HOST[:PORT]/IQN/LUN)"
+        )
+
+
+BACKEND = Backend(
+    "iscsi", open_uri,
+    frozenset({"initiator_name", "header_digest", "data_digest", "max_recv", "max_burst", "timeout",
+               "login_timeout", "queue_depth", "recovery_timeout", "max_transfer", "max_write",
+               "credentials_file"}),
+    _check_uri,
+)
 
 
 def _parse_portal(portal_uri: str) -> tuple[str, int, str | None, str | None]:

@@ -11,8 +11,24 @@ Modules: ``xdr``, ``rpc`` and ``nfs3`` are sans-IO codecs over bytes; ``client``
 is the trio transport; ``device`` is the BlockDevice and the opening sequence.
 """
 
+from vstore.errors import ConfigError
+from vstore.uri import Backend, MemberURI
+
 from .device import NfsDevice, open_uri
 from .nfs3 import NfsError, NfsNotFoundError
 from .rpc import RpcError
 
-__all__ = ["NfsDevice", "NfsError", "NfsNotFoundError", "RpcError", "open_uri"]
+__all__ = ["BACKEND", "NfsDevice", "NfsError", "NfsNotFoundError", "RpcError", "open_uri"]
+
+
+def _check_uri(uri: MemberURI) -> None:
+    if not uri.host or len(uri.path.strip("/").split("/")) < 2:
+        raise ConfigError(f"NFS URI needs host, export and file: {uri.redacted()!r}")
+
+
+BACKEND = Backend(
+    "nfs", open_uri,
+    frozenset({"nfsport", "mountport", "uid", "gid", "depth", "retrans", "timeout", "cache_bytes",
+               "rsize", "wsize"}),
+    _check_uri,
+)

@@ -31,7 +31,7 @@ from vstore.errors import ConfigError, VstoreError
 from vstore.ops.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
 from vstore.ops.rebuild import _check_index, open_new_member
 from vstore.sizes import format_size
-from vstore.stack.device import BlockDevice, Buffer, read_into, write_from
+from vstore.stack.device import BlockDevice, Buffer, FilterDevice, read_into, write_from
 from vstore.stack.offset import OffsetDevice
 
 if TYPE_CHECKING:
@@ -95,13 +95,12 @@ class MoveWatch:
         self._resumed.set()
 
 
-class CountingDevice:
+class CountingDevice(FilterDevice):
     """Passes I/O through to a device, counting requests in flight (to close it only when idle)."""
 
     def __init__(self, dev: BlockDevice) -> None:
+        super().__init__(dev)
         self.dev = dev
-        self.size = dev.size
-        self.block_size = dev.block_size
         self.inflight = 0
         self.idle = trio.Event()
         self.idle.set()

@@ -199,11 +199,10 @@ async def open_new_member(pool: Pool, uri_text: str, *, size: int | None, force:
         if dev.size < DATA_OFFSET + need:
             raise ConfigError(f"{paths[0].redacted()} is too small: {format_size(dev.size)}, "
                               f"needs {format_size(DATA_OFFSET + need)}")
-        ident = getattr(dev, "identity", None)
+        ident = dev.identity()
         if ident is not None:
             for m in pool.members:
-                other = getattr(m.dev, "identity", None)
-                if other is not None and m.state == "active" and other() == ident():
+                if m.dev is not None and m.state == "active" and m.dev.identity() == ident:
                     raise ExistsError(f"{paths[0].redacted()} is the same storage as member {m.index}")
         scan = await scan_member(dev)
         sb = scan.superblock

@@ -86,11 +86,10 @@ class Consistency:
                 raise ConfigError(f"journal {uri.redacted()} is also a member")
             dev = await open_uri(uri, create_size=journal_size or DEFAULT_SIZE)
             try:
-                ident = getattr(dev, "identity", None)
+                ident = dev.identity()
                 if ident is not None:
                     for i, mdev in enumerate(member_devs):
-                        mid = getattr(mdev, "identity", None)
-                        if mid is not None and mid() == ident():
+                        if mdev.identity() == ident:
                             raise ConfigError(f"journal {uri.redacted()} is the same storage as member {i}")
                 # The log must hold two full-stripe updates (records in blocks of up to 4 KiB).
                 biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], 4096)
@@ -104,7 +103,7 @@ class Consistency:
                 jr = await Journal.format(dev, meta["pool_uuid"], uri=uri.redacted())
             except BaseException:
                 await dev.aclose()
-                if getattr(dev, "created", False):  # made by this create: leave nothing behind
+                if dev.created:  # made by this create: leave nothing behind
                     with contextlib.suppress(OSError):
                         os.unlink(dev.path)
                 raise

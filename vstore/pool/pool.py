@@ -50,7 +50,7 @@ from vstore.raid import make_layout, redundancy, usable_size
 from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.stack.align import AlignedDevice
-from vstore.stack.device import BlockDevice
+from vstore.stack.device import BlockDevice, DeviceBase
 from vstore.stack.multipath import MultipathDevice, validate_options
 from vstore.stack.offset import OffsetDevice
 from vstore.stack.volume import EXTENT_SIZE, Volume, list_to_runs, runs_to_list
@@ -206,10 +206,10 @@ class Pool:
             # The same storage under two spellings (//, ./, a symlink, a second path).
             seen_ident: dict[str, int] = {}
             for i, dev in enumerate(devs):
-                ident = getattr(dev, "identity", None)
+                ident = dev.identity()
                 if ident is None:
                     continue
-                other = seen_ident.setdefault(ident(), i)
+                other = seen_ident.setdefault(ident, i)
                 if other != i:
                     raise ConfigError(f"members {other} ({paths_list[other][0].redacted()}) and {i} "
                                       f"({paths_list[i][0].redacted()}) are the same storage")
@@ -264,7 +264,7 @@ class Pool:
             for dev in devs:
                 with trio.CancelScope(shield=True):
                     await dev.aclose()
-                if getattr(dev, "created", False):  # a file this create made: leave nothing behind
+                if dev.created:  # a file this create made: leave nothing behind
                     with contextlib.suppress(OSError):
                         os.unlink(dev.path)
             raise
@@ -801,7 +801,7 @@ class Pool:
                 await self._close_devices()
 
 
-class _AbsentDevice:
+class _AbsentDevice(DeviceBase):
     """Stands in for a member that could not be opened; the layout never touches it."""
 
     def __init__(self, size: int) -> None:

@@ -231,8 +231,7 @@ class RaidLayout(DeviceBase):
         ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
         for run in runs:
-            prepare = getattr(self.members[run[0]], "prepare_io", None)
-            op = prepare(is_write, run[1], run[2]) if prepare is not None else None
+            op = self.members[run[0]].prepare_io(is_write, run[1], run[2])
             if op is None:
                 slow.append(run)
             else:

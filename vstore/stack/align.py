@@ -20,23 +20,17 @@ from contextlib import asynccontextmanager
 import numpy as np
 import trio
 
-from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, FilterDevice, as_u8
 from vstore.stack.iovec import total_bytes
 
 
-class AlignedDevice(DeviceBase):
+class AlignedDevice(FilterDevice):
     """Accepts any offset and length; issues only block-aligned I/O below."""
 
     def __init__(self, inner: BlockDevice, block: int | None = None) -> None:
-        self.inner = inner
-        self.size = inner.size
-        self.block_size = inner.block_size
+        super().__init__(inner)
         self.block = block or inner.block_size
         self._locks: dict[int, list] = {}  # block index -> [trio.Lock, users]
-
-    def __getattr__(self, name: str):
-        # Everything else (state, fail_member, row_members, ...) is the layout's.
-        return getattr(self.inner, name)
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         b = self.block
@@ -56,9 +50,9 @@ class AlignedDevice(DeviceBase):
         n = total_bytes(views)
         self.check(offset, n)
         if self._span(offset, n) == (offset, offset + n):
-            await read_into(self.inner, offset, views)
+            await self.inner.readv_into(offset, views)
         else:
-            await super().readv_into(offset, views)
+            await DeviceBase.readv_into(self, offset, views)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Write the views: straight below for whole blocks, else gathered and merged as write does."""
@@ -67,9 +61,9 @@ class AlignedDevice(DeviceBase):
         if not n:
             return
         if self._span(offset, n) == (offset, offset + n):
-            await write_from(self.inner, offset, views)
+            await self.inner.writev(offset, views)
         else:
-            await super().writev(offset, views)
+            await DeviceBase.writev(self, offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write any range; unaligned edges are read, merged and written as whole blocks."""
@@ -112,10 +106,6 @@ class AlignedDevice(DeviceBase):
                 ent[1] -= 1
                 if ent[1] == 0:
                     del self._locks[key]
-
-    async def flush(self) -> None:
-        """Flush below."""
-        await self.inner.flush()
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard the whole blocks inside the range (discard is advisory)."""

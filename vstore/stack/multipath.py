@@ -69,7 +69,7 @@ from vstore.errors import (
     VstoreError,
 )
 from vstore.io.aio import gather
-from vstore.stack.device import Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import total_bytes
 from vstore.uri import MemberURI, open_uri
 
@@ -202,8 +202,8 @@ class Path:
     def set_device(self, dev: Any) -> None:
         """Attach the opened path device (and note the command timeout its backend enforces)."""
         self.dev = dev
-        own = getattr(dev, "timeout", None)
-        self.own_timeout = float(own) if isinstance(own, (int, float)) and own > 0 else 0.0
+        own = dev.timeout if dev is not None else 0.0  # None: the path could not be opened yet
+        self.own_timeout = float(own) if own > 0 else 0.0
 
 
 class _Range:
@@ -509,21 +509,14 @@ class MultipathDevice(DeviceBase):
         with trio.move_on_after(self.probe_timeout) as cs:
             if p.dev is None:
                 dev = await self._opener(p.uri)
-                try:
-                    ident = dev.identity()
-                except AttributeError:
-                    ident = None
+                ident = dev.identity()
                 if ident != self._identity or dev.size != self.size:
                     await _close_quietly(dev)
                     raise MemberIOError(
                         f"{p.uri.redacted()} reaches other storage ({ident}, not {self._identity})")
                 p.set_device(dev)
                 return
-            probe = getattr(p.dev, "probe", None)
-            if probe is not None:
-                await probe(self.probe_timeout)
-            else:
-                await p.dev.read(0, self.block_size)
+            await p.dev.probe(self.probe_timeout)
         if cs.cancelled_caught:
             raise DeviceTimeoutError(f"no answer to the path probe within {self.probe_timeout:g} s")
 
@@ -644,9 +637,9 @@ class MultipathDevice(DeviceBase):
         elif kind == 2:
             coro = dev.discard(offset, arg)
         elif kind == _READV:
-            coro = read_into(dev, offset, arg)
+            coro = dev.readv_into(offset, arg)
         elif kind == _WRITEV:
-            coro = write_from(dev, offset, arg)
+            coro = dev.writev(offset, arg)
         else:
             coro = dev.flush()
         # A cancel scope per I/O costs more than the rest of this layer: skip it when the path's
@@ -695,9 +688,8 @@ class MultipathDevice(DeviceBase):
                 # Paths that keep unstable writes of their own (NFS) must not lay those older
                 # bytes over this newer write when they read the range later.
                 for q in self.paths:
-                    forget = getattr(q.dev, "forget_range", None) if q is not p else None
-                    if forget is not None:
-                        forget(offset, nbytes)
+                    if q is not p and q.dev is not None:
+                        q.dev.forget_range(offset, nbytes)
             # Throughput over busy time (time with something in flight), as a moving average;
             # a flush moves no bytes and would only drag the estimate down.
             now = trio.current_time()
@@ -835,13 +827,13 @@ def _target_error(exc: BaseException) -> bool:
 def _check_identity(opened: list[tuple[MemberURI, Any]]) -> str:
     idents = []
     for uri, dev in opened:
-        fn = getattr(dev, "identity", None)
-        if fn is None:
+        ident = dev.identity()
+        if ident is None:
             raise ConfigError(
                 f"cannot prove that the paths reach the same storage: {uri.redacted()} "
                 "has no identity (its backend does not support multipath)"
             )
-        idents.append(fn())
+        idents.append(ident)
     ref = idents[0]
     odd = [(uri, ident) for (uri, _d), ident in zip(opened, idents, strict=True) if ident != ref]
     if odd:

@@ -6,15 +6,18 @@ the RAID layout, as md's v1.2 metadata sits before the data offset.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vstore.errors import ConfigError
-from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.stack.device import BlockDevice, Buffer, FilterDevice, as_u8
+
+if TYPE_CHECKING:
+    from vstore.io.op import Op
 
 
-class OffsetDevice(DeviceBase):
+class OffsetDevice(FilterDevice):
     """A BlockDevice over the bytes [offset, offset + size) of another device."""
 
     def __init__(
@@ -28,10 +31,9 @@ class OffsetDevice(DeviceBase):
             )
         if offset % dev.block_size or size % dev.block_size:
             raise ConfigError(f"window at {offset} of {size} bytes is not aligned to {dev.block_size}")
-        self.inner = dev
+        super().__init__(dev)
         self.offset = offset
         self.size = size
-        self.block_size = dev.block_size
         self.close_inner = close_inner
 
     async def read(self, offset: int, length: int) -> np.ndarray:
@@ -42,30 +44,23 @@ class OffsetDevice(DeviceBase):
     async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
         """Scatter-read from the window straight into the views."""
         self.check(offset, sum(len(v) for v in views))
-        await read_into(self.inner, self.offset + offset, views)
+        await self.inner.readv_into(self.offset + offset, views)
 
-    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Any:
+    def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Op | None:
         """The inner device's I/O-engine op for this window's range (None if it has none)."""
-        prepare = getattr(self.inner, "prepare_io", None)
-        if prepare is None:
-            return None
         self.check(offset, sum(len(v) for v in views))
-        return prepare(is_write, self.offset + offset, views)
+        return self.inner.prepare_io(is_write, self.offset + offset, views)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Gather-write the views into the window."""
         self.check(offset, sum(len(v) for v in views))
-        await write_from(self.inner, self.offset + offset, views)
+        await self.inner.writev(self.offset + offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write into the window."""
         buf = as_u8(data)
         self.check(offset, len(buf))
         await self.inner.write(self.offset + offset, buf)
-
-    async def flush(self) -> None:
-        """Flush the underlying device."""
-        await self.inner.flush()
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard inside the window."""
@@ -77,10 +72,13 @@ class OffsetDevice(DeviceBase):
         if self.close_inner:
             await self.inner.aclose()
 
+    def forget_range(self, offset: int, length: int) -> None:
+        """Forget inside the window."""
+        self.inner.forget_range(self.offset + offset, length)
+
     def identity(self) -> str:
         """The underlying device's identity (when it has one) and the window."""
-        ident = getattr(self.inner, "identity", None)
-        base = ident() if ident is not None else f"dev:{id(self.inner)}"
+        base = self.inner.identity() or f"dev:{id(self.inner)}"
         return f"{base}@{self.offset}+{self.size}"
 
     def __repr__(self) -> str:

@@ -35,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from backends.memory import MemoryDevice
 from vstore import owner as owner_mod
+from vstore import uri as uri_mod
 from vstore.errors import MemberIOError, NotFoundError
-from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into
+from vstore.stack.device import BlockDevice, Buffer, DeviceBase, FilterDevice, as_u8
 from vstore.stack.iovec import total_bytes
-from vstore.uri import MemberURI, register_scheme
+from vstore.uri import MemberURI
 
 SCHEME = "crashsim"
 _GROUPS: dict[str, CrashRecorder] = {}
@@ -82,6 +84,7 @@ class CrashRecorder:
         self.epoch = 0  # bumped by crash(): handles of an older epoch are dead
         self._flush_ids = 0
         _GROUPS[group] = self
+        register()
 
     def uri(self, name: str) -> str:
         """The URI that opens member name."""
@@ -94,8 +97,6 @@ class CrashRecorder:
 
     def add_memory(self, name: str, size: int, block_size: int = 512) -> str:
         """A new zero-filled memory member; returns its URI."""
-        from backends.memory import MemoryDevice
-
         return self.add(name, MemoryDevice(np.zeros(size, np.uint8), block_size, name))
 
     def fail(self, name: str) -> None:
@@ -107,9 +108,8 @@ class CrashRecorder:
         _GROUPS.pop(self.group, None)
 
     async def _bytes_of(self, dev: BlockDevice) -> np.ndarray:
-        store = getattr(dev, "store", None)
-        if isinstance(store, np.ndarray):
-            return store.copy()
+        if isinstance(dev, MemoryDevice):
+            return dev.store.copy()
         return as_u8(await dev.read(0, dev.size)).copy()
 
     async def start(self) -> None:
@@ -211,24 +211,21 @@ class CrashRecorder:
         self.dead.clear()
         for name, data in states.items():
             dev = self.members[name]
-            store = getattr(dev, "store", None)
-            if isinstance(store, np.ndarray):
-                store[:] = data
+            if isinstance(dev, MemoryDevice):
+                dev.store[:] = data
             else:
                 await dev.write(0, data)
                 await dev.flush()
         self.events = []
 
 
-class CrashDevice(DeviceBase):
+class CrashDevice(FilterDevice):
     """A handle on one member of a CrashRecorder: passes I/O through and records it."""
 
     def __init__(self, recorder: CrashRecorder, name: str) -> None:
+        super().__init__(recorder.members[name])
         self.recorder = recorder
         self.name = name
-        self.inner = recorder.members[name]
-        self.size = self.inner.size
-        self.block_size = self.inner.block_size
         self.epoch = recorder.epoch
 
     def _alive(self) -> None:
@@ -244,10 +241,13 @@ class CrashDevice(DeviceBase):
         return await self.inner.read(offset, length)
 
     async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
-        """Read through into the views (writev stays the default: gathered, then write, recorded)."""
+        """Read through into the views."""
         self._alive()
         self.check(offset, total_bytes(views))
-        await read_into(self.inner, offset, views)
+        await self.inner.readv_into(offset, views)
+
+    # Vectored writes are gathered and go through write, which records them.
+    writev = DeviceBase.writev
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write through and record the write."""
@@ -288,7 +288,9 @@ async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts: An
     return CrashDevice(rec, name)
 
 
-register_scheme(SCHEME, "vstore.testing.crash:open_uri")
+def register() -> None:
+    """Let crashsim:// URIs be parsed and opened (every CrashRecorder does this when built)."""
+    uri_mod.register(uri_mod.Backend(SCHEME, open_uri))
 
 
 @contextlib.contextmanager

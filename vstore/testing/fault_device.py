@@ -25,7 +25,7 @@ import numpy as np
 import trio
 
 from vstore.errors import ConfigError, MemberIOError
-from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
+from vstore.stack.device import BlockDevice, Buffer, FilterDevice, as_u8
 from vstore.stack.iovec import total_bytes
 
 KINDS = ("read", "write", "flush", "discard")
@@ -67,18 +67,17 @@ def _kinds(kind: str) -> frozenset[str]:
     return frozenset([kind])
 
 
-class FaultDevice(DeviceBase):
+class FaultDevice(FilterDevice):
     """A BlockDevice that forwards to another and injects failures and corruption on command."""
 
     def __init__(self, inner: BlockDevice, name: str = "", delay: float = 0.0) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.name = name or repr(inner)
-        self.size = inner.size
-        self.block_size = inner.block_size
         self.delay = delay  # seconds each operation sleeps first: widens race windows
         self.rules: list[FaultRule] = []
         self.ops = dict.fromkeys(KINDS, 0)
         self.faults_hit = 0
+        self._last: FaultRule | None = None
 
     def fail(self, kind: str = "all", *, after: int = 0, count: int | None = None, torn: bool = False) -> None:
         """Make operations of a kind raise MemberIOError, after letting `after` pass."""
@@ -121,7 +120,7 @@ class FaultDevice(DeviceBase):
 
     def _error(self, kind: str, offset: int | None = None) -> MemberIOError:
         where = f" at {offset}" if offset is not None else ""
-        rule = getattr(self, "_last", None)
+        rule = self._last
         if rule is not None and rule.style == "short":
             return MemberIOError(f"{self.name}: short {kind}{where}: fewer bytes than asked (injected)")
         if rule is not None and rule.style == "shrink":
@@ -160,7 +159,7 @@ class FaultDevice(DeviceBase):
         rule = self._hit("read", offset + total_bytes(views))
         if rule is not None and rule.action == "fail":
             raise self._error("read", offset)
-        await read_into(self.inner, offset, views)
+        await self.inner.readv_into(offset, views)
         if rule is not None:  # corrupt
             for v in views:
                 np.invert(v, out=v)
@@ -173,9 +172,9 @@ class FaultDevice(DeviceBase):
         rule = self._hit("write", offset + n)
         if rule is not None:
             if rule.torn and n > 1:
-                await write_from(self.inner, offset, _first_bytes(views, n // 2))
+                await self.inner.writev(offset, _first_bytes(views, n // 2))
             raise self._error("write", offset)
-        await write_from(self.inner, offset, views)
+        await self.inner.writev(offset, views)
 
     async def flush(self) -> None:
         """Flush, unless a rule fails it."""
@@ -189,15 +188,6 @@ class FaultDevice(DeviceBase):
         if self._hit("discard", offset + length) is not None:
             raise self._error("discard", offset)
         await self.inner.discard(offset, length)
-
-    async def aclose(self) -> None:
-        """Close the wrapped device."""
-        await self.inner.aclose()
-
-    def identity(self) -> str:
-        """The wrapped device's identity, when it has one."""
-        ident = getattr(self.inner, "identity", None)
-        return ident() if ident is not None else f"fault:{id(self)}"
 
 
 def _first_bytes(views: list[np.ndarray], n: int) -> list[np.ndarray]:

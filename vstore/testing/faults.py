@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import trio
 
+from backends.memory import MemoryDevice
+from vstore import uri as uri_mod
 from vstore.errors import NotFoundError
-from vstore.stack.device import BlockDevice, Buffer, DeviceBase, read_into, write_from
+from vstore.stack.device import BlockDevice, Buffer, FilterDevice
 from vstore.testing.crash import CrashDevice, CrashRecorder
 from vstore.testing.fault_device import KINDS, FaultDevice, FaultRule
-from vstore.uri import MemberURI, register_scheme
+from vstore.uri import MemberURI
 
 __all__ = [
     "DropFlushes",
@@ -54,13 +56,12 @@ PAGE = 64 << 10  # granularity at which a crash writes changed bytes back to rea
 Wrap = Callable[[BlockDevice], BlockDevice]
 
 
-class SlowDevice(DeviceBase):
+class SlowDevice(FilterDevice):
     """A slow member: every operation waits `delay` seconds first."""
 
     def __init__(self, inner: BlockDevice, delay: float = 0.001) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.delay = delay
-        self.size, self.block_size = inner.size, inner.block_size
 
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read after the delay."""
@@ -75,12 +76,12 @@ class SlowDevice(DeviceBase):
     async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
         """Read into the views after the delay."""
         await trio.sleep(self.delay)
-        await read_into(self.inner, offset, views)
+        await self.inner.readv_into(offset, views)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Write the views after the delay."""
         await trio.sleep(self.delay)
-        await write_from(self.inner, offset, views)
+        await self.inner.writev(offset, views)
 
     async def flush(self) -> None:
         """Flush after the delay."""
@@ -92,54 +93,12 @@ class SlowDevice(DeviceBase):
         await trio.sleep(self.delay)
         await self.inner.discard(offset, length)
 
-    async def aclose(self) -> None:
-        """Close the wrapped device."""
-        await self.inner.aclose()
 
-    def identity(self) -> str:
-        """The wrapped device's identity."""
-        ident = getattr(self.inner, "identity", None)
-        return ident() if ident is not None else f"slow:{id(self)}"
-
-
-class DropFlushes(DeviceBase):
+class DropFlushes(FilterDevice):
     """A deliberately broken layer: writes pass, flushes are acknowledged and dropped."""
-
-    def __init__(self, inner: BlockDevice) -> None:
-        self.inner = inner
-        self.size, self.block_size = inner.size, inner.block_size
-
-    async def read(self, offset: int, length: int) -> np.ndarray:
-        """Read through."""
-        return await self.inner.read(offset, length)
-
-    async def write(self, offset: int, data: Buffer) -> None:
-        """Write through."""
-        await self.inner.write(offset, data)
-
-    async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
-        """Read through into the views."""
-        await read_into(self.inner, offset, views)
-
-    async def writev(self, offset: int, views: list[np.ndarray]) -> None:
-        """Write the views through."""
-        await write_from(self.inner, offset, views)
 
     async def flush(self) -> None:
         """The bug: claim durability without asking the device below."""
-
-    async def discard(self, offset: int, length: int) -> None:
-        """Discard through."""
-        await self.inner.discard(offset, length)
-
-    async def aclose(self) -> None:
-        """Close the wrapped device."""
-        await self.inner.aclose()
-
-    def identity(self) -> str:
-        """The wrapped device's identity."""
-        ident = getattr(self.inner, "identity", None)
-        return ident() if ident is not None else f"dropflush:{id(self)}"
 
 
 def fail_path(dev: Any, index: int) -> None:
@@ -183,6 +142,7 @@ class Rig:
         self.paths: dict[str, Any] = {}  # name -> MultipathDevice under it, for path drills
         self.initial: dict[str, np.ndarray] = {}
         _RIGS[self.group] = self
+        register()
 
     # --- members -----------------------------------------------------------------------
 
@@ -283,9 +243,8 @@ class Rig:
         rec.epoch += 1  # every handle opened before is dead from here on
         for name, want in states.items():
             dev = rec.members[name]
-            store = getattr(dev, "store", None)
-            if isinstance(store, np.ndarray):
-                store[:] = want
+            if isinstance(dev, MemoryDevice):
+                dev.store[:] = want
                 continue
             # Real storage: write back only the pages that differ (members can be remote).
             have = current[name]
@@ -325,5 +284,7 @@ async def open_uri(uri: MemberURI, *, create_size: int | None = None, **opts: An
     return rig.handle(uri.path.strip("/"))
 
 
-register_scheme(SCHEME, "vstore.testing.faults:open_uri")
+def register() -> None:
+    """Let vrig:// URIs be parsed and opened (every Rig does this when built)."""
+    uri_mod.register(uri_mod.Backend(SCHEME, open_uri))
 
