@@ -160,10 +160,9 @@ def _entry_points() -> dict[str, str]:
     global _ENTRY_POINTS
     if _ENTRY_POINTS is None:
         found = {ep.name.lower(): ep.value for ep in importlib.metadata.entry_points(group=GROUP)}
-        # A source checkout whose installed metadata predates a backend (an editable install
-        # not reinstalled since): its pyproject.toml is newer than the metadata.
-        for scheme, value in _source_entry_points().items():
-            found.setdefault(scheme, value)
+        # Run from a source checkout (an editable install, PYTHONPATH): its pyproject.toml is
+        # what the metadata is made from, and newer when the install was not redone since.
+        found.update(_source_entry_points())
         _ENTRY_POINTS = found
     return _ENTRY_POINTS
 
@@ -175,7 +174,10 @@ def _source_entry_points() -> dict[str, str]:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return {}
-    table = data.get("project", {}).get("entry-points", {}).get(GROUP, {})
+    project = data.get("project", {})
+    if project.get("name") != "vstore":
+        return {}
+    table = project.get("entry-points", {}).get(GROUP, {})
     return {str(k).lower(): str(v) for k, v in table.items()}
 
 
