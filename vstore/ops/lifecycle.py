@@ -279,44 +279,6 @@ class Lifecycle:
             return {k: v for k, v in self.last.items() if k not in ("mismatches", "found")}
         return None
 
-    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Control commands of the lifecycle (from the CLI through a mount's control socket)."""
-        from vstore.ops import move, rebuild, scrub
-
-        cmd = request["cmd"]
-        if cmd == "operation":
-            return {"current": self.current.status() if self.current else None, "last": self.last,
-                    "status": self.status()}
-        if cmd == "operation_stop":
-            return {"stopped": await self.stop()}
-        if cmd == "replace":
-            op = await rebuild.start_replace(self.pool, int(request["index"]), request["uri"],
-                                             size=request.get("size"), force=bool(request.get("force")),
-                                             speed=request.get("speed"))
-            return {"started": op.status()}
-        if cmd == "resume":
-            op = rebuild.start_resume(self.pool, speed=request.get("speed"))
-            return {"started": op.status()}
-        if cmd == "spare_add":
-            return await rebuild.add_spare(self.pool, request["uri"], size=request.get("size"),
-                                           force=bool(request.get("force")))
-        if cmd == "spare_remove":
-            return await rebuild.remove_spare(self.pool, request["uri"])
-        if cmd == "scrub":
-            op = scrub.start_scrub(self.pool, repair=bool(request.get("repair")),
-                                   restart=bool(request.get("restart")), speed=request.get("speed"))
-            return {"started": op.status()}
-        if cmd == "move":
-            op = await move.start_move(self.pool, int(request["index"]), request["uri"],
-                                       size=request.get("size"), force=bool(request.get("force")),
-                                       speed=request.get("speed"))
-            return {"started": op.status()}
-        raise ConfigError(f"unknown command {cmd!r}")
-
-
-COMMANDS = ("operation", "operation_stop", "replace", "resume", "spare_add", "spare_remove",
-            "scrub", "move")
-
 
 def speed_of(speed: dict[str, Any] | None) -> tuple[int, int]:
     """(speed_min, speed_max) from a request's speed dict (defaults where absent)."""

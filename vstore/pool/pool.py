@@ -3,8 +3,8 @@
 ``Pool.create`` writes a new pool onto its members; ``Pool.open`` assembles one
 from the member URIs recorded in the config directory (``vstore import-pool``
 records them again from the members alone). The pool object then owns the
-device graph and every metadata change (``commit``), and answers the commands
-that the CLI (or the control socket of a mounted pool) sends it.
+device graph and every metadata change (``commit``); the commands that the CLI (or
+the control socket of a mounted pool) carries out on it are in ``vstore.pool.commands``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from vstore.errors import (
     PoolBusyError,
     VstoreError,
 )
-from vstore.ops.lifecycle import COMMANDS as LIFECYCLE_COMMANDS
 from vstore.ops.lifecycle import Lifecycle
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home, check_name
@@ -736,36 +735,6 @@ class Pool:
             "volumes": [{"name": v["name"], "size": v["size"], **({"incomplete": True} if v.get("incomplete") else {})}
                         for v in self.meta["volumes"]],
         }
-
-    async def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Carry out one control command (from the CLI through a mount's control socket)."""
-        cmd = request.get("cmd")
-        if cmd == "status":
-            return self.status()
-        if cmd in LIFECYCLE_COMMANDS:
-            return await self.lifecycle.handle(request)
-        if cmd == "fail":
-            await self.fail_member(int(request["index"]), force=bool(request.get("force")))
-            return self.status()
-        if cmd in ("path_fail", "path_reinstate"):
-            await self.set_path_state(int(request["member"]), request["path"],
-                                      fail=cmd == "path_fail", force=bool(request.get("force")))
-            return self.status()
-        if cmd == "volume_create":
-            vol = await self.create_volume(request["name"], int(request["size"]))
-            return {"name": vol.name, "size": vol.size}
-        if cmd == "volume_remove":
-            await self.remove_volume(request["name"])
-            return {}
-        if cmd == "volume_rename":
-            await self.rename_volume(request["name"], request["new"])
-            return {}
-        if cmd == "volume_resize":
-            vol = await self.resize_volume(request["name"], int(request["size"]))
-            return {"name": vol.name, "size": vol.size}
-        if cmd == "volume_list":
-            return {"volumes": self.status()["volumes"]}
-        raise ConfigError(f"unknown command {cmd!r}")
 
     # ------------------------------------------------------------------ close
     async def _close_devices(self) -> None:
