@@ -304,7 +304,6 @@ async def _mount_info(session: MountSession) -> dict:
     return {"pid": os.getpid(), "pool": session.target.name, "mountpoint": session.mountpoint}
 
 
-
 class MountSession:
     """One mounted target: the FUSE session, its control socket and its shutdown."""
 
@@ -723,7 +722,7 @@ def unmount(mountpoint: str, *, home: Path, timeout: float = 60) -> None:
         path, rec = found
         sock = Path(rec.get("socket", ""))
         try:
-            control.call_sync(sock, {"cmd": "fuse-unmount"}, timeout=timeout)
+            control.call_sync(sock, MOUNT_COMMANDS.lookup("fuse-unmount").request(), timeout=timeout)
         except control.ControlSocketError as e:
             if mount_entry(mp) is not None:  # not unmounted (else the process is already closing)
                 log.info("control socket: %s; sending SIGTERM to %s", e, rec["pid"])
