@@ -4,10 +4,10 @@ A replacement (``vstore replace``, or a hot spare taking a failed member's place
 gets a superblock with a new member UUID and the old index, and becomes member
 ``i`` in state ``rebuilding``:
 
-- the layout keeps ``i`` in ``failed`` for reads (they are reconstructed from the
-  others) but lists it in ``rebuilding``, so every foreground update writes it
-  too: rows the rebuild has passed stay current, rows it has not reached are
-  overwritten when it gets there;
+- the layout (``start_rebuild``) keeps ``i`` in ``failed`` for reads (they are
+  reconstructed from the others) but lists it in ``rebuilding``, so every
+  foreground update writes it too: rows the rebuild has passed stay current,
+  rows it has not reached are overwritten when it gets there;
 - the rebuild walks member ``i`` row by row; each row is computed by
   ``member_bytes`` and written while the row's lock is held, so no foreground
   update of that row can land between the two;
@@ -15,7 +15,11 @@ gets a superblock with a new member UUID and the old index, and becomes member
   metadata (``meta["operation"]``); after a restart the rebuild resumes there,
   or from the start when the pool was not closed cleanly (an update in flight
   at the crash may have reached the other members but not the new one);
-- when the last row is written and flushed, ``i`` becomes ``active``.
+- when the last row is written and flushed, ``i`` becomes ``active``
+  (``finish_rebuild``).
+
+The new device is opened and checked by ``vstore.ops.join`` (as a moved
+member's is); replacing a healthy member is a move (``vstore.ops.move``).
 
 A second failure while a raid6 pool rebuilds leaves two failed members, which
 raid6 survives: the rebuild goes on computing from the rest. Where redundancy
