@@ -72,7 +72,7 @@ OnMemberFailed = Callable[[int, BaseException], Any]
 
 
 class MemberFailed(Exception):
-    """Internal: a member failed during a request; retry it against the new failed set."""
+    """A member failed during a request or a maintenance read: retry it against the new failed set."""
 
 
 async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
