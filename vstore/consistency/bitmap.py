@@ -34,6 +34,7 @@ import trio
 from vstore.consistency.journal import crc32c
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
 from vstore.errors import MemberIOError
+from vstore.raid.base import MemberFailed
 from vstore.stack.device import BlockDevice
 
 log = logging.getLogger("vstore.consistency.bitmap")
@@ -256,8 +257,6 @@ def rows_of_regions(regions: Iterable[int], region: int, chunk: int, rows: int) 
 async def resync_rows(layout: Any, rows: Sequence[int],
                       progress: Callable[[int, int], None] | None = None) -> int:
     """Recompute and rewrite the parity of these rows from their data; then flush. Returns rows done."""
-    from vstore.raid.base import MemberFailed
-
     done = 0
     total = len(rows)
     limiter = trio.CapacityLimiter(RESYNC_PARALLEL)
@@ -275,7 +274,7 @@ async def resync_rows(layout: Any, rows: Sequence[int],
             parity = await layout.compute_parity(data)
             _, pmem = layout.row_members(row)
             for i, m in enumerate(pmem):
-                await layout._write_member(m, row * layout.chunk, parity[i])
+                await layout.write_member(m, row * layout.chunk, parity[i])
         done += 1
         if progress is not None:
             progress(done, total)
