@@ -42,6 +42,7 @@ from vstore.errors import (
     PoolBusyError,
     VstoreError,
 )
+from vstore.io.aio import run_all
 from vstore.ops.lifecycle import Lifecycle
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home, check_name
@@ -290,15 +291,14 @@ class Pool:
         scans: list[MemberScan | None] = [None] * len(paths_list)
 
         async def open_one(i: int) -> None:
-            try:
-                devs[i] = await open_member(paths_list[i], None, require_all=False)
-                scans[i] = await scan_member(devs[i])
-            except VstoreError as e:
-                errors[i] = str(e)
+            devs[i] = await open_member(paths_list[i], None, require_all=False)
+            scans[i] = await scan_member(devs[i])
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(paths_list)):
-                nursery.start_soon(open_one, i)
+        def failed(i: int, e: BaseException) -> None:
+            errors[i] = str(e)
+
+        await run_all([lambda i=i: open_one(i) for i in range(len(paths_list))],
+                      catch=VstoreError, on_error=failed)
         want_uuid = self.record.get("pool_uuid")
         best: MemberScan | None = None
         for s in scans:
@@ -459,12 +459,6 @@ class Pool:
                     raise DegradedError(f"pool {self.name!r}: no member left to hold metadata")
                 failures: list[tuple[Member, MemberIOError]] = []
 
-                async def step(m: Member, fn: Callable, failures=failures) -> None:
-                    try:
-                        await fn(m)
-                    except MemberIOError as e:
-                        failures.append((m, e))
-
                 async def slot(m: Member, gen=gen) -> None:
                     await write_slot(m.dev, gen, self.meta)
                     await m.dev.flush()
@@ -476,10 +470,9 @@ class Pool:
                     await m.dev.flush()
 
                 for fn in (slot, superblock):
-                    async with trio.open_nursery() as nursery:
-                        for m in active:
-                            if m not in [f[0] for f in failures]:
-                                nursery.start_soon(step, m, fn)
+                    targets = [m for m in active if m not in [f[0] for f in failures]]
+                    await run_all([lambda m=m, fn=fn: fn(m) for m in targets], catch=MemberIOError,
+                                  on_error=lambda k, e, t=targets, f=failures: f.append((t[k], e)))
                 if not failures:
                     self._pending_failures.clear()
                     return

@@ -32,8 +32,10 @@ import numpy as np
 import trio
 
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
+from vstore.io import aio
 from vstore.io import op as io_op
 from vstore.io import threads as io_threads
+from vstore.io.ordering import RangeOrder, spans_of_keys
 from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
@@ -84,30 +86,8 @@ async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run async jobs concurrently to completion; return their results or raise the first error.
-
-    Every job runs to its end even when another fails (a member write must not be
-    cancelled half way because a sibling failed), and the error comes out unwrapped.
-    """
-    if len(jobs) == 1:
-        return [await jobs[0]()]
-    results: list[Any] = [None] * len(jobs)
-    errors: list[Exception] = []
-
-    async def one(i: int) -> None:
-        try:
-            results[i] = await jobs[i]()
-        except Exception as e:  # Cancelled is a BaseException and passes through
-            errors.append(e)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(jobs)):
-            nursery.start_soon(one, i)
-    if errors:
-        # A DegradedError says more than a retry signal; prefer it.
-        errors.sort(key=lambda e: not isinstance(e, DegradedError))
-        raise errors[0]
-    return results
+    """``vstore.io.aio.run_all`` as the layouts use it: every job to its end, a DegradedError first."""
+    return await aio.run_all(jobs, prefer=DegradedError)
 
 
 class RaidLayout(DeviceBase):
@@ -141,7 +121,7 @@ class RaidLayout(DeviceBase):
             self.failed.add(i)
         self.on_member_failed = on_member_failed
         self.inflight = [0] * self.n
-        self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
+        self._locks = RangeOrder()  # rows (parity levels) or chunks (raid1/raid10) held by updates
         self.closed = False
         # The pool's journal (vstore.consistency.journal) or write-intent bitmap (vstore.consistency.bitmap): when
         # set, every update's member writes pass through journal.commit() first.
@@ -431,36 +411,18 @@ class RaidLayout(DeviceBase):
 
     @asynccontextmanager
     async def locked(self, keys: Iterable[int]):
-        """Hold the locks of these keys (stripe rows or chunks), taken in order."""
-        held: list[tuple[int, list[Any]]] = []
-        entries: list[tuple[int, list[Any]]] = []
-        me = trio.lowlevel.current_task()
+        """Hold these keys (stripe rows or chunks) against every other update of them.
+
+        First come first served (``vstore.io.ordering``); a task that holds a key may
+        lock it again (a rebuild holds the row while member_bytes locks it).
+        """
         t0 = now_ns()
+        entry = await self._locks.acquire(spans_of_keys(keys))
         try:
-            for key in sorted(set(keys)):
-                ent = self._locks.get(key)
-                if ent is None:
-                    ent = self._locks[key] = [trio.Lock(), 0]
-                ent[1] += 1
-                entries.append((key, ent))
-                if ent[0].statistics().owner is me:
-                    continue  # re-entered (a rebuild holds the row while member_bytes locks it)
-                try:
-                    # Uncontended: take it without a trip through the scheduler (an
-                    # await acquire() yields even when the lock is free).
-                    ent[0].acquire_nowait()
-                except trio.WouldBlock:
-                    await ent[0].acquire()
-                held.append((key, ent))
             self.iostats.wait("stripe_locks", now_ns() - t0)
             yield
         finally:
-            for _, ent in held:
-                ent[0].release()
-            for key, ent in entries:
-                ent[1] -= 1
-                if ent[1] == 0:
-                    del self._locks[key]
+            self._locks.leave(entry)
 
     # --- BlockDevice --------------------------------------------------------------------
 
