@@ -637,15 +637,17 @@ async def test_target_nop_pings_are_answered():
     try:
         srv.add_target("iqn.2026-11.test:nop")
         srv.add_lun(1, 1, 1 << 20)
-        dev = await iscsi.open_uri(srv.url(1, 1))
-        try:
-            await trio.sleep(4)  # idle: several NOP-Ins arrive and must be answered
-            await dev.write(0, pattern(4096, 9))
-            assert np.array_equal(await dev.read(0, 4096), pattern(4096, 9))
-            assert dev.stats["reconnects"] == 0 and dev.stats["reissued"] == 0
-            assert len(srv.connections(1)) == 1
-        finally:
-            await dev.aclose()
+        async with trio.open_nursery() as n:
+            # The device's background reader (it answers an idle connection's pings) lives in n.
+            dev = await iscsi.open_uri(srv.url(1, 1), nursery=n)
+            try:
+                await trio.sleep(4)  # idle: several NOP-Ins arrive and must be answered
+                await dev.write(0, pattern(4096, 9))
+                assert np.array_equal(await dev.read(0, 4096), pattern(4096, 9))
+                assert dev.stats["reconnects"] == 0 and dev.stats["reissued"] == 0
+                assert len(srv.connections(1)) == 1
+            finally:
+                await dev.aclose()
     finally:
         srv.stop()
 
