@@ -67,6 +67,26 @@ _SOCKET_BUFFER = 4 << 20
 _Task = Task  # the name the device layer knew
 
 
+class _Waiter:
+    """How the reader wakes the tasks waiting for a set of commands: on an R2T, or when all have ended."""
+
+    __slots__ = ("event", "left")
+
+    def __init__(self, left: int) -> None:
+        self.event = trio.Event()
+        self.left = left
+
+    def set(self) -> None:
+        """Wake now (an R2T to answer, or the connection failed)."""
+        self.event.set()
+
+    def task_done(self) -> None:
+        """One more command ended."""
+        self.left -= 1
+        if self.left <= 0:
+            self.event.set()
+
+
 def _lost(e: BaseException, portal: str) -> MemberIOError:
     """An error of the stream (or of the protocol) as the session's MemberIOError."""
     if isinstance(e, MemberIOError):
@@ -106,6 +126,7 @@ class Session:
         self._reading = False  # a task holds the reader role
         self._parked: dict[trio.Event, None] = {}  # waiters that would take the role when free
         self._read_scope: trio.CancelScope | None = None
+        self._due = math.inf  # no task waited for times out before this
         self.dead: BaseException | None = None
         self.closed = False
         self.closing = False
@@ -243,15 +264,19 @@ class Session:
         del self._parked[ev]
 
     def _deadline(self) -> float:
+        """When the oldest task waited for times out (inf: none)."""
         oldest = min((t.started for t in self.conn.tasks.values() if not t.abandoned), default=None)
         return math.inf if oldest is None else oldest + self.options.command_timeout
 
     def _watch(self, t: Task) -> None:
         """A new task: the reader's deadline covers it too."""
         t.started = trio.current_time()
-        scope = self._read_scope
-        if scope is not None:
-            scope.deadline = min(scope.deadline, t.started + self.options.command_timeout)
+        due = t.started + self.options.command_timeout
+        if due < self._due:
+            self._due = due
+            scope = self._read_scope
+            if scope is not None:
+                scope.deadline = due
 
     async def _read_until(self, ev: trio.Event | None) -> None:
         """Hold the reader role until ev is set (None: until the session ends)."""
@@ -259,7 +284,9 @@ class Session:
         try:
             n = 0
             while (ev is None or not ev.is_set()) and self.dead is None:
-                with trio.CancelScope(deadline=self._deadline()) as scope:
+                # _due is never later than the true deadline (tasks only end after it was
+                # set): when it passes, the tasks are looked at and it moves on.
+                with trio.CancelScope(deadline=self._due) as scope:
                     self._read_scope = scope
                     while (ev is None or not ev.is_set()) and self.dead is None:
                         n += 1
@@ -268,7 +295,10 @@ class Session:
                         if await self._pump() or n % 64 == 0:
                             await trio.lowlevel.checkpoint()
                 self._read_scope = None
-                if scope.cancelled_caught and trio.current_time() >= self._deadline():
+                if not scope.cancelled_caught:
+                    continue
+                self._due = self._deadline()
+                if trio.current_time() >= self._due:
                     limit = self.options.command_timeout
                     err = DeviceTimeoutError(
                         f"iSCSI target {self.target} at {self.portal} did not answer a command "
@@ -307,7 +337,11 @@ class Session:
         if not events:
             return False
         for ev in events:
-            if isinstance(ev, TaskDone | R2TReceived):
+            if isinstance(ev, TaskDone):
+                w = ev.task.wake
+                if w is not None:
+                    w.task_done()
+            elif isinstance(ev, R2TReceived):
                 w = ev.task.wake
                 if w is not None:
                     w.set()
@@ -323,19 +357,23 @@ class Session:
                 self.abort(ConnectionLostError(
                     f"target {self.target} asked to end the session (async event {ev.code})"))
         if self._outbox and self.dead is None:
-            # Answer pings now if nobody is sending; otherwise the next sender takes them along.
-            try:
-                self._send_lock.acquire_nowait()
-            except trio.WouldBlock:
-                pass
-            else:
-                try:
-                    await self._send_locked([])
-                except MemberIOError:
-                    pass  # the session is aborted; waiters see it
-                finally:
-                    self._send_lock.release()
+            await self._flush_outbox()
         return True
+
+    async def _flush_outbox(self) -> None:
+        """Answer pings now if nobody is sending; otherwise the next sender takes them along."""
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            # Not torn by the reader's deadline (that would cost the connection); bounded.
+            with trio.CancelScope(shield=True), trio.move_on_after(self.options.command_timeout):
+                await self._send_locked([])
+        except MemberIOError:
+            pass  # the session is aborted; waiters see it
+        finally:
+            self._send_lock.release()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Receive for everybody until the session ends (the optional background reader)."""
@@ -346,6 +384,12 @@ class Session:
                 await self._wait(ev)
                 continue
             await self._read_until(None)
+
+    async def _wait_task(self, t: Task) -> None:
+        """Wait until one task has ended (the session failing ends it too)."""
+        while not t.done:
+            w = t.wake = _Waiter(1)
+            await self._wait(w.event)
 
     # ------------------------------------------------------------ login
 
@@ -393,15 +437,11 @@ class Session:
     async def send_targets(self) -> list[tuple[str, list[str]]]:
         """SendTargets=All on a discovery session: [(target name, [addresses])]."""
         t = Task()
-        t.wake = trio.Event()
         parts = self.conn.text_request(t, [("SendTargets", "All")])
         self._watch(t)
         try:
             await self._send(parts)
-            await self._wait(t.wake)
-            while not t.done:
-                t.wake = trio.Event()
-                await self._wait(t.wake)
+            await self._wait_task(t)
         finally:
             self.conn.forget(t)
         if t.error is not None:
@@ -417,15 +457,12 @@ class Session:
         if self.alive:
             self.closing = True
             t = Task()
-            t.wake = trio.Event()
             with trio.move_on_after(timeout):
                 try:
                     parts = self.conn.logout(t)
                     self._watch(t)
                     await self._send(parts)
-                    while not t.done and self.dead is None:
-                        await self._wait(t.wake)
-                        t.wake = trio.Event()
+                    await self._wait_task(t)
                 except MemberIOError:
                     pass
             self.conn.forget(t)
@@ -437,7 +474,6 @@ class Session:
         """NOP-Out with a real ITT; returns when the target answers."""
         self._check_alive()
         t = Task()
-        t.wake = trio.Event()
         try:
             await self._lock()
             try:
@@ -447,9 +483,7 @@ class Session:
                 await self._send_locked(parts)
             finally:
                 self._send_lock.release()
-            while not t.done:
-                await self._wait(t.wake)
-                t.wake = trio.Event()
+            await self._wait_task(t)
         finally:
             self.conn.forget(t)
         if t.error is not None:
@@ -466,7 +500,6 @@ class Session:
     async def submit(self, lun: int, cdb: bytes, *, read_buf=None, write_buf=None) -> Task:
         """Send a SCSI command (and its immediate/unsolicited data); ``finish`` waits for it."""
         t = Task(lun, read_buf, write_buf)
-        t.wake = trio.Event()
         conn = self.conn
         # Wait for room in the CmdSN window, then send under the lock so CmdSN
         # order matches wire order. Never wait for the window while holding the
@@ -496,11 +529,12 @@ class Session:
         conn = self.conn
         try:
             while True:
-                # Install a fresh shared event before looking at the state, so a
-                # wake-up while we send Data-Out is never lost.
-                ev = trio.Event()
+                # Install a fresh waiter before looking at the state, so a wake-up
+                # while we send Data-Out is never lost. It wakes us on an R2T or
+                # when every command has ended, not for each one.
+                w = _Waiter(sum(not t.done for t in tasks))
                 for t in tasks:
-                    t.wake = ev
+                    t.wake = w
                 for t in tasks:
                     while t.r2ts and not t.done:
                         outs = conn.next_data_out(t)
@@ -512,7 +546,7 @@ class Session:
                             self._send_lock.release()
                 if all(t.done for t in tasks):
                     return
-                await self._wait(ev)
+                await self._wait(w.event)
         except BaseException:
             for t in tasks:
                 if not t.done:
