@@ -79,11 +79,12 @@ async def _connect(sock: socket.socket, addr) -> None:
 class Stream:
     """One connected non-blocking socket: scatter-gather sends, receives into given buffers."""
 
-    __slots__ = ("sock", "closed")
+    __slots__ = ("sock", "closed", "torn")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.closed = False
+        self.torn = False  # a send stopped (error, cancellation) with part of its bytes sent
 
     def close(self) -> None:
         """Close the socket; a task waiting on it gets ``StreamClosedError``."""
@@ -99,30 +100,38 @@ class Stream:
             raise StreamClosedError("the connection was closed") from e
 
     async def send_all(self, buffers: list) -> None:
-        """Send every buffer in order (partial sends resumed); a cancelled send may leave a part sent."""
+        """Send every buffer in order (partial sends resumed); one stopped halfway sets ``torn``."""
         views = [b if isinstance(b, bytes) else memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if len(v)]
         sock = self.sock
-        while views:
-            try:
-                n = sock.sendmsg(views[:IOV_MAX])
-            except BlockingIOError:
-                n = 0
-            except ValueError as e:  # the socket was closed meanwhile (fileno -1)
-                raise StreamClosedError("the connection was closed") from e
-            while n:
-                first = views[0]
-                if n >= len(first):
-                    n -= len(first)
-                    views.pop(0)
-                else:
-                    views[0] = memoryview(first)[n:]
-                    n = 0
-            if views:
+        started = False
+        try:
+            while views:
                 try:
-                    await trio.lowlevel.wait_writable(sock)
-                except (trio.ClosedResourceError, OSError) as e:
+                    n = sock.sendmsg(views[:IOV_MAX])
+                except BlockingIOError:
+                    n = 0
+                except ValueError as e:  # the socket was closed meanwhile (fileno -1)
                     raise StreamClosedError("the connection was closed") from e
+                if n:
+                    started = True
+                while n:
+                    first = views[0]
+                    if n >= len(first):
+                        n -= len(first)
+                        views.pop(0)
+                    else:
+                        views[0] = memoryview(first)[n:]
+                        n = 0
+                if views:
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except (trio.ClosedResourceError, OSError) as e:
+                        raise StreamClosedError("the connection was closed") from e
+        except BaseException:
+            if started and views:
+                self.torn = True
+            raise
 
     def try_recv_into(self, buffers: list[memoryview]) -> int:
         """One receive into the buffers without waiting: bytes received, 0 if none were there."""
