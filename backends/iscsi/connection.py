@@ -34,13 +34,9 @@ from typing import Any
 from backends.iscsi import pdu as P
 from backends.iscsi import scsi
 from backends.iscsi.errors import ConnectionLostError
-from vstore.errors import AuthError, MemberIOError, NotFoundError, ProtocolError
+from vstore.errors import AuthError, MemberIOError, NotFoundError, ProtocolError, VstoreError
 from vstore.stack.iovec import IoVec, pieces_of
 
-IOV_MAX = 512  # pieces handed out per receive (the kernel takes 1024 iovecs)
-_RECV_BUF = 256 * 1024
-_READ_AHEAD = 8192  # bytes asked for past what the current step needs (the next headers)
-_DIRECT_MIN = 32 * 1024  # payload tails this big are received straight into their buffer
 LOGIN_MAX_SEGMENT = 65536
 
 
@@ -242,8 +238,6 @@ def new_isid() -> bytes:
 
 # ---------------------------------------------------------------- the connection
 
-# Receive states.
-_HEADER, _DATA, _TAIL = range(3)
 # Login steps.
 _LOGIN_FIRST, _LOGIN_CHAP_A, _LOGIN_CHAP_R, _LOGIN_SECURITY, _LOGIN_OPERATIONAL = range(5)
 
@@ -283,23 +277,10 @@ class Connection:
         self._login_stage = (0, 1, False)
         self._login_rounds = 0
         self._negotiated: dict[str, str] = {}
-        # Receiving: a read-ahead buffer [lo, hi) and the step under way.
-        self._buf = bytearray(_RECV_BUF)
-        self._mv = memoryview(self._buf)
-        self._lo = 0
-        self._hi = 0
-        self._state = _HEADER
-        self._hdr: P.Header | None = None
-        self._hdr_data: P.Header | None = None  # the header whose payload is being received
-        self._need = P.BHS_SIZE  # bytes from lo the current header step needs
-        self._ahs = b""
-        self._pieces: list[memoryview] = []  # where the rest of the current payload goes
-        self._dest: list[memoryview] = []  # the whole payload's buffers (for its digest)
-        self._left = 0
-        self._task: Task | None = None  # whose Data-In is being received
-        self._segment: bytearray | None = None  # the data segment of any other PDU
-        self._tail = 0  # padding + data digest after the payload
-        self._direct = False  # the last receive_buffers() handed out payload buffers
+        # Receiving: the framing (and where Data-In payloads land) is the PDU receiver's.
+        self._rx = P.PDUReceiver(self._on_pdu, max_data_length=LOGIN_MAX_SEGMENT, steer=self._steer)
+        self._events: list[Event] = []
+        self._error: VstoreError | None = None  # found after events not handed out yet
         self._window_moved = False
 
     def __repr__(self) -> str:
@@ -433,6 +414,10 @@ class Connection:
             self.logged_in = True
             self._digests = True
             self._login_step = -2
+            # Digests and our limit apply from the next PDU on (the receiver has not read it yet).
+            self._rx.header_digest_on = self.params.header_digest
+            self._rx.data_digest_on = self.params.data_digest
+            self._rx.max_data_length = self.params.our_max_recv
             return None
         self._login_rounds += 1
         if self._login_rounds > 8:
@@ -669,52 +654,25 @@ class Connection:
 
     def receive_buffers(self) -> list[memoryview]:
         """Where the next received bytes must go (one or more buffers, filled in order; never empty)."""
-        if self._state == _DATA and self._lo == self._hi and self._left >= _DIRECT_MIN and (
-            self._task is None or not self._task.abandoned
-        ):
-            self._direct = True
-            pieces = self._pieces
-            return pieces if len(pieces) <= IOV_MAX else pieces[:IOV_MAX]
-        self._direct = False
-        if self._state == _HEADER:
-            need = self._need
-        elif self._state == _DATA:
-            need = self._left
-        else:
-            need = self._tail
-        lo, hi, size = self._lo, self._hi, len(self._buf)
-        if lo == hi:
-            self._lo = self._hi = lo = hi = 0
-        stop = min(size, lo + max(need, _READ_AHEAD))
-        if stop - hi < min(need, 512):
-            # Too little room after the buffered bytes: move them to the front.
-            k = hi - lo
-            self._mv[:k] = self._mv[lo:hi]
-            self._lo, self._hi = 0, k
-            hi = k
-            stop = min(size, max(need, _READ_AHEAD))
-        return [self._mv[hi:stop]]
+        if self._error is not None:
+            raise self._error
+        return self._rx.buffers()
 
     def received(self, n: int) -> list[Event]:
         """Account for n bytes received into ``receive_buffers()``; return the events they complete."""
-        if self._direct:
-            self._direct = False
-            self._left -= n
-            pieces = self._pieces
-            while n:
-                first = pieces[0]
-                if n >= len(first):
-                    n -= len(first)
-                    pieces.pop(0)
-                else:
-                    pieces[0] = first[n:]
-                    n = 0
-            if self._left:
-                return []
-            self._state = _TAIL
-        else:
-            self._hi += n
-        return self._process()
+        if self._error is not None:
+            raise self._error
+        events = self._events = []
+        try:
+            self._rx.received(n)
+        except VstoreError as e:
+            if not events:
+                raise
+            self._error = e  # the events before it first; the next call raises it
+        if self._window_moved:
+            self._window_moved = False
+            events.append(_WINDOW_OPENED)
+        return events
 
     def receive_data(self, data) -> list[Event]:
         """Feed received bytes (copied in); return the events they complete."""
@@ -735,167 +693,64 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet used."""
-        return self._hi - self._lo
+        return self._rx.buffered
 
     def end_of_stream(self) -> None:
         """The peer closed the connection; ProtocolError if it stopped inside a PDU."""
-        if self.buffered or self._state != _HEADER or self._hdr is not None:
-            raise ProtocolError("connection closed inside a PDU")
+        self._rx.end_of_stream()
 
-    def _process(self) -> list[Event]:
-        events: list[Event] = []
-        mv = self._mv
-        while True:
-            avail = self._hi - self._lo
-            st = self._state
-            if st == _HEADER:
-                h = self._hdr
-                if h is None:
-                    if avail < P.BHS_SIZE:
-                        break
-                    lo = self._lo
-                    limit = self.params.our_max_recv if self.logged_in else LOGIN_MAX_SEGMENT
-                    h = P.parse_header(mv[lo : lo + P.BHS_SIZE], max_data_length=limit)
-                    self._hdr = h
-                    self._need = P.BHS_SIZE + h.ahs_length + (4 if self._hd else 0)
-                if avail < self._need:
-                    break
-                lo = self._lo
-                ahs = bytes(mv[lo + P.BHS_SIZE : lo + P.BHS_SIZE + h.ahs_length]) if h.ahs_length else b""
-                if self._hd:
-                    end = lo + P.BHS_SIZE + h.ahs_length
-                    P.check_header_digest(mv[lo:end], mv[end : end + 4])
-                self._lo = lo + self._need
-                self._hdr = None
-                self._need = P.BHS_SIZE
-                self._on_header(h, ahs, events)
-            elif st == _DATA:
-                if not avail:
-                    break
-                k = min(avail, self._left)
-                lo = self._lo
-                t = self._task
-                if t is None or not t.abandoned:
-                    src = mv[lo : lo + k]
-                    pieces = self._pieces
-                    pos = 0
-                    while pos < k:
-                        first = pieces[0]
-                        m = min(len(first), k - pos)
-                        first[:m] = src[pos : pos + m]
-                        pos += m
-                        if m == len(first):
-                            pieces.pop(0)
-                        else:
-                            pieces[0] = first[m:]
-                self._lo = lo + k
-                self._left -= k
-                if not self._left:
-                    self._state = _TAIL
-            else:
-                if avail < self._tail:
-                    break
-                lo = self._lo
-                pad = P.pad_length(self._hdr_data.data_length)
-                digest = bytes(mv[lo + pad : lo + self._tail]) if self._tail > pad else None
-                self._lo = lo + self._tail
-                self._state = _HEADER
-                self._on_payload(digest, events)
-            if self._lo == self._hi:
-                self._lo = self._hi = 0
-        if self._window_moved:
-            self._window_moved = False
-            events.append(_WINDOW_OPENED)
-        return events
+    def _steer(self, h: P.Header) -> tuple[list[memoryview], Any] | None:
+        """Data-In payloads go straight into their command's buffer (unless it was given up)."""
+        if h.opcode != P.Opcode.DATA_IN or not self.logged_in:
+            return None
+        t = self._data_in_task(h)
+        off, n = h.buffer_offset, h.data_length
+        if off + n > len(t.read_buf):
+            raise ProtocolError(
+                f"Data-In at offset {off} length {n} overruns the {len(t.read_buf)}-byte buffer"
+            )
+        # The caller's buffer, or the pieces of an IoVec; an abandoned command's data is dropped.
+        return pieces_of(t.read_buf[off : off + n]), t.wanted
 
-    @property
-    def _hd(self) -> bool:
-        return self._digests and self.params.header_digest
+    def _data_in_task(self, h: P.Header) -> Task:
+        t = self.tasks.get(h.itt)
+        if t is None or t.read_buf is None:
+            raise ProtocolError(f"Data-In for unknown task 0x{h.itt:08x}")
+        return t
 
-    def _on_header(self, h: P.Header, ahs: bytes, events: list) -> None:
-        if self.logged_in:
+    def _on_pdu(self, pdu: P.PDU) -> None:
+        h = pdu.header
+        if self.logged_in or h.opcode == P.Opcode.LOGIN_RESPONSE:
             self._update_sn(h)
-        elif h.opcode == P.Opcode.LOGIN_RESPONSE:
-            self._update_sn(h)
-        n = h.data_length
-        if h.opcode == P.Opcode.DATA_IN and self.logged_in:
-            t = self.tasks.get(h.itt)
-            if t is None or t.read_buf is None:
-                raise ProtocolError(f"Data-In for unknown task 0x{h.itt:08x}")
-            off = h.buffer_offset
-            if off + n > len(t.read_buf):
-                raise ProtocolError(
-                    f"Data-In at offset {off} length {n} overruns the {len(t.read_buf)}-byte buffer"
-                )
-            if n:
-                # Straight into the caller's buffer (or the pieces of an IoVec), unless the
-                # caller gave it up: an abandoned command's data is dropped.
-                self._task = t
-                self._segment = None
-                self._dest = pieces_of(t.read_buf[off : off + n])
-                self._expect_payload(h, ahs, list(self._dest))
-                return
-            self._task = t
-            self._data_in_done(h, None, events)
-            return
-        if n:
-            seg = bytearray(n)
-            self._task = None
-            self._segment = seg
-            self._dest = [memoryview(seg)]
-            self._expect_payload(h, ahs, [memoryview(seg)])
-            return
-        self._on_pdu(h, ahs, b"", True, events)
+        if not self.logged_in:
+            self._on_login_pdu(h, pdu.data, self._events)
+        elif h.opcode == P.Opcode.DATA_IN:
+            self._on_data_in(pdu)
+        else:
+            self._on_response(h, pdu.ahs, pdu.data, pdu.data_digest_ok, self._events)
 
-    def _expect_payload(self, h: P.Header, ahs: bytes, pieces: list[memoryview]) -> None:
-        self._hdr_data = h
-        self._ahs = ahs
-        self._pieces = [p for p in pieces if len(p)]
-        self._left = h.data_length
-        dd = 4 if (self._digests and self.params.data_digest) else 0
-        self._tail = P.pad_length(h.data_length) + dd
-        self._state = _DATA
-
-    def _on_payload(self, digest: bytes | None, events: list) -> None:
-        h = self._hdr_data
-        pad = P.pad_length(h.data_length)
-        if self._segment is None:
-            self._data_in_done(h, digest, events)
-            return
-        data = bytes(self._segment)
-        self._segment = None
-        ok = digest is None or P.data_digest_ok(data, pad, digest)
-        self._on_pdu(h, self._ahs, data, ok, events)
-
-    def _data_in_done(self, h: P.Header, digest: bytes | None, events: list) -> None:
-        t = self._task
-        assert t is not None
-        self._task = None
+    def _on_data_in(self, pdu: P.PDU) -> None:
+        h = pdu.header
+        t = self._data_in_task(h)
         n = h.data_length
         if n:
-            if digest is not None and not t.abandoned and not P.data_digest_ok(
-                self._dest, P.pad_length(n), digest
-            ):
+            if not pdu.data_digest_ok:
                 t.digest_error = True
             t.received += n
-        self._dest = []
         if h.flags & P.F_STATUS:
             t.completion = Completion(
                 h.status, None, h.residual, bool(h.flags & P.F_UNDERFLOW),
                 bool(h.flags & P.F_OVERFLOW), t.received, t.digest_error,
             )
-            self._complete(t, events)
+            self._complete(t, self._events)
 
     def _complete(self, t: Task, events: list) -> None:
         t.done = True
         self.tasks.pop(t.itt, None)
         events.append(TaskDone(t))
 
-    def _on_pdu(self, h: P.Header, ahs: bytes, data: bytes, ok: bool, events: list) -> None:
-        """A whole PDU other than Data-In."""
-        if not self.logged_in:
-            self._on_login_pdu(h, data, events)
-            return
+    def _on_response(self, h: P.Header, ahs: bytes, data: bytes, ok: bool, events: list) -> None:
+        """A whole PDU other than Data-In, in full-feature phase."""
         op = h.opcode
         if op == P.Opcode.SCSI_RESPONSE:
             t = self.tasks.get(h.itt)
