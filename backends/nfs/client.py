@@ -268,7 +268,7 @@ class RpcClient:
         rx = self._rx
         while True:
             try:
-                n = stream.try_recv_into([rx.buffer()])
+                n = stream.try_recv(rx.buffer())
                 if not n:
                     await stream.wait_readable()
                     continue

@@ -11,8 +11,9 @@ trip through the scheduler (trio's socket wrapper yields on every call).
 * ``open_stream`` connects (TCP_NODELAY, optional socket buffer sizes, a timeout).
 * ``Stream.send_all`` writes a list of buffers with scatter-gather ``sendmsg``,
   resuming partial sends, never joining them.
-* ``Stream.recv_into`` receives once into a buffer (or, scattered, into a list of
-  them); ``recv_exactly_into`` fills a buffer.
+* ``Stream.try_recv`` / ``try_recv_into`` receive once, without waiting, into a
+  buffer or (scattered) a list of them; ``wait_readable`` waits for more;
+  ``recv_into`` does both; ``recv_exactly_into`` fills a buffer.
 * ``Stream.close`` wakes any task waiting on the socket.
 
 Failures are ``OSError``s for the caller to word: ``EndOfStream`` when the peer
@@ -101,8 +102,14 @@ class Stream:
 
     async def send_all(self, buffers: list) -> None:
         """Send every buffer in order (partial sends resumed); one stopped halfway sets ``torn``."""
-        views = [b if isinstance(b, bytes) else memoryview(b).cast("B") for b in buffers]
-        views = [v for v in views if len(v)]
+        views = []
+        for b in buffers:
+            if not isinstance(b, bytes):
+                b = memoryview(b)
+                if b.format != "B" or b.ndim != 1:
+                    b = b.cast("B")
+            if len(b):
+                views.append(b)
         sock = self.sock
         started = False
         try:
@@ -132,6 +139,18 @@ class Stream:
             if started and views:
                 self.torn = True
             raise
+
+    def try_recv(self, buffer: memoryview) -> int:
+        """One receive into one buffer without waiting: bytes received, 0 if none were there."""
+        try:
+            n = self.sock.recv_into(buffer)
+        except BlockingIOError:
+            return 0
+        except ValueError as e:
+            raise StreamClosedError("the connection was closed") from e
+        if n == 0:
+            raise EndOfStream("the peer closed the connection")
+        return n
 
     def try_recv_into(self, buffers: list[memoryview]) -> int:
         """One receive into the buffers without waiting: bytes received, 0 if none were there."""
