@@ -331,7 +331,7 @@ class IscsiDevice(DeviceBase):
     async def _session_for_io(self, deadline: float) -> Session:
         while True:
             s = self._session
-            if s is not None and s.alive:
+            if s is not None and s.refresh():
                 return s
             if self._closed:
                 raise MemberIOError(f"{self.name} is closed")
@@ -509,7 +509,7 @@ class IscsiDevice(DeviceBase):
     async def _batch(self, jobs: list[tuple]) -> list[tuple]:
         """Submit all jobs on the current session at once; return the ones to redo one by one."""
         s = self._session
-        if s is None or not s.alive:
+        if s is None or not s.refresh():
             return jobs
         # All queue slots or none: taking them one by one could deadlock two batches.
         got = 0

@@ -63,6 +63,7 @@ __all__ = [
 log = logging.getLogger("vstore.iscsi")
 
 _SOCKET_BUFFER = 4 << 20
+_QUIET = 1.0  # seconds without a reader after which refresh() looks at the socket
 
 _Task = Task  # the name the device layer knew
 
@@ -127,6 +128,7 @@ class Session:
         self._parked: dict[trio.Event, None] = {}  # waiters that would take the role when free
         self._read_scope: trio.CancelScope | None = None
         self._due = math.inf  # no task waited for times out before this
+        self._last_read = 0.0  # when a reader last gave up the role
         self.dead: BaseException | None = None
         self.closed = False
         self.closing = False
@@ -309,6 +311,7 @@ class Session:
         finally:
             self._read_scope = None
             self._reading = False
+            self._last_read = trio.current_time()
             self._pass_role()
 
     def _pass_role(self) -> None:
@@ -336,6 +339,13 @@ class Session:
             return True
         if not events:
             return False
+        self._dispatch(events)
+        if self._outbox and self.dead is None:
+            await self._flush_outbox()
+        return True
+
+    def _dispatch(self, events: list) -> None:
+        """Act on the connection's events: wake tasks, open the window, queue answers, fail."""
         for ev in events:
             if isinstance(ev, TaskDone):
                 w = ev.task.wake
@@ -356,9 +366,25 @@ class Session:
                 # Target asks for logout / drops the connection or session: reconnect.
                 self.abort(ConnectionLostError(
                     f"target {self.target} asked to end the session (async event {ev.code})"))
-        if self._outbox and self.dead is None:
-            await self._flush_outbox()
-        return True
+
+    def refresh(self) -> bool:
+        """Whether the session is alive, after taking in (without waiting) what the target sent
+        while nobody received: its pings (answered with the next command) or its closing the
+        connection. Only after a quiet spell; cheap otherwise."""
+        if self._reading or self.dead is not None or self.stream is None:
+            return self.alive
+        now = trio.current_time()
+        if now - self._last_read < _QUIET:
+            return self.alive
+        self._last_read = now
+        try:
+            while n := self.stream.try_recv_into(self.conn.receive_buffers()):
+                self._dispatch(self.conn.received(n))
+        except (OSError, MemberIOError) as e:
+            err = _lost(e, self.portal)
+            log.info("iSCSI %s at %s: idle connection gone: %s", self.target, self.portal, err)
+            self.abort(err)
+        return self.alive
 
     async def _flush_outbox(self) -> None:
         """Answer pings now if nobody is sending; otherwise the next sender takes them along."""
