@@ -256,7 +256,11 @@ class IscsiDevice(DeviceBase):
                     s = self._session
                     changed = self._session_changed
                     if s is not None and s.alive:
-                        await s.serve()
+                        try:
+                            await s.serve()
+                        except Exception:  # a bug here must not take the owner (a pool's mount) down
+                            log.exception("iSCSI device %s: background reader failed", self.name)
+                            s.abort(ConnectionLostError("the background reader failed"))
                     else:
                         await changed.wait()  # the next I/O reconnects
         finally:

@@ -12,8 +12,9 @@ commands, for room in the CmdSN window, for a ping) and finds the reader role
 free receives for everybody: it feeds the connection and wakes the tasks whose
 commands ended, and hands the role on when its own wait is over. ``serve``
 takes the role for as long as the session lives (the device's optional
-background task: it answers the target's pings while nothing else is going on).
-The receiving state lives in the connection, so a reader cancelled between two
+background task: it answers the target's pings while nothing else is going on);
+without it, ``refresh`` takes in what arrived during a quiet spell (pings, the
+target closing the connection) before the next command. The receiving state lives in the connection, so a reader cancelled between two
 receives leaves nothing half-done. Data-In payloads are received straight into
 the caller's buffer (``recvmsg_into`` over the pieces of an ``IoVec``); Data-Out
 is sent from it with scatter-gather ``sendmsg``. Data-In for a command its
@@ -64,8 +65,6 @@ log = logging.getLogger("vstore.iscsi")
 
 _SOCKET_BUFFER = 4 << 20
 _QUIET = 1.0  # seconds without a reader after which refresh() looks at the socket
-
-_Task = Task  # the name the device layer knew
 
 
 class _Waiter:
