@@ -10,7 +10,8 @@ may be sent now, ExpStatSN), the tasks in flight by ITT — and does no I/O:
   accounts for them. While a Data-In payload is due, those buffers are the
   command's own (its read buffer, or the pieces of an ``IoVec``), so big reads
   land straight where the caller wants them; otherwise they are a read-ahead
-  buffer from which headers and small payloads are parsed. Both return the
+  buffer from which headers and small payloads are parsed (the framing is
+  ``pdu.PDUReceiver``'s, the same ``pdu.PDUDecoder`` runs on). Both return the
   events the bytes completed (``LoggedIn``, ``TaskDone``, ``R2TReceived``,
   ``WindowOpened``, ``TargetPing``, ``AsyncMessage``, ``Rejected``, ``Send``).
 * Requests give back the buffers of their PDUs for a scatter-gather send:
