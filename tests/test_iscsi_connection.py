@@ -708,3 +708,50 @@ async def test_stream_send_and_exact_receive():
     with pytest.raises(EndOfStream):
         await sb.recv_into([memoryview(bytearray(10))])
     sb.close()
+
+
+async def test_session_readers_hand_over_under_cancellation():
+    """Many tasks, some cancelled mid-wait: the reader role always finds a taker, nothing hangs,
+    and a cancelled read's buffer is never written after its caller left."""
+    import random
+
+    log: list = []
+    rng = random.Random(7)
+    async with trio.open_nursery() as n:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with stream:
+                await fake_target(stream, window=8, log=log)
+
+        n.start_soon(trio.serve_listeners, handle, listeners)
+        s = Session("127.0.0.1", port, TARGET, Options(initiator_name="iqn.2026-11.test:init"))
+        await s.connect()
+        done = 0
+        late: list[tuple[bytearray, bytes]] = []
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            for _ in range(20):
+                buf = bytearray(b"\x5a" * 4096)
+                with trio.move_on_after(rng.choice([0, 0.001, 0.01, 10])) as cs:
+                    await s.command(0, bytes(16), read_buf=memoryview(buf))
+                    done += 1
+                if cs.cancelled_caught:
+                    late.append((buf, bytes(buf)))  # as the caller left it
+
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as m:
+                    for k in range(24):
+                        m.start_soon(worker, k)
+                # The session is still usable, and its reader role is free.
+                buf = bytearray(512)
+                await s.command(0, bytes(16), read_buf=memoryview(buf))
+            assert s.alive and not s._reading and done > 0
+            await trio.sleep(0.2)
+            assert late and all(bytes(b) == seen for b, seen in late)
+        finally:
+            await s.logout()
+        n.cancel_scope.cancel()
