@@ -332,7 +332,7 @@ class Session:
             events = conn.received(n)
         except (OSError, MemberIOError) as e:
             err = _lost(e, self.portal)
-            if not (self.closed or self.closing):
+            if not (self.closed or self.closing or self.dead is not None):
                 log.warning("iSCSI %s at %s: %s", self.target, self.portal, err)
             self.abort(err)
             return True
