@@ -64,6 +64,8 @@ from vstore.errors import (
     ProtocolError,
     VstoreError,
 )
+from vstore.io.aio import run_all
+from vstore.io.ordering import RangeOrder
 from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
 
@@ -233,9 +235,7 @@ class IscsiDevice(DeviceBase):
         self._background: trio.CancelScope | None = None
         self._session_changed = trio.Event()
         self._closed = False
-        self._writes: dict[int, tuple[int, int]] = {}  # byte ranges of writes in flight
-        self._write_seq = 0
-        self._writes_changed = trio.Event()
+        self._writes = RangeOrder()  # byte ranges of writes in flight
         self.stats = {"reconnects": 0, "reissued": 0, "unit_attention": 0, "busy": 0, "digest_errors": 0}
 
     def __repr__(self) -> str:
@@ -496,19 +496,11 @@ class IscsiDevice(DeviceBase):
         # Callers get one VstoreError, never an ExceptionGroup. Siblings of a failed
         # chunk run to their own end (bounded by the timeouts): cancelling a write
         # mid-transfer would cost the whole connection.
-        errors: list[VstoreError] = []
-
-        async def guarded(cdb, rb, wb, what, exact) -> None:
-            try:
-                await self._execute(cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
-            except VstoreError as e:
-                errors.append(e)
-
-        async with trio.open_nursery() as nursery:
-            for job in jobs:
-                nursery.start_soon(guarded, *job)
-        if errors:
-            raise errors[0]
+        await run_all([
+            lambda cdb=cdb, rb=rb, wb=wb, what=what, exact=exact: self._execute(
+                cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
+            for cdb, rb, wb, what, exact in jobs
+        ], catch=VstoreError)
 
     async def _batch(self, jobs: list[tuple]) -> list[tuple]:
         """Submit all jobs on the current session at once; return the ones to redo one by one."""
@@ -618,28 +610,17 @@ class IscsiDevice(DeviceBase):
         bs = self.block_size
         end = offset + length
         # tgt completes SIMPLE tasks in any order: overlapping writes must not be in flight together.
-        while any(a < end and offset < b for a, b in self._writes.values()):
-            await self._writes_changed.wait()
-        self._write_seq += 1
-        key = self._write_seq
-        self._writes[key] = (offset, end)
-        try:
+        async with self._writes.hold(offset, end):
             await self._run_chunks([
                 (scsi.write_16((offset + p) // bs, min(step, length - p) // bs),
                  None, _flat(mv[p : p + min(step, length - p)]), "WRITE(16)", False)
                 for p in range(0, length, step)
             ])
-        finally:
-            del self._writes[key]
-            self._writes_changed.set()
-            self._writes_changed = trio.Event()
 
     async def flush(self) -> None:
         """Wait for in-flight writes, then SYNCHRONIZE CACHE: everything acknowledged is stable."""
         # Only the writes in flight now: later ones are not covered by this flush.
-        pending = set(self._writes)
-        while pending & self._writes.keys():
-            await self._writes_changed.wait()
+        await self._writes.settle()
         blocks = self.size // self.block_size
         cdb = scsi.synchronize_cache_10() if blocks < (1 << 32) else scsi.synchronize_cache_16()
         await self._execute(cdb, what="SYNCHRONIZE CACHE")
