@@ -186,9 +186,6 @@ def _serve_vstore(mountpoint: str, size: int) -> None:
         def status(self) -> dict:
             return {"name": self.name, "volumes": [{"name": "vol", "size": size}]}
 
-        async def handle_command(self, request: dict) -> dict:
-            return self.status()
-
         async def aclose(self, clean: bool = True) -> None:
             pass
 

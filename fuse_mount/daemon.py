@@ -44,6 +44,7 @@ from fuse_mount.fs import MountTarget, VolumeFS
 from vstore import errors
 from vstore.errors import ConfigError, NotFoundError, PoolBusyError, VstoreError
 from vstore.pool import control
+from vstore.pool.commands import POOL_COMMANDS, Registry
 from vstore.uri import redact_text
 
 log = logging.getLogger(__name__)
@@ -280,13 +281,37 @@ def _tune_bdi(mountpoint: str) -> None:
 
 # ---------------------------------------------------------------------------- the mount itself
 
+# The mount's own control commands (on the MountSession); the target's come from its registry.
+MOUNT_COMMANDS = Registry()
+
+
+@MOUNT_COMMANDS.command("fuse-unmount")
+async def _fuse_unmount(session: MountSession) -> dict:
+    """Unmount (refused while busy); the process then closes the pool and exits."""
+    await session.unmount(lazy=False)
+    return {"unmounted": session.mountpoint}
+
+
+@MOUNT_COMMANDS.command("fuse-stats", quick=True)
+async def _fuse_stats(session: MountSession) -> dict:
+    """The filesystem's request counters."""
+    return session.fs.stats()
+
+
+@MOUNT_COMMANDS.command("mount-info", quick=True)
+async def _mount_info(session: MountSession) -> dict:
+    """Which process has which pool mounted where."""
+    return {"pid": os.getpid(), "pool": session.target.name, "mountpoint": session.mountpoint}
+
 
 class MountSession:
     """One mounted target: the FUSE session, its control socket and its shutdown."""
 
     def __init__(self, target: MountTarget, mountpoint: str, *, home: Path, read_only: bool = False,
-                 allow_other: bool = False, uid: int | None = None, gid: int | None = None) -> None:
+                 allow_other: bool = False, uid: int | None = None, gid: int | None = None,
+                 commands: Registry = POOL_COMMANDS) -> None:
         self.target = target
+        self.commands = commands  # what the control socket carries out on the target
         self.mountpoint = os.path.abspath(mountpoint)
         self.home = Path(home)
         self.read_only = read_only
@@ -309,23 +334,19 @@ class MountSession:
         return opts
 
     async def handle_command(self, request: dict) -> dict:
-        """Control-socket commands: the mount's own, then the target's."""
-        cmd = request.get("cmd")
-        if cmd == "fuse-unmount":
-            await self.unmount(lazy=False)
-            return {"unmounted": self.mountpoint}
-        if cmd == "fuse-stats":
-            return self.fs.stats()
-        if cmd == "mount-info":
-            return {"pid": os.getpid(), "pool": self.target.name, "mountpoint": self.mountpoint}
-        if cmd in ("volume_remove", "volume_rename") and not request.get("force"):
-            users = self.fs.open_count(str(request.get("name")))
+        """A control-socket request: one of the mount's own commands, else one of the target's."""
+        if request.get("cmd") in MOUNT_COMMANDS:
+            return await MOUNT_COMMANDS.dispatch(self, request)
+        command = self.commands.lookup(request.get("cmd"))
+        args = command.arguments({k: v for k, v in request.items() if k != "cmd"})
+        if command.guards_open_volume and not args.get("force"):
+            users = self.fs.open_count(str(args.get("name")))
             if users:
-                raise PoolBusyError(f"volume {request.get('name')!r} is open in the mount on {self.mountpoint} "
+                raise PoolBusyError(f"volume {args.get('name')!r} is open in the mount on {self.mountpoint} "
                                     f"({users} open file handle(s), e.g. a loop device); close it first, "
                                     "or use --force")
         try:
-            return await self.target.handle_command(request)
+            return await command.call(self.target, args)
         finally:
             await self.fs.refresh()  # volumes may have been created, removed or resized
 
@@ -475,11 +496,11 @@ class MountSession:
 
 async def serve_mount(target: MountTarget, mountpoint: str, *, home: Path, read_only: bool = False,
                       allow_other: bool = False, uid: int | None = None, gid: int | None = None,
-                      handle_signals: bool = True,
+                      handle_signals: bool = True, commands: Registry = POOL_COMMANDS,
                       task_status: trio.TaskStatus[MountSession] = trio.TASK_STATUS_IGNORED) -> None:
     """Mount target on mountpoint and serve it until unmounted; for nursery.start() in tests too."""
     session = MountSession(target, mountpoint, home=home, read_only=read_only,
-                           allow_other=allow_other, uid=uid, gid=gid)
+                           allow_other=allow_other, uid=uid, gid=gid, commands=commands)
     await session.run(handle_signals=handle_signals, task_status=task_status)
 
 
@@ -550,8 +571,8 @@ def _switch_log(home: Path, pool: str, handler: logging.FileHandler, *, redirect
 
 async def _daemon_main(open_target: Callable[[], Awaitable[MountTarget]], mountpoint: str, *,
                        home: Path, read_only: bool, allow_other: bool, uid: int | None,
-                       gid: int | None, handler: logging.FileHandler, detached: bool,
-                       on_ready: Callable[[], None] | None) -> None:
+                       gid: int | None, commands: Registry, handler: logging.FileHandler,
+                       detached: bool, on_ready: Callable[[], None] | None) -> None:
     target = await open_target()
     try:
         _switch_log(home, target.name, handler, redirect_stderr=detached)
@@ -561,7 +582,7 @@ async def _daemon_main(open_target: Callable[[], Awaitable[MountTarget]], mountp
         if not getattr(sys.modules.get("pyfuse3._pyfuse3"), "VSTORE_NOGIL_PATCH", 0):
             log.warning("pyfuse3 lacks scripts/pyfuse3-nogil.patch: its copies hold the GIL (slower)")
         session = MountSession(target, mountpoint, home=home, read_only=read_only,
-                               allow_other=allow_other, uid=uid, gid=gid)
+                               allow_other=allow_other, uid=uid, gid=gid, commands=commands)
     except BaseException:
         with trio.CancelScope(shield=True):
             await target.aclose(clean=True)
@@ -571,8 +592,10 @@ async def _daemon_main(open_target: Callable[[], Awaitable[MountTarget]], mountp
 
 def mount(open_target: Callable[[], Awaitable[MountTarget]], mountpoint: str, *, home: Path,
           foreground: bool = False, read_only: bool = False, allow_other: bool = False,
-          uid: int | None = None, gid: int | None = None) -> int:
+          uid: int | None = None, gid: int | None = None, commands: Registry = POOL_COMMANDS) -> int:
     """Mount the target that open_target opens; returns 0 (detached: once the files are visible).
+
+    Its control socket carries out the commands of ``commands`` (a pool's, by default) on it.
 
     Errors before the mount is ready raise VstoreError (for a detached mount, the child's
     error is re-raised in the caller as the same class).
@@ -580,7 +603,8 @@ def mount(open_target: Callable[[], Awaitable[MountTarget]], mountpoint: str, *,
     home = Path(home)
     mp = check_mountpoint(mountpoint)
     _private_dir(home)
-    kwargs = dict(home=home, read_only=read_only, allow_other=allow_other, uid=uid, gid=gid)
+    kwargs = dict(home=home, read_only=read_only, allow_other=allow_other, uid=uid, gid=gid,
+                  commands=commands)
     if foreground:
         handler = _setup_logging(home, to_stderr=True)
         try:
@@ -698,7 +722,7 @@ def unmount(mountpoint: str, *, home: Path, timeout: float = 60) -> None:
         path, rec = found
         sock = Path(rec.get("socket", ""))
         try:
-            control.call_sync(sock, {"cmd": "fuse-unmount"}, timeout=timeout)
+            control.call_sync(sock, MOUNT_COMMANDS.lookup("fuse-unmount").request(), timeout=timeout)
         except control.ControlSocketError as e:
             if mount_entry(mp) is not None:  # not unmounted (else the process is already closing)
                 log.info("control socket: %s; sending SIGTERM to %s", e, rec["pid"])

@@ -51,7 +51,10 @@ STATFS_BLOCK = 4096
 
 
 class MountTarget(Protocol):
-    """What the FUSE front end mounts: a pool (vstore.pool.pool.Pool satisfies it)."""
+    """What the FUSE front end mounts: a pool (vstore.pool.pool.Pool satisfies it).
+
+    The control socket's commands on it come from a registry (vstore.pool.commands).
+    """
 
     name: str
     volumes: Mapping[str, BlockDevice]
@@ -59,8 +62,6 @@ class MountTarget(Protocol):
     async def flush(self) -> None: ...
 
     def status(self) -> dict: ...
-
-    async def handle_command(self, request: dict) -> dict: ...
 
     async def aclose(self, clean: bool = True) -> None: ...
 

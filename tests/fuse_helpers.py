@@ -16,7 +16,8 @@ from pathlib import Path
 
 import trio
 
-from vstore.errors import ConfigError, ExistsError, NotFoundError, VstoreError
+from vstore.errors import ExistsError, NotFoundError, VstoreError
+from vstore.pool.commands import Registry
 from vstore.stack.device import BlockDevice, FilterDevice
 
 
@@ -43,39 +44,6 @@ class FakeTarget:
         return {"name": self.name, "state": "optimal",
                 "volumes": [{"name": n, "size": d.size} for n, d in sorted(self.volumes.items())]}
 
-    async def handle_command(self, request: dict) -> dict:
-        """status, volume_create (memory), volume_remove, boom (a bug)."""
-        cmd = request.get("cmd")
-        if cmd == "status":
-            return self.status()
-        if cmd == "volume_create":
-            import numpy as np
-
-            from backends.memory import MemoryDevice
-
-            if request["name"] in self.volumes:
-                raise ExistsError(f"volume {request['name']!r} exists")
-            self.volumes[request["name"]] = MemoryDevice(np.zeros(int(request["size"]), np.uint8))
-            return {"name": request["name"]}
-        if cmd == "volume_remove":
-            if self.volumes.pop(request["name"], None) is None:
-                raise NotFoundError(f"no volume {request['name']!r}")
-            return {}
-        if cmd == "volume_resize":  # a bigger device with the same bytes at the start
-            import numpy as np
-
-            from backends.memory import MemoryDevice
-
-            old = self.volumes[request["name"]]
-            store = np.zeros(int(request["size"]), np.uint8)
-            n = min(old.size, len(store))
-            store[:n] = await old.read(0, n)
-            self.volumes[request["name"]] = MemoryDevice(store)
-            return {"name": request["name"], "size": len(store)}
-        if cmd == "boom":
-            raise RuntimeError("a bug")
-        raise ConfigError(f"unknown command {cmd!r}")
-
     async def aclose(self, clean: bool = True) -> None:
         """Flush, close the volumes, remember how."""
         if clean:
@@ -85,6 +53,56 @@ class FakeTarget:
         self.closed = clean
         if self.closed_marker is not None:
             self.closed_marker.write_text(json.dumps({"clean": clean, "flushes": self.flush_count}))
+
+
+# The control commands a FakeTarget answers (a pool's are vstore.pool.commands.POOL_COMMANDS).
+FAKE_COMMANDS = Registry()
+
+
+@FAKE_COMMANDS.command("status", writable=False, quick=True)
+async def _status(target: FakeTarget) -> dict:
+    return target.status()
+
+
+@FAKE_COMMANDS.command("volume_create")
+async def _volume_create(target: FakeTarget, *, name: str, size: int) -> dict:
+    """A memory volume."""
+    import numpy as np
+
+    from backends.memory import MemoryDevice
+
+    if name in target.volumes:
+        raise ExistsError(f"volume {name!r} exists")
+    target.volumes[name] = MemoryDevice(np.zeros(size, np.uint8))
+    return {"name": name}
+
+
+@FAKE_COMMANDS.command("volume_remove", guards_open_volume=True)
+async def _volume_remove(target: FakeTarget, *, name: str, force: bool = False) -> dict:
+    if target.volumes.pop(name, None) is None:
+        raise NotFoundError(f"no volume {name!r}")
+    return {}
+
+
+@FAKE_COMMANDS.command("volume_resize")
+async def _volume_resize(target: FakeTarget, *, name: str, size: int) -> dict:
+    """A bigger device with the same bytes at the start."""
+    import numpy as np
+
+    from backends.memory import MemoryDevice
+
+    old = target.volumes[name]
+    store = np.zeros(size, np.uint8)
+    n = min(old.size, len(store))
+    store[:n] = await old.read(0, n)
+    target.volumes[name] = MemoryDevice(store)
+    return {"name": name, "size": len(store)}
+
+
+@FAKE_COMMANDS.command("boom")
+async def _boom(target: FakeTarget) -> dict:
+    """A bug."""
+    raise RuntimeError("a bug")
 
 
 class FailingDevice(FilterDevice):
@@ -167,7 +185,8 @@ def main(argv: list[str]) -> int:
     background = "--background" in argv
     try:
         return mount(lambda: _open_file_target(directory), mountpoint, home=home,
-                     foreground=not background, read_only=False, allow_other=False)
+                     foreground=not background, read_only=False, allow_other=False,
+                     commands=FAKE_COMMANDS)
     except VstoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from fuse_mount.daemon import (
     serve_mount,
     unmount,
 )
-from tests.fuse_helpers import FailingDevice, FakeTarget, detach_loops, force_unmount
+from tests.fuse_helpers import FAKE_COMMANDS, FailingDevice, FakeTarget, detach_loops, force_unmount
 from vstore.errors import (
     ConfigError,
     ExistsError,
@@ -66,7 +66,8 @@ async def mounted(target: FakeTarget, tmp_path: Path, **kwargs):
     try:
         async with trio.open_nursery() as nursery:
             session = await nursery.start(partial(
-                serve_mount, target, str(mp), home=tmp_path / "home", handle_signals=False, **kwargs))
+                serve_mount, target, str(mp), home=tmp_path / "home", handle_signals=False,
+                commands=FAKE_COMMANDS, **kwargs))
             try:
                 yield session, mp
             finally:

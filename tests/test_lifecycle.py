@@ -17,7 +17,7 @@ from backends import memory
 from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import DegradedError, MemberIOError
 from vstore.io.aio import unwrap
-from vstore.ops import lifecycle
+from vstore.ops import toolkit
 from vstore.ops.move import move
 from vstore.ops.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
 from vstore.ops.scrub import run_scrub, scrub_units
@@ -146,7 +146,7 @@ def test_replace_under_concurrent_writes_matches_model(tmp_path: Path, case, see
 
 async def test_rebuild_resumes_after_restart(tmp_path: Path, monkeypatch) -> None:
     """Stop a rebuild, close the pool, reopen: the status shows it interrupted; resume goes on."""
-    monkeypatch.setattr(lifecycle, "CHECKPOINT_BYTES", 256 << 10)
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 256 << 10)
     home = Home(tmp_path / "home")
     pool = await file_pool(home, tmp_path, "raid5", 4)
     vol = await pool.create_volume("v", 12 << 20)
@@ -207,7 +207,7 @@ async def test_second_failure_during_raid6_rebuild(tmp_path: Path) -> None:
                 await trio.sleep(0)
             await writer.one()
             # The I/O path: member 3 errs under a request (as a dying disk would).
-            await pool.layout._member_failed(3, MemberIOError("injected: medium error"))
+            await pool.layout.member_failed(3, MemberIOError("injected: medium error"))
             if survives:
                 await writer.one()
 
@@ -354,7 +354,7 @@ async def test_spare_takes_a_failed_members_place(tmp_path: Path) -> None:
         pool.lifecycle.resident = True
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.lifecycle.run_background)
-            await pool.layout._member_failed(3, MemberIOError("injected"))
+            await pool.layout.member_failed(3, MemberIOError("injected"))
             op = pool.lifecycle.current
             assert op is not None and op.kind == "rebuild"
             await Writer(vol, model, 4).one()

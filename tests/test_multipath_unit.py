@@ -791,6 +791,7 @@ def test_random_io_and_path_failures_match_a_model(ops, selector, policy, concur
 async def test_pool_with_multipath_members(tmp_path):
     """Pool.create/open with two-path members: options kept in the metadata, drills, status."""
     from backends import memory
+    from vstore.pool.commands import run_command
     from vstore.pool.home import Home
     from vstore.pool.pool import Pool
 
@@ -807,7 +808,7 @@ async def test_pool_with_multipath_members(tmp_path):
             for m in st["members"]:
                 assert [p["state"] for p in m["paths"]] == ["active", "active"]
                 assert {p["selector"] for p in m["paths"]} == {"round-robin"}
-            await pool.handle_command({"cmd": "path_fail", "member": 0, "path": 1})
+            await run_command(pool, "path_fail", member=0, path=1)
             await vol.write(1 << 20, data)
             assert np.array_equal(await vol.read(1 << 20, 1 << 20), data)
             st = pool.status()

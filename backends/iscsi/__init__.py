@@ -15,14 +15,20 @@ before failing I/O, 20), ``header_digest``/``data_digest`` (``none``,
 (our MaxRecvDataSegmentLength, default 1 MiB), ``max_transfer`` (bytes per READ command;
 default MaxBurstLength), ``max_write`` (bytes per WRITE command; default
 MaxBurstLength, so each needs at most one R2T), ``login_timeout``,
-``initiator_name``, ``credentials_file``, ``nursery`` (where the reader task
-lives; default a trio system task owned by the device, stopped by ``aclose``).
+``initiator_name``, ``credentials_file``, ``nursery`` (if given, the device's
+background reader, ``run_background``, runs there until ``aclose``).
 ``recovery_timeout=0`` fails I/O at once on a lost connection (for multipath);
 the next command or ``probe()`` still tries one reconnect.
 
-The layers: ``pdu`` (sans-IO codec), ``scsi`` (CDBs, sense, VPD), ``session``
-(trio transport, login, command routing); this module turns a session into a
-BlockDevice with reconnection and retries.
+The layers: ``pdu`` (sans-IO codec), ``scsi`` (CDBs, sense, VPD), ``connection``
+(sans-IO connection: login, negotiation, CHAP, the CmdSN window, tasks),
+``session`` (its trio driver over a ``vstore.io.stream.Stream``); this module
+turns a session into a BlockDevice with reconnection and retries.
+
+The device needs no task of its own: the tasks waiting for the target receive
+for each other (see ``session``). ``run_background`` (started by whoever owns the
+device, in its nursery) keeps receiving while nothing else is, so the target's
+NOP-In pings of an idle connection are answered.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ from vstore.errors import (
     ProtocolError,
     VstoreError,
 )
+from vstore.io.aio import run_all
+from vstore.io.ordering import RangeOrder
 from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
 from vstore.uri import Backend, MemberURI, parse_uri
@@ -225,12 +233,10 @@ class IscsiDevice(DeviceBase):
         self._session: Session | None = None
         self._reconnect_lock = trio.Lock()
         self._slots = trio.Semaphore(queue_depth)
-        self._nursery: trio.Nursery | None = None
-        self._host_done = trio.Event()
+        self._background: trio.CancelScope | None = None
+        self._session_changed = trio.Event()
         self._closed = False
-        self._writes: dict[int, tuple[int, int]] = {}  # byte ranges of writes in flight
-        self._write_seq = 0
-        self._writes_changed = trio.Event()
+        self._writes = RangeOrder()  # byte ranges of writes in flight
         self.stats = {"reconnects": 0, "reissued": 0, "unit_attention": 0, "busy": 0, "digest_errors": 0}
 
     def __repr__(self) -> str:
@@ -238,25 +244,28 @@ class IscsiDevice(DeviceBase):
 
     # ------------------------------------------------------------ lifetime
 
-    async def _host(self, ready: trio.Event) -> None:
-        # The owner of every background task (session readers): cancelled by aclose().
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Receive on the current session while idle (answers the target's pings) until closed or cancelled."""
+        if self._background is not None:
+            raise VstoreError(f"internal: the background reader of {self.name} is already running")
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                ready.set()
-                await trio.sleep_forever()
-        except Exception:  # a bug; never let it crash trio's system nursery
-            log.exception("iSCSI device %s background tasks failed", self.name)
+            with trio.CancelScope() as scope:
+                self._background = scope
+                task_status.started()
+                while not self._closed:
+                    s = self._session
+                    changed = self._session_changed
+                    if s is not None and s.alive:
+                        try:
+                            await s.serve()
+                        except Exception:  # a bug here must not take the owner (a pool's mount) down
+                            log.exception("iSCSI device %s: background reader failed", self.name)
+                            s.abort(ConnectionLostError("the background reader failed"))
+                    else:
+                        await changed.wait()  # the next I/O reconnects
         finally:
-            self._host_done.set()
-
-    async def _start(self, nursery: trio.Nursery | None) -> None:
-        ready = trio.Event()
-        if nursery is None:
-            trio.lowlevel.spawn_system_task(self._host, ready, name=f"iscsi:{self.name}")
-        else:
-            nursery.start_soon(self._host, ready)
-        await ready.wait()
+            self._background = None
 
     async def _login(self) -> Session:
         if self._closed:
@@ -264,19 +273,20 @@ class IscsiDevice(DeviceBase):
         s = Session(self.host, self.port, self.target, self.options, isid=self.isid,
                     credentials=self._credentials)
         await s.connect()
-        try:
-            await self._nursery.start(s.reader)
-        except RuntimeError:  # aclose() ran meanwhile: the nursery takes no new tasks
+        if self._closed:  # aclose() ran meanwhile
             s.close()
-            raise MemberIOError(f"{self.name} is closed") from None
+            raise MemberIOError(f"{self.name} is closed")
+        self._session_changed.set()
+        self._session_changed = trio.Event()
         return s
 
     async def _open(self, nursery: trio.Nursery | None, *, inspect_lun: bool = True) -> None:
-        await self._start(nursery)
         try:
             self._session = await self._login()
             if inspect_lun:
                 await self._inspect()
+            if nursery is not None:
+                await nursery.start(self.run_background)
         except BaseException:
             await self.aclose()
             raise
@@ -305,30 +315,28 @@ class IscsiDevice(DeviceBase):
         self._identity = f"iscsi:{ident}" if ident else f"iscsi:{self.target}/{self.lun}"
 
     async def aclose(self) -> None:
-        """Log out and stop the background tasks."""
+        """Log out and stop the background reader."""
         if self._closed:
             return
         self._closed = True
         s = self._session
-        # Shielded so a cancelled caller still stops the background task; every
-        # wait in here is bounded.
+        # Shielded so a cancelled caller still logs out; every wait in here is bounded.
         with trio.CancelScope(shield=True):
-            if s is not None and self._nursery is not None and s.alive:
+            if s is not None and s.alive:
                 with trio.move_on_after(3):
                     await s.logout()
             if s is not None:
                 s.close()
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
-                with trio.move_on_after(5):
-                    await self._host_done.wait()
+            if self._background is not None:
+                self._background.cancel()
+            self._session_changed.set()
 
     # ------------------------------------------------------------ commands
 
     async def _session_for_io(self, deadline: float) -> Session:
         while True:
             s = self._session
-            if s is not None and s.alive:
+            if s is not None and s.refresh():
                 return s
             if self._closed:
                 raise MemberIOError(f"{self.name} is closed")
@@ -489,24 +497,16 @@ class IscsiDevice(DeviceBase):
         # Callers get one VstoreError, never an ExceptionGroup. Siblings of a failed
         # chunk run to their own end (bounded by the timeouts): cancelling a write
         # mid-transfer would cost the whole connection.
-        errors: list[VstoreError] = []
-
-        async def guarded(cdb, rb, wb, what, exact) -> None:
-            try:
-                await self._execute(cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
-            except VstoreError as e:
-                errors.append(e)
-
-        async with trio.open_nursery() as nursery:
-            for job in jobs:
-                nursery.start_soon(guarded, *job)
-        if errors:
-            raise errors[0]
+        await run_all([
+            lambda cdb=cdb, rb=rb, wb=wb, what=what, exact=exact: self._execute(
+                cdb, read_buf=rb, write_buf=wb, what=what, exact=exact)
+            for cdb, rb, wb, what, exact in jobs
+        ], catch=VstoreError)
 
     async def _batch(self, jobs: list[tuple]) -> list[tuple]:
         """Submit all jobs on the current session at once; return the ones to redo one by one."""
         s = self._session
-        if s is None or not s.alive:
+        if s is None or not s.refresh():
             return jobs
         # All queue slots or none: taking them one by one could deadlock two batches.
         got = 0
@@ -611,28 +611,17 @@ class IscsiDevice(DeviceBase):
         bs = self.block_size
         end = offset + length
         # tgt completes SIMPLE tasks in any order: overlapping writes must not be in flight together.
-        while any(a < end and offset < b for a, b in self._writes.values()):
-            await self._writes_changed.wait()
-        self._write_seq += 1
-        key = self._write_seq
-        self._writes[key] = (offset, end)
-        try:
+        async with self._writes.hold(offset, end):
             await self._run_chunks([
                 (scsi.write_16((offset + p) // bs, min(step, length - p) // bs),
                  None, _flat(mv[p : p + min(step, length - p)]), "WRITE(16)", False)
                 for p in range(0, length, step)
             ])
-        finally:
-            del self._writes[key]
-            self._writes_changed.set()
-            self._writes_changed = trio.Event()
 
     async def flush(self) -> None:
         """Wait for in-flight writes, then SYNCHRONIZE CACHE: everything acknowledged is stable."""
         # Only the writes in flight now: later ones are not covered by this flush.
-        pending = set(self._writes)
-        while pending & self._writes.keys():
-            await self._writes_changed.wait()
+        await self._writes.settle()
         blocks = self.size // self.block_size
         cdb = scsi.synchronize_cache_10() if blocks < (1 << 32) else scsi.synchronize_cache_16()
         await self._execute(cdb, what="SYNCHRONIZE CACHE")

@@ -5,14 +5,19 @@ segments (AHS), an optional CRC32C header digest, the data segment padded to 4
 bytes, and an optional CRC32C data digest (only when there is data). Encoders
 return the BHS as ``bytes``; ``frame`` adds digests and padding around a data
 segment and returns a list of buffers for a scatter-gather send, so payloads are
-never copied. ``PDUDecoder`` is an incremental decoder in the style of h11:
-``feed`` bytes, ``next_pdu`` returns a PDU or ``None`` when it needs more.
-Anything that does not parse raises ``vstore.errors.ProtocolError``.
+never copied. ``PDUReceiver`` is the incremental decoder: it says where the next
+received bytes must go (a read-ahead buffer, or the caller's own buffers for a
+data segment it was told to steer there) and hands on each whole PDU; the
+initiator's connection (``backends.iscsi.connection``) runs on it. ``PDUDecoder``
+wraps it in the style of h11: ``feed`` bytes, ``next_pdu`` returns a PDU or
+``None`` when it needs more. Anything that does not parse raises
+``vstore.errors.ProtocolError``.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -638,12 +643,17 @@ def decode_text(data) -> list[tuple[str, str]]:
 
 @dataclass(slots=True)
 class PDU:
-    """A whole received PDU."""
+    """A whole received PDU.
+
+    When the receiver's ``steer`` placed the data segment in the caller's buffers,
+    ``data`` is empty and ``placed`` is True (``data_digest_ok`` still tells).
+    """
 
     header: Header
     ahs: bytes = b""
     data: bytes = b""
     data_digest_ok: bool = True
+    placed: bool = False
 
     @property
     def opcode(self) -> int:
@@ -651,12 +661,246 @@ class PDU:
         return self.header.opcode
 
 
-class PDUDecoder:
-    """Incremental PDU decoder: feed() bytes, next_pdu() -> PDU or None (needs more data).
+_RECV_BUF = 256 * 1024
+_READ_AHEAD = 8192  # bytes asked for past what the current step needs (the next headers)
+_DIRECT_MIN = 32 * 1024  # payload tails this big are received straight into their buffers
+IOV_MAX = 512  # buffers handed out per receive (the kernel takes 1024 iovecs)
+
+# A steer looks at a header whose data segment is about to arrive and may return
+# the buffers it must land in (consecutive, as long as the segment together) and a
+# ``wanted()`` that says whether they still want it (False: received and dropped).
+Steer = Callable[[Header], "tuple[list[memoryview], Callable[[], bool]] | None"]
+
+_HEADER, _DATA, _TAIL = range(3)
+
+
+class PDUReceiver:
+    """Incremental PDU framing that says where the next received bytes must go (sans-IO).
+
+    ``buffers()`` is where to receive next, ``received(n)`` accounts for the bytes
+    (or ``feed(data)`` copies them in); each whole PDU goes to ``on_pdu`` as soon as
+    it is complete, before the next header is looked at (so a caller may switch the
+    digests or the size limit between two PDUs). Headers and small segments are
+    parsed out of a read-ahead buffer; a segment the ``steer`` claims is received
+    into the caller's buffers, straight from the socket once the read-ahead bytes
+    are used up and at least ``_DIRECT_MIN`` remain.
 
     A header digest mismatch raises ProtocolError (the header cannot be trusted);
-    a data digest mismatch is reported in ``PDU.data_digest_ok`` so the caller can
-    fail or retry just that command.
+    a data digest mismatch is reported in ``PDU.data_digest_ok``.
+    """
+
+    def __init__(
+        self,
+        on_pdu: Callable[[PDU], None],
+        *,
+        header_digest_on: bool = False,
+        data_digest_on: bool = False,
+        max_data_length: int = MAX_SEGMENT,
+        from_target: bool = True,
+        steer: Steer | None = None,
+    ) -> None:
+        self.on_pdu = on_pdu
+        self.header_digest_on = header_digest_on
+        self.data_digest_on = data_digest_on
+        self.max_data_length = max_data_length
+        self.from_target = from_target
+        self.steer = steer
+        self._buf = bytearray(_RECV_BUF)
+        self._mv = memoryview(self._buf)
+        self._lo = 0  # the read-ahead bytes not used yet are _buf[_lo:_hi]
+        self._hi = 0
+        self._state = _HEADER
+        self._hdr: Header | None = None  # parsed, waiting for its AHS and digest
+        self._need = BHS_SIZE  # bytes from _lo the header step needs
+        self._cur: Header | None = None  # the header whose data segment is arriving
+        self._ahs = b""
+        self._pieces: list[memoryview] = []  # where the rest of the segment goes
+        self._dest: list[memoryview] = []  # the whole segment's buffers (for its digest)
+        self._segment: bytearray | None = None  # a segment nobody steered
+        self._wanted: Callable[[], bool] | None = None
+        self._left = 0
+        self._tail = 0  # padding + data digest after the segment
+        self._direct = False  # the last buffers() handed out segment buffers
+
+    @property
+    def buffered(self) -> int:
+        """Read-ahead bytes received but not used yet."""
+        return self._hi - self._lo
+
+    @property
+    def mid_pdu(self) -> bool:
+        """Whether part of a PDU has been received."""
+        return self._hi > self._lo or self._state != _HEADER or self._hdr is not None
+
+    def end_of_stream(self) -> None:
+        """The peer closed the stream; ProtocolError if it stopped inside a PDU."""
+        if self.mid_pdu:
+            raise ProtocolError(f"connection closed inside a PDU ({self.buffered} bytes pending)")
+
+    def buffers(self) -> list[memoryview]:
+        """Where the next received bytes must go (one or more buffers, filled in order; never empty)."""
+        if self._state == _DATA and self._lo == self._hi and self._left >= _DIRECT_MIN and (
+            self._wanted is None or self._wanted()
+        ):
+            self._direct = True
+            pieces = self._pieces
+            return pieces if len(pieces) <= IOV_MAX else pieces[:IOV_MAX]
+        self._direct = False
+        st = self._state
+        need = self._need if st == _HEADER else self._left if st == _DATA else self._tail
+        lo, hi, size = self._lo, self._hi, len(self._buf)
+        if lo == hi:
+            self._lo = self._hi = lo = hi = 0
+        # Read ahead only a little: a big segment after this header is better received
+        # straight into its destination than copied from here.
+        stop = min(size, lo + max(need, _READ_AHEAD))
+        if stop - hi < min(need, 512):
+            # Too little room after the buffered bytes: move them to the front.
+            k = hi - lo
+            self._mv[:k] = self._mv[lo:hi]
+            self._lo, self._hi = 0, k
+            hi = k
+            stop = min(size, max(need, _READ_AHEAD))
+        return [self._mv[hi:stop]]
+
+    def received(self, n: int) -> None:
+        """Account for n bytes received into ``buffers()``; whole PDUs go to ``on_pdu``."""
+        if self._direct:
+            self._direct = False
+            self._left -= n
+            pieces = self._pieces
+            while n:
+                first = pieces[0]
+                if n >= len(first):
+                    n -= len(first)
+                    pieces.pop(0)
+                else:
+                    pieces[0] = first[n:]
+                    n = 0
+            if self._left:
+                return
+            self._state = _TAIL
+        else:
+            self._hi += n
+        self._process()
+
+    def feed(self, data) -> None:
+        """Copy received bytes in; whole PDUs go to ``on_pdu``."""
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            k = 0
+            for b in self.buffers():
+                m = min(len(b), len(mv) - k)
+                b[:m] = mv[k : k + m]
+                k += m
+                if k == len(mv):
+                    break
+            mv = mv[k:]
+            self.received(k)
+
+    def _process(self) -> None:
+        mv = self._mv
+        while True:
+            avail = self._hi - self._lo
+            st = self._state
+            if st == _HEADER:
+                h = self._hdr
+                if h is None:
+                    if avail < BHS_SIZE:
+                        break
+                    lo = self._lo
+                    h = parse_header(mv[lo : lo + BHS_SIZE], max_data_length=self.max_data_length,
+                                     from_target=self.from_target)
+                    self._hdr = h
+                    self._need = BHS_SIZE + h.ahs_length + (DIGEST_SIZE if self.header_digest_on else 0)
+                if avail < self._need:
+                    break
+                lo = self._lo
+                end = lo + BHS_SIZE + h.ahs_length
+                ahs = bytes(mv[lo + BHS_SIZE : end]) if h.ahs_length else b""
+                if self.header_digest_on:
+                    check_header_digest(mv[lo:end], mv[end : end + DIGEST_SIZE])
+                self._lo = lo + self._need
+                self._hdr = None
+                self._need = BHS_SIZE
+                n = h.data_length
+                if not n:
+                    self.on_pdu(PDU(h, ahs))
+                else:
+                    self._start_segment(h, ahs)
+            elif st == _DATA:
+                if not avail:
+                    break
+                k = min(avail, self._left)
+                lo = self._lo
+                if self._wanted is None or self._wanted():
+                    src = mv[lo : lo + k]
+                    pieces = self._pieces
+                    pos = 0
+                    while pos < k:
+                        first = pieces[0]
+                        m = min(len(first), k - pos)
+                        first[:m] = src[pos : pos + m]
+                        pos += m
+                        if m == len(first):
+                            pieces.pop(0)
+                        else:
+                            pieces[0] = first[m:]
+                self._lo = lo + k
+                self._left -= k
+                if not self._left:
+                    self._state = _TAIL
+            else:
+                if avail < self._tail:
+                    break
+                lo = self._lo
+                h = self._cur
+                pad = pad_length(h.data_length)
+                digest = bytes(mv[lo + pad : lo + self._tail]) if self._tail > pad else None
+                self._lo = lo + self._tail
+                self._state = _HEADER
+                self._end_segment(h, pad, digest)
+            if self._lo == self._hi:
+                self._lo = self._hi = 0
+
+    def _start_segment(self, h: Header, ahs: bytes) -> None:
+        plan = self.steer(h) if self.steer is not None else None
+        if plan is None:
+            seg = bytearray(h.data_length)
+            self._segment = seg
+            self._dest = [memoryview(seg)]
+            self._wanted = None
+        else:
+            self._segment = None
+            self._dest, self._wanted = plan
+        self._pieces = [p for p in self._dest if len(p)]
+        self._cur = h
+        self._ahs = ahs
+        self._left = h.data_length
+        self._tail = pad_length(h.data_length) + (DIGEST_SIZE if self.data_digest_on else 0)
+        self._state = _DATA
+
+    def _end_segment(self, h: Header, pad: int, digest: bytes | None) -> None:
+        ahs, self._ahs = self._ahs, b""
+        self._cur = None
+        if self._segment is not None:
+            data = bytes(self._segment)
+            self._segment = None
+            ok = digest is None or data_digest_ok(data, pad, digest)
+            self.on_pdu(PDU(h, ahs, data, ok))
+            return
+        dest, self._dest = self._dest, []
+        wanted, self._wanted = self._wanted, None
+        ok = digest is None or (wanted is not None and not wanted()) or data_digest_ok(dest, pad, digest)
+        self.on_pdu(PDU(h, ahs, b"", ok, True))
+
+
+class PDUDecoder:
+    """Whole PDUs from bytes: feed() bytes, next_pdu() -> PDU or None (needs more data).
+
+    A ``PDUReceiver`` with the data segments copied out (the form for tests and fake
+    targets). A header digest mismatch raises ProtocolError; a data digest mismatch
+    is reported in ``PDU.data_digest_ok`` so the caller can fail or retry just that command.
     """
 
     def __init__(
@@ -667,53 +911,52 @@ class PDUDecoder:
         max_data_length: int = MAX_SEGMENT,
         from_target: bool = True,
     ) -> None:
-        self.header_digest_on = header_digest_on
-        self.data_digest_on = data_digest_on
-        self.max_data_length = max_data_length
-        self.from_target = from_target
-        self._buf = bytearray()
+        self._ready: list[PDU] = []
+        self._rx = PDUReceiver(self._ready.append, header_digest_on=header_digest_on,
+                               data_digest_on=data_digest_on, max_data_length=max_data_length,
+                               from_target=from_target)
+        self._pending = bytearray()
         self._pos = 0
+        self._error: ProtocolError | None = None  # found after PDUs not yet returned
 
     def feed(self, data) -> None:
         """Add received bytes."""
         if self._pos:
-            del self._buf[: self._pos]
+            del self._pending[: self._pos]
             self._pos = 0
-        self._buf += data
+        self._pending += data
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as PDUs."""
-        return len(self._buf) - self._pos
+        """Bytes received but not yet decoded."""
+        return len(self._pending) - self._pos + self._rx.buffered
 
     def next_pdu(self) -> PDU | None:
         """The next complete PDU, or None if more bytes are needed."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < BHS_SIZE:
-            return None
-        h = parse_header(
-            memoryview(buf)[pos : pos + BHS_SIZE],
-            max_data_length=self.max_data_length,
-            from_target=self.from_target,
-        )
-        after_hdr, dlen, pad, dd = wire_layout(h, self.header_digest_on, self.data_digest_on)
-        total = BHS_SIZE + after_hdr + dlen + pad + dd
-        if len(buf) - pos < total:
-            return None
-        p = pos + BHS_SIZE
-        ahs = bytes(buf[p : p + h.ahs_length])
-        p += h.ahs_length
-        if self.header_digest_on:
-            check_header_digest(memoryview(buf)[pos : pos + BHS_SIZE + h.ahs_length], buf[p : p + 4])
-            p += 4
-        data = bytes(buf[p : p + dlen])
-        ok = True
-        if dd:
-            ok = data_digest_ok(data, pad, buf[p + dlen + pad : p + dlen + pad + 4])
-        self._pos = pos + total
-        return PDU(h, ahs, data, ok)
+        if not self._ready and self._error is not None:
+            raise self._error
+        while not self._ready and self._pos < len(self._pending):
+            # Hand the receiver only what it asks for, so it stops at the PDU just completed.
+            src = memoryview(self._pending)[self._pos :]
+            k = 0
+            for b in self._rx.buffers():
+                m = min(len(b), len(src) - k)
+                b[:m] = src[k : k + m]
+                k += m
+                if k == len(src):
+                    break
+            self._pos += k
+            try:
+                self._rx.received(k)
+            except ProtocolError as e:
+                if not self._ready:
+                    raise
+                self._error = e  # the PDUs before it first
+        return self._ready.pop(0) if self._ready else None
 
     def end_of_stream(self) -> None:
         """Declare the stream closed; ProtocolError if a PDU was cut short."""
-        if self.buffered:
-            raise ProtocolError(f"connection closed inside a PDU ({self.buffered} bytes pending)")
+        if self._pos < len(self._pending) or self._rx.mid_pdu:
+            raise ProtocolError(
+                f"connection closed inside a PDU ({self.buffered} bytes pending)"
+            )

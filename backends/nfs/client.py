@@ -19,16 +19,14 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import secrets
-import socket as _socket
 from collections.abc import Sequence
 
 import numpy as np
 import trio
 
 from vstore.errors import DeviceTimeoutError, MemberIOError, ProtocolError
+from vstore.io.stream import EndOfStream, Stream, StreamClosedError, open_stream
 from vstore.stack.iovec import IoVec
 
 from .nfs3 import decode_read, read_reply_layout
@@ -70,7 +68,7 @@ class RpcClient:
         self._slots = trio.Semaphore(depth)
         self._xid = secrets.randbits(32)
         self._pending: dict[int, _Call] = {}
-        self._sock: _socket.socket | None = None
+        self._stream: Stream | None = None
         self._rx = RecordReceiver(self._split)
         self._gen = 0  # bumped on every new connection
         self._ever_connected = False
@@ -93,13 +91,14 @@ class RpcClient:
         while True:
             if self._closed:
                 raise MemberIOError(f"{self.label}: client is closed")
-            if self._sock is not None:
+            if self._stream is not None:
                 return self._gen
             async with self._connect_lock:
-                if self._sock is not None:
+                if self._stream is not None:
                     continue
                 try:
-                    sock = await self._open_socket()
+                    # No timeout of its own: the call's deadline bounds it.
+                    stream = await open_stream(self.host, self.port)
                 except OSError as e:
                     self._last_error = f"connect: {e.strerror or e}"
                     if not self._ever_connected:
@@ -111,44 +110,25 @@ class RpcClient:
                 if self._ever_connected:
                     self.reconnects += 1
                 self._ever_connected = True
-                self._sock = sock
+                self._stream = stream
                 self._gen += 1
                 self._rx = RecordReceiver(self._split)
                 return self._gen
 
-    async def _open_socket(self) -> _socket.socket:
-        # A plain non-blocking socket driven with trio.lowlevel.wait_readable/writable:
-        # a tight recv_into/sendmsg loop without a scheduler round trip per system call.
-        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((self.host, self.port))
-            if err == errno.EINPROGRESS:
-                await trio.lowlevel.wait_writable(sock)
-                err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
     def _break(self, gen: int, reason: str) -> None:
         """Drop connection ``gen`` (if still current); waiting calls will resend."""
-        if gen != self._gen or self._sock is None:
+        if gen != self._gen or self._stream is None:
             return
         self._last_error = reason
-        sock, self._sock = self._sock, None
-        trio.lowlevel.notify_closing(sock)  # a task waiting on it gets ClosedResourceError
-        sock.close()
+        stream, self._stream = self._stream, None
+        stream.close()  # a task waiting on it gets StreamClosedError
         for c in self._pending.values():
             c.wake.set()
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail."""
         self._closed = True
-        if self._sock is not None:
+        if self._stream is not None:
             self._break(self._gen, "closed")
         await trio.lowlevel.checkpoint()
 
@@ -238,32 +218,17 @@ class RpcClient:
 
     async def _send(self, c: _Call, gen: int) -> bool:
         async with self._send_lock:
-            if gen != self._gen or self._sock is None:
+            if gen != self._gen or self._stream is None:
                 return False
-            sock = self._sock
-            views = list(c.parts)
-            started = False
+            stream = self._stream
             try:
-                while views:
-                    try:
-                        n = sock.sendmsg(views)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    started = True
-                    while n:
-                        if n >= views[0].nbytes:
-                            n -= views[0].nbytes
-                            views.pop(0)
-                        else:
-                            views[0] = views[0][n:]
-                            n = 0
-            except (OSError, trio.ClosedResourceError) as e:
+                await stream.send_all(c.parts)
+            except OSError as e:
                 self._break(gen, f"send: {getattr(e, 'strerror', None) or e}")
                 return False
             except BaseException:
                 # Cancelled halfway through a message: the stream is torn.
-                if started and views:
+                if stream.torn:
                     self._break(gen, "send interrupted")
                 raise
             return True
@@ -273,12 +238,12 @@ class RpcClient:
         while True:
             if c.done:
                 return True
-            if gen != self._gen or self._sock is None:
+            if gen != self._gen or self._stream is None:
                 return False
             if self._reader is None:
                 self._reader = c
                 try:
-                    while not c.done and gen == self._gen and self._sock is not None:
+                    while not c.done and gen == self._gen and self._stream is not None:
                         await self._receive(gen)
                 finally:
                     self._reader = None
@@ -298,24 +263,23 @@ class RpcClient:
                 return
 
     async def _receive(self, gen: int) -> None:
-        sock = self._sock
-        assert sock is not None
+        stream = self._stream
+        assert stream is not None
         rx = self._rx
         while True:
             try:
-                n = sock.recv_into(rx.buffer())
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    self._break(gen, "connection closed")
-                    return
-                continue
+                n = stream.try_recv(rx.buffer())
+                if not n:
+                    await stream.wait_readable()
+                    continue
+            except EndOfStream:
+                self._break(gen, "server closed the connection")
+                return
+            except StreamClosedError:
+                self._break(gen, "connection closed")
+                return
             except OSError as e:
                 self._break(gen, f"receive: {e.strerror or e}")
-                return
-            if n == 0:
-                self._break(gen, "server closed the connection")
                 return
             try:
                 msgs = rx.received(n)

@@ -1,6 +1,6 @@
-"""`vstore replace|move|resume|scrub|spare`: member lifecycle commands (see vstore.ops.lifecycle).
+"""`vstore replace|move|resume|stop|scrub|spare`: member lifecycle commands (see vstore.ops.lifecycle).
 
-Each goes through ``pool_command``: with the pool mounted, the mount process
+Each goes through ``run_pool_command``: with the pool mounted, the mount process
 starts the operation in the background and this command follows its progress
 through the control socket (or returns at once with ``--background``); with no
 mount, the command opens the pool and runs the operation to completion itself
@@ -11,37 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import click
 
-from vstore.cli.progress import progress_bar
-from vstore.errors import ConfigError, VstoreError
-from vstore.sizes import format_size, parse_size
-
-FOLLOW_INTERVAL = 0.5
-
-
-class _Size(click.ParamType):
-    """A size such as 64K or 1G (vstore.cli.main's SIZE, which this module cannot import early)."""
-
-    name = "SIZE"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ConfigError as e:
-            self.fail(str(e), param, ctx)
-
-
-_SIZE = _Size()
-
-
-def _size_type() -> Any:
-    return _SIZE
+from vstore.cli.common import SIZE, run_pool_command
+from vstore.errors import VstoreError
+from vstore.sizes import format_size
 
 
 def _speed(speed_min: int | None, speed_max: int | None) -> dict[str, int] | None:
@@ -52,9 +28,9 @@ def _speed(speed_min: int | None, speed_max: int | None) -> dict[str, int] | Non
 
 def speed_options(fn: Any) -> Any:
     """--speed-min / --speed-max (md's sync_speed_min/max)."""
-    fn = click.option("--speed-max", type=_size_type(), default=None, metavar="SIZE",
+    fn = click.option("--speed-max", type=SIZE, default=None, metavar="SIZE",
                       help="At most this many bytes per second (default: unlimited).")(fn)
-    return click.option("--speed-min", type=_size_type(), default=None, metavar="SIZE",
+    return click.option("--speed-min", type=SIZE, default=None, metavar="SIZE",
                         help="While foreground I/O runs, slow down to this many bytes per "
                              "second, not less (default 16M).")(fn)
 
@@ -65,7 +41,7 @@ def member_target_options(fn: Any) -> Any:
         click.argument("pool"),
         click.argument("index", type=int),
         click.argument("new_uri"),
-        click.option("--size", type=_size_type(), default=None,
+        click.option("--size", type=SIZE, default=None,
                      help="Create a missing file:// member of this size."),
         click.option("--background", is_flag=True,
                      help="Return once started (the pool must be mounted)."),
@@ -77,47 +53,6 @@ def member_target_options(fn: Any) -> Any:
     return fn
 
 
-def _follow(ctx: click.Context, pool: str, label: str) -> dict[str, Any]:
-    """Show the progress of the mount process's running operation until it ends; its result."""
-    from vstore.cli.main import mounted_call
-
-    home = ctx.obj["home"]
-    with progress_bar(label) as cb:
-        while True:
-            reply = mounted_call(home, pool, {"cmd": "operation"})
-            if reply is None:
-                raise VstoreError(f"pool {pool!r} was unmounted while the operation ran")
-            cur = reply.get("current")
-            if cur is None:
-                last = reply.get("last") or {}
-                if last.get("state") != "done":
-                    raise VstoreError(f"{last.get('kind', 'operation')} {last.get('state')}: "
-                                      f"{last.get('error', 'see the mount log')}")
-                return last
-            cb(int(cur.get("done", 0)), int(cur.get("total", 0)))
-            time.sleep(FOLLOW_INTERVAL)
-
-
-def _execute(ctx: click.Context, pool: str, request: dict[str, Any], local: Any, label: str,
-             background: bool) -> dict[str, Any] | None:
-    """Run through the mount (following it unless background) or locally; None if left running."""
-    from vstore.cli.main import _mount_socket, pool_command
-
-    mounted = _mount_socket(ctx.obj["home"], pool) is not None
-    if background and not mounted:
-        click.echo(f"note: pool {pool!r} is not mounted: --background needs the mount process; "
-                   "running to completion here", err=True)
-    reply = pool_command(ctx, pool, request, local)
-    if "started" not in reply:
-        return reply
-    if background:
-        st = reply["started"]
-        click.echo(f"{st['kind']} started in the mount process of pool {pool!r}; "
-                   f"see `vstore status {pool}`")
-        return None
-    return _follow(ctx, pool, label)
-
-
 # --------------------------------------------------------------------------- replace / move
 
 
@@ -127,17 +62,8 @@ def replace(ctx: click.Context, pool: str, index: int, new_uri: str, size: int |
             background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
     """Replace member INDEX of POOL by NEW_URI and rebuild it online (a healthy one is moved)."""
     speed = _speed(speed_min, speed_max)
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.rebuild import replace as do_replace
-
-        with progress_bar(f"rebuild member {index}") as cb:
-            return await do_replace(p, index, new_uri, size=size, force=force, speed=speed,
-                                    progress=cb)
-
-    request = {"cmd": "replace", "index": index, "uri": new_uri, "size": size, "force": force,
-               "speed": speed}
-    r = _execute(ctx, pool, request, local, f"rebuild member {index}", background)
+    r = run_pool_command(ctx, pool, "replace", background=background, index=index, uri=new_uri,
+                         size=size, force=force, speed=speed)
     if r is not None:
         _echo_done(pool, r)
 
@@ -148,16 +74,8 @@ def move(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | No
          background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
     """Move healthy member INDEX of POOL to NEW_URI while the pool stays in use (like pvmove)."""
     speed = _speed(speed_min, speed_max)
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.move import move as do_move
-
-        with progress_bar(f"move member {index}") as cb:
-            return await do_move(p, index, new_uri, size=size, force=force, speed=speed, progress=cb)
-
-    request = {"cmd": "move", "index": index, "uri": new_uri, "size": size, "force": force,
-               "speed": speed}
-    r = _execute(ctx, pool, request, local, f"move member {index}", background)
+    r = run_pool_command(ctx, pool, "move", background=background, index=index, uri=new_uri,
+                         size=size, force=force, speed=speed)
     if r is not None:
         _echo_done(pool, r)
 
@@ -171,14 +89,7 @@ def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | Non
            speed_max: int | None) -> None:
     """Resume POOL's interrupted rebuild from its checkpoint (a mount resumes it by itself)."""
     speed = _speed(speed_min, speed_max)
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.rebuild import resume as do_resume
-
-        with progress_bar("rebuild") as cb:
-            return await do_resume(p, speed=speed, progress=cb)
-
-    r = _execute(ctx, pool, {"cmd": "resume", "speed": speed}, local, "rebuild", background)
+    r = run_pool_command(ctx, pool, "resume", background=background, speed=speed)
     if r is not None:
         _echo_done(pool, r)
 
@@ -188,12 +99,7 @@ def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | Non
 @click.pass_context
 def stop(ctx: click.Context, pool: str) -> None:
     """Stop POOL's running rebuild, move or scrub (a rebuild or scrub resumes from its checkpoint)."""
-    from vstore.cli.main import pool_command
-
-    async def local(p: Any) -> dict[str, Any]:
-        return {"stopped": await p.lifecycle.stop()}  # unmounted, nothing runs between commands
-
-    r = pool_command(ctx, pool, {"cmd": "operation_stop"}, local)
+    r = run_pool_command(ctx, pool, "operation_stop")
     click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
 
 
@@ -225,19 +131,12 @@ def spare() -> None:
 @spare.command("add")
 @click.argument("pool")
 @click.argument("uri")
-@click.option("--size", type=_size_type(), default=None, help="Create a missing file:// spare of this size.")
+@click.option("--size", type=SIZE, default=None, help="Create a missing file:// spare of this size.")
 @click.option("--force", is_flag=True, help="Use URI even if it belongs to another pool.")
 @click.pass_context
 def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool) -> None:
     """Add URI to POOL as a hot spare."""
-    from vstore.cli.main import pool_command
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.rebuild import add_spare
-
-        return await add_spare(p, uri, size=size, force=force)
-
-    r = pool_command(ctx, pool, {"cmd": "spare_add", "uri": uri, "size": size, "force": force}, local)
+    r = run_pool_command(ctx, pool, "spare_add", uri=uri, size=size, force=force)
     click.echo(f"pool {pool!r} has {len(r['spares'])} spare(s): "
                + ", ".join(s["uri"] for s in r["spares"]))
 
@@ -248,14 +147,7 @@ def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: 
 @click.pass_context
 def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
     """Remove hot spare URI from POOL (its superblock is wiped)."""
-    from vstore.cli.main import pool_command
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.rebuild import remove_spare
-
-        return await remove_spare(p, uri)
-
-    r = pool_command(ctx, pool, {"cmd": "spare_remove", "uri": uri}, local)
+    r = run_pool_command(ctx, pool, "spare_remove", uri=uri)
     click.echo(f"removed spare {uri} from pool {pool!r}; {len(r['spares'])} left")
 
 
@@ -274,16 +166,9 @@ def scrub(ctx: click.Context, pool: str, repair: bool, as_json: bool, restart: b
           speed_min: int | None, speed_max: int | None) -> None:
     """Verify parity and mirror copies of POOL; exit 0 clean (or repaired), 1 mismatches, 2+ errors."""
     speed = _speed(speed_min, speed_max)
-
-    async def local(p: Any) -> dict[str, Any]:
-        from vstore.ops.scrub import run_scrub
-
-        with progress_bar("scrub") as cb:
-            return await run_scrub(p, repair=repair, restart=restart, speed=speed, progress=cb)
-
-    request = {"cmd": "scrub", "repair": repair, "restart": restart, "speed": speed}
     try:
-        r = _execute(ctx, pool, request, local, "scrub", background)
+        r = run_pool_command(ctx, pool, "scrub", background=background, repair=repair,
+                             restart=restart, speed=speed)
     except VstoreError as e:
         # fsck-like: 1 means mismatches, so every error is 2 or more.
         click.echo(f"vstore: error: {e}", err=True)

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from vstore.cli.common import home_of, mount_socket, run_pool_command
+
 
 @click.group()
 def path() -> None:
@@ -14,18 +16,10 @@ def path() -> None:
 
 def _run(ctx: click.Context, pool: str, member: int, path_arg: str, *, fail: bool,
          force: bool = False) -> dict[str, Any]:
-    from vstore.cli.main import _mount_socket, pool_command
-
     index: int | str = int(path_arg) if path_arg.isdigit() else path_arg
-    request = {"cmd": "path_fail" if fail else "path_reinstate", "member": member,
-               "path": index, "force": force}
-
-    async def local(p: Any) -> dict[str, Any]:
-        await p.set_path_state(member, index, fail=fail, force=force)
-        return p.status()
-
-    mounted = _mount_socket(ctx.obj["home"], pool) is not None
-    st = pool_command(ctx, pool, request, local)
+    mounted = mount_socket(home_of(ctx), pool) is not None
+    st = run_pool_command(ctx, pool, "path_fail" if fail else "path_reinstate", member=member,
+                          path=index, force=force)
     if not mounted:
         click.echo(f"note: pool {pool!r} is not mounted: the path state lasts only for this command",
                    err=True)

@@ -12,10 +12,10 @@ from typing import Any
 import click
 import trio
 
+from vstore.cli.common import LEVELS, home_of, refuse_if_mounted, run
 from vstore.errors import ConfigError
 from vstore.sizes import format_size
 
-LEVELS = ["linear", "raid0", "raid1", "raid5", "raid6", "raid10"]
 SCRATCH = "torture-scratch"
 
 
@@ -244,7 +244,6 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
                sizes: dict[str, int], seed: int, seconds: float, crashes: bool, failures: bool,
                ops: int, rounds: int | None, rebuild: bool, wrap: tuple[Any, str],
                schedule: list[Any] | None, shrink_budget: float, force: bool, align: int) -> bool:
-    from vstore.cli.main import run
     from vstore.testing import torture as T
 
     async def main() -> bool:
@@ -301,13 +300,12 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
 def _existing_pool(ctx: click.Context, name: str, *, seed: int, seconds: float, ops: int,
                    rounds: int | None, window: int, schedule: list[Any] | None,
                    shrink_budget: float) -> bool:
-    from vstore.cli.main import _refuse_if_mounted, home_of, run
     from vstore.pool.pool import Pool
     from vstore.testing import torture as T
     from vstore.testing.faults import Rig
 
     home = home_of(ctx)
-    _refuse_if_mounted(home, name)
+    refuse_if_mounted(home, name)
 
     async def main() -> bool:
         pool = await Pool.open(home, name)

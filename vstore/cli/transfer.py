@@ -1,15 +1,23 @@
-"""Copy files into and out of volumes (`vstore import` / `vstore export`), several I/Os in flight."""
+"""`vstore import|export`: copy files into and out of volumes, several I/Os in flight.
+
+The pool must not be mounted (its mount holds it; copy to or from the volume's
+file there instead): these commands open the pool themselves.
+"""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
+import click
 import numpy as np
 import trio
 
+from vstore.cli.common import home_of, refuse_if_mounted, refuse_pool_storage, run, with_pool
 from vstore.cli.progress import progress_bar
-from vstore.errors import MemberIOError, NotFoundError, VstoreError
+from vstore.errors import ConfigError, MemberIOError, NotFoundError, VstoreError
+from vstore.sizes import format_size
 
 BLOCK = 8 << 20
 IN_FLIGHT = 4
@@ -85,3 +93,45 @@ async def _copy(path: str, size: int, volume: Any, *, to_volume: bool, label: st
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@click.command("import")
+@click.argument("pool")
+@click.argument("vol")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+    """Create volume VOL sized to FILE (rounded up) and copy FILE into it."""
+    home = home_of(ctx)
+    refuse_if_mounted(home, pool)
+    if not os.path.exists(file):
+        raise NotFoundError(f"{file}: no such file")
+    if not os.path.isfile(file):
+        import stat as stat_mod
+
+        mode = os.stat(file).st_mode
+        kind = ("a character device" if stat_mod.S_ISCHR(mode) else "a block device" if stat_mod.S_ISBLK(mode)
+                else "a FIFO" if stat_mod.S_ISFIFO(mode) else "a directory" if stat_mod.S_ISDIR(mode)
+                else "not a regular file")
+        raise ConfigError(f"{file} is {kind}: import copies a regular file (its size sets the volume's)")
+    refuse_pool_storage(home, file)
+    size = os.path.getsize(file)
+    if size == 0:
+        raise ConfigError(f"{file}: empty file, nothing to import")
+    n = run(partial(with_pool, home, pool, partial(import_file, vol=vol, path=file)))
+    click.echo(f"imported {format_size(n)} from {file} into volume {vol!r}")
+
+
+@click.command("export")
+@click.argument("pool")
+@click.argument("vol")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+    """Copy volume VOL of POOL out into FILE."""
+    home = home_of(ctx)
+    refuse_if_mounted(home, pool)
+    refuse_pool_storage(home, file)
+    n = run(partial(with_pool, home, pool, partial(export_file, vol=vol, path=file),
+                    read_only=True))
+    click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")

@@ -34,6 +34,8 @@ import trio
 from vstore.consistency.journal import crc32c
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
 from vstore.errors import MemberIOError
+from vstore.io.aio import run_all
+from vstore.raid.base import MemberFailed
 from vstore.stack.device import BlockDevice
 
 log = logging.getLogger("vstore.consistency.bitmap")
@@ -141,21 +143,23 @@ class WriteIntentBitmap:
         await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
 
     async def _on_members(self, fn: Callable[[BlockDevice], Any], *, flush: bool) -> None:
-        async def one(i: int, dev: BlockDevice) -> None:
-            try:
-                await fn(dev)
-                if flush:
-                    await dev.flush()
-            except MemberIOError as e:
-                log.error("write-intent bitmap on member %d: %s", i, e)
-                if self.on_error is not None:
-                    res = self.on_error(i, e)
-                    if inspect.isawaitable(res):
-                        await res
+        active = list(self.active())
 
-        async with trio.open_nursery() as nursery:
-            for i, dev in self.active():
-                nursery.start_soon(one, i, dev)
+        async def one(dev: BlockDevice) -> None:
+            await fn(dev)
+            if flush:
+                await dev.flush()
+
+        async def failed(k: int, e: BaseException) -> None:
+            i = active[k][0]
+            log.error("write-intent bitmap on member %d: %s", i, e)
+            if self.on_error is not None:
+                res = self.on_error(i, e)
+                if inspect.isawaitable(res):
+                    await res
+
+        await run_all([lambda d=dev: one(d) for _, dev in active], catch=MemberIOError,
+                      on_error=failed)
 
     # --- the write path (the layout calls these around every update) ------------------------
 
@@ -256,8 +260,6 @@ def rows_of_regions(regions: Iterable[int], region: int, chunk: int, rows: int) 
 async def resync_rows(layout: Any, rows: Sequence[int],
                       progress: Callable[[int, int], None] | None = None) -> int:
     """Recompute and rewrite the parity of these rows from their data; then flush. Returns rows done."""
-    from vstore.raid.base import MemberFailed
-
     done = 0
     total = len(rows)
     limiter = trio.CapacityLimiter(RESYNC_PARALLEL)
@@ -275,14 +277,12 @@ async def resync_rows(layout: Any, rows: Sequence[int],
             parity = await layout.compute_parity(data)
             _, pmem = layout.row_members(row)
             for i, m in enumerate(pmem):
-                await layout._write_member(m, row * layout.chunk, parity[i])
+                await layout.write_member(m, row * layout.chunk, parity[i])
         done += 1
         if progress is not None:
             progress(done, total)
 
     for at in range(0, total, 256):  # in batches: a task per row of a whole pool is too many
-        async with trio.open_nursery() as nursery:
-            for row in rows[at : at + 256]:
-                nursery.start_soon(one, row)
+        await run_all([lambda r=row: one(r) for row in rows[at : at + 256]])
     await layout.flush()
     return done

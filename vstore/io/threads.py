@@ -232,6 +232,10 @@ async def wait(ops: Sequence[Op]) -> None:
         # All done already (in memory, on this thread): no trip through the scheduler,
         # which would cost more than the I/O did.
         return
+    ring = _ring()
+    if ring is not None:
+        await ring.wait(pending)
+        return
     waiter = _Waiter(len(pending))
     for op in pending:
         op.waiter = waiter

@@ -5,9 +5,9 @@ after its syscall, and waits for it while the trio thread runs Python or pyfuse3
 copies a request. Here a request's ops become SQEs (``readv``/``writev`` over the
 caller's buffers, flagged ``IOSQE_ASYNC`` so the kernel's io-wq workers do the
 copies in parallel rather than the submitting thread), submitted with one
-``io_uring_enter``; an eventfd registered with the ring wakes one system task of
-the trio run, which reaps every ready CQE and wakes the waiting tasks. No Python
-thread takes part.
+``io_uring_enter``; an eventfd registered with the ring wakes one of the tasks
+waiting for their ops (no task of the ring's own), which reaps every ready CQE
+and wakes the other waiters. No Python thread takes part.
 
 Opt-in (``VSTORE_IO_ENGINE=io_uring``): measured through the mount it is slower
 than the threads on this machine (see ``vstore.io.threads.ENGINE``). Binding: the
@@ -33,7 +33,7 @@ ENTRIES = 256
 
 
 class Ring:
-    """One io_uring of a trio run, reaped by a system task woken through an eventfd."""
+    """One io_uring of a trio run, reaped by the tasks that wait for it, woken through an eventfd."""
 
     def __init__(self, liburing: Any) -> None:
         self.L = liburing
@@ -52,6 +52,8 @@ class Ring:
         self.next_id = 1
         self.submitted = 0
         self.closed = False
+        self.reaping = False  # a waiter is parked on the eventfd
+        self.reaped = trio.Event()  # set (and replaced) after each reap
 
     def submit(self, ops: Sequence[Op]) -> None:
         """Queue the ops' SQEs and enter the kernel once."""
@@ -78,18 +80,31 @@ class Ring:
         L.io_uring_sqe_set_data64(sqe, uid)
         sqe.flags = L.IOSQE_ASYNC
 
-    async def reap_forever(self) -> None:
-        """Wait on the eventfd; complete every ready CQE; wake their tasks."""
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(self.efd)
+    async def wait(self, ops: Sequence[Op]) -> None:
+        """Wait for the ops, reaping the ring meanwhile unless another waiter already does.
+
+        No task of its own: whoever waits reaps (one at a time, through the eventfd),
+        and every reap wakes the other waiters to look at their ops again. I/O under
+        way cannot be abandoned, so a cancellation is delivered once the ops are done.
+        """
+        with trio.CancelScope(shield=True):
+            while not all(op.finished for op in ops):
+                if self.reaping:
+                    await self.reaped.wait()
+                    continue
+                self.reaping = True
                 try:
-                    os.eventfd_read(self.efd)
-                except BlockingIOError:
-                    pass
-                self._reap()
-        finally:
-            self.close()
+                    await trio.lowlevel.wait_readable(self.efd)
+                    try:
+                        os.eventfd_read(self.efd)
+                    except BlockingIOError:
+                        pass
+                    self._reap()
+                finally:
+                    self.reaping = False
+                    self.reaped.set()
+                    self.reaped = trio.Event()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def _reap(self) -> None:
         L = self.L
@@ -150,7 +165,7 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
 
 
 def open_ring() -> Ring | None:
-    """A ring for this trio run with its reaper started, or None where io_uring cannot be had."""
+    """A ring for this trio run (closed when the run ends), or None where io_uring cannot be had."""
     try:
         import liburing
     except ImportError:
@@ -160,5 +175,16 @@ def open_ring() -> Ring | None:
     except Exception as e:  # noqa: BLE001 - any refusal means: use the threads
         log.info("io_uring not available (%s): member I/O uses threads", e)
         return None
-    trio.lowlevel.spawn_system_task(ring.reap_forever, name="vstore io_uring reaper")
+    trio.lowlevel.add_instrument(_CloseAtRunEnd(ring))
     return ring
+
+
+class _CloseAtRunEnd(trio.abc.Instrument):
+    """Closes the run's ring when the trio run ends."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+
+    def after_run(self) -> None:
+        """Release the ring."""
+        self.ring.close()

@@ -21,21 +21,18 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import trio
 
 from vstore.consistency.metadata import BITMAP_OFFSET, DATA_OFFSET, Superblock, write_superblock
 from vstore.errors import ConfigError, VstoreError
-from vstore.ops.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
-from vstore.ops.rebuild import _check_index, open_new_member
+from vstore.ops.join import check_index, open_new_member
+from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.sizes import format_size
 from vstore.stack.device import BlockDevice, Buffer, FilterDevice, read_into, write_from
 from vstore.stack.offset import OffsetDevice
-
-if TYPE_CHECKING:
-    from vstore.pool.pool import Pool
 
 log = logging.getLogger("vstore.ops.move")
 
@@ -153,10 +150,10 @@ async def _copy_region(src: BlockDevice, dst: BlockDevice, region: int, size: in
     return n
 
 
-async def move_member(pool: Pool, op: Operation, index: int, uri: str, *, size: int | None,
+async def move_member(pool: PoolView, op: Operation, index: int, uri: str, *, size: int | None,
                       force: bool, speed: dict[str, Any] | None) -> dict[str, Any]:
     """Copy healthy member index to uri in pre-copy rounds, pause briefly, switch, release the old."""
-    _check_index(pool, index)
+    check_index(pool, index)
     layout = pool.layout
     m = pool.members[index]
     if m.state != "active" or layout is None or index in layout.failed:
@@ -168,7 +165,7 @@ async def move_member(pool: Pool, op: Operation, index: int, uri: str, *, size: 
     size_bytes = m.data_size
     new_data = OffsetDevice(dev, DATA_OFFSET, size_bytes)
     old_data = CountingDevice(layout.members[index])
-    layout.members[index] = old_data
+    layout.swap_member(index, old_data)
     watch = MoveWatch(index)
     layout.write_watch = watch
     switched = False
@@ -212,7 +209,7 @@ async def move_member(pool: Pool, op: Operation, index: int, uri: str, *, size: 
             await write_superblock(dev, sb)
             await dev.flush()
             old_dev = m.dev
-            layout.members[index] = new_data
+            layout.swap_member(index, new_data)
             m.uuid, m.paths, m.dev, m.data_dev, m.scan = new_uuid, paths, dev, new_data, None
             switched = True
             await pool.commit()
@@ -225,7 +222,7 @@ async def move_member(pool: Pool, op: Operation, index: int, uri: str, *, size: 
     except BaseException:
         if not switched:
             layout.write_watch = None
-            layout.members[index] = old_data.dev
+            layout.swap_member(index, old_data.dev)
             with trio.CancelScope(shield=True):
                 await dev.aclose()
         raise
@@ -250,7 +247,7 @@ async def _noop(_: int) -> None:
     return None
 
 
-async def move(pool: Pool, index: int, uri: str, *, size: int | None = None, force: bool = False,
+async def move(pool: PoolView, index: int, uri: str, *, size: int | None = None, force: bool = False,
                speed: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Move member index to uri in this task."""
     return await pool.lifecycle.run(
@@ -258,10 +255,10 @@ async def move(pool: Pool, index: int, uri: str, *, size: int | None = None, for
         progress, member=index)
 
 
-async def start_move(pool: Pool, index: int, uri: str, *, size: int | None = None,
+async def start_move(pool: PoolView, index: int, uri: str, *, size: int | None = None,
                      force: bool = False, speed: dict[str, Any] | None = None) -> Operation:
     """Move member index to uri in the background (the mount process)."""
-    _check_index(pool, index)
+    check_index(pool, index)
     m = pool.members[index]
     if m.state != "active":
         raise ConfigError(f"member {index} of pool {pool.name!r} is {m.state}: only a healthy member "

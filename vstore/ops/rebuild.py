@@ -4,10 +4,10 @@ A replacement (``vstore replace``, or a hot spare taking a failed member's place
 gets a superblock with a new member UUID and the old index, and becomes member
 ``i`` in state ``rebuilding``:
 
-- the layout keeps ``i`` in ``failed`` for reads (they are reconstructed from the
-  others) but lists it in ``rebuilding``, so every foreground update writes it
-  too: rows the rebuild has passed stay current, rows it has not reached are
-  overwritten when it gets there;
+- the layout (``start_rebuild``) keeps ``i`` in ``failed`` for reads (they are
+  reconstructed from the others) but lists it in ``rebuilding``, so every
+  foreground update writes it too: rows the rebuild has passed stay current,
+  rows it has not reached are overwritten when it gets there;
 - the rebuild walks member ``i`` row by row; each row is computed by
   ``member_bytes`` and written while the row's lock is held, so no foreground
   update of that row can land between the two;
@@ -15,7 +15,11 @@ gets a superblock with a new member UUID and the old index, and becomes member
   metadata (``meta["operation"]``); after a restart the rebuild resumes there,
   or from the start when the pool was not closed cleanly (an update in flight
   at the crash may have reached the other members but not the new one);
-- when the last row is written and flushed, ``i`` becomes ``active``.
+- when the last row is written and flushed, ``i`` becomes ``active``
+  (``finish_rebuild``).
+
+The new device is opened and checked by ``vstore.ops.join`` (as a moved
+member's is); replacing a healthy member is a move (``vstore.ops.move``).
 
 A second failure while a raid6 pool rebuilds leaves two failed members, which
 raid6 survives: the rebuild goes on computing from the rest. Where redundancy
@@ -34,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -47,21 +51,19 @@ from vstore.errors import (
     NotFoundError,
     VstoreError,
 )
-from vstore.ops.lifecycle import Operation, Progress, RateLimiter, speed_of, sweep
-from vstore.owner import refuse_live_owner
+from vstore.ops.join import SPARE_INDEX, check_index, open_new_member
+from vstore.ops.move import move, start_move
+from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.raid.base import MemberFailed
 from vstore.raid.geometry import survives
 from vstore.sizes import format_size
+from vstore.stack.device import BlockDevice
+from vstore.stack.members import open_member
 from vstore.stack.offset import OffsetDevice
 from vstore.uri import MemberURI, split_paths
 
-if TYPE_CHECKING:
-    from vstore.pool.pool import Pool
-    from vstore.stack.device import BlockDevice
-
 log = logging.getLogger("vstore.ops.rebuild")
 
-SPARE_INDEX = 0xFFFFFFFE  # a spare's superblock index (with n_members SPARE_INDEX + 1)
 WINDOW = 4  # batches of rows rebuilt concurrently
 BATCH_BYTES = 1 << 20  # rows rebuilt together: one read of this size per surviving member
 
@@ -74,12 +76,12 @@ def BATCH_ROWS_FOR(chunk: int) -> int:  # noqa: N802 - a constant that depends o
 # --------------------------------------------------------------------------- queries
 
 
-def failed_members(pool: Pool) -> list[int]:
+def failed_members(pool: PoolView) -> list[int]:
     """Members that need a replacement (failed, missing or bad; not already rebuilding)."""
     return [m.index for m in pool.members if m.state not in ("active", "rebuilding")]
 
 
-def interrupted(pool: Pool) -> dict[str, Any] | None:
+def interrupted(pool: PoolView) -> dict[str, Any] | None:
     """The checkpointed rebuild of the metadata when none runs now (to resume), else None."""
     rec = pool.meta.get("operation")
     cur = pool.lifecycle.current
@@ -91,17 +93,10 @@ def interrupted(pool: Pool) -> dict[str, Any] | None:
     return dict(rec)
 
 
-def _check_index(pool: Pool, index: int) -> None:
-    if not 0 <= index < len(pool.members):
-        raise ConfigError(f"pool {pool.name!r} has members 0..{len(pool.members) - 1}, not {index}")
-    if pool.read_only:
-        raise VstoreError(f"pool {pool.name!r} is open read-only")
-
-
-def _rows_of(pool: Pool) -> int:
+def _rows_of(pool: PoolView) -> int:
     layout = pool.layout
     if layout is None:
-        raise DegradedError(pool._degraded_message(set(failed_members(pool))))
+        raise DegradedError(pool.degraded_message(set(failed_members(pool))))
     rows = getattr(layout, "rows", None)
     if rows is None or pool.level in ("linear", "raid0"):
         raise DegradedError(f"a {pool.level} pool has no redundancy to rebuild a member from; "
@@ -109,14 +104,14 @@ def _rows_of(pool: Pool) -> int:
     return int(rows)
 
 
-def lock_keys(pool: Pool, index: int, row: int) -> list[int]:
+def lock_keys(pool: PoolView, index: int, row: int) -> list[int]:
     """The layout lock keys that cover member index's row (what foreground updates of it hold)."""
     if pool.level == "raid10":
         return [(row * pool.layout.n + index) // 2]
     return [row]  # parity levels lock rows; raid1 locks chunks, and its row r is chunk r
 
 
-async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndarray:
+async def rows_of_member(pool: PoolView, index: int, r0: int, count: int) -> np.ndarray:
     """What member index should hold in rows [r0, r0+count), computed from the others.
 
     The caller holds the rows' locks. Consecutive rows are contiguous on every
@@ -134,7 +129,7 @@ async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndar
             src = index ^ 1 if pool.level == "raid10" else min(
                 (x for x in layout.healthy() if x != index), key=lambda x: layout.inflight[x])
             try:
-                return await layout._read_member(src, r0 * C, count * C)
+                return await layout.read_member(src, r0 * C, count * C)
             except MemberFailed:
                 continue
     if pool.level not in ("raid5", "raid6"):
@@ -148,7 +143,7 @@ async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndar
         layout.require_usable()
         live = [x for x in range(layout.n) if x not in gone]
         try:
-            got = await layout._read_members([(x, r0 * C, count * C) for x in live])
+            got = await layout.read_members([(x, r0 * C, count * C) for x in live])
         except MemberFailed:
             continue
         break
@@ -178,49 +173,7 @@ async def rows_of_member(pool: Pool, index: int, r0: int, count: int) -> np.ndar
 # --------------------------------------------------------------------------- new members
 
 
-async def open_new_member(pool: Pool, uri_text: str, *, size: int | None, force: bool,
-                          need: int, allow_uuid: str | None = None, replacing: int | None = None
-                          ) -> tuple[list[MemberURI], BlockDevice]:
-    """Open (creating with size) a device to join the pool; refuse one in use unless forced.
-
-    The failed member being replaced may be given again (re-added after a transient fault).
-    """
-    from vstore.pool.pool import _open_paths
-
-    paths = split_paths(uri_text)
-    taken = {p.text for m in pool.members if m.index != replacing or m.state == "active"
-             for p in m.paths}
-    taken |= {t for s in pool.record.get("spares", []) for t in s}
-    for p in paths:
-        if p.text in taken:
-            raise ExistsError(f"{p.redacted()} is already a member or spare of pool {pool.name!r}")
-    dev = await _open_paths(paths, size)
-    try:
-        if dev.size < DATA_OFFSET + need:
-            raise ConfigError(f"{paths[0].redacted()} is too small: {format_size(dev.size)}, "
-                              f"needs {format_size(DATA_OFFSET + need)}")
-        ident = dev.identity()
-        if ident is not None:
-            for m in pool.members:
-                if m.dev is not None and m.state == "active" and m.dev.identity() == ident:
-                    raise ExistsError(f"{paths[0].redacted()} is the same storage as member {m.index}")
-        scan = await scan_member(dev)
-        sb = scan.superblock
-        if sb is not None and sb.pool_uuid != pool.meta["pool_uuid"]:
-            refuse_live_owner(scan.meta, paths[0].redacted())
-        if sb is not None and not force:
-            ours = sb.pool_uuid == pool.meta["pool_uuid"]
-            if not ours or (allow_uuid and sb.member_uuid != allow_uuid) or (
-                    not allow_uuid and sb.index not in (replacing, SPARE_INDEX)):
-                raise ExistsError(f"{paths[0].redacted()} already belongs to vstore pool "
-                                  f"{sb.pool_uuid} (use --force to overwrite)")
-    except BaseException:
-        await dev.aclose()
-        raise
-    return paths, dev
-
-
-async def attach_replacement(pool: Pool, index: int, paths: list[MemberURI], dev: BlockDevice,
+async def attach_replacement(pool: PoolView, index: int, paths: list[MemberURI], dev: BlockDevice,
                              *, how: str) -> None:
     """Make dev member index, state rebuilding: superblock, layout, metadata, pool record."""
     m = pool.members[index]
@@ -236,10 +189,8 @@ async def attach_replacement(pool: Pool, index: int, paths: list[MemberURI], dev
         raise
     old_dev = m.dev
     # Reads of member index are reconstructed from now on; updates write the new device.
-    layout.failed.add(index)
     data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
-    layout.members[index] = data_dev
-    layout.rebuilding.add(index)
+    layout.start_rebuild(index, data_dev)
     m.uuid, m.paths, m.dev, m.data_dev = new_uuid, paths, dev, data_dev
     m.state, m.error, m.scan = "rebuilding", None, None
     rows = _rows_of(pool)
@@ -261,7 +212,7 @@ async def attach_replacement(pool: Pool, index: int, paths: list[MemberURI], dev
 # --------------------------------------------------------------------------- the rebuild
 
 
-async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str, Any] | None = None
+async def rebuild_member(pool: PoolView, op: Operation, index: int, speed: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
     """Rebuild member index (state rebuilding) from its checkpoint to the end, then activate it."""
     layout = pool.layout
@@ -307,7 +258,7 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
         async with layout.locked(keys):
             alive()
             data = await rows_of_member(pool, index, r0, count)
-            await layout._write_member(index, r0 * C, data)
+            await layout.write_member(index, r0 * C, data)
         alive()
 
     step = BATCH_ROWS_FOR(C)
@@ -324,8 +275,7 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
     if index not in layout.rebuilding:
         raise MemberIOError(f"the new member {index} failed during its rebuild ({m.error})")
     # Done: the member serves reads again.
-    layout.rebuilding.discard(index)
-    layout.failed.discard(index)
+    layout.finish_rebuild(index)
     m.state, m.error = "active", None
     pool.meta["operation"] = None
     await pool.commit()
@@ -336,8 +286,8 @@ async def rebuild_member(pool: Pool, op: Operation, index: int, speed: dict[str,
             "seconds": round(seconds, 3), "resumed_at_row": start, "pool_state": pool.state}
 
 
-def _guard_replace(pool: Pool, index: int) -> None:
-    _check_index(pool, index)
+def _guard_replace(pool: PoolView, index: int) -> None:
+    check_index(pool, index)
     _rows_of(pool)
     if pool.meta.get("operation") and interrupted(pool) is not None:
         raise ConfigError(f"pool {pool.name!r} has an interrupted rebuild of member "
@@ -351,7 +301,7 @@ def _guard_replace(pool: Pool, index: int) -> None:
                             f"members {sorted(failed - {index})} are failed too")
 
 
-async def _prepare_replace(pool: Pool, index: int, uri: str, size: int | None, force: bool) -> None:
+async def _prepare_replace(pool: PoolView, index: int, uri: str, size: int | None, force: bool) -> None:
     _guard_replace(pool, index)
     m = pool.members[index]
     paths, dev = await open_new_member(pool, uri, size=size, force=force, need=m.data_size,
@@ -359,33 +309,29 @@ async def _prepare_replace(pool: Pool, index: int, uri: str, size: int | None, f
     await attach_replacement(pool, index, paths, dev, how="replace")
 
 
-async def replace(pool: Pool, index: int, uri: str, *, size: int | None = None, force: bool = False,
+async def replace(pool: PoolView, index: int, uri: str, *, size: int | None = None, force: bool = False,
                   speed: dict[str, Any] | None = None, progress: Progress | None = None
                   ) -> dict[str, Any]:
     """Replace member index by uri and rebuild it, in this task (a healthy member is moved)."""
-    _check_index(pool, index)
+    check_index(pool, index)
     if pool.members[index].state == "active":
-        from vstore.ops.move import move
-
         return await move(pool, index, uri, size=size, force=force, speed=speed, progress=progress)
     return await pool.lifecycle.run(
         "rebuild", lambda op: _replace_op(pool, op, index, uri, size, force, speed), progress,
         member=index)
 
 
-async def _replace_op(pool: Pool, op: Operation, index: int, uri: str, size: int | None,
+async def _replace_op(pool: PoolView, op: Operation, index: int, uri: str, size: int | None,
                       force: bool, speed: dict[str, Any] | None) -> dict[str, Any]:
     await _prepare_replace(pool, index, uri, size, force)
     return await rebuild_member(pool, op, index, speed)
 
 
-async def start_replace(pool: Pool, index: int, uri: str, *, size: int | None = None,
+async def start_replace(pool: PoolView, index: int, uri: str, *, size: int | None = None,
                         force: bool = False, speed: dict[str, Any] | None = None) -> Operation:
     """Replace member index by uri and rebuild it in the background (the mount process)."""
-    _check_index(pool, index)
+    check_index(pool, index)
     if pool.members[index].state == "active":
-        from vstore.ops.move import start_move
-
         return await start_move(pool, index, uri, size=size, force=force, speed=speed)
     _guard_replace(pool, index)
     pool.lifecycle.check_idle()
@@ -394,7 +340,7 @@ async def start_replace(pool: Pool, index: int, uri: str, *, size: int | None = 
                                 member=index)
 
 
-async def resume(pool: Pool, *, speed: dict[str, Any] | None = None,
+async def resume(pool: PoolView, *, speed: dict[str, Any] | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Resume an interrupted rebuild in this task."""
     rec = interrupted(pool)
@@ -405,7 +351,7 @@ async def resume(pool: Pool, *, speed: dict[str, Any] | None = None,
                                     progress, member=index)
 
 
-def start_resume(pool: Pool, *, speed: dict[str, Any] | None = None) -> Operation:
+def start_resume(pool: PoolView, *, speed: dict[str, Any] | None = None) -> Operation:
     """Resume an interrupted rebuild in the background."""
     rec = interrupted(pool)
     if rec is None:
@@ -418,7 +364,7 @@ def start_resume(pool: Pool, *, speed: dict[str, Any] | None = None) -> Operatio
 # --------------------------------------------------------------------------- hot spares
 
 
-async def add_spare(pool: Pool, uri: str, *, size: int | None = None, force: bool = False
+async def add_spare(pool: PoolView, uri: str, *, size: int | None = None, force: bool = False
                     ) -> dict[str, Any]:
     """Record uri as a hot spare of the pool (its superblock marks it so)."""
     if pool.read_only:
@@ -449,7 +395,7 @@ async def add_spare(pool: Pool, uri: str, *, size: int | None = None, force: boo
     return {"spares": pool.status()["spares"]}
 
 
-def _spare_index(pool: Pool, uri: str) -> int:
+def _spare_index(pool: PoolView, uri: str) -> int:
     want = {p.text for p in split_paths(uri)} | {p.redacted() for p in split_paths(uri)}
     for k, s in enumerate(pool.meta.get("spares", [])):
         texts = set(s["uri"].split(","))
@@ -461,7 +407,7 @@ def _spare_index(pool: Pool, uri: str) -> int:
     raise NotFoundError(f"{uri} is not a spare of pool {pool.name!r}")
 
 
-async def remove_spare(pool: Pool, uri: str) -> dict[str, Any]:
+async def remove_spare(pool: PoolView, uri: str) -> dict[str, Any]:
     """Forget a hot spare (its superblock is wiped, so it can be used elsewhere)."""
     if pool.read_only:
         raise VstoreError(f"pool {pool.name!r} is open read-only")
@@ -470,10 +416,8 @@ async def remove_spare(pool: Pool, uri: str) -> dict[str, Any]:
     _drop_spare(pool, k)
     await pool.commit()
     pool.home.write_pool(pool.name, pool.record)
-    from vstore.pool.pool import _open_paths
-
     try:
-        dev = await _open_paths(split_paths(",".join(texts)), None)
+        dev = await open_member(split_paths(",".join(texts)), None)
         try:
             await dev.write(0, bytes(4096))
             await dev.flush()
@@ -484,18 +428,18 @@ async def remove_spare(pool: Pool, uri: str) -> dict[str, Any]:
     return {"spares": pool.status()["spares"]}
 
 
-def _record_spare(pool: Pool, k: int) -> list[str]:
+def _record_spare(pool: PoolView, k: int) -> list[str]:
     rec = pool.record.get("spares", [])
     return rec[k] if k < len(rec) else pool.meta["spares"][k]["uri"].split(",")
 
 
-def _drop_spare(pool: Pool, k: int) -> None:
+def _drop_spare(pool: PoolView, k: int) -> None:
     del pool.meta["spares"][k]
     if k < len(pool.record.get("spares", [])):
         del pool.record["spares"][k]
 
 
-async def _take_one(pool: Pool, index: int) -> bool:
+async def _take_one(pool: PoolView, index: int) -> bool:
     """Attach the first spare that fits as member index; False when none does."""
     need = pool.members[index].data_size
     for k, s in enumerate(list(pool.meta.get("spares", []))):
@@ -516,7 +460,7 @@ async def _take_one(pool: Pool, index: int) -> bool:
     return False
 
 
-async def _takeover_op(pool: Pool, op: Operation, speed: dict[str, Any] | None) -> dict[str, Any]:
+async def _takeover_op(pool: PoolView, op: Operation, speed: dict[str, Any] | None) -> dict[str, Any]:
     results = []
     while True:
         todo = [i for i in failed_members(pool)
@@ -535,12 +479,12 @@ async def _takeover_op(pool: Pool, op: Operation, speed: dict[str, Any] | None) 
     return {**results[-1], "rebuilt": [r["member"] for r in results]}
 
 
-def start_spare_takeover(pool: Pool, speed: dict[str, Any] | None = None) -> Operation:
+def start_spare_takeover(pool: PoolView, speed: dict[str, Any] | None = None) -> Operation:
     """Rebuild failed members onto spares in the background (the mount process)."""
     return pool.lifecycle.start("rebuild", lambda op: _takeover_op(pool, op, speed), how="spare")
 
 
-async def take_spares(pool: Pool, progress_factory: Any = None,
+async def take_spares(pool: PoolView, progress_factory: Any = None,
                       speed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rebuild failed members onto spares in this task (a command that saw the failure)."""
     if not failed_members(pool) or not pool.meta.get("spares") or pool.layout is None:

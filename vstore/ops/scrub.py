@@ -6,10 +6,11 @@ an absolute offset on the member device, and relative to its data area).
 
 Which member is at fault:
 
-- raid6: from P and Q, as md's raid6check. With Pd = P xor P' and Qd = Q xor Q'
-  (P', Q' recomputed from the data as read), only Pd nonzero means P is wrong,
-  only Qd means Q is wrong; both mean one data chunk z is wrong when Qd = g^z * Pd
-  bytewise for one z (its error is Pd). Anything else: not known.
+- raid6: from P and Q, as md's raid6check (``vstore.raid.kernels.locate_pq_error``).
+  With Pd = P xor P' and Qd = Q xor Q' (P', Q' recomputed from the data as read),
+  only Pd nonzero means P is wrong, only Qd means Q is wrong; both mean one data
+  chunk z is wrong when Qd = g^z * Pd bytewise for one z (its error is Pd).
+  Anything else: not known.
 - raid1 with three or more copies: the copies outvoted by a strict majority.
 - raid5, raid10 and two-way raid1: not known.
 
@@ -25,32 +26,23 @@ metadata (``meta["scrub"]``); a scrub that was stopped resumes where it was.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import ConfigError, DegradedError
-from vstore.ops.lifecycle import (
-    Operation,
-    Progress,
-    RateLimiter,
-    speed_of,
-    sweep,
-)
+from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.raid.base import MemberFailed
-from vstore.raid.reference import GF_LOG
+from vstore.raid.kernels import locate_pq_error
 from vstore.stack.volume import runs_to_list
-
-if TYPE_CHECKING:
-    from vstore.pool.pool import Pool
 
 PAGE = 4096  # mismatches are located to this granularity
 WINDOW = 16  # units verified concurrently
 MAX_REPORTED = 256  # mismatches kept in the result and the checkpoint
 
 
-def scrub_units(pool: Pool) -> tuple[list[int], int]:
+def scrub_units(pool: PoolView) -> tuple[list[int], int]:
     """(sorted units to verify, bytes of pool address space per unit) of the pool's level."""
     layout = pool.layout
     level = pool.level
@@ -78,26 +70,10 @@ def _pages(diff: np.ndarray) -> list[int]:
     return bad
 
 
-def _raid6_culprit(pd: np.ndarray, qd: np.ndarray, k: int) -> int | str | None:
-    """'P', 'Q', a data index z, or None (not known) for one page's P and Q differences."""
-    p_bad, q_bad = bool(pd.any()), bool(qd.any())
-    if p_bad and not q_bad:
-        return "P"
-    if q_bad and not p_bad:
-        return "Q"
-    nz = pd != 0
-    if not np.array_equal(nz, qd != 0):
-        return None
-    z = (GF_LOG[qd[nz]] - GF_LOG[pd[nz]]) % 255
-    if len(z) and np.all(z == z[0]) and int(z[0]) < k:
-        return int(z[0])
-    return None
-
-
 class _Scrub:
     """One scrub pass over a pool."""
 
-    def __init__(self, pool: Pool, repair: bool) -> None:
+    def __init__(self, pool: PoolView, repair: bool) -> None:
         self.pool = pool
         self.layout = pool.layout
         self.repair = repair
@@ -116,7 +92,7 @@ class _Scrub:
 
     async def _fix(self, writes: list[tuple[int, int, np.ndarray]]) -> None:
         if self.repair and writes:
-            await self.layout._submit_member_writes(writes)
+            await self.layout.submit_member_writes(writes)
 
     async def unit(self, u: int) -> None:
         """Verify (and repair) one unit under its lock; retried once a member fails is known."""
@@ -143,7 +119,7 @@ class _Scrub:
         dmem, pmem = layout.row_members(row)
         base = row * C
         async with layout.locked([row]):
-            got = await layout._read_members([(m, base, C) for m in dmem + pmem])
+            got = await layout.read_members([(m, base, C) for m in dmem + pmem])
             data = np.stack(got[:k])
             fresh = await layout.compute_parity(data)
             diffs = [np.bitwise_xor(got[k + x], fresh[x]) for x in range(layout.nparity)]
@@ -155,7 +131,7 @@ class _Scrub:
                     self._report(row, pmem[0], base + a, b - a, "parity", None, self.repair)
                     writes.append((pmem[0], base + a, fresh[0][a:b]))
                     continue
-                who = _raid6_culprit(diffs[0][a:b], diffs[1][a:b], k)
+                who = locate_pq_error(diffs[0][a:b], diffs[1][a:b], k)
                 if who in ("P", "Q"):
                     x = 0 if who == "P" else 1
                     self._report(row, pmem[x], base + a, b - a, who, pmem[x], self.repair)
@@ -173,7 +149,7 @@ class _Scrub:
         layout = self.layout
         C = layout.chunk
         async with layout.locked(keys):
-            got = await layout._read_members([(m, off, C) for m, off in copies])
+            got = await layout.read_members([(m, off, C) for m, off in copies])
             if all(np.array_equal(got[0], g) for g in got[1:]):
                 return
             writes: list[tuple[int, int, np.ndarray]] = []
@@ -197,7 +173,7 @@ class _Scrub:
             await self._fix(writes)
 
 
-async def scrub(pool: Pool, op: Operation, *, repair: bool = False, restart: bool = False,
+async def scrub(pool: PoolView, op: Operation, *, repair: bool = False, restart: bool = False,
                 speed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verify (and repair) every unit in use; checkpoints and resumes; returns the findings."""
     units, unit_bytes = scrub_units(pool)
@@ -251,7 +227,7 @@ async def scrub(pool: Pool, op: Operation, *, repair: bool = False, restart: boo
             "repair": repair, "resumed_at": start_at}
 
 
-async def run_scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
+async def run_scrub(pool: PoolView, *, repair: bool = False, restart: bool = False,
                     speed: dict[str, Any] | None = None, progress: Progress | None = None
                     ) -> dict[str, Any]:
     """Scrub in this task, to completion."""
@@ -259,7 +235,7 @@ async def run_scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
         "scrub", lambda op: scrub(pool, op, repair=repair, restart=restart, speed=speed), progress)
 
 
-def start_scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
+def start_scrub(pool: PoolView, *, repair: bool = False, restart: bool = False,
                 speed: dict[str, Any] | None = None) -> Operation:
     """Scrub in the background (the mount process)."""
     scrub_units(pool)  # a clear error now rather than in the background

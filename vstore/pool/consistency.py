@@ -14,7 +14,8 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import trio
@@ -24,12 +25,10 @@ from vstore.consistency.bitmap import WriteIntentBitmap, choose_region, resync_r
 from vstore.consistency.journal import DEFAULT_SIZE, LOG_OFFSET, Journal, JournalError, record_size
 from vstore.consistency.metadata import DATA_OFFSET, scan_member
 from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
+from vstore.ops.toolkit import MemberView
 from vstore.sizes import format_size
 from vstore.stack.device import BlockDevice
 from vstore.uri import open_uri, split_paths
-
-if TYPE_CHECKING:
-    from vstore.pool.pool import Pool
 
 log = logging.getLogger("vstore.pool.consistency")
 
@@ -56,10 +55,47 @@ async def _refuse_if_in_use(dev: BlockDevice, where: str) -> None:
     raise ExistsError(f"journal {where} already holds a journal ({other.sb.pool_uuid})")
 
 
+class ConsistentPool(Protocol):
+    """What the consistency machinery uses of its pool (``vstore.pool.pool.Pool``)."""
+
+    name: str
+    meta: dict[str, Any]
+    record: dict[str, Any]
+    layout: Any  # a RaidLayout (vstore.raid.base), None once too many members failed
+    read_only: bool
+    recovered_from: dict[str, Any] | None
+
+    @property
+    def members(self) -> Sequence[MemberView]:
+        """The members, by index."""
+        ...
+
+    @property
+    def level(self) -> str:
+        """RAID level."""
+        ...
+
+    def on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
+        """A member failed: record it (committed before the next update)."""
+        ...
+
+    def failures_pending(self) -> bool:
+        """Whether a member failure is not yet in the committed metadata."""
+        ...
+
+    async def commit(self) -> None:
+        """Write a new generation of the metadata to every active member, durably."""
+        ...
+
+    async def flush(self) -> None:
+        """Flush the whole stack, then persist any member failure seen meanwhile."""
+        ...
+
+
 class Consistency:
     """A pool's crash-consistency machinery (journal or bitmap), from creation to close."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: ConsistentPool) -> None:
         self.pool = pool
         self.journal: Journal | None = None
         self.bitmap: WriteIntentBitmap | None = None
@@ -130,9 +166,9 @@ class Consistency:
     async def _bitmap_error(self, index: int, exc: BaseException) -> None:
         layout = self.pool.layout
         if layout is not None:
-            await layout._member_failed(index, exc)
+            await layout.member_failed(index, exc)
         else:
-            self.pool._on_member_failed(index, exc)
+            self.pool.on_member_failed(index, exc)
 
     async def open(self) -> None:
         """Open the journal device recorded for the pool (or prepare the bitmap)."""
@@ -205,7 +241,7 @@ class Consistency:
         guard = self.journal if self.journal is not None else self.bitmap
         if guard is None:
             return
-        guard.checkpoint_allowed = lambda: not self.pool._pending_failures
+        guard.checkpoint_allowed = lambda: not self.pool.failures_pending()
         guard.before_commit = self._record_failures
         if self.journal is not None:
             self.journal.flush_members = self._flush_for_checkpoint
@@ -218,7 +254,7 @@ class Consistency:
         superblocks before completing writes to a degraded array).
         """
         pool = self.pool
-        if pool._pending_failures and not pool.read_only:
+        if pool.failures_pending() and not pool.read_only:
             await pool.commit()
 
     async def _flush_for_checkpoint(self) -> None:
@@ -238,7 +274,7 @@ class Consistency:
             await m.data_dev.write(offset, buf)
         except MemberIOError as e:
             if pool.layout is not None:
-                await pool.layout._member_failed(index, e)
+                await pool.layout.member_failed(index, e)
         except VstoreError as e:
             log.error("journal record for member %d at %d (%d bytes) skipped: %s", index, offset,
                       len(buf), e)

@@ -5,11 +5,15 @@ pool"); every other command on that pool is sent here instead of opening the
 pool a second time. The protocol is one JSON object per line, both ways, over a
 Unix socket with owner-only permissions:
 
-    request:  {"cmd": "status", ...}                       (free-form)
-    response: {"ok": true, "result": {...}}                 (the handler's dict)
+    request:  {"cmd": NAME, ...arguments}                   (a registered command)
+    response: {"ok": true, "result": {...}}                 (the command's dict)
               {"ok": false, "error": "...", "type": "NotFoundError"}
 
-A connection may carry several requests, answered in order.
+A request is a call of a registered command (``vstore.pool.commands``: a pool's
+commands, and the mount's own in ``fuse_mount.daemon``): ``Command.request``
+builds it, and the server's handler (``MountSession.handle_command``) looks NAME
+up in the registry and calls it. This module only moves the calls and their
+answers. A connection may carry several requests, answered in order.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_LINE = 16 * 1024 * 1024  # a request or response larger than this is refused
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 
-Handler = Callable[[dict], Awaitable[dict]]
+Handler = Callable[[dict], Awaitable[dict]]  # a request -> its result (a registry's dispatch)
 
 
 class ControlSocketError(VstoreError):

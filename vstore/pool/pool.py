@@ -3,8 +3,8 @@
 ``Pool.create`` writes a new pool onto its members; ``Pool.open`` assembles one
 from the member URIs recorded in the config directory (``vstore import-pool``
 records them again from the members alone). The pool object then owns the
-device graph and every metadata change (``commit``), and answers the commands
-that the CLI (or the control socket of a mounted pool) sends it.
+device graph and every metadata change (``commit``); the commands that the CLI (or
+the control socket of a mounted pool) carries out on it are in ``vstore.pool.commands``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from vstore.errors import (
     PoolBusyError,
     VstoreError,
 )
-from vstore.ops.lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+from vstore.io.aio import run_all
 from vstore.ops.lifecycle import Lifecycle
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home, check_name
@@ -51,10 +51,11 @@ from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.stack.align import AlignedDevice
 from vstore.stack.device import BlockDevice, DeviceBase
+from vstore.stack.members import open_member
 from vstore.stack.multipath import MultipathDevice, validate_options
 from vstore.stack.offset import OffsetDevice
 from vstore.stack.volume import EXTENT_SIZE, Volume, list_to_runs, runs_to_list
-from vstore.uri import MemberURI, open_uri, split_paths
+from vstore.uri import MemberURI, split_paths
 
 log = logging.getLogger("vstore.pool.pool")
 
@@ -106,15 +107,6 @@ def extent_size_for(level: str, n: int, chunk: int) -> int:
     if level == "raid10":
         width = chunk * n // 2 if n % 2 == 0 else chunk * n  # odd n: rows repeat every 2 rows
     return max(1, -(-EXTENT_SIZE // width)) * width
-
-
-async def _open_paths(paths: list[MemberURI], create_size: int | None, *,
-                      require_all: bool = True) -> BlockDevice:
-    # Several paths: a MultipathDevice (identity proven, paths that do not open start failed
-    # unless require_all); its options come from the pool metadata (_configure_multipath).
-    if len(paths) == 1:
-        return await open_uri(paths[0], create_size=create_size)
-    return await MultipathDevice.open(paths, create_size=create_size, require_all=require_all)
 
 
 class Pool:
@@ -202,7 +194,7 @@ class Pool:
         devs: list[BlockDevice] = []
         try:
             for paths in paths_list:
-                devs.append(await _open_paths(paths, size))
+                devs.append(await open_member(paths, size))
             # The same storage under two spellings (//, ./, a symlink, a second path).
             seen_ident: dict[str, int] = {}
             for i, dev in enumerate(devs):
@@ -299,15 +291,14 @@ class Pool:
         scans: list[MemberScan | None] = [None] * len(paths_list)
 
         async def open_one(i: int) -> None:
-            try:
-                devs[i] = await _open_paths(paths_list[i], None, require_all=False)
-                scans[i] = await scan_member(devs[i])
-            except VstoreError as e:
-                errors[i] = str(e)
+            devs[i] = await open_member(paths_list[i], None, require_all=False)
+            scans[i] = await scan_member(devs[i])
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(paths_list)):
-                nursery.start_soon(open_one, i)
+        def failed(i: int, e: BaseException) -> None:
+            errors[i] = str(e)
+
+        await run_all([lambda i=i: open_one(i) for i in range(len(paths_list))],
+                      catch=VstoreError, on_error=failed)
         want_uuid = self.record.get("pool_uuid")
         best: MemberScan | None = None
         for s in scans:
@@ -404,16 +395,16 @@ class Pool:
             self.data_dev = None
             self.volumes = {}
             if not self.read_only:
-                raise DegradedError(self._degraded_message(failed))
+                raise DegradedError(self.degraded_message(failed))
             return
         devs = [m.data_dev if m.data_dev is not None else _AbsentDevice(m.data_size)
                 for m in self.members]
+        # A member being rebuilt is failed for reads but takes every write (vstore.ops.rebuild).
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
-                                  on_member_failed=self._on_member_failed)
+                                  on_member_failed=self.on_member_failed,
+                                  rebuilding={m.index for m in self.members if m.state == "rebuilding"})
         # Volumes take any offset and length; iSCSI members only whole blocks.
         self.data_dev = AlignedDevice(self.layout)
-        # A member being rebuilt is failed for reads but takes every write (vstore.ops.rebuild).
-        self.layout.rebuilding = {m.index for m in self.members if m.state == "rebuilding"}
         self.consistency.attach(self.layout)
         self.volumes = {
             v["name"]: Volume(v["name"], v["size"], runs_to_list(v["extents"]), self.data_dev,
@@ -421,7 +412,8 @@ class Pool:
             for v in self.meta["volumes"]
         }
 
-    def _degraded_message(self, failed: set[int]) -> str:
+    def degraded_message(self, failed: set[int]) -> str:
+        """Why the pool cannot serve data with these members failed (a DegradedError's text)."""
         detail = ", ".join(f"member {m.index} {m.state}" + (f" ({m.error})" if m.error else "")
                            for m in self.members if m.index in failed)
         return (f"pool {self.name!r} ({self.level}) has {len(failed)} failed members, more than "
@@ -441,13 +433,18 @@ class Pool:
         await self.commit()
 
     # ------------------------------------------------------------------ metadata
-    def _on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
+    def on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
+        """A member failed (the layout's hook): record it, to be committed before the next update."""
         m = self.members[index]
         if m.state in ("active", "rebuilding"):
             m.state, m.error = "failed", f"I/O error: {exc}" if exc else "failed"
             log.error("pool %s: member %d failed: %s", self.name, index, exc)
         self._pending_failures.add(index)
         self.lifecycle.member_failed(index)
+
+    def failures_pending(self) -> bool:
+        """Whether a member failure is not yet in the committed metadata."""
+        return bool(self._pending_failures)
 
     async def commit(self) -> None:
         """Write a new generation of the metadata to every active member, durably."""
@@ -462,12 +459,6 @@ class Pool:
                     raise DegradedError(f"pool {self.name!r}: no member left to hold metadata")
                 failures: list[tuple[Member, MemberIOError]] = []
 
-                async def step(m: Member, fn: Callable, failures=failures) -> None:
-                    try:
-                        await fn(m)
-                    except MemberIOError as e:
-                        failures.append((m, e))
-
                 async def slot(m: Member, gen=gen) -> None:
                     await write_slot(m.dev, gen, self.meta)
                     await m.dev.flush()
@@ -479,20 +470,19 @@ class Pool:
                     await m.dev.flush()
 
                 for fn in (slot, superblock):
-                    async with trio.open_nursery() as nursery:
-                        for m in active:
-                            if m not in [f[0] for f in failures]:
-                                nursery.start_soon(step, m, fn)
+                    targets = [m for m in active if m not in [f[0] for f in failures]]
+                    await run_all([lambda m=m, fn=fn: fn(m) for m in targets], catch=MemberIOError,
+                                  on_error=lambda k, e, t=targets, f=failures: f.append((t[k], e)))
                 if not failures:
                     self._pending_failures.clear()
                     return
                 for m, err in failures:
                     if self.layout is not None:
                         self.layout.fail_member(m.index)
-                    self._on_member_failed(m.index, err)
+                    self.on_member_failed(m.index, err)
                 failed = {m.index for m in self.members if m.state != "active"}
                 if not survives(self.level, len(self.members), failed):
-                    raise DegradedError(self._degraded_message(failed))
+                    raise DegradedError(self.degraded_message(failed))
             raise MetadataError("metadata commit kept failing")
 
     async def flush(self) -> None:
@@ -507,7 +497,7 @@ class Pool:
         if self.read_only:
             raise VstoreError(f"pool {self.name!r} is open read-only")
         if self.data_dev is None:
-            raise DegradedError(self._degraded_message(
+            raise DegradedError(self.degraded_message(
                 {m.index for m in self.members if m.state != "active"}))
 
     def free_extents(self) -> list[int]:
@@ -590,7 +580,7 @@ class Pool:
         except KeyError:
             if self.layout is None and any(v.get("name") == name for v in self.meta.get("volumes", [])):
                 failed = {m.index for m in self.members if m.state != "active"}
-                raise DegradedError(self._degraded_message(failed)) from None
+                raise DegradedError(self.degraded_message(failed)) from None
             raise NotFoundError(f"volume {name!r} not found in pool {self.name!r}") from None
 
     async def remove_volume(self, name: str) -> None:
@@ -736,36 +726,6 @@ class Pool:
             "volumes": [{"name": v["name"], "size": v["size"], **({"incomplete": True} if v.get("incomplete") else {})}
                         for v in self.meta["volumes"]],
         }
-
-    async def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Carry out one control command (from the CLI through a mount's control socket)."""
-        cmd = request.get("cmd")
-        if cmd == "status":
-            return self.status()
-        if cmd in LIFECYCLE_COMMANDS:
-            return await self.lifecycle.handle(request)
-        if cmd == "fail":
-            await self.fail_member(int(request["index"]), force=bool(request.get("force")))
-            return self.status()
-        if cmd in ("path_fail", "path_reinstate"):
-            await self.set_path_state(int(request["member"]), request["path"],
-                                      fail=cmd == "path_fail", force=bool(request.get("force")))
-            return self.status()
-        if cmd == "volume_create":
-            vol = await self.create_volume(request["name"], int(request["size"]))
-            return {"name": vol.name, "size": vol.size}
-        if cmd == "volume_remove":
-            await self.remove_volume(request["name"])
-            return {}
-        if cmd == "volume_rename":
-            await self.rename_volume(request["name"], request["new"])
-            return {}
-        if cmd == "volume_resize":
-            vol = await self.resize_volume(request["name"], int(request["size"]))
-            return {"name": vol.name, "size": vol.size}
-        if cmd == "volume_list":
-            return {"volumes": self.status()["volumes"]}
-        raise ConfigError(f"unknown command {cmd!r}")
 
     # ------------------------------------------------------------------ close
     async def _close_devices(self) -> None:

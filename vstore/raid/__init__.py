@@ -1,6 +1,6 @@
 """RAID layouts as BlockDevices over member BlockDevices, and the factory that builds them.
 
-``make_layout(level, members, chunk, failed, on_member_failed)`` returns a
+``make_layout(level, members, chunk, failed, on_member_failed, rebuilding)`` returns a
 ``RaidLayout``; ``usable_size``, ``min_members`` and ``redundancy`` answer
 sizing questions without opening members. The exact on-member geometry of
 every level is documented in ``vstore.raid.geometry``.
@@ -23,6 +23,7 @@ def make_layout(
     chunk: int = 65536,
     failed: Iterable[int] = frozenset(),
     on_member_failed: OnMemberFailed | None = None,
+    rebuilding: Iterable[int] = frozenset(),
 ) -> RaidLayout:
     """Build the layout of a level over members; ConfigError on a bad level, count or chunk."""
     from vstore.raid.linear import LinearLayout
@@ -40,4 +41,4 @@ def make_layout(
         "raid6": Raid6Layout,
         "raid10": Raid10Layout,
     }[check_level(level)]
-    return cls(members, chunk, failed, on_member_failed)
+    return cls(members, chunk, failed, on_member_failed, rebuilding)

@@ -1,16 +1,24 @@
 """What every RAID layout shares: member bookkeeping, failure handling, locks, member I/O.
 
 A ``RaidLayout`` is a BlockDevice over member BlockDevices. A member that raises
-``MemberIOError`` is marked failed (and ``on_member_failed(index, exc)`` is told,
-so the pool can persist it); the request is then retried without it while the
-level's redundancy allows, and otherwise fails with ``DegradedError``. Data is
-never returned from a layout that cannot compute it.
+``MemberIOError`` is marked failed (and the ``on_member_failed(index, exc)`` hook
+given at construction is told, so the pool can persist it); the request is then
+retried without it while the level's redundancy allows, and otherwise fails
+with ``DegradedError``. Data is never returned from a layout that cannot compute it.
 
-All member writes of one update go through ``_submit_member_writes`` as a list
-of ``(member, member offset, bytes)``, the seam where a journal can later
-intercept a stripe update. ``ParityLayout`` (raid5/raid6) lives here too
-because both levels share its stripe machinery and differ only in geometry and
-kernels.
+All member writes of one update go through ``submit_member_writes`` as a list
+of ``(member, member offset, bytes)``, the seam where the journal or the
+write-intent bitmap (``journal``) and a move's watcher (``write_watch``) see
+every stripe update. ``ParityLayout`` (raid5/raid6) lives here too because both
+levels share its stripe machinery and differ only in geometry and kernels.
+
+The maintenance API (rebuild, move, scrub, resync; ``vstore.ops``, ``vstore.consistency``):
+``read_member`` / ``read_members`` read members directly (``MemberFailed`` when
+one fails: start again against the new failed set), ``write_member`` writes one
+outside an update, ``submit_member_writes`` writes one update's members,
+``member_failed`` reports a failure seen outside the layout, ``start_rebuild`` /
+``finish_rebuild`` bracket a member's rebuild and ``swap_member`` puts another
+device in a member's place (a move).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import numpy as np
 import trio
 
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
+from vstore.io import aio
 from vstore.io import op as io_op
 from vstore.io import threads as io_threads
+from vstore.io.ordering import RangeOrder, spans_of_keys
 from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
@@ -64,7 +74,7 @@ OnMemberFailed = Callable[[int, BaseException], Any]
 
 
 class MemberFailed(Exception):
-    """Internal: a member failed during a request; retry it against the new failed set."""
+    """A member failed during a request or a maintenance read: retry it against the new failed set."""
 
 
 async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -76,30 +86,8 @@ async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run async jobs concurrently to completion; return their results or raise the first error.
-
-    Every job runs to its end even when another fails (a member write must not be
-    cancelled half way because a sibling failed), and the error comes out unwrapped.
-    """
-    if len(jobs) == 1:
-        return [await jobs[0]()]
-    results: list[Any] = [None] * len(jobs)
-    errors: list[Exception] = []
-
-    async def one(i: int) -> None:
-        try:
-            results[i] = await jobs[i]()
-        except Exception as e:  # Cancelled is a BaseException and passes through
-            errors.append(e)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(jobs)):
-            nursery.start_soon(one, i)
-    if errors:
-        # A DegradedError says more than a retry signal; prefer it.
-        errors.sort(key=lambda e: not isinstance(e, DegradedError))
-        raise errors[0]
-    return results
+    """``vstore.io.aio.run_all`` as the layouts use it: every job to its end, a DegradedError first."""
+    return await aio.run_all(jobs, prefer=DegradedError)
 
 
 class RaidLayout(DeviceBase):
@@ -113,6 +101,7 @@ class RaidLayout(DeviceBase):
         chunk: int = 65536,
         failed: Iterable[int] = frozenset(),
         on_member_failed: OnMemberFailed | None = None,
+        rebuilding: Iterable[int] = frozenset(),
     ) -> None:
         geometry.check_member_count(self.level, len(members))
         geometry.check_chunk(chunk)
@@ -132,7 +121,7 @@ class RaidLayout(DeviceBase):
             self.failed.add(i)
         self.on_member_failed = on_member_failed
         self.inflight = [0] * self.n
-        self._locks: dict[int, list[Any]] = {}  # key -> [trio.Lock, users]
+        self._locks = RangeOrder()  # rows (parity levels) or chunks (raid1/raid10) held by updates
         self.closed = False
         # The pool's journal (vstore.consistency.journal) or write-intent bitmap (vstore.consistency.bitmap): when
         # set, every update's member writes pass through journal.commit() first.
@@ -140,6 +129,10 @@ class RaidLayout(DeviceBase):
         # Members being rebuilt (vstore.ops.rebuild): in ``failed`` for reads, yet written by every
         # update (rows the rebuild already passed must stay current; the rest it overwrites).
         self.rebuilding: set[int] = set()
+        for i in rebuilding:
+            if i not in self.failed:
+                raise ConfigError(f"member {i} is rebuilt, so it must be failed for reads too")
+            self.rebuilding.add(i)
         # Observes every update's member writes (vstore.ops.move: dirty tracking, the final pause).
         self.write_watch: Any = None
         # Foreground requests so far: background work (rebuild, scrub) slows down when it moves.
@@ -180,8 +173,12 @@ class RaidLayout(DeviceBase):
                 f"it survives at most {self.redundancy}: data cannot be returned"
             )
 
-    async def _member_failed(self, i: int, exc: BaseException) -> None:
-        """Mark member i failed after an I/O error and tell the owner once."""
+    async def member_failed(self, i: int, exc: BaseException) -> None:
+        """Mark member i failed after an I/O error and tell the owner once (on_member_failed).
+
+        The layout calls it for its own member I/O; others report here what they saw
+        go wrong on a member outside it (the bitmap's writes, a journal replay).
+        """
         if i in self.failed and i not in self.rebuilding:
             return
         self.rebuilding.discard(i)
@@ -191,9 +188,33 @@ class RaidLayout(DeviceBase):
             if inspect.isawaitable(res):
                 await res
 
+    # --- maintenance: a member's rebuild, a member's device ---------------------------------
+
+    def start_rebuild(self, i: int, dev: BlockDevice) -> None:
+        """Put dev in member i's place to be rebuilt: reads reconstruct i, every update writes dev."""
+        if not 0 <= i < self.n:
+            raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
+        self.failed.add(i)
+        self.members[i] = dev
+        self.rebuilding.add(i)
+
+    def finish_rebuild(self, i: int) -> None:
+        """Member i is rebuilt (every row written and flushed): it serves reads again."""
+        if i not in self.rebuilding:
+            raise ConfigError(f"member {i} is not being rebuilt")
+        self.rebuilding.discard(i)
+        self.failed.discard(i)
+
+    def swap_member(self, i: int, dev: BlockDevice) -> BlockDevice:
+        """Put dev in member i's place (same bytes; a move's switch); the device it replaces."""
+        if not 0 <= i < self.n:
+            raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
+        old, self.members[i] = self.members[i], dev
+        return old
+
     # --- member I/O ---------------------------------------------------------------------
 
-    async def _read_member(self, i: int, offset: int, length: int) -> np.ndarray:
+    async def read_member(self, i: int, offset: int, length: int) -> np.ndarray:
         """Read from member i; a failure marks it failed and raises MemberFailed."""
         if i in self.failed:
             raise MemberFailed(i)
@@ -201,7 +222,7 @@ class RaidLayout(DeviceBase):
         try:
             return as_u8(await self.members[i].read(offset, length))
         except MemberIOError as e:
-            await self._member_failed(i, e)
+            await self.member_failed(i, e)
             raise MemberFailed(i) from e
         finally:
             self.inflight[i] -= 1
@@ -214,7 +235,7 @@ class RaidLayout(DeviceBase):
         try:
             await read_into(self.members[i], offset, views)
         except MemberIOError as e:
-            await self._member_failed(i, e)
+            await self.member_failed(i, e)
             raise MemberFailed(i) from e
         finally:
             self.inflight[i] -= 1
@@ -283,31 +304,32 @@ class RaidLayout(DeviceBase):
         failures = await self._member_io(False, runs)
         if failures:
             for m, e in failures:
-                await self._member_failed(m, e)
+                await self.member_failed(m, e)
             raise MemberFailed(failures[0][0]) from failures[0][1]
 
     async def _read_pieces(self, pieces: Sequence[tuple[int, int, int, int]], out: np.ndarray) -> None:
         """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run."""
         await self._read_runs(merge_runs((m, off, out[at : at + n]) for m, off, n, at in pieces))
 
-    async def _read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
+    async def read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
         """Read (member, offset, length) ranges at once into fresh buffers; MemberFailed if any failed."""
         bufs = [np.empty(n, dtype=np.uint8) for _, _, n in reqs]
         await self._read_runs(merge_runs((m, off, b) for (m, off, _), b in zip(reqs, bufs, strict=True)))
         return bufs
 
-    async def _write_member(self, i: int, offset: int, data: np.ndarray) -> None:
+    async def write_member(self, i: int, offset: int, data: np.ndarray) -> None:
+        """Write to member i alone (a rebuild, a resync); a failure marks it failed, skipped if failed."""
         if i in self.failed and i not in self.rebuilding:
             return
         self.inflight[i] += 1
         try:
             await self.members[i].write(offset, data)
         except MemberIOError as e:
-            await self._member_failed(i, e)
+            await self.member_failed(i, e)
         finally:
             self.inflight[i] -= 1
 
-    async def _submit_member_writes(self, writes: Sequence[MemberWrite]) -> None:
+    async def submit_member_writes(self, writes: Sequence[MemberWrite]) -> None:
         """Issue one update's member writes concurrently, skipping failed members.
 
         A member that fails here is marked failed but the update is not retried:
@@ -350,7 +372,7 @@ class RaidLayout(DeviceBase):
     async def _write_runs(self, writes: Sequence[MemberWrite]) -> None:
         """One vectored write per member run of the update, all at once; failed members are marked."""
         for m, e in await self._member_io(True, merge_runs(writes)):
-            await self._member_failed(m, e)
+            await self.member_failed(m, e)
 
     async def _discard_members(self, ranges: Sequence[tuple[int, int, int]]) -> None:
         """Discard (member, offset, length) ranges concurrently; an error fails that member.
@@ -369,7 +391,7 @@ class RaidLayout(DeviceBase):
             try:
                 await self.members[i].discard(off, n)
             except MemberIOError as e:
-                await self._member_failed(i, e)
+                await self.member_failed(i, e)
 
         watch = self.write_watch
         # A move (vstore.ops.move) tracks discards as it tracks writes: the range is copied again.
@@ -388,36 +410,18 @@ class RaidLayout(DeviceBase):
 
     @asynccontextmanager
     async def locked(self, keys: Iterable[int]):
-        """Hold the locks of these keys (stripe rows or chunks), taken in order."""
-        held: list[tuple[int, list[Any]]] = []
-        entries: list[tuple[int, list[Any]]] = []
-        me = trio.lowlevel.current_task()
+        """Hold these keys (stripe rows or chunks) against every other update of them.
+
+        First come first served (``vstore.io.ordering``); a task that holds a key may
+        lock it again (a rebuild holds the row while member_bytes locks it).
+        """
         t0 = now_ns()
+        entry = await self._locks.acquire(spans_of_keys(keys))
         try:
-            for key in sorted(set(keys)):
-                ent = self._locks.get(key)
-                if ent is None:
-                    ent = self._locks[key] = [trio.Lock(), 0]
-                ent[1] += 1
-                entries.append((key, ent))
-                if ent[0].statistics().owner is me:
-                    continue  # re-entered (a rebuild holds the row while member_bytes locks it)
-                try:
-                    # Uncontended: take it without a trip through the scheduler (an
-                    # await acquire() yields even when the lock is free).
-                    ent[0].acquire_nowait()
-                except trio.WouldBlock:
-                    await ent[0].acquire()
-                held.append((key, ent))
             self.iostats.wait("stripe_locks", now_ns() - t0)
             yield
         finally:
-            for _, ent in held:
-                ent[0].release()
-            for key, ent in entries:
-                ent[1] -= 1
-                if ent[1] == 0:
-                    del self._locks[key]
+            self._locks.leave(entry)
 
     # --- BlockDevice --------------------------------------------------------------------
 
@@ -463,7 +467,7 @@ class RaidLayout(DeviceBase):
             try:
                 await self.members[i].flush()
             except MemberIOError as e:
-                await self._member_failed(i, e)
+                await self.member_failed(i, e)
 
         t0 = now_ns()
         await run_all([lambda i=i: one(i) for i in self.healthy()])
@@ -621,7 +625,7 @@ class ParityLayout(RaidLayout):
         need_par = live_par if (missing or with_parity) else []
         reqs = [(dmem[j], base, span) for j in live_data]
         reqs += [(pmem[i], base, span) for i in need_par]
-        got = await self._read_members(reqs)
+        got = await self.read_members(reqs)
         for j, g in zip(live_data, got, strict=False):
             data[j] = g
         parity: list[np.ndarray | None] = [None] * self.nparity
@@ -696,7 +700,7 @@ class ParityLayout(RaidLayout):
                     writes = await self.plan_write(segments, buf)
                 except MemberFailed:
                     continue  # nothing was written yet; plan again without that member
-                await self._submit_member_writes(writes)
+                await self.submit_member_writes(writes)
                 return
 
     async def plan_write(self, segments: list[tuple[int, int, int, int]], buf: np.ndarray) -> list[MemberWrite]:
@@ -779,7 +783,7 @@ class ParityLayout(RaidLayout):
             # Read-modify-write: old data of the touched ranges and the parity columns.
             reqs = [(dmem[j], base + a, b - a) for j, a, b, _ in touched]
             reqs += [(pmem[i], base + c0, span) for i in range(self.nparity)]
-            got = await self._read_members(reqs)
+            got = await self.read_members(reqs)
             # Copy the parity: a member's read buffer may be shared with a cache.
             parity = [g.copy() for g in got[len(touched) :]]
             for (j, a, b, at), old in zip(touched, got, strict=False):
@@ -789,7 +793,7 @@ class ParityLayout(RaidLayout):
             # Reconstruct-write: read the untouched data columns, compute parity afresh.
             data = np.empty((k, span), dtype=np.uint8)
             fill = [j for j in range(k) if j not in covering]
-            got = await self._read_members([(dmem[j], base + c0, span) for j in fill])
+            got = await self.read_members([(dmem[j], base + c0, span) for j in fill])
             for j, g in zip(fill, got, strict=True):
                 data[j] = g
             for j, a, b, at in touched:

@@ -48,6 +48,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from vstore.io.buffers import aligned_empty  # noqa: F401 - part of this module's API
+from vstore.raid.reference import GF_LOG as _GF_LOG
 from vstore.raid.reference import GF_MUL as _GF_MUL
 from vstore.raid.reference import gf_inv, gf_pow2
 
@@ -55,6 +56,7 @@ __all__ = [
     "HAVE_GFNI",
     "aligned_empty",
     "gf_mul_const",
+    "locate_pq_error",
     "pq_syndrome",
     "precompile",
     "recover_data2",
@@ -634,6 +636,28 @@ def gf_mul_const(c: int, v: np.ndarray, out: np.ndarray | None = None) -> np.nda
         return result
     out[...] = result
     return out
+
+
+def locate_pq_error(pd: np.ndarray, qd: np.ndarray, k: int) -> int | str | None:
+    """Which member of a raid6 row a P/Q mismatch points to: "P", "Q", a data index, or None.
+
+    The reference's answer (as md's raid6check), from logarithms instead of a
+    trial per data index: one data chunk z is wrong exactly when pd and qd are
+    nonzero in the same bytes and ``log(qd) - log(pd)`` is z in all of them.
+    """
+    pd, qd = np.asarray(pd), np.asarray(qd)
+    p_bad, q_bad = bool(pd.any()), bool(qd.any())
+    if p_bad != q_bad:
+        return "P" if p_bad else "Q"
+    if not p_bad:
+        return None
+    nz = pd != 0
+    if not np.array_equal(nz, qd != 0):
+        return None
+    z = (_GF_LOG[qd[nz]] - _GF_LOG[pd[nz]]) % 255
+    if np.all(z == z[0]) and int(z[0]) < k:
+        return int(z[0])
+    return None
 
 
 def precompile(ks: Iterable[int] = range(1, 17)) -> None:

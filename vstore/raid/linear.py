@@ -48,7 +48,7 @@ class LinearLayout(RaidLayout):
         return out
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
-        await self._submit_member_writes(
+        await self.submit_member_writes(
             [(i, off, buf[at : at + n]) for i, off, n, at in self.pieces(offset, len(buf))]
         )
 

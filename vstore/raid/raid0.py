@@ -39,7 +39,7 @@ class Raid0Layout(RaidLayout):
         return out
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
-        await self._submit_member_writes(
+        await self.submit_member_writes(
             [(m, off, buf[at : at + n]) for m, off, n, at in self.pieces(offset, len(buf))]
         )
 

@@ -57,7 +57,7 @@ class Raid1Layout(RaidLayout):
             others = [m for m in self.healthy() if m != i]
             src = min(others, key=lambda m: self.inflight[m])
             async with self.locked(self.chunks_of(offset, end - offset)):
-                out[: end - offset] = await self._read_member(src, offset, end - offset)
+                out[: end - offset] = await self.read_member(src, offset, end - offset)
         return out
 
     def chunks_of(self, offset: int, length: int) -> range:
@@ -67,7 +67,7 @@ class Raid1Layout(RaidLayout):
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         async with self.locked(self.chunks_of(offset, len(buf))):
             # Every member: the submit skips failed ones but not one being rebuilt.
-            await self._submit_member_writes([(i, offset, buf) for i in range(self.n)])
+            await self.submit_member_writes([(i, offset, buf) for i in range(self.n)])
 
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to every healthy mirror."""

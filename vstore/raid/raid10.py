@@ -71,7 +71,7 @@ class Raid10Layout(RaidLayout):
                 return  # an unused position: zeros
             other = d ^ 1  # the other copy of chunk c
             async with self.locked([c]):
-                out[at : at + n] = await self._read_member(
+                out[at : at + n] = await self.read_member(
                     other % self.n, (other // self.n) * self.chunk + start, n
                 )
 
@@ -86,7 +86,7 @@ class Raid10Layout(RaidLayout):
             for m, base in self.copies(c)
         ]
         async with self.locked([p[0] for p in pieces]):
-            await self._submit_member_writes(writes)
+            await self.submit_member_writes(writes)
 
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to both copies."""

@@ -131,3 +131,22 @@ def rmw_pq(p: np.ndarray, q: np.ndarray, old: np.ndarray, new: np.ndarray, j: in
     delta = old ^ new
     p ^= delta
     q ^= gf_mul_const(gf_pow2(j), delta)
+
+
+def locate_pq_error(pd: np.ndarray, qd: np.ndarray, k: int) -> int | str | None:
+    """Which member of a raid6 row a P/Q mismatch points to: "P", "Q", a data index, or None.
+
+    ``pd = P ^ P'`` and ``qd = Q ^ Q'`` compare the stored parity with the parity
+    recomputed from the k data chunks as read. Only P differs: P is wrong; only Q:
+    Q is wrong; one data chunk z off by e gives ``pd = e`` and ``qd = g^z * e``.
+    No difference, or any other pattern: None (not known).
+    """
+    p_bad, q_bad = bool(pd.any()), bool(qd.any())
+    if p_bad != q_bad:
+        return "P" if p_bad else "Q"
+    if not p_bad:
+        return None
+    for z in range(k):
+        if np.array_equal(gf_mul_const(gf_pow2(z), pd), qd):
+            return z
+    return None
