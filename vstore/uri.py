@@ -20,10 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -159,26 +157,9 @@ def _entry_points() -> dict[str, str]:
     """scheme -> "module:attribute" of the installed backends (read once)."""
     global _ENTRY_POINTS
     if _ENTRY_POINTS is None:
-        found = {ep.name.lower(): ep.value for ep in importlib.metadata.entry_points(group=GROUP)}
-        # Run from a source checkout (an editable install, PYTHONPATH): its pyproject.toml is
-        # what the metadata is made from, and newer when the install was not redone since.
-        found.update(_source_entry_points())
-        _ENTRY_POINTS = found
+        _ENTRY_POINTS = {ep.name.lower(): ep.value
+                         for ep in importlib.metadata.entry_points(group=GROUP)}
     return _ENTRY_POINTS
-
-
-def _source_entry_points() -> dict[str, str]:
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    try:
-        with pyproject.open("rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
-    project = data.get("project", {})
-    if project.get("name") != "vstore":
-        return {}
-    table = project.get("entry-points", {}).get(GROUP, {})
-    return {str(k).lower(): str(v) for k, v in table.items()}
 
 
 def _known() -> set[str]:
