@@ -66,8 +66,3 @@ async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]], *,
     if errors:
         raise next((e for e in errors if isinstance(e, prefer)), errors[0]) if prefer else errors[0]
     return results
-
-
-async def gather(*thunks: Callable[[], Awaitable[Any]]) -> list[Any]:
-    """``run_all`` of the thunks (the form for a few jobs written inline)."""
-    return await run_all(thunks)

@@ -14,12 +14,9 @@ orders them. Overlapping concurrent writes have no defined order anyway.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import numpy as np
-import trio
 
+from vstore.io.ordering import RangeOrder
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, FilterDevice, as_u8
 from vstore.stack.iovec import total_bytes
 
@@ -30,7 +27,7 @@ class AlignedDevice(FilterDevice):
     def __init__(self, inner: BlockDevice, block: int | None = None) -> None:
         super().__init__(inner)
         self.block = block or inner.block_size
-        self._locks: dict[int, list] = {}  # block index -> [trio.Lock, users]
+        self._locks = RangeOrder()  # edge blocks (indices) of merged writes under way
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         b = self.block
@@ -76,8 +73,8 @@ class AlignedDevice(FilterDevice):
             await self.inner.write(offset, buf)
             return
         b = self.block
-        edges = sorted({start // b, (end - 1) // b})
-        async with self._locked(edges):
+        edges = {start // b, (end - 1) // b}
+        async with self._locks.hold_keys(edges):
             merged = np.empty(end - start, dtype=np.uint8)
             if offset != start:
                 merged[:b] = await self.inner.read(start, b)
@@ -85,27 +82,6 @@ class AlignedDevice(FilterDevice):
                 merged[-b:] = await self.inner.read(end - b, b)
             merged[offset - start : offset - start + len(buf)] = buf
             await self.inner.write(start, merged)
-
-    @asynccontextmanager
-    async def _locked(self, keys: list[int]) -> AsyncIterator[None]:
-        held: list[tuple[int, list]] = []
-        try:
-            for key in keys:  # sorted: no deadlock between two writers
-                ent = self._locks.setdefault(key, [trio.Lock(), 0])
-                ent[1] += 1
-                held.append((key, ent))
-                try:
-                    ent[0].acquire_nowait()  # no trip through the scheduler when free
-                except trio.WouldBlock:
-                    await ent[0].acquire()
-            yield
-        finally:
-            for key, ent in reversed(held):
-                if ent[0].locked() and ent[0].statistics().owner is trio.lowlevel.current_task():
-                    ent[0].release()
-                ent[1] -= 1
-                if ent[1] == 0:
-                    del self._locks[key]
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard the whole blocks inside the range (discard is advisory)."""

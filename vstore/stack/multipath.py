@@ -20,7 +20,7 @@ being overtaken by the lost copy. So the failed attempt leaves a fence (a
 "ghost" write) over its range: later writes to that range wait until the failed
 path is reinstated (a fresh probe/session on a path means its old commands are
 gone) or ``stale_write_hold`` seconds have passed. Apart from that, requests to
-overlapping ranges are ordered by arrival (writes exclude reads and writes), so
+overlapping ranges are ordered by arrival (``vstore.io.ordering``: writes exclude reads and writes), so
 overlapping writes are never in flight on two paths at once. A vectored request
 (``readv_into``/``writev``) is one request on one path, ordered, fenced, retried
 and counted exactly as a read or write of the same range. A failed attempt
@@ -68,7 +68,8 @@ from vstore.errors import (
     ReadOnlyError,
     VstoreError,
 )
-from vstore.io.aio import gather
+from vstore.io.aio import run_all
+from vstore.io.ordering import Entry, RangeOrder
 from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import total_bytes
 from vstore.uri import MemberURI, open_uri
@@ -206,26 +207,6 @@ class Path:
         self.own_timeout = float(own) if own > 0 else 0.0
 
 
-class _Range:
-    """A request (or a lost write's fence) over [start, end) in the ordering table."""
-
-    __slots__ = ("start", "end", "write", "done", "finished", "ghost_path", "expires")
-
-    def __init__(self, start: int, end: int, write: bool) -> None:
-        self.start = start
-        self.end = end
-        self.write = write
-        self.done: trio.Event | None = None
-        self.finished = False
-        self.ghost_path: Path | None = None
-        self.expires = 0.0
-
-    def finish(self) -> None:
-        self.finished = True
-        if self.done is not None:
-            self.done.set()
-
-
 class MultipathDevice(DeviceBase):
     """A BlockDevice over several paths to the same storage: balances, fails over, recovers."""
 
@@ -242,7 +223,8 @@ class MultipathDevice(DeviceBase):
         self.policy = DEFAULTS["policy"]
         self._group: list[Path] = []
         self._rr = 0
-        self._ranges: list[_Range] = []
+        self._order = RangeOrder()  # requests in flight (reads shared, changes exclusive) and fences
+        self._fences: list[tuple[Path, Entry]] = []  # the ranges of writes lost on a path
         self._path_back = trio.Event()
         self._no_path_since: float | None = None
         self._checker_scope: trio.CancelScope | None = None
@@ -388,10 +370,9 @@ class MultipathDevice(DeviceBase):
         p.healthy_since = None
         p.admin = False
         # A path that answers again has a fresh session: its lost writes are gone.
-        for r in list(self._ranges):
-            if r.ghost_path is p:
-                self._ranges.remove(r)
-                r.finish()
+        for _, fence in [f for f in self._fences if f[0] is p]:
+            self._order.leave(fence)
+        self._fences = [f for f in self._fences if f[0] is not p and not f[1].finished]
         log.info("multipath %s: path %d (%s) reinstated", self._identity, p.index, p.uri.redacted())
         self._regroup()
         self._path_back.set()
@@ -575,56 +556,15 @@ class MultipathDevice(DeviceBase):
 
     # ------------------------------------------------------------ ordering of ranges
 
-    def _enter(self, start: int, end: int, write: bool) -> tuple[_Range, list[_Range] | None]:
-        entry = _Range(start, end, write)
-        table = self._ranges
-        conflicts = None
-        if table:
-            for r in table:
-                if r.start < end and start < r.end and (write or (r.write and r.ghost_path is None)):
-                    if conflicts is None:
-                        conflicts = [r]
-                    else:
-                        conflicts.append(r)
-        table.append(entry)
-        return entry, conflicts
-
-    async def _wait_conflicts(self, entry: _Range, conflicts: list[_Range]) -> None:
-        for r in conflicts:
-            await self._wait_one(r)
-        if entry.write:
-            # An earlier write we waited for may have left fences (it failed on a path): wait
-            # for those too, or its lost copy could land on top of our newer bytes.
-            while True:
-                fence = next((r for r in self._ranges if r.ghost_path is not None and not r.finished
-                              and r.start < entry.end and entry.start < r.end), None)
-                if fence is None:
-                    return
-                await self._wait_one(fence)
-
-    async def _wait_one(self, r: _Range) -> None:
-        if r.finished:
+    def _fence(self, p: Path, start: int, end: int, entry: Entry | None) -> None:
+        # The write may still land through p: later changes of the range wait (reads do
+        # not) until p is reinstated or stale_write_hold has passed. The fence takes the
+        # write's place in line, so a change already waiting for the write waits for it too.
+        if entry is None:
             return
-        if r.done is None:
-            r.done = trio.Event()
-        if r.ghost_path is not None:
-            with trio.move_on_at(r.expires):
-                await r.done.wait()
-            if not r.finished:  # held long enough: the lost write is history
-                self._ranges.remove(r)
-                r.finish()
-        else:
-            await r.done.wait()
-
-    def _leave(self, entry: _Range) -> None:
-        self._ranges.remove(entry)
-        entry.finish()
-
-    def _fence(self, p: Path, start: int, end: int) -> None:
-        ghost = _Range(start, end, True)
-        ghost.ghost_path = p
-        ghost.expires = trio.current_time() + self.stale_write_hold
-        self._ranges.append(ghost)
+        deadline = trio.current_time() + self.stale_write_hold
+        self._fences = [f for f in self._fences if not f[1].finished]
+        self._fences.append((p, self._order.fence(start, end, deadline, behind=entry)))
 
     # ------------------------------------------------------------ I/O on one path
 
@@ -650,7 +590,8 @@ class MultipathDevice(DeviceBase):
             return await coro
         raise DeviceTimeoutError(f"no answer within {self.io_timeout:g} s")
 
-    async def _io(self, kind: int, offset: int, arg: Any, nbytes: int) -> Any:
+    async def _io(self, kind: int, offset: int, arg: Any, nbytes: int,
+                  entry: Entry | None = None) -> Any:
         """Run one I/O on some path, failing over until it succeeds or no path is left."""
         while True:
             p = self._pick(nbytes)
@@ -670,14 +611,14 @@ class MultipathDevice(DeviceBase):
                     p.errors += 1
                     raise
                 if kind in _CHANGES:
-                    self._fence(p, offset, offset + nbytes)
+                    self._fence(p, offset, offset + nbytes, entry)
                 self._fail(p, str(e))
                 continue
             except BaseException:
                 p.inflight -= 1
                 p.inflight_bytes -= nbytes
                 if kind in _CHANGES:  # abandoned (cancelled): it may still land
-                    self._fence(p, offset, offset + nbytes)
+                    self._fence(p, offset, offset + nbytes, entry)
                 raise
             p.inflight -= 1
             p.inflight_bytes -= nbytes
@@ -709,61 +650,36 @@ class MultipathDevice(DeviceBase):
     async def read(self, offset: int, length: int) -> np.ndarray:
         """Read length bytes at offset through some path."""
         self.check(offset, length)
-        entry, conflicts = self._enter(offset, offset + length, False)
-        try:
-            if conflicts:
-                await self._wait_conflicts(entry, conflicts)
-            return await self._io(0, offset, length, length)
-        finally:
-            self._leave(entry)
+        async with self._order.hold(offset, offset + length, shared=True) as entry:
+            return await self._io(0, offset, length, length, entry)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset through some path (never overlapping another path's write)."""
         buf = as_u8(data)
         n = len(buf)
         self.check(offset, n)
-        entry, conflicts = self._enter(offset, offset + n, True)
-        try:
-            if conflicts:
-                await self._wait_conflicts(entry, conflicts)
-            await self._io(1, offset, buf, n)
-        finally:
-            self._leave(entry)
+        async with self._order.hold(offset, offset + n, shared=False) as entry:
+            await self._io(1, offset, buf, n, entry)
 
     async def readv_into(self, offset: int, views: list[np.ndarray]) -> None:
         """Read consecutive bytes at offset into the views through some path (one request, as read)."""
         n = total_bytes(views)
         self.check(offset, n)
-        entry, conflicts = self._enter(offset, offset + n, False)
-        try:
-            if conflicts:
-                await self._wait_conflicts(entry, conflicts)
-            await self._io(_READV, offset, views, n)
-        finally:
-            self._leave(entry)
+        async with self._order.hold(offset, offset + n, shared=True) as entry:
+            await self._io(_READV, offset, views, n, entry)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Write the views as consecutive bytes at offset through some path (one request, as write)."""
         n = total_bytes(views)
         self.check(offset, n)
-        entry, conflicts = self._enter(offset, offset + n, True)
-        try:
-            if conflicts:
-                await self._wait_conflicts(entry, conflicts)
-            await self._io(_WRITEV, offset, views, n)
-        finally:
-            self._leave(entry)
+        async with self._order.hold(offset, offset + n, shared=False) as entry:
+            await self._io(_WRITEV, offset, views, n, entry)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard a range through some path (ordered like a write)."""
         self.check(offset, length)
-        entry, conflicts = self._enter(offset, offset + length, True)
-        try:
-            if conflicts:
-                await self._wait_conflicts(entry, conflicts)
-            await self._io(2, offset, length, length)
-        finally:
-            self._leave(entry)
+        async with self._order.hold(offset, offset + length, shared=False) as entry:
+            await self._io(2, offset, length, length, entry)
 
     async def flush(self) -> None:
         """Every acknowledged write is stable: flush each path that carried writes since its last flush."""
@@ -786,7 +702,7 @@ class MultipathDevice(DeviceBase):
                 failed.append(p)
 
         if targets:
-            await gather(*[partial(one, p) for p in targets])
+            await run_all([partial(one, p) for p in targets])
         if (need_any or failed) and len(failed) == len(targets):
             # The storage's cache is shared by its paths (a LUN's cache, a file on the server):
             # a flush through a live path makes what the lost path carried stable now.

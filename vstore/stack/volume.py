@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vstore.errors import ReadOnlyError
-from vstore.io.aio import gather
+from vstore.io.aio import run_all
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8
 
 EXTENT_SIZE = 4 << 20
@@ -85,7 +85,7 @@ class Volume(DeviceBase):
         async def one(voff: int, poff: int, n: int) -> None:
             out[voff - offset : voff - offset + n] = await self.pool_dev.read(poff, n)
 
-        await gather(*(partial(one, *piece) for piece in pieces))
+        await run_all([partial(one, *piece) for piece in pieces])
         return out
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -98,10 +98,10 @@ class Volume(DeviceBase):
         if len(pieces) == 1:
             await self.pool_dev.write(pieces[0][1], buf)
             return
-        await gather(*(
+        await run_all([
             partial(self.pool_dev.write, poff, buf[voff - offset : voff - offset + n])
             for voff, poff, n in pieces
-        ))
+        ])
 
     async def flush(self) -> None:
         """Flush the pool device below (all volumes share it)."""
