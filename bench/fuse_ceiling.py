@@ -168,6 +168,7 @@ def _serve_ceiling(mountpoint: str, size: int, settings: dict[str, Any] | None =
 def _serve_vstore(mountpoint: str, size: int) -> None:
     """The real vstore mount (fuse_mount.daemon) of one RAM volume."""
     import numpy as np
+    import trio
 
     from backends.memory import MemoryDevice
     from fuse_mount.daemon import mount
@@ -185,6 +186,14 @@ def _serve_vstore(mountpoint: str, size: int) -> None:
 
         def status(self) -> dict:
             return {"name": self.name, "volumes": [{"name": "vol", "size": size}]}
+
+        def io_stats(self) -> dict:
+            """No layers below the volumes to account for."""
+            return {}
+
+        async def run_background(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            """No background work."""
+            task_status.started()
 
         async def aclose(self, clean: bool = True) -> None:
             pass

@@ -436,9 +436,8 @@ class MountSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fuse_main, nursery)
                 await nursery.start(control.serve, self.socket, self.handle_command)
-                run_background = getattr(self.target, "run_background", None)
-                if run_background is not None:  # the pool's path checkers, stopped with the mount
-                    await nursery.start(run_background)
+                # The pool's path checkers and operations, stopped with the mount.
+                await nursery.start(self.target.run_background)
                 if handle_signals:
                     await nursery.start(self._on_signals)
                 await self._wait_visible()

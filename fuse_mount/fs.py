@@ -63,6 +63,15 @@ class MountTarget(Protocol):
 
     def status(self) -> dict: ...
 
+    def io_stats(self) -> dict:
+        """Per-layer accounting below the FUSE handlers (``.vstore/fuse-stats`` → layers)."""
+        ...
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Background work (path checkers, operations) for as long as the mount lasts."""
+        ...
+
     async def aclose(self, clean: bool = True) -> None: ...
 
 
@@ -283,9 +292,7 @@ class VolumeFS(pyfuse3.Operations):
         # Per-layer accounting: the FUSE handlers' time in the engine, then the layout's
         # (its own time, what it waited for, its member I/O), then the thread hand-offs.
         layers: dict[str, Any] = {"fuse_handler": self.layer.as_dict()}
-        io_stats = getattr(self.target, "io_stats", None)
-        if io_stats is not None:
-            layers.update(io_stats())
+        layers.update(self.target.io_stats())
         out["layers"] = layers
         requests = self.reads.count + self.writes.count
         handoffs = {"io_thread_wakeups": io_threads.handoffs(), **HANDOFFS}

@@ -44,6 +44,14 @@ class FakeTarget:
         return {"name": self.name, "state": "optimal",
                 "volumes": [{"name": n, "size": d.size} for n, d in sorted(self.volumes.items())]}
 
+    def io_stats(self) -> dict:
+        """No layers below the volumes to account for."""
+        return {}
+
+    async def run_background(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """No background work."""
+        task_status.started()
+
     async def aclose(self, clean: bool = True) -> None:
         """Flush, close the volumes, remember how."""
         if clean:

@@ -990,3 +990,34 @@ async def test_cancelled_vectored_read_never_lands_later(tgt):
         assert np.array_equal(dst.joined(), data)
     finally:
         await dev.aclose()
+
+
+async def test_an_idle_pool_answers_the_targets_pings(tmp_path):
+    """A pool's background work runs its members' (a plain LUN, a two-path one): pings answered."""
+    from vstore.pool.home import Home
+    from vstore.pool.pool import Pool
+
+    srv = TgtServer(extra="nop_interval=1,nop_count=2")
+    srv.start()
+    try:
+        srv.add_target("iqn.2026-11.test:pingpool")
+        srv.add_lun(1, 1, 8 << 20)
+        srv.add_lun(1, 2, 8 << 20)
+        one, two = srv.url(1, 1), srv.url(1, 2)
+        pool = await Pool.create(Home(tmp_path / "home"), "pp", "raid1",
+                                 [one, f"{two}?path=a,{two}?path=b"])
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(pool.run_background)
+                vol = await pool.create_volume("v", 1 << 20)
+                await trio.sleep(4)  # idle: several NOP-Ins per connection, all to be answered
+                await vol.write(0, pattern(4096, 5))
+                assert np.array_equal(await vol.read(0, 4096), pattern(4096, 5))
+                devs = [pool.members[0].dev, *(p.dev for p in pool.members[1].dev.paths)]
+                assert [d.stats["reconnects"] for d in devs] == [0, 0, 0]
+                assert len(srv.connections(1)) == 3
+                n.cancel_scope.cancel()
+        finally:
+            await pool.aclose()
+    finally:
+        srv.stop()

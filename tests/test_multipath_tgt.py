@@ -151,7 +151,7 @@ async def test_sustained_io_survives_a_cut_path_and_uses_it_again(tgt):
         relays = await start_relays(nursery, tgt)
         mp = await open_mp([r.url() for r in relays], selector="round-robin", check_interval=0.2,
                            no_path_retry=20.0)
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         workers, region, io = 6, 2 << 20, 64 << 10
         models = [np.zeros(region, dtype=np.uint8) for _ in range(workers)]
         stop = trio.Event()
@@ -216,7 +216,7 @@ async def test_path_cut_during_writev_completes_on_the_other(tgt):
     async with trio.open_nursery() as nursery:
         relays = await start_relays(nursery, tgt)
         mp = await open_mp([r.url() for r in relays], selector="round-robin", check_interval=0.2)
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         burst = mp.paths[0].dev.session.params.max_burst
         sizes = [512 + 100, burst + 4096 - 100, 3 * burst, 24 * 1024, (2 << 20) - 8 * 512, 8 * 512]
         total = sum(sizes)
@@ -262,7 +262,7 @@ async def test_both_paths_cut_fails_after_no_path_retry(tgt):
     async with trio.open_nursery() as nursery:
         relays = await start_relays(nursery, tgt)
         mp = await open_mp([r.url() for r in relays], check_interval=0.2, no_path_retry=2.0)
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         await mp.write(0, block(1, 4096))
         for r in relays:
             r.cut()
@@ -286,7 +286,7 @@ async def test_path_returning_within_no_path_retry_completes_io(tgt):
     async with trio.open_nursery() as nursery:
         relays = await start_relays(nursery, tgt)
         mp = await open_mp([r.url() for r in relays], check_interval=0.2, no_path_retry=15.0)
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         for r in relays:
             r.cut()
         data = block(3, 1 << 20)

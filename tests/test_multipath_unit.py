@@ -204,7 +204,7 @@ async def test_unopenable_path_starts_failed_and_checker_opens_it(autojump_clock
     mp = await MultipathDevice.open(uris, opener=opener, require_all=False, check_interval=1.0)
     assert [p["state"] for p in mp.path_stats()] == ["active", "failed"]
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         await trio.sleep(3)
         assert mp.paths[1].state == "failed"
         opened["p1"] = FakePath(np.zeros(SIZE, dtype=np.uint8), "other:lun")  # wrong storage
@@ -300,7 +300,7 @@ async def test_failover_policy_uses_one_path_and_fails_back(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], policy="failover", check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         for _ in range(5):
             await mp.read(0, BS)
         assert (a.ios, b.ios) == (5, 0)
@@ -338,7 +338,7 @@ async def test_no_path_retry_fails_after_the_delay_then_at_once(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], no_path_retry=7.0, check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         a.mode = b.mode = "error"
         t0 = trio.current_time()
         with pytest.raises(NoPathError, match="no usable path"):
@@ -372,7 +372,7 @@ async def test_path_returning_within_no_path_retry_completes_io(autojump_clock, 
     data = pattern(2, 4096)
     async with trio.open_nursery() as nursery:
         if checker:
-            await nursery.start(mp.run)
+            await nursery.start(mp.run_background)
         a.mode = b.mode = "error"
         done = trio.Event()
 
@@ -398,7 +398,7 @@ async def test_failback_delay(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], failback_delay=10.0, check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         a.mode = "error"
         await mp.read(0, BS)
         await mp.read(0, BS)
@@ -438,7 +438,7 @@ async def test_flapping_path_is_held_back(autojump_clock):
     mp = await open_mp([a, b], selector="round-robin", check_interval=1.0, flap_threshold=3,
                        flap_window=60.0, flap_hold=20.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         for _ in range(2):
             await _fail_once(mp, a)
             assert await _time_to_active(mp, 0) <= 1.5
@@ -457,7 +457,7 @@ async def test_checker_finds_a_dead_idle_path(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], healthy_check_interval=5.0, check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         b.mode = "error"
         await trio.sleep(7)
         assert mp.paths[1].state == "failed" and mp.paths[1].errors == 1
@@ -468,7 +468,7 @@ async def test_probe_timeout_on_a_hung_path(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], probe_timeout=3.0, check_interval=1.0, io_timeout=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         a.mode = "hang"
         await mp.read(0, BS)
         await mp.read(0, BS)
@@ -487,7 +487,7 @@ async def test_fail_and_reinstate_path_drills(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         mp.fail_path(0)
         with pytest.raises(ConfigError, match="last usable path"):
             mp.fail_path(1)
@@ -554,7 +554,7 @@ async def test_reinstatement_lifts_the_fence(autojump_clock):
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], selector="round-robin", stale_write_hold=60.0, check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         a.late_nursery = nursery
         a.late_delay = 100.0
         a.mode = "error"
@@ -600,7 +600,7 @@ async def test_aclose_stops_the_checker_and_closes_paths(autojump_clock):
     store, fakes = make_paths(2)
     mp = await open_mp(fakes)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         await trio.sleep(3)
         await mp.aclose()
     assert all(f.closed for f in fakes)
@@ -752,7 +752,7 @@ def test_random_io_and_path_failures_match_a_model(ops, selector, policy, concur
             for f in fakes:
                 f.late_nursery = nursery
                 f.late_delay = 1.5
-            await nursery.start(mp.run)
+            await nursery.start(mp.run_background)
             async with trio.open_nursery() as io:
                 for op, a, b, c in ops:
                     if op in ("write", "read"):
@@ -847,7 +847,7 @@ async def test_medium_errors_do_not_fail_paths_and_odd_errors_do_not_stop_the_ch
     store, (a, b) = make_paths(2)
     mp = await open_mp([a, b], check_interval=1.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mp.run)
+        await nursery.start(mp.run_background)
         a.mode = b.mode = "medium"
         with pytest.raises(MemberIOError, match="medium error"):
             await mp.read(0, BS)

@@ -316,7 +316,7 @@ def _existing_pool(ctx: click.Context, name: str, *, seed: int, seconds: float, 
                 await pool.remove_volume(SCRATCH)  # left by an interrupted run
             vol = await pool.create_volume(SCRATCH, window)
             shape = T.Shape(window=vol.size, level=pool.level, chunk=pool.meta["chunk"],
-                            row=getattr(pool.layout, "row_bytes", pool.meta["chunk"]))
+                            row=(pool.layout.row_bytes if pool.layout is not None else None) or pool.meta["chunk"])
 
             async def make() -> T.Runner:
                 return T.Runner(T.VolumeTarget(rig, pool, SCRATCH), window=vol.size)

@@ -91,6 +91,9 @@ def unpack_header(raw: bytes) -> tuple[str, int, int] | None:
 class WriteIntentBitmap:
     """The dirty-region bitmap of a parity pool, kept on every active member."""
 
+    logs_parity = False  # only regions are marked: after a crash their parity is recomputed
+    max_update_bytes = None  # any update size
+
     def __init__(self, pool_uuid: str, data_size: int, region: int, active: ActiveDevices,
                  on_error: OnError | None = None) -> None:
         self.pool_uuid = pool_uuid

@@ -97,7 +97,7 @@ def _rows_of(pool: PoolView) -> int:
     layout = pool.layout
     if layout is None:
         raise DegradedError(pool.degraded_message(set(failed_members(pool))))
-    rows = getattr(layout, "rows", None)
+    rows = layout.rows
     if rows is None or pool.level in ("linear", "raid0"):
         raise DegradedError(f"a {pool.level} pool has no redundancy to rebuild a member from; "
                             "a healthy member can still be moved (vstore move)")

@@ -149,7 +149,7 @@ class RateLimiter:
         self._io_seen = self._io()
 
     def _io(self) -> int:
-        return int(getattr(self.layout, "io_count", 0))
+        return self.layout.io_count if self.layout is not None else 0
 
     def _busy(self) -> bool:
         io = self._io()

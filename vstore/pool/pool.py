@@ -381,8 +381,8 @@ class Pool:
         """Run the pool's background tasks (path checkers, journal checkpoints) until cancelled."""
         async with trio.open_nursery() as nursery:
             for m in self.members:
-                if isinstance(m.dev, MultipathDevice):
-                    await nursery.start(m.dev.run)
+                if m.dev is not None:  # path checkers, iSCSI answering pings while idle
+                    await nursery.start(m.dev.run_background)
             await nursery.start(self.consistency.run_background)
             await nursery.start(self.lifecycle.run_background)
             task_status.started()
@@ -688,10 +688,9 @@ class Pool:
         out: dict[str, Any] = {}
         if self.layout is not None:
             out["layout"] = {"level": self.level, **self.layout.iostats.as_dict()}
-        journal = getattr(self.layout, "journal", None)
-        stats = getattr(journal, "stats", None)
-        if isinstance(stats, dict):
-            out["journal" if getattr(journal, "logs_parity", False) else "bitmap"] = dict(stats)
+        journal = self.layout.journal if self.layout is not None else None
+        if journal is not None:
+            out["journal" if journal.logs_parity else "bitmap"] = dict(journal.stats)
         return out
 
     def status(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import trio
@@ -90,10 +90,40 @@ async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return await aio.run_all(jobs, prefer=DegradedError)
 
 
+class UpdateLog(Protocol):
+    """What a layout asks of the journal or write-intent bitmap it is given (``vstore.consistency``)."""
+
+    logs_parity: bool  # a journal logs whole updates (parity too); a bitmap only marks regions
+    stats: dict[str, int]
+
+    @property
+    def max_update_bytes(self) -> int | None:
+        """The largest member payload one update may carry (None: no limit of its own)."""
+        ...
+
+    async def commit(self, writes: Sequence[MemberWrite]) -> Any:
+        """Make the update safe to apply (logged, or its regions marked); returns a ticket."""
+        ...
+
+    def applied(self, ticket: Any) -> None:
+        """The update's member writes are done."""
+        ...
+
+    def before_flush(self) -> Any:
+        """A mark taken before the members are flushed."""
+        ...
+
+    async def after_flush(self, mark: Any) -> None:
+        """The members are flushed up to mark: what the log held before it is on them."""
+        ...
+
+
 class RaidLayout(DeviceBase):
     """Base of every layout: a BlockDevice over members, with failure handling."""
 
     level: str = ""
+    rows: int | None = None  # stripe rows (None: linear, which has none)
+    row_bytes: int | None = None  # data bytes of one row (parity levels)
 
     def __init__(
         self,
@@ -125,7 +155,7 @@ class RaidLayout(DeviceBase):
         self.closed = False
         # The pool's journal (vstore.consistency.journal) or write-intent bitmap (vstore.consistency.bitmap): when
         # set, every update's member writes pass through journal.commit() first.
-        self.journal: Any = None
+        self.journal: UpdateLog | None = None
         # Members being rebuilt (vstore.ops.rebuild): in ``failed`` for reads, yet written by every
         # update (rows the rebuild already passed must stay current; the rest it overwrites).
         self.rebuilding: set[int] = set()
@@ -380,7 +410,7 @@ class RaidLayout(DeviceBase):
         A member that errs may have discarded part of the range, so its copy can no
         longer be trusted, just as after a failed write.
         """
-        if getattr(self.journal, "logs_parity", False):
+        if self.journal is not None and self.journal.logs_parity:
             # Under a journal a discard is dropped (it is advisory): unlogged, a crash could
             # leave one copy discarded and the other not, and no replay would mend that.
             return
@@ -680,7 +710,7 @@ class ParityLayout(RaidLayout):
 
     def _update_rows(self) -> int:
         limit = self.MAX_UPDATE_BYTES
-        journal_limit = getattr(self.journal, "max_update_bytes", None)
+        journal_limit = self.journal.max_update_bytes if self.journal is not None else None
         if journal_limit:
             limit = min(limit, journal_limit)
         return max(1, limit // (self.n * self.chunk))
@@ -760,7 +790,7 @@ class ParityLayout(RaidLayout):
 
         lost = row_members & self.failed
         if (lost and set(pmem) <= lost and not lost & set(dmem) and not lost & self.rebuilding
-                and not getattr(self.journal, "logs_parity", False)):
+                and not (self.journal is not None and self.journal.logs_parity)):
             # (A journal keeps the parity even so: replayed onto the member once it is
             # rebuilt, an older record's parity must not outlive this update.)
             # Every parity member of the row is gone and the data is whole: there is

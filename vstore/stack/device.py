@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+import trio
 
 from vstore.errors import OutOfRangeError
 
@@ -82,6 +83,12 @@ class BlockDevice(Protocol):
     def forget_range(self, offset: int, length: int) -> None:
         """Another path to the same storage wrote [offset, offset+length): drop any older bytes of
         ours that would be laid over it (NFS's uncommitted writes)."""
+        ...
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """The device's background work (multipath's path checker, iSCSI answering the target's
+        pings while idle) until cancelled or closed; its owner starts it in a nursery."""
         ...
 
 
@@ -146,6 +153,11 @@ class DeviceBase:
 
     def forget_range(self, offset: int, length: int) -> None:
         """Nothing is kept here that another path's write could make stale."""
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """No background work: started, and done."""
+        task_status.started()
 
     async def __aenter__(self):
         return self
@@ -230,6 +242,11 @@ class FilterDevice(DeviceBase):
     def forget_range(self, offset: int, length: int) -> None:
         """Forward to the inner device."""
         self.inner.forget_range(offset, length)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """The inner device's background work."""
+        await self.inner.run_background(task_status=task_status)
 
 
 async def read_into(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> None:

@@ -417,21 +417,27 @@ class MultipathDevice(DeviceBase):
 
     # ------------------------------------------------------------ the checker
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the path checker until cancelled or closed (give it a nursery with nursery.start)."""
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Run the path checker, and the paths' own background work, until cancelled or closed."""
         if self._checker_scope is not None:
             raise VstoreError("internal: the path checker of this device is already running")
         self._checker_done = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 self._checker_scope = scope
-                task_status.started()
-                while not self._closed:
-                    try:
-                        await self.check_paths()
-                    except Exception:  # a bug here must not take the pool (or its mount) down
-                        log.exception("multipath %s: path checker round failed", self._identity)
-                    await trio.sleep(self.check_interval)
+                async with trio.open_nursery() as nursery:
+                    for p in self.paths:
+                        if p.dev is not None:
+                            await nursery.start(p.dev.run_background)
+                    task_status.started()
+                    while not self._closed:
+                        try:
+                            await self.check_paths()
+                        except Exception:  # a bug here must not take the pool (or its mount) down
+                            log.exception("multipath %s: path checker round failed", self._identity)
+                        await trio.sleep(self.check_interval)
+                    nursery.cancel_scope.cancel()
         finally:
             self._checker_scope = None
             self._checker_done.set()

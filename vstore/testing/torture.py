@@ -468,7 +468,7 @@ async def pool_shape(rig: Rig, level: str, *, chunk: int, journal: bool, window:
     try:
         dev = await target.open(False)
         lay = target.layout()
-        row = getattr(lay, "row_bytes", None) or chunk * {
+        row = lay.row_bytes or chunk * {
             "raid0": lay.n, "raid10": max(1, lay.n // 2)}.get(level, 1)
         members = [n for n in rig.names if n != "j"]
         mp = tuple(i for i, n in enumerate(members) if n in rig.paths)
