@@ -21,6 +21,7 @@ import numpy as np
 import trio
 
 from vstore.errors import ConfigError, MemberIOError, ProtocolError
+from vstore.io.aio import run_all
 from vstore.stack.device import Buffer, DeviceBase, as_u8
 from vstore.stack.iovec import IoVec, finish_reads, read_targets, write_sources
 from vstore.uri import MemberURI
@@ -227,9 +228,8 @@ class NfsDevice(DeviceBase):
             if length:
                 await self._read_into(_flat(dest), offset)
         else:
-            async with trio.open_nursery() as nursery:
-                for pos in range(0, length, step):
-                    nursery.start_soon(self._read_into, _flat(dest[pos : pos + step]), offset + pos)
+            await run_all([partial(self._read_into, _flat(dest[pos : pos + step]), offset + pos)
+                           for pos in range(0, length, step)])
         # Acknowledged but uncommitted writes win over what the server returned: after a
         # restart it may have lost them until flush() resends them, and a reader (a RAID
         # read-modify-write) must still see its own writes.
@@ -315,9 +315,8 @@ class NfsDevice(DeviceBase):
             if len(pieces) == 1:
                 await self._write_range(pieces[0][0], pieces[0][1], stable, pieces[0][2])
             else:
-                async with trio.open_nursery() as nursery:
-                    for piece, pos, base in pieces:
-                        nursery.start_soon(self._write_range, piece, pos, stable, base)
+                await run_all([partial(self._write_range, piece, pos, stable, base)
+                               for piece, pos, base in pieces])
         finally:
             self._writes_in_flight -= 1
             if not self._writes_in_flight:
@@ -405,10 +404,9 @@ class NfsDevice(DeviceBase):
                 await self._drained.wait()
             ranges = [r for r in ranges if self._cache.holds(r)]
             self.stats["resent_ranges"] += len(ranges)
-            async with trio.open_nursery() as nursery:
-                for r in ranges:
-                    # Rewriting replaces r in the cache; if it fails, r stays remembered.
-                    nursery.start_soon(self._write_range, r.data, r.start, nfs3.UNSTABLE, r.base)
+            # Rewriting replaces r in the cache; if it fails, r stays remembered.
+            await run_all([partial(self._write_range, r.data, r.start, nfs3.UNSTABLE, r.base)
+                           for r in ranges])
         finally:
             self._gate_closed = False
             self._gate_open.set()

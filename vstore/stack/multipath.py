@@ -251,19 +251,19 @@ class MultipathDevice(DeviceBase):
         errors: list[VstoreError | None] = [None] * len(uris)
 
         async def open_one(i: int, size: int | None) -> None:
-            try:
-                devs[i] = await opener(stripped[i][0], create_size=size)
-            except VstoreError as e:
-                errors[i] = e
+            devs[i] = await opener(stripped[i][0], create_size=size)
+
+        def failed(i: int, e: BaseException) -> None:
+            errors[i] = e  # type: ignore[assignment]
 
         try:
             start = 0
             if create_size is not None:  # the first path creates a missing file; then the rest
-                await open_one(0, create_size)
+                await run_all([partial(open_one, 0, create_size)], catch=VstoreError, on_error=failed)
                 start = 1
-            async with trio.open_nursery() as nursery:
-                for i in range(start, len(uris)):
-                    nursery.start_soon(open_one, i, None)
+            rest = list(range(start, len(uris)))
+            await run_all([partial(open_one, i, None) for i in rest], catch=VstoreError,
+                          on_error=lambda k, e: failed(rest[k], e))
             failed = [i for i, d in enumerate(devs) if d is None]
             if len(failed) == len(uris) or (failed and require_all):
                 first = errors[failed[0]]
