@@ -739,6 +739,13 @@ class Pool:
             self.lock.release()
             self.lock = None
 
+    def abandon(self) -> None:
+        """Drop the pool as a killed process would: no flush, no close, no metadata; only the lock goes."""
+        self._closed = True
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     async def aclose(self, clean: bool = True) -> None:
         """Flush, mark the pool clean and unowned (when clean), release everything."""
         if self._closed:

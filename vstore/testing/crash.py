@@ -314,10 +314,7 @@ def dead_owner() -> Iterator[None]:
 
 def abandon(pool: Any) -> None:
     """Drop a pool object as a killed process would: no flush, no close; only its lock goes."""
-    pool._closed = True
-    if pool.lock is not None:
-        pool.lock.release()
-        pool.lock = None
+    pool.abandon()
 
 
 async def reopen_after_crash(home: Any, name: str, **kwargs: Any) -> Any:
