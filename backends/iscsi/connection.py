@@ -680,13 +680,7 @@ class Connection:
         events: list[Event] = []
         mv = memoryview(data).cast("B")
         while len(mv):
-            k = 0
-            for b in self.receive_buffers():
-                m = min(len(b), len(mv) - k)
-                b[:m] = mv[k : k + m]
-                k += m
-                if k == len(mv):
-                    break
+            k = P.fill(self.receive_buffers(), mv)
             mv = mv[k:]
             events += self.received(k)
         return events

@@ -674,6 +674,18 @@ Steer = Callable[[Header], "tuple[list[memoryview], Callable[[], bool]] | None"]
 _HEADER, _DATA, _TAIL = range(3)
 
 
+def fill(buffers: list[memoryview], data: memoryview) -> int:
+    """Copy the head of data into the buffers in order; return how many bytes went in."""
+    k = 0
+    for b in buffers:
+        m = min(len(b), len(data) - k)
+        b[:m] = data[k : k + m]
+        k += m
+        if k == len(data):
+            break
+    return k
+
+
 class PDUReceiver:
     """Incremental PDU framing that says where the next received bytes must go (sans-IO).
 
@@ -788,13 +800,7 @@ class PDUReceiver:
         """Copy received bytes in; whole PDUs go to ``on_pdu``."""
         mv = memoryview(data).cast("B")
         while len(mv):
-            k = 0
-            for b in self.buffers():
-                m = min(len(b), len(mv) - k)
-                b[:m] = mv[k : k + m]
-                k += m
-                if k == len(mv):
-                    break
+            k = fill(self.buffers(), mv)
             mv = mv[k:]
             self.received(k)
 

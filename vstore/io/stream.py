@@ -142,15 +142,7 @@ class Stream:
 
     def try_recv(self, buffer: memoryview) -> int:
         """One receive into one buffer without waiting: bytes received, 0 if none were there."""
-        try:
-            n = self.sock.recv_into(buffer)
-        except BlockingIOError:
-            return 0
-        except ValueError as e:
-            raise StreamClosedError("the connection was closed") from e
-        if n == 0:
-            raise EndOfStream("the peer closed the connection")
-        return n
+        return self.try_recv_into([buffer])
 
     def try_recv_into(self, buffers: list[memoryview]) -> int:
         """One receive into the buffers without waiting: bytes received, 0 if none were there."""
