@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
 from backends.memory import MemoryDevice
 from vstore import uri as uri_mod
@@ -77,6 +78,15 @@ async def test_defaults_of_every_capability() -> None:
     out = [np.zeros(2, np.uint8), np.zeros(1, np.uint8)]
     await dev.readv_into(0, out)  # the vectored pair is always there
     assert list(out[0]) + list(out[1]) == [1, 2, 3]
+    assert dev.take_unstable() == []  # nothing kept to resend
+    dev.adopt_unstable([])
+    with pytest.raises(TypeError):
+        dev.adopt_unstable([(0, np.zeros(1, np.uint8), b"v")])  # another kind's: refused
+    started = []
+    async with trio.open_nursery() as n:
+        await n.start(dev.run_background)  # no background work: started, then done
+        started.append(True)
+    assert started == [True]
 
 
 async def test_a_plain_filter_forwards_everything() -> None:

@@ -156,3 +156,37 @@ async def test_a_range_rewritten_through_the_other_path_never_reads_stale(ganesh
     with open(ganesha.path("rr.img"), "rb") as f:
         f.seek(MiB)
         assert f.read(MiB) == want.tobytes()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-server", "server-restarted"])
+async def test_flush_through_the_survivor_commits_what_the_dead_path_wrote(ganesha, restart):
+    """Writes acknowledged UNSTABLE through a path that then died are COMMITted (or resent after a
+    server restart) by a flush through the surviving path, not left to the dead one."""
+    async with trio.open_nursery() as nursery:
+        relay = RpcRelay()
+        port = await nursery.start(relay.serve)
+        export = ganesha.export
+        name = f"dead-{int(restart)}.img"
+        urls = [f"nfs://127.0.0.1{export}/{name}?nfsport={port}&mountport={MOUNT_PORT}&timeout=2",
+                f"nfs://127.0.0.1{export}/{name}?nfsport={NFS_PORT}&mountport={MOUNT_PORT}"]
+        mp = await MultipathDevice.open([parse_uri(u) for u in urls], create_size=4 * MiB,
+                                        policy="failover", no_path_retry=30.0)
+        try:
+            data = np.random.default_rng(7).integers(0, 256, 2 * MiB, dtype=np.uint8)
+            await mp.write(0, data)  # through path 0 only (failover), UNSTABLE
+            b = mp.paths[1].dev
+            assert [p["ios"] for p in mp.path_stats()] == [1, 0] and b.stats["commits"] == 0
+            relay.sever()
+            mp.fail_path(0)
+            if restart:
+                ganesha.restart()  # a new write verifier: what path 0 wrote must be resent
+            await mp.flush()
+            assert b.stats["commits"] >= 1
+            if restart:
+                assert b.stats["resent_ranges"] >= 1
+            assert np.array_equal(await mp.read(0, 2 * MiB), data)
+        finally:
+            await mp.aclose()
+            nursery.cancel_scope.cancel()
+    with open(ganesha.path(name), "rb") as f:
+        assert f.read(2 * MiB) == data.tobytes()

@@ -245,6 +245,22 @@ class NfsDevice(DeviceBase):
         if len(self._cache):
             self._cache.forget(offset, offset + length)
 
+    def take_unstable(self) -> list[Any]:
+        """Our UNSTABLE writes not yet proven stable (with their write verifiers), forgotten here."""
+        out = [(r.start, r.data, r.verf) for r in self._cache]
+        for r in list(self._cache):
+            self._cache.discard(r)
+        self._bytes_since_commit = 0
+        return out
+
+    def adopt_unstable(self, writes: list[Any]) -> None:
+        """Another path's UNSTABLE writes to this file: our next flush COMMITs them, or resends them
+        when the verifier they were written under is no longer the server's."""
+        for start, data, verf in writes:
+            self._seq += 1
+            self._cache.add(start, data, verf, self._seq)
+            self._bytes_since_commit += len(data)
+
     async def _read_into(self, dest: memoryview | IoVec, offset: int) -> None:
         done = 0
         want = dest.nbytes

@@ -25,7 +25,7 @@ and a subclass overrides only what it changes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import trio
@@ -89,6 +89,16 @@ class BlockDevice(Protocol):
                              ) -> None:
         """The device's background work (multipath's path checker, iSCSI answering the target's
         pings while idle) until cancelled or closed; its owner starts it in a nursery."""
+        ...
+
+    def take_unstable(self) -> list[Any]:
+        """Hand over the writes acknowledged but not yet proven stable that this device keeps to
+        resend (NFS's UNSTABLE writes), forgetting them: a path that died passes them on."""
+        ...
+
+    def adopt_unstable(self, writes: list[Any]) -> None:
+        """Take over another path's unstable writes to the same storage: the next flush proves
+        them stable (or resends them). Only a device of the same kind can."""
         ...
 
 
@@ -158,6 +168,15 @@ class DeviceBase:
                              ) -> None:
         """No background work: started, and done."""
         task_status.started()
+
+    def take_unstable(self) -> list[Any]:
+        """Nothing kept: what this device acknowledged, its storage holds (a flush makes it stable)."""
+        return []
+
+    def adopt_unstable(self, writes: list[Any]) -> None:
+        """Refuse writes of another kind of device (none are ever handed to one of this kind)."""
+        if writes:
+            raise TypeError(f"{type(self).__name__} cannot take over another device's unstable writes")
 
     async def __aenter__(self):
         return self
@@ -247,6 +266,14 @@ class FilterDevice(DeviceBase):
                              ) -> None:
         """The inner device's background work."""
         await self.inner.run_background(task_status=task_status)
+
+    def take_unstable(self) -> list[Any]:
+        """The inner device's."""
+        return self.inner.take_unstable()
+
+    def adopt_unstable(self, writes: list[Any]) -> None:
+        """Handed to the inner device."""
+        self.inner.adopt_unstable(writes)
 
 
 async def read_into(dev: BlockDevice, offset: int, views: list[np.ndarray]) -> None:

@@ -34,7 +34,7 @@ storage's cache (an iSCSI LU, a file on one NFS server), and the checker
 flushes the path itself before reinstating it (a backend that keeps unstable
 writes per connection, as NFS does for resending, commits them then).
 
-The path checker (``run``) lives in a nursery owned by the device: it probes
+The path checker (``run_background``) lives in a nursery of the device's owner: it probes
 failed paths (``probe()``, or a read of block 0 for devices without it) every
 ``check_interval`` seconds, and healthy ones every ``healthy_check_interval``,
 and reinstates a failed path once it has answered continuously for
@@ -689,9 +689,17 @@ class MultipathDevice(DeviceBase):
 
     async def flush(self) -> None:
         """Every acknowledged write is stable: flush each path that carried writes since its last flush."""
+        # A dirty path that is down hands what it acknowledged but kept unstable (NFS resends
+        # those after a server restart) to a live path, whose flush below proves it stable.
+        # It stays dirty: the checker flushes it through itself when it answers again.
+        live = [p for p in self.paths if p.state == ACTIVE and p.dev is not None]
+        for p in self.paths:
+            if p.dirty and p.state != ACTIVE and p.dev is not None and live:
+                unstable = p.dev.take_unstable()
+                if unstable:
+                    live[0].dev.adopt_unstable(unstable)
+                    live[0].dirty = True
         targets = [p for p in self.paths if p.dirty and p.state == ACTIVE]
-        # A dirty path that is down stays dirty: the checker flushes it through itself when it
-        # answers again (a backend may keep its unstable writes per connection, as NFS does).
         need_any = any(p.dirty and p.state != ACTIVE for p in self.paths)
         for p in targets:
             p.dirty = False
