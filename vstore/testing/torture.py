@@ -541,6 +541,12 @@ class Runner:
     def _events(self) -> int:
         return len(self.rig.events)
 
+    def _unit(self) -> int | None:
+        """What a crash leaves of a write made now: None unless durable once acknowledged, else
+        the bytes it is atomic in (0: none promised)."""
+        t = self.target
+        return t.unit if t.durable_writes else None
+
     def _clip(self, off: int, length: int) -> tuple[int, int]:
         # Schedules are written for a window; a smaller device still runs them.
         w = self.window
@@ -563,7 +569,7 @@ class Runner:
             off, n = self._clip(a[0], a[1])
             buf = payload(a[2], n)
             await self.dev.write(off, buf)
-            self.ops.append(("w", start, self._events(), off, buf))
+            self.ops.append(("w", start, self._events(), off, buf, self._unit()))
             self.model[off : off + n] = buf
             st.bytes_written += n
         elif k == "c":
@@ -580,7 +586,7 @@ class Runner:
                     nursery.start_soon(self.dev.write, o, buf)
             end = self._events()
             for o, buf in jobs:
-                self.ops.append(("w", start, end, o, buf))
+                self.ops.append(("w", start, end, o, buf, self._unit()))
                 self.model[o : o + len(buf)] = buf
                 st.bytes_written += len(buf)
         elif k == "r":
@@ -667,82 +673,78 @@ class Runner:
         self.stats.crashes += 1
         self.dev = await t.open(True)
         await t.recover()
+        # The recovery (journal replay, resync, a resumed rebuild or move) is the step a
+        # crash right after this one cuts into: a power failure during recovery.
+        recovered = self._events()
         got = np.asarray(await self.dev.read(0, self.window)).copy()
         self._check_contents(got, cut)
         await self._check_redundancy(got)
         self.model = got
         self.base = got.copy()
         self.ops = []
-        self.last = (0, 0)
-        self.last_kind = ""
+        self.last = (0, recovered)
+        self.last_kind = "recover"
 
     def _check_contents(self, got: np.ndarray, cut: int) -> None:
+        """(a) and (b) after a crash at event ``cut``, for the writes since the last crash.
+
+        A write is *exact* (its bytes must be there) when a flush that completed before
+        the cut followed it, or when it was acknowledged before the cut while the target
+        made writes durable on acknowledgement (a journal: each write records which mode
+        it was made in, since a journal can be attached or detached between them). A write
+        the cut may have caught is *loose*: its bytes hold their old or new content —
+        per atomic unit all old or all new when the target promised one, else per byte.
+        """
         self.stats.checks += 1
-        w = self.window
-        base = self.base
-        writes = [op for op in self.ops if op[0] == "w" and op[1] < cut]
-        loose = [op for op in self.ops if op[0] == "d" and op[1] < cut]
-        t = self.target
-        if t.durable_writes:
-            # (a) every write acknowledged before the cut is there exactly (durable once logged);
-            # (b) one in flight shows, per atomic unit, all its new bytes or none of them.
-            expect = base.copy()
-            inflight = []
-            for _, _s, e, off, buf in writes:
-                if e <= cut:
-                    expect[off : off + len(buf)] = buf
-                else:
-                    inflight.append((off, buf))
-            covered = np.zeros(w, bool)
-            unit = t.unit or 1
-            for off, buf in inflight:
-                pos = off
-                while pos < off + len(buf):
-                    stop = min(off + len(buf), (pos // unit + 1) * unit)
-                    part = got[pos:stop]
-                    if not (np.array_equal(part, buf[pos - off : stop - off])
-                            or np.array_equal(part, expect[pos:stop])):
-                        raise CheckFailed("b", f"write {off}+{len(buf)} caught by the crash: bytes "
-                                               f"{pos}..{stop} are a mixture of old and new")
-                    pos = stop
-                covered[off : off + len(buf)] = True
-            for _, _s, _e, off, new, _old in loose:
-                covered[off : off + len(new)] = True  # a discard may or may not have survived
-            wrong = np.flatnonzero((got != expect) & ~covered)
-            if len(wrong):
-                x = int(wrong[0])
-                raise CheckFailed("a", f"acknowledged byte {x} is {got[x]} after the crash, "
-                                       f"{expect[x]} was written")
-            return
-        # Without durable writes: what the last completed flush covered is exact, every other
-        # byte holds its old content or one written since.
+        ops = self.ops
+        last_flush = -1
         # Steps run one after another, so the order of self.ops (not event indexes: a step
         # may cause no member I/O at all) says which writes a completed flush covers.
-        last_flush = -1
-        for idx, op in enumerate(self.ops):
+        for idx, op in enumerate(ops):
             if op[0] == "f" and op[2] <= cut:
                 last_flush = idx
-        durable = base.copy()
-        later: list[tuple[int, np.ndarray]] = []
-        for idx, op in enumerate(self.ops):
-            if op[0] == "w" and idx < last_flush:
-                durable[op[3] : op[3] + len(op[4])] = op[4]
-            elif op[0] == "w" and op[1] < cut:
-                later.append((op[3], op[4]))
+        expect = self.base.copy()
+        loose_bytes: list[tuple[int, np.ndarray]] = []  # any byte may hold these
+        loose_units: list[tuple[int, np.ndarray, int]] = []  # all old or all new per unit
+        for idx, op in enumerate(ops):
+            if op[0] == "w":
+                _, s, e, off, buf, unit = op
+                if s >= cut and idx > last_flush:
+                    continue  # not begun when the power failed
+                if idx < last_flush or (unit is not None and e <= cut):
+                    expect[off : off + len(buf)] = buf
+                elif unit is not None:
+                    loose_units.append((off, buf, unit or 1))
+                else:
+                    loose_bytes.append((off, buf))
             elif op[0] == "d" and op[1] < cut:
-                later.append((op[3], op[4]))
-                later.append((op[3], op[5]))
-        ok = got == durable
-        for off, buf in later:
+                loose_bytes.append((op[3], op[4]))
+                loose_bytes.append((op[3], op[5]))
+        ok = got == expect
+        loose = np.zeros(len(got), bool)
+        for off, buf in loose_bytes:
             ok[off : off + len(buf)] |= got[off : off + len(buf)] == buf
+            loose[off : off + len(buf)] = True
+        for off, buf, unit in loose_units:
+            pos = off
+            while pos < off + len(buf):
+                stop = min(off + len(buf), (pos // unit + 1) * unit)
+                part = got[pos:stop]
+                if np.array_equal(part, buf[pos - off : stop - off]) or np.array_equal(part, expect[pos:stop]):
+                    ok[pos:stop] = True
+                elif not ok[pos:stop].all():
+                    raise CheckFailed("b", f"write {off}+{len(buf)} caught by the crash: bytes "
+                                           f"{pos}..{stop} are a mixture of old and new")
+                pos = stop
+            loose[off : off + len(buf)] = True
         wrong = np.flatnonzero(~ok)
         if len(wrong):
             x = int(wrong[0])
-            if any(o <= x < o + len(bf) for o, bf in later):
-                raise CheckFailed("b", f"byte {x} is {got[x]} after the crash: neither its flushed "
-                                       f"content ({durable[x]}) nor one written since")
-            raise CheckFailed("a", f"byte {x} is {got[x]} after the crash, {durable[x]} was written "
-                                   "and flushed before it")
+            if loose[x]:
+                raise CheckFailed("b", f"byte {x} is {got[x]} after the crash: neither its "
+                                       f"acknowledged content ({expect[x]}) nor one written since")
+            raise CheckFailed("a", f"acknowledged byte {x} is {got[x]} after the crash, {expect[x]} "
+                                   "was written")
 
     async def _check_redundancy(self, got: np.ndarray) -> None:
         from vstore.raid.base import ParityLayout
@@ -883,7 +885,12 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
         elif crashes and rng.random() < 0.5:
             if not shape.journal and failed:
                 heal_all()
-            out.append(Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16))))
+            crash = Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16)))
+            out.append(crash)
+            again = random.Random(crash.args[2])  # (not from rng: other schedules stay as they were)
+            if again.random() < 0.3:  # and again while the pool recovers from the first
+                out.append(Op("crash", (round(again.random(), 3), again.choice(MODES),
+                                        again.randrange(1 << 16))))
     if crashes:
         if not shape.journal and failed:
             heal_all()
