@@ -431,3 +431,26 @@ async def test_short_read_and_shrink_faults():
 
     steps = "x:1,x:2:short:0.5,x:0:shrink:0.25,h:1"
     assert format_schedule(parse_schedule(steps)) == steps
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["bitmap", "journal"])
+async def test_a_crash_after_a_crash_cuts_into_the_recovery(journal: bool) -> None:
+    """The recovery (resync or replay) is the step a second crash cuts: its member writes are
+    the ones a power failure during recovery may lose, and the pool must still recover."""
+    rig = await _memory_rig("raid5", 4, journal=journal)
+    runner = Runner(PoolTarget(rig, "raid5", journal=journal), window=8 * 12288)
+    try:
+        await runner.start()
+        for op in parse_schedule("w:0:30000:1,w:40000:20000:2,w:70000:9000:3,crash@0.6:keep:1"):
+            await runner.apply(op)
+        a, b = runner.last
+        assert runner.last_kind == "recover" and b > a, "the recovery wrote nothing to cut into"
+        kinds = {type(e).__name__ for e in rig.events[a:b]}
+        assert "WriteEvent" in kinds, kinds
+        for frac in (0.3, 0.7):  # power fails during that recovery, twice
+            await runner.apply(Op.parse(f"crash@{frac}:random:7"))
+        assert runner.stats.crashes == 3 and runner.stats.skipped_crashes == 0
+        await runner.finish()
+    finally:
+        rig.heal()
+        await rig.aclose()
