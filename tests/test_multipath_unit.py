@@ -41,6 +41,16 @@ class FakePath(DeviceBase):
         self.closed = False
         self.inflight = self.max_inflight = 0
         self.vios = 0  # vectored requests (readv_into / writev) that reached this path
+        self.background = "never"  # its run_background: never started, running, stopped
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        self.background = "running"
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self.background = "stopped"
 
     def identity(self) -> str:
         return self.ident
@@ -213,7 +223,10 @@ async def test_unopenable_path_starts_failed_and_checker_opens_it(autojump_clock
         opened["p1"] = b
         await trio.sleep(3)
         assert mp.paths[1].state == "active" and mp.paths[1].dev is b
+        # The path opened late runs its own background work (an iSCSI session's reader) too.
+        assert b.background == "running" and a.background == "running"
         nursery.cancel_scope.cancel()
+    assert b.background == "stopped"
     await mp.aclose()
 
 

@@ -229,6 +229,7 @@ class MultipathDevice(DeviceBase):
         self._no_path_since: float | None = None
         self._checker_scope: trio.CancelScope | None = None
         self._checker_done: trio.Event | None = None
+        self._paths_nursery: trio.Nursery | None = None  # where the paths' own background work runs
         self._inline_probe = trio.Lock()
         self._closed = False
         self.configure(**options)
@@ -430,6 +431,7 @@ class MultipathDevice(DeviceBase):
                     for p in self.paths:
                         if p.dev is not None:
                             await nursery.start(p.dev.run_background)
+                    self._paths_nursery = nursery  # and a path opened later starts its own there
                     task_status.started()
                     while not self._closed:
                         try:
@@ -440,6 +442,7 @@ class MultipathDevice(DeviceBase):
                     nursery.cancel_scope.cancel()
         finally:
             self._checker_scope = None
+            self._paths_nursery = None
             self._checker_done.set()
 
     async def check_paths(self) -> None:
@@ -501,6 +504,8 @@ class MultipathDevice(DeviceBase):
                     await _close_quietly(dev)
                     raise MemberIOError(
                         f"{p.uri.redacted()} reaches other storage ({ident}, not {self._identity})")
+                if self._paths_nursery is not None:
+                    await self._paths_nursery.start(dev.run_background)
                 p.set_device(dev)
                 return
             await p.dev.probe(self.probe_timeout)
