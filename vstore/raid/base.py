@@ -675,7 +675,8 @@ class ParityLayout(RaidLayout):
             c1 = max((s % C) + n for s, n, _ in parts)
             async with self.locked([row]):
                 # Reconstructing trusts the parity: a row written at a crash is resynced first.
-                await self.sync_rows([row])
+                if self.resync is not None:
+                    await self.sync_rows([row])
                 data, _ = await self.read_row(row, c0, c1)
             for s, n, at in parts:
                 j, cs = divmod(s, C)
@@ -847,7 +848,8 @@ class ParityLayout(RaidLayout):
 
         # Both ways below trust the row's parity or reconstruct from it (read-modify-write,
         # degraded): a row written at a crash and not yet resynced is resynced first.
-        await self.sync_rows([row])
+        if self.resync is not None:
+            await self.sync_rows([row])
         # Per data chunk j touched: bytes [a, b) of the chunk come from src[at:at+b-a].
         touched = [(c, s, s + n, at) for c, s, n, at in geometry.split_chunks(start, len(src), C)]
         c0 = min(t[1] for t in touched)
