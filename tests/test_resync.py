@@ -375,15 +375,26 @@ async def test_rebuild_resumes_at_its_cursor_after_a_crash_without_journal(tmp_p
         nursery.start_soon(writes_then_crash)
     cursor = committed[-1]
     assert cursor > 0
+    # And an update caught half way on the new member: its chunk of a row below the cursor
+    # (in a dirty region) reached it, the parity did not. The resync trusts the new
+    # member there like any other: the parity follows it.
+    row = next(r for r in range(cursor) if 2 in parity_row_members("raid5", r, n)[0])
+    j = parity_row_members("raid5", row, n)[0].index(2)
+    torn = rng.integers(0, 256, CHUNK, dtype=np.uint8)
+    at = DATA_OFFSET + row * CHUNK
+    rec.members["new"].store[at : at + CHUNK] = torn
+    tail.append((row * 3 * CHUNK + j * CHUNK, torn))
     pool = await _open_after_crash(home)
     try:
         assert pool.members[2].state == "rebuilding"
         assert pool.meta["operation"]["cursor"] == cursor
         assert pool.status()["journal"]["resync"]["state"] == "running"
+        # The resync first (as a resumed rebuild waits for it), while member 2 is rebuilding.
+        await pool.consistency.wait_resynced()
+        assert pool.members[2].state == "rebuilding"
         res = await resume(pool)
         assert res["resumed_at_row"] == cursor > 0
         assert pool.state == "clean"
-        await pool.consistency.wait_resynced()
         assert await verify_parity(pool.layout) == []  # every member, the rebuilt one too
         got = np.asarray(await pool.get_volume("v").read(0, vol.size))
         ok = got == model

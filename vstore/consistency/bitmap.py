@@ -366,8 +366,15 @@ class Resync:
         unit = int(layout.row_bytes or layout.chunk)
         while self.todo:
             if not self.queue:
+                # Every region left is someone else's (perhaps paced slowly): help with their
+                # rows at full speed, then wait for them to flush and finish.
                 changed = self._changed
-                await changed.wait()
+                for r in sorted(self.todo):
+                    for row in self.rows_of(r):
+                        if self.pending(row):
+                            await self.sync_row(row)
+                if not changed.is_set():
+                    await changed.wait()
                 continue
             region = self.queue.pop(0)
             try:

@@ -360,7 +360,7 @@ class Consistency:
             rs = self.resyncer = Resync(layout, self.bitmap, regions, self._trusted)
             self.resync = {"state": "running", "reason": reason, "started": int(time.time())}
         layout.resync = rs
-        if layout.failed and pool.level in PARITY_LEVELS:
+        if layout.failed - layout.rebuilding and pool.level in PARITY_LEVELS:
             log.warning("pool %s is degraded with a resync pending: rows written at the crash may "
                         "have lost their failed member's data (the write hole)", pool.name)
         log.info("pool %s: resync of %d rows in %d regions (%s), in the background", pool.name,
