@@ -918,8 +918,8 @@ class ParityLayout(RaidLayout):
             break
         parity = await self.compute_parity(data)
         _, pmem = self.row_members(row)
-        for x, m in enumerate(pmem):
-            await self.write_member(m, row * self.chunk, parity[x])
+        # An update like any other: a move's watcher sees it (the member may be being copied).
+        await self.submit_member_writes([(m, row * self.chunk, parity[x]) for x, m in enumerate(pmem)])
 
     async def discard(self, offset: int, length: int) -> None:
         """A no-op: discarding member ranges would leave parity inconsistent."""

@@ -78,9 +78,8 @@ class Raid1Layout(RaidLayout):
             except MemberFailed:
                 continue
             break
-        for i in range(self.n):
-            if i != src:
-                await self.write_member(i, row * self.chunk, data)
+        # An update like any other: a move's watcher sees it (the member may be being copied).
+        await self.submit_member_writes([(i, row * self.chunk, data) for i in range(self.n) if i != src])
 
     def chunks_of(self, offset: int, length: int) -> range:
         """Chunk indexes a range touches (the keys of its locks)."""

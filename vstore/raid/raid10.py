@@ -111,9 +111,8 @@ class Raid10Layout(RaidLayout):
                     data = await self.read_member(src[0], src[1], self.chunk)
                 except MemberFailed:
                     continue
-                for m, off in copies:
-                    if (m, off) != src:
-                        await self.write_member(m, off, data)
+                # An update like any other: a move's watcher sees it.
+                await self.submit_member_writes([(m, off, data) for m, off in copies if (m, off) != src])
                 break
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
