@@ -511,3 +511,44 @@ def test_kill9_mount_during_background_resync(tmp_path: Path) -> None:
                 pass
         force_unmount(mp)
         shutil.rmtree(mp, ignore_errors=True)
+
+
+async def test_start_resync_of_given_rows_and_of_all(tmp_path: Path) -> None:
+    """``start_resync`` (what a pool that loses its journal uses): rows marked, resynced, cleared."""
+    from vstore.pool.consistency import uses_bitmap
+
+    assert all(uses_bitmap(lv) for lv in ("raid1", "raid5", "raid6", "raid10"))
+    assert not any(uses_bitmap(lv) for lv in ("linear", "raid0"))
+    n = 4
+    rec, home, pool = await _crash_pool(tmp_path, "raid5", n)
+    try:
+        model = np.random.default_rng(6).integers(0, 256, pool.layout.size, dtype=np.uint8)
+        await pool.data_dev.write(0, model)
+        for _ in range(3):
+            await pool.flush()
+        bm = pool.consistency.bitmap
+        assert bm.status()["dirty"] == 0
+        per = bm.region // CHUNK
+        _spoil_parity(rec, n, [3, per + 7])
+        await pool.consistency.start_resync([3], "test")
+        st = pool.status()["journal"]["resync"]
+        assert st["state"] == "running" and st["reason"] == "test" and st["rows"] == per
+        assert bm.status()["dirty"] == 1
+        # Durably marked: the bit is on the members before anything is resynced.
+        from vstore.consistency.bitmap import WriteIntentBitmap
+        probe = WriteIntentBitmap(pool.meta["pool_uuid"], bm.nbits * bm.region, bm.region,
+                                  bm.active)
+        assert await probe.load_dirty() == {0}
+        await pool.consistency.wait_resynced()
+        assert await verify_parity(pool.layout) == [per + 7]  # only what was asked
+        for _ in range(3):
+            await pool.flush()
+        assert bm.status()["dirty"] == 0 and await probe.load_dirty() == set()
+        await pool.consistency.start_resync(None, "everything")
+        assert pool.status()["journal"]["resync"]["rows"] == pool.layout.rows
+        await pool.consistency.wait_resynced()
+        assert await verify_parity(pool.layout) == []
+        assert np.array_equal(await pool.data_dev.read(0, len(model)), model)
+    finally:
+        await pool.aclose()
+        rec.forget()
