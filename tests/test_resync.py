@@ -166,6 +166,11 @@ async def test_a_clean_close_keeps_what_is_not_resynced(tmp_path: Path) -> None:
     left = set(pool.consistency.resyncer.todo)
     await pool.aclose()
     assert pool.meta["clean"] is True
+    ro = await Pool.open(home, "p", read_only=True)
+    try:
+        assert ro.status()["journal"]["resync"] == {"state": "interrupted", "regions": len(left)}
+    finally:
+        await ro.aclose()
     pool = await Pool.open(home, "p")  # clean: no crash recovery, yet the resync resumes
     try:
         assert pool.recovered_from is None

@@ -313,6 +313,7 @@ class Consistency:
         bm = self.bitmap
         assert bm is not None
         unclean = pool.recovered_from is not None
+        pool.meta.pop("resync", None)  # a stopped resync's note: it goes on now
         dirty = await bm.load_dirty()
         if dirty is None:
             # No valid bitmap: everything after a crash (a pool made before mirrors had one,
@@ -448,9 +449,13 @@ class Consistency:
         pool = self.pool
         if clean and self.bitmap is not None and pool.layout is not None and not pool.read_only:
             rs = self.resyncer
-            if rs is not None and not rs.finished.is_set() and not pool.lifecycle.resident:
-                await self.wait_resynced()
-                await pool.layout.flush()
+            if rs is not None and not rs.finished.is_set():
+                if pool.lifecycle.resident:
+                    # Committed with the clean mark: status says so while the pool is closed.
+                    pool.meta["resync"] = {"state": "interrupted", "regions": len(rs.todo)}
+                else:
+                    await self.wait_resynced()
+                    await pool.layout.flush()
             # Everything is flushed: only the regions still awaiting their resync stay marked.
             await self.bitmap.settle()
         jr = self.journal
@@ -481,5 +486,7 @@ class Consistency:
                     st["resync"].update(self.resyncer.status())
             elif unclean:
                 st["resync"] = {"state": "pending"}
+            elif pool.meta.get("resync") and (pool.read_only or not self.started):
+                st["resync"] = dict(pool.meta["resync"])  # stopped with the mount; resumes at open
             return st
         return {"mode": "none"}
