@@ -28,7 +28,7 @@ from vstore.sizes import format_size
 @click.option("--force", is_flag=True, help="Overwrite members that belong to another pool.")
 @click.option("--journal", "journal", default="none", show_default=True, metavar="URI",
               help="Write-ahead journal device (any member URI, not a member), or none: then "
-                   "parity pools resync their dirty regions after a crash.")
+                   "redundant pools resync their dirty regions in the background after a crash.")
 @click.option("--journal-size", type=SIZE, default=None,
               help="Size of a journal file created by --journal (default 64M).")
 @click.option("--selector", type=click.Choice(["round-robin", "queue-length", "service-time"]),

@@ -1,12 +1,18 @@
-"""Write-intent bitmap and resync: crash consistency for parity pools without a journal.
+"""Write-intent bitmap and resync: crash consistency for redundant pools without a journal.
 
 As md's bitmap: the data area of every member is cut into regions (``region``
 bytes of member space, a whole number of stripe rows); before the first write to
 a region its bit is set on every member and flushed, and only then is the region
 written. Bits are cleared lazily, once a member flush has made the region's
 writes durable and the region has stayed idle for a further flush. After an
-unclean shutdown the pool ORs the bitmaps of its members and recomputes the
-parity of every row in a dirty region (a resync) before anything else uses it.
+unclean shutdown the pool ORs the bitmaps of its members and resyncs every row of
+a dirty region (``Resync``): parity recomputed from the data (raid5/raid6), the
+first healthy copy written over the others (raid1/raid10). As md, the pool serves
+at once and the resync runs in the background: the dirty regions stay marked on
+the members (``pinned``) until their rows are resynced and flushed, so a second
+crash resyncs them again, and whatever would trust a row's redundancy before the
+resync reaches it (a degraded read, a read-modify-write, a rebuild, a scrub, a
+mirror read) resyncs that row first (``RaidLayout.sync_rows``).
 
 Where it lives on each member (see ``vstore.consistency.metadata``): ``BITMAP_OFFSET`` (the
 64 KiB between metadata slot 1 and the data), a 4 KiB header (magic, pool UUID,
@@ -35,7 +41,6 @@ from vstore.consistency.journal import crc32c
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
 from vstore.errors import MemberIOError
 from vstore.io.aio import run_all
-from vstore.raid.base import MemberFailed
 from vstore.stack.device import BlockDevice
 
 log = logging.getLogger("vstore.consistency.bitmap")
@@ -103,6 +108,7 @@ class WriteIntentBitmap:
         self.on_error = on_error
         self.bits = np.zeros((BITMAP_SIZE - HEADER_SIZE), dtype=np.uint8)
         self._durable: set[int] = set()  # regions whose bit is set on the members
+        self.pinned: set[int] = set()  # dirty regions awaiting their resync: never cleared meanwhile
         self._inflight: dict[int, int] = {}
         self._done_epoch: dict[int, int] = {}
         self._epoch = 0
@@ -138,12 +144,44 @@ class WriteIntentBitmap:
                 dirty.update(range(lo, min(hi, self.nbits)))
         return dirty if found else None
 
-    async def reset(self) -> None:
-        """Write an all-clear bitmap (and its header) to every active member, durably."""
+    async def reset(self, keep: Iterable[int] = ()) -> None:
+        """Write the bitmap (and its header) to every active member, durably: clear but ``keep``.
+
+        The regions kept (awaiting a resync) stay set and pinned until ``unpin``.
+        """
+        keep = {r for r in keep if 0 <= r < self.nbits}
         self.bits[:] = 0
-        self._durable.clear()
+        for r in keep:
+            self.bits[r // 8] |= np.uint8(1 << (r % 8))
+        self._durable = set(keep)
+        self.pinned = set(keep)
         image = pack_header(self.pool_uuid, self.region, self.nbits) + self.bits.tobytes()
         await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
+
+    async def mark(self, regions: Iterable[int]) -> None:
+        """Set and pin these regions' bits on the members, durably (a resync is about to start)."""
+        regions = {r for r in regions if 0 <= r < self.nbits}
+        async with self._lock:
+            new = regions - self._durable
+            if new:
+                await self._write_bits(new, True)
+                self._durable |= new
+                self.stats["sets"] += len(new)
+            self.pinned |= regions
+
+    def unpin(self, region: int) -> None:
+        """The region is resynced and flushed: its bit may be cleared like any idle region's."""
+        self.pinned.discard(region)
+        self._done_epoch[region] = self._epoch
+
+    async def settle(self) -> None:
+        """After a final flush (a clean close): clear every bit but those pinned and those in use."""
+        async with self._lock:
+            idle = {r for r in self._durable if r not in self.pinned and r not in self._inflight}
+            if idle:
+                self._durable -= idle
+                await self._write_bits(idle, False)
+                self.stats["clears"] += len(idle)
 
     async def _on_members(self, fn: Callable[[BlockDevice], Any], *, flush: bool) -> None:
         active = list(self.active())
@@ -229,11 +267,11 @@ class WriteIntentBitmap:
     async def after_flush(self, mark: int) -> None:
         """Clear the bits of regions idle since the flush before this one."""
         idle = {r for r in self._durable
-                if r not in self._inflight and self._done_epoch.get(r, -1) < mark}
+                if r not in self._inflight and r not in self.pinned and self._done_epoch.get(r, -1) < mark}
         if not idle or self._lock.locked() or not self.checkpoint_allowed():
             return
         async with self._lock:
-            idle = {r for r in idle if r not in self._inflight}
+            idle = {r for r in idle if r not in self._inflight and r not in self.pinned}
             self._durable -= idle
             await self._write_bits(idle, False)
             self.stats["clears"] += len(idle)
@@ -260,32 +298,115 @@ def rows_of_regions(regions: Iterable[int], region: int, chunk: int, rows: int) 
     return out
 
 
-async def resync_rows(layout: Any, rows: Sequence[int],
-                      progress: Callable[[int, int], None] | None = None) -> int:
-    """Recompute and rewrite the parity of these rows from their data; then flush. Returns rows done."""
-    done = 0
-    total = len(rows)
-    limiter = trio.CapacityLimiter(RESYNC_PARALLEL)
+class Resync:
+    """The resync of a pool's dirty regions after an unclean shutdown, row by row, while it serves.
 
-    async def one(row: int) -> None:
-        nonlocal done
-        async with limiter, layout.locked([row]):
-            while True:
-                layout.require_usable()
-                try:
-                    data, _ = await layout.read_row(row)
-                except MemberFailed:
-                    continue
-                break
-            parity = await layout.compute_parity(data)
-            _, pmem = layout.row_members(row)
-            for i, m in enumerate(pmem):
-                await layout.write_member(m, row * layout.chunk, parity[i])
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    Rows are member rows (member offset ``row * chunk``). A region stays pending
+    (and pinned in the bitmap) until every row of it is resynced and the members
+    flushed. ``run`` works through the regions not yet claimed (several callers may
+    share the work: the background task and one that needs the resync finished);
+    the layout calls ``pending``/``sync_row`` for rows it is about to trust
+    (``RaidLayout.resync``). ``trusted(row)`` names members being rebuilt whose
+    content in that row is good (below the rebuild's cursor).
+    """
 
-    for at in range(0, total, 256):  # in batches: a task per row of a whole pool is too many
-        await run_all([lambda r=row: one(r) for row in rows[at : at + 256]])
-    await layout.flush()
-    return done
+    def __init__(self, layout: Any, bitmap: WriteIntentBitmap, regions: Iterable[int],
+                 trusted: Callable[[int], frozenset[int]] | None = None) -> None:
+        self.layout = layout
+        self.bitmap = bitmap
+        self.per = max(1, bitmap.region // layout.chunk)
+        rows = int(layout.rows)
+        self.todo = {r for r in regions if r * self.per < rows}
+        self.queue = sorted(self.todo)  # regions nobody has claimed yet
+        self.synced: set[int] = set()  # rows of pending regions resynced ahead of their region
+        self.total = sum(min((r + 1) * self.per, rows) - r * self.per for r in self.todo)
+        self.done = 0
+        self.trusted = trusted or (lambda row: frozenset())
+        self.finished = trio.Event()
+        self._changed = trio.Event()
+        if not self.todo:
+            self.finished.set()
+
+    def add(self, regions: Iterable[int]) -> None:
+        """Resync these regions too."""
+        rows = int(self.layout.rows)
+        new = {r for r in regions if r not in self.todo and r * self.per < rows}
+        for r in sorted(new):
+            self.todo.add(r)
+            self.queue.append(r)
+            self.total += len(self.rows_of(r))
+        if new:
+            self.queue.sort()
+            self._wake()
+
+    def rows_of(self, region: int) -> range:
+        """The member rows of a region."""
+        return range(region * self.per, min((region + 1) * self.per, int(self.layout.rows)))
+
+    def pending(self, row: int) -> bool:
+        """Whether the row still awaits its resync."""
+        return row // self.per in self.todo and row not in self.synced
+
+    async def sync_row(self, row: int) -> None:
+        """Resync the row now, under its lock (already held by the caller or not)."""
+        layout = self.layout
+        async with layout.locked(layout.resync_keys(row)):
+            if not self.pending(row):
+                return
+            # A row's resync, once begun, finishes: its parity or copies are rewritten whole.
+            with trio.CancelScope(shield=True):
+                await layout.resync_row(row, self.trusted(row))
+            self.synced.add(row)
+            self.done += 1
+
+    async def run(self, pace: Callable[[int], Any] | None = None) -> None:
+        """Resync the regions nobody has claimed; then wait for those others are resyncing."""
+        layout = self.layout
+        limiter = trio.CapacityLimiter(RESYNC_PARALLEL)
+        unit = int(layout.row_bytes or layout.chunk)
+        while self.todo:
+            if not self.queue:
+                # Every region left is someone else's (perhaps paced slowly): help with their
+                # rows at full speed, then wait for them to flush and finish.
+                changed = self._changed
+                for r in sorted(self.todo):
+                    for row in self.rows_of(r):
+                        if self.pending(row):
+                            await self.sync_row(row)
+                if not changed.is_set():
+                    await changed.wait()
+                continue
+            region = self.queue.pop(0)
+            try:
+                rows = [r for r in self.rows_of(region) if self.pending(r)]
+
+                async def one(row: int) -> None:
+                    async with limiter:
+                        if pace is not None:
+                            res = pace(unit)
+                            if inspect.isawaitable(res):
+                                await res
+                        await self.sync_row(row)
+
+                for at in range(0, len(rows), 256):
+                    await run_all([lambda r=row: one(r) for row in rows[at : at + 256]])
+                await layout.flush()  # durable before the region may be cleared
+            except BaseException:
+                if region in self.todo:
+                    self.queue.insert(0, region)  # left for whoever runs next
+                    self._wake()
+                raise
+            self.todo.discard(region)
+            self.synced.difference_update(self.rows_of(region))
+            self.bitmap.unpin(region)
+            self._wake()
+        self.finished.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def status(self) -> dict[str, Any]:
+        """Progress: rows to resync and done."""
+        return {"rows": self.total, "done": min(self.done, self.total), "regions_left": len(self.todo)}

@@ -121,6 +121,8 @@ async def rows_of_member(pool: PoolView, index: int, r0: int, count: int) -> np.
     """
     layout = pool.layout
     C = layout.chunk
+    # Rows written at a crash and not resynced yet are resynced before they are trusted.
+    await layout.sync_rows(range(r0, r0 + count))
     if pool.level == "raid1" or (pool.level == "raid10" and layout.n % 2 == 0):
         while True:
             if not survives(pool.level, layout.n, layout.failed | {index}):
@@ -222,8 +224,10 @@ async def rebuild_member(pool: PoolView, op: Operation, index: int, speed: dict[
     rows = _rows_of(pool)
     rec = pool.meta.get("operation") or {}
     start = int(rec.get("cursor", 0)) if rec.get("member") == index else 0
-    if start and pool.recovered_from is not None:
+    if start and pool.recovered_from is not None and pool.meta.get("journal"):
         # An update in flight at the crash may have reached the others but not this member.
+        # (Without a journal the resync brings the rows below the cursor in line, this member
+        # included: vstore.pool.consistency.)
         log.warning("pool %s was not closed cleanly: the rebuild of member %d starts again",
                     pool.name, index)
         start = 0

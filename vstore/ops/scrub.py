@@ -103,6 +103,8 @@ class _Scrub:
                 raise DegradedError(f"pool {self.pool.name!r} is degraded (failed members "
                                     f"{sorted(layout.failed)}): replace them before a scrub")
             try:
+                # A row written at a crash and not resynced yet is resynced, not reported.
+                await layout.sync_keys([u])
                 if self.pool.level in ("raid5", "raid6"):
                     await self._parity_row(u)
                 elif self.pool.level == "raid1":

@@ -2,10 +2,17 @@
 
 The pool holds one ``Consistency``. With a journal (``vstore create --journal URI``)
 every stripe update is logged before the members are written, and an unclean
-shutdown is recovered by replaying the log. Without one, parity pools keep a
-write-intent bitmap on their members, and an unclean shutdown is recovered by
-recomputing the parity of the regions that were dirty (a resync). Either way the
-pool recovers when it is opened for writing, before anything else uses it.
+shutdown is recovered by replaying the log when the pool is opened for writing,
+before anything else uses it. Without one, redundant pools (raid1, raid5, raid6,
+raid10: ``uses_bitmap``) keep a write-intent bitmap on their members, and an
+unclean shutdown is recovered by a resync of the regions that were dirty (parity
+recomputed from the data; mirror copies made equal from the first healthy one).
+As md, the pool serves at once and the resync runs in the background
+(``run_background``, paced like a rebuild), rows it has not reached being resynced
+first by whatever would trust their redundancy; ``wait_resynced`` finishes it in the
+caller. A command that opened the pool itself finishes the resync before it closes
+the pool; a mount that stops leaves the regions not yet resynced marked in the
+bitmap, and the next open goes on with them.
 """
 
 from __future__ import annotations
@@ -14,18 +21,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import trio
 
 from vstore import owner as owner_mod
-from vstore.consistency.bitmap import WriteIntentBitmap, choose_region, resync_rows, rows_of_regions
+from vstore.consistency.bitmap import Resync, WriteIntentBitmap, choose_region
 from vstore.consistency.journal import DEFAULT_SIZE, LOG_OFFSET, Journal, JournalError, record_size
 from vstore.consistency.metadata import DATA_OFFSET, scan_member
 from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
-from vstore.ops.toolkit import MemberView
+from vstore.ops.toolkit import DEFAULT_SPEED_MAX, DEFAULT_SPEED_MIN, MemberView, RateLimiter
 from vstore.sizes import format_size
 from vstore.stack.device import BlockDevice
 from vstore.uri import open_uri, split_paths
@@ -36,6 +43,27 @@ JOURNAL_LEVELS = ("raid1", "raid5", "raid6", "raid10")
 PARITY_LEVELS = ("raid5", "raid6")
 CHECKPOINT_INTERVAL = 2.0  # seconds between looks at the journal's fill
 CHECKPOINT_FILL = 0.125  # fraction of the log in use that triggers a background checkpoint
+# The background resync's pace in bytes/s (md's speed_limit_min/max): at most MAX (0:
+# unlimited), at most MIN while foreground I/O is seen.
+RESYNC_SPEED_MIN_ENV = "VSTORE_RESYNC_SPEED_MIN"
+RESYNC_SPEED_MAX_ENV = "VSTORE_RESYNC_SPEED_MAX"
+
+
+def uses_bitmap(level: str) -> bool:
+    """Whether a pool of this level keeps a write-intent bitmap (and resyncs) when it has no journal."""
+    return level in JOURNAL_LEVELS
+
+
+def resync_speed() -> tuple[int, int]:
+    """(speed_min, speed_max) of a background resync, from the environment or the defaults."""
+    def get(name: str, default: int) -> int:
+        try:
+            return max(0, int(os.environ.get(name, "") or default))
+        except ValueError:
+            log.warning("%s is not a number of bytes per second; using %d", name, default)
+            return default
+
+    return get(RESYNC_SPEED_MIN_ENV, DEFAULT_SPEED_MIN), get(RESYNC_SPEED_MAX_ENV, DEFAULT_SPEED_MAX)
 
 
 async def _refuse_if_in_use(dev: BlockDevice, where: str) -> None:
@@ -64,6 +92,7 @@ class ConsistentPool(Protocol):
     layout: Any  # a RaidLayout (vstore.raid.base), None once too many members failed
     read_only: bool
     recovered_from: dict[str, Any] | None
+    lifecycle: Any  # vstore.ops.lifecycle.Lifecycle: ``resident`` in the mount process
 
     @property
     def members(self) -> Sequence[MemberView]:
@@ -99,7 +128,11 @@ class Consistency:
         self.pool = pool
         self.journal: Journal | None = None
         self.bitmap: WriteIntentBitmap | None = None
-        self.resync: dict[str, Any] | None = None
+        self.resync: dict[str, Any] | None = None  # the last resync's record, for status
+        self.resyncer: Resync | None = None  # the resync in progress (or finished)
+        self._resync_wanted = trio.Event()
+        # (speed_min, speed_max) of the background resync; None: resync_speed() when it starts.
+        self.resync_speed: tuple[int, int] | None = None
         self.started = False
 
     # --- create / open --------------------------------------------------------------------
@@ -148,7 +181,7 @@ class Consistency:
             pool.record["journal"] = uri.text
         else:
             meta["journal"] = None
-            if pool.level in PARITY_LEVELS:
+            if uses_bitmap(pool.level):
                 size = max(m.data_size for m in pool.members)
                 meta["bitmap"] = {"region": choose_region(size, meta["chunk"])}
                 self._make_bitmap()
@@ -187,7 +220,7 @@ class Consistency:
             except BaseException:
                 await dev.aclose()
                 raise
-        elif pool.level in PARITY_LEVELS:
+        elif uses_bitmap(pool.level):
             self._make_bitmap()
 
     def warn_if_recovery_pending(self) -> None:
@@ -197,14 +230,14 @@ class Consistency:
         if pool.meta.get("clean", True) or not owner_mod.token_is_stale(token):
             return  # closed cleanly, or open in a live process right now
         what = ("journal replay" if pool.meta.get("journal")
-                else "parity resync" if pool.level in PARITY_LEVELS else "recovery")
+                else "resync" if uses_bitmap(pool.level) else "recovery")
         log.warning("pool %s was not closed cleanly and is opened read-only: its %s is pending, so "
                     "%s; open it for writing once (e.g. vstore mount) to recover it", pool.name, what,
                     "acknowledged writes may be missing" if pool.meta.get("journal")
-                    else "parity may be inconsistent")
+                    else "parity or mirror copies may be inconsistent")
 
     async def recover_and_start(self) -> None:
-        """After an unclean shutdown replay the journal or resync; then start logging."""
+        """After an unclean shutdown replay the journal, or start the resync; then start logging."""
         pool = self.pool
         layout = pool.layout
         unclean = pool.recovered_from is not None
@@ -214,12 +247,7 @@ class Consistency:
             else:
                 await self.journal.start()
         elif self.bitmap is not None:
-            if unclean:
-                await self._resync()
-            await self.bitmap.reset()
-        elif unclean and pool.level in ("raid1", "raid10"):
-            log.warning("pool %s (%s, no journal) was not closed cleanly: mirror copies written at "
-                        "the crash may differ until rewritten", pool.name, pool.level)
+            await self._resync()
         self._begin()
 
     async def start(self) -> None:
@@ -280,49 +308,156 @@ class Consistency:
                       len(buf), e)
 
     async def _resync(self) -> None:
+        """Keep the dirty regions marked and start their resync (in the background)."""
+        pool = self.pool
+        bm = self.bitmap
+        assert bm is not None
+        unclean = pool.recovered_from is not None
+        pool.meta.pop("resync", None)  # a stopped resync's note: it goes on now
+        dirty = await bm.load_dirty()
+        if dirty is None:
+            # No valid bitmap: everything after a crash (a pool made before mirrors had one,
+            # too); nothing after a clean close.
+            regions = set(range(bm.nbits)) if unclean else set()
+            if regions:
+                log.warning("pool %s: no valid write-intent bitmap; resyncing every row", pool.name)
+        else:
+            regions = dirty  # after a clean close: the regions a stopped resync had not reached
+        await bm.reset(regions)
+        if regions:
+            self._start(regions, "unclean shutdown" if unclean else "resync interrupted by a stop")
+
+    async def start_resync(self, rows: Iterable[int] | None, reason: str) -> None:
+        """Resync these member rows (None: every row) in the background, their regions marked first.
+
+        Without a bitmap yet (a pool that loses its journal), one is made. Returns once
+        the regions are durably marked; ``wait_resynced`` waits for the resync itself.
+        """
+        layout = self.pool.layout
+        if layout is None or not uses_bitmap(self.pool.level):
+            return
+        fresh = self.bitmap is None
+        if fresh:
+            self._make_bitmap()
+        bm = self.bitmap
+        assert bm is not None
+        per = max(1, bm.region // layout.chunk)
+        regions = set(range(bm.nbits)) if rows is None else {int(r) // per for r in rows}
+        if fresh:
+            await bm.reset(regions)
+            self.attach(layout)
+        else:
+            await bm.mark(regions)
+        if regions:
+            self._start(regions, reason)
+
+    def _start(self, regions: set[int], reason: str) -> None:
         pool = self.pool
         layout = pool.layout
-        assert self.bitmap is not None
-        dirty = await self.bitmap.load_dirty()
-        if dirty is None:
-            rows = list(range(layout.rows))
-            log.warning("pool %s: no valid write-intent bitmap; resyncing all %d rows", pool.name, len(rows))
+        rs = self.resyncer
+        if rs is not None and not rs.finished.is_set():
+            rs.add(regions)
         else:
-            rows = rows_of_regions(dirty, self.bitmap.region, layout.chunk, layout.rows)
-        self.resync = {"state": "running", "regions": len(dirty) if dirty is not None else "all",
-                       "rows": len(rows), "done": 0, "started": int(time.time())}
-        if layout.failed and rows:
-            log.warning("pool %s was degraded when it stopped: resync restores parity, but rows "
-                        "written at the crash may have lost their failed member's data (write hole)",
-                        pool.name)
-        log.info("pool %s: resync of %d rows in %s dirty regions", pool.name, len(rows),
-                 self.resync["regions"])
+            rs = self.resyncer = Resync(layout, self.bitmap, regions, self._trusted)
+            self.resync = {"state": "running", "reason": reason, "started": int(time.time())}
+        layout.resync = rs
+        if layout.failed - layout.rebuilding and pool.level in PARITY_LEVELS:
+            log.warning("pool %s is degraded with a resync pending: rows written at the crash may "
+                        "have lost their failed member's data (the write hole)", pool.name)
+        log.info("pool %s: resync of %d rows in %d regions (%s), in the background", pool.name,
+                 rs.total, len(rs.todo), reason)
+        self._resync_wanted.set()
 
-        def progress(done: int, total: int) -> None:
-            self.resync["done"] = done
+    def _trusted(self, row: int) -> frozenset[int]:
+        """Members being rebuilt whose content in this row is good: below the rebuild's cursor."""
+        op = self.pool.meta.get("operation") or {}
+        layout = self.pool.layout
+        i = op.get("member")
+        if op.get("kind") == "rebuild" and layout is not None and i in layout.rebuilding \
+                and row < int(op.get("cursor") or 0):
+            return frozenset({i})
+        return frozenset()
 
-        await resync_rows(layout, rows, progress)
-        self.resync["state"] = "done"
-        self.resync["done"] = len(rows)
+    def resync_pending(self) -> bool:
+        """Whether a resync has rows left."""
+        return self.resyncer is not None and not self.resyncer.finished.is_set()
+
+    async def wait_resynced(self) -> None:
+        """Finish the pending resync in this task (sharing the work with the background); at once if none."""
+        rs = self.resyncer
+        if rs is None or self.pool.layout is None:
+            return
+        if not rs.finished.is_set():
+            await rs.run()
+        self._finished(rs)
+
+    def _finished(self, rs: Resync) -> None:
+        if rs is not self.resyncer or not rs.finished.is_set() or self.resync is None:
+            return
+        if self.resync.get("state") != "done":
+            self.resync.update({"state": "done", **rs.status()})
+            log.info("pool %s: resync done (%d rows)", self.pool.name, rs.total)
+        layout = self.pool.layout
+        if layout is not None and layout.resync is rs:
+            layout.resync = None
+
+    async def _resync_in_background(self) -> None:
+        """Run the resync whenever one is pending, paced like a rebuild."""
+        while True:
+            rs = self.resyncer
+            if rs is None or rs.finished.is_set() or self.pool.layout is None:
+                await self._resync_wanted.wait()
+                self._resync_wanted = trio.Event()
+                continue
+            lo, hi = self.resync_speed or resync_speed()
+            limiter = RateLimiter(self.pool.layout, lo, hi)
+            try:
+                await rs.run(limiter.pace)
+            except VstoreError as e:
+                log.error("pool %s: resync stopped: %s", self.pool.name, e)
+                if self.resync is not None:
+                    self.resync.update({"state": "failed", "error": str(e)})
+                await self._resync_wanted.wait()
+                self._resync_wanted = trio.Event()
+                continue
+            self._finished(rs)
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        """The journal's background checkpoints (nothing to do for the bitmap) until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(CHECKPOINT_INTERVAL)
-            jr = self.journal
-            # Checkpoint early so writers seldom find the log full and wait for one.
-            if jr is not None and self.started and jr.used() > jr.log_size * CHECKPOINT_FILL:
-                try:
-                    await jr.checkpoint()
-                except VstoreError as e:
-                    log.warning("journal %s: background checkpoint failed: %s", jr.uri, e)
+        """The background resync and the journal's background checkpoints, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._resync_in_background)
+            task_status.started()
+            while True:
+                await trio.sleep(CHECKPOINT_INTERVAL)
+                jr = self.journal
+                # Checkpoint early so writers seldom find the log full and wait for one.
+                if jr is not None and self.started and jr.used() > jr.log_size * CHECKPOINT_FILL:
+                    try:
+                        await jr.checkpoint()
+                    except VstoreError as e:
+                        log.warning("journal %s: background checkpoint failed: %s", jr.uri, e)
 
     # --- close and status -----------------------------------------------------------------
 
     async def close(self, clean: bool) -> None:
-        """Close the journal (checkpointing it completely when clean and flushed)."""
+        """Close the journal (checkpointing it completely when clean and flushed), or settle the bitmap.
+
+        A clean close with a resync pending finishes it in a command that opened the pool
+        itself; the mount process leaves the regions not yet resynced marked, for the next open.
+        """
+        pool = self.pool
+        if clean and self.bitmap is not None and pool.layout is not None and not pool.read_only:
+            rs = self.resyncer
+            if rs is not None and not rs.finished.is_set():
+                if pool.lifecycle.resident:
+                    # Committed with the clean mark: status says so while the pool is closed.
+                    pool.meta["resync"] = {"state": "interrupted", "regions": len(rs.todo)}
+                else:
+                    await self.wait_resynced()
+                    await pool.layout.flush()
+            # Everything is flushed: only the regions still awaiting their resync stay marked.
+            await self.bitmap.settle()
         jr = self.journal
         if jr is None:
             return
@@ -341,13 +476,17 @@ class Consistency:
         if jmeta:
             return {"mode": "journal", "uri": jmeta.get("uri"), "size": jmeta.get("size"),
                     "state": "replay pending" if unclean else "closed"}
-        if pool.level in PARITY_LEVELS:
+        if uses_bitmap(pool.level):
             st: dict[str, Any] = {"mode": "none", "protection": "write-intent bitmap, resync after an unclean shutdown"}
             if self.bitmap is not None:
                 st["bitmap"] = self.bitmap.status()
             if self.resync is not None:
                 st["resync"] = dict(self.resync)
+                if self.resyncer is not None and self.resync.get("state") == "running":
+                    st["resync"].update(self.resyncer.status())
             elif unclean:
                 st["resync"] = {"state": "pending"}
+            elif pool.meta.get("resync") and (pool.read_only or not self.started):
+                st["resync"] = dict(pool.meta["resync"])  # stopped with the mount; resumes at open
             return st
         return {"mode": "none"}

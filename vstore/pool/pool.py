@@ -642,6 +642,9 @@ class Pool:
                 f"failing member {index} would leave {self.level} pool {self.name!r} without "
                 f"its data ({len(failed) - 1} member(s) already failed); use --force to insist"
             )
+        # Rows written at a crash and not yet resynced need this member to be resynced: do
+        # it now, while it can still be read (after, its data there would be the parity's guess).
+        await self.consistency.wait_resynced()
         m.state, m.error = "failed", "failed by administrator"
         if self.layout is not None:
             self.layout.fail_member(index)

@@ -118,6 +118,18 @@ class UpdateLog(Protocol):
         ...
 
 
+class RowSync(Protocol):
+    """What a layout asks of a pending resync (``vstore.consistency.bitmap.Resync``): rows not yet made consistent."""
+
+    def pending(self, row: int) -> bool:
+        """Whether member row ``row`` still awaits its resync."""
+        ...
+
+    async def sync_row(self, row: int) -> None:
+        """Resync member row ``row`` now (its keys locked; the caller may hold them already)."""
+        ...
+
+
 class RaidLayout(DeviceBase):
     """Base of every layout: a BlockDevice over members, with failure handling."""
 
@@ -165,6 +177,10 @@ class RaidLayout(DeviceBase):
             self.rebuilding.add(i)
         # Observes every update's member writes (vstore.ops.move: dirty tracking, the final pause).
         self.write_watch: Any = None
+        # A resync after an unclean shutdown not yet finished (vstore.consistency.bitmap.Resync): rows
+        # it has not reached are synced first by whatever would trust their redundancy (a
+        # degraded read, a read-modify-write, a rebuild, a scrub, a mirror read). None when none runs.
+        self.resync: RowSync | None = None
         # Foreground requests so far: background work (rebuild, scrub) slows down when it moves.
         self.io_count = 0
         # Where requests spend their time (vstore.io.stats): shown in the mount's fuse-stats.
@@ -329,7 +345,7 @@ class RaidLayout(DeviceBase):
     async def _read_runs(self, runs: Sequence[MemberRun]) -> None:
         """Read runs straight into their views; a failed member is marked failed and MemberFailed raised."""
         for m, _, _ in runs:
-            if m in self.failed:
+            if m in self.failed and m not in self.rebuilding:
                 raise MemberFailed(m)
         failures = await self._member_io(False, runs)
         if failures:
@@ -430,11 +446,52 @@ class RaidLayout(DeviceBase):
             await watch.before(marks)
         try:
             if ranges:
-                await run_all([lambda r=r: one(*r) for r in ranges])
+                bitmap = self.journal
+                # An update like a write: with the write-intent bitmap its regions are marked
+                # first, so a crash half way through is resynced (the copies made equal).
+                with trio.CancelScope(shield=True):
+                    ticket = await bitmap.commit(marks) if bitmap is not None else None
+                    try:
+                        await run_all([lambda r=r: one(*r) for r in ranges])
+                    finally:
+                        if bitmap is not None:
+                            bitmap.applied(ticket)
         finally:
             if ranges and watch is not None:
                 watch.after(marks)
         self.require_usable()
+
+    # --- resync after an unclean shutdown (vstore.consistency.bitmap) ------------------------
+
+    def resync_keys(self, row: int) -> list[int]:
+        """The lock keys a resync of member row ``row`` holds (rows; raid10: its chunks)."""
+        return [row]
+
+    def rows_of_keys(self, keys: Iterable[int]) -> set[int]:
+        """The member rows that hold these lock keys (rows; raid10 overrides for chunks)."""
+        return set(keys)
+
+    async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Make member row ``row``'s redundancy agree again (the caller holds ``resync_keys(row)``).
+
+        ``trusted``: members being rebuilt whose content in this row is good (below
+        the rebuild's cursor): read like healthy ones, and brought in line.
+        """
+        raise DegradedError(f"{self.level} has no redundancy to resync")
+
+    async def sync_rows(self, rows: Iterable[int]) -> None:
+        """Resync those of these member rows that a pending resync has not reached yet."""
+        rs = self.resync
+        if rs is None:
+            return
+        for r in sorted(set(rows)):
+            if rs.pending(r):
+                await rs.sync_row(r)
+
+    async def sync_keys(self, keys: Iterable[int]) -> None:
+        """``sync_rows`` of the rows holding these lock keys."""
+        if self.resync is not None:
+            await self.sync_rows(self.rows_of_keys(keys))
 
     # --- per-key locks ------------------------------------------------------------------
 
@@ -486,13 +543,17 @@ class RaidLayout(DeviceBase):
             self.iostats.write.add(len(buf), now_ns() - t0)
 
     async def flush(self) -> None:
-        """Flush every healthy member concurrently."""
+        """Flush every healthy member, and every member being rebuilt, concurrently.
+
+        A member being rebuilt takes every update: what a flush acknowledged must be
+        durable there too, or a crash would leave the rows its rebuild passed stale.
+        """
         self.require_usable()
         journal = self.journal
         mark = journal.before_flush() if journal is not None else None
 
         async def one(i: int) -> None:
-            if i in self.failed:
+            if i in self.failed and i not in self.rebuilding:
                 return
             try:
                 await self.members[i].flush()
@@ -500,7 +561,7 @@ class RaidLayout(DeviceBase):
                 await self.member_failed(i, e)
 
         t0 = now_ns()
-        await run_all([lambda i=i: one(i) for i in self.healthy()])
+        await run_all([lambda i=i: one(i) for i in sorted(set(self.healthy()) | self.rebuilding)])
         self.iostats.flush.add(0, now_ns() - t0)
         self.require_usable()
         if journal is not None:
@@ -613,6 +674,9 @@ class ParityLayout(RaidLayout):
             c0 = min(s % C for s, _, _ in parts)
             c1 = max((s % C) + n for s, n, _ in parts)
             async with self.locked([row]):
+                # Reconstructing trusts the parity: a row written at a crash is resynced first.
+                if self.resync is not None:
+                    await self.sync_rows([row])
                 data, _ = await self.read_row(row, c0, c1)
             for s, n, at in parts:
                 j, cs = divmod(s, C)
@@ -633,13 +697,15 @@ class ParityLayout(RaidLayout):
         *,
         with_parity: bool = False,
         exclude: frozenset[int] | set[int] = frozenset(),
+        include: frozenset[int] | set[int] = frozenset(),
     ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Columns [c0, c1) of a row's data (k, span), reconstructed where members failed.
 
         With ``with_parity`` the parity columns come back too (recomputed when their
         member failed) — what a rebuild of one member needs. Members in ``exclude``
-        are treated as failed (not read). The caller holds the row's lock when
-        writers may be active.
+        are treated as failed (not read); members being rebuilt in ``include`` are
+        read like healthy ones (a resync below the rebuild's cursor). The caller
+        holds the row's lock when writers may be active.
         """
         c1 = self.chunk if c1 is None else c1
         span = c1 - c0
@@ -647,7 +713,7 @@ class ParityLayout(RaidLayout):
         base = row * self.chunk + c0
         # Decide once what to read: self.failed may grow while the reads are in flight
         # (a read that then fails raises MemberFailed and the caller starts again).
-        gone = self.failed | set(exclude)
+        gone = (self.failed - (set(include) & self.rebuilding)) | set(exclude)
         missing = [j for j, m in enumerate(dmem) if m in gone]
         live_data = [j for j, m in enumerate(dmem) if m not in gone]
         live_par = [i for i, m in enumerate(pmem) if m not in gone]
@@ -680,6 +746,7 @@ class ParityLayout(RaidLayout):
             if row >= self.rows:
                 return  # past the data area: zeros
             async with self.locked([row]):
+                await self.sync_rows([row])
                 data, parity = await self.read_row(
                     row, start, start + n, with_parity=True, exclude={i}
                 )
@@ -698,6 +765,7 @@ class ParityLayout(RaidLayout):
         if (set(dmem) | set(pmem)) & self.failed:
             raise DegradedError(f"{self.level} row {row} has a failed member: parity cannot be verified")
         async with self.locked([row]):
+            await self.sync_rows([row])
             data, parity = await self.read_row(row, with_parity=True)
         fresh = await self.compute_parity(data)
         return [pmem[x] for x in range(self.nparity) if not np.array_equal(fresh[x], parity[x])]
@@ -778,6 +846,10 @@ class ParityLayout(RaidLayout):
             writes = [(dmem[j], base, data[j]) for j in range(k)]
             return writes + [(pmem[i], base, parity[i]) for i in range(self.nparity)]
 
+        # Both ways below trust the row's parity or reconstruct from it (read-modify-write,
+        # degraded): a row written at a crash and not yet resynced is resynced first.
+        if self.resync is not None:
+            await self.sync_rows([row])
         # Per data chunk j touched: bytes [a, b) of the chunk come from src[at:at+b-a].
         touched = [(c, s, s + n, at) for c, s, n, at in geometry.split_chunks(start, len(src), C)]
         c0 = min(t[1] for t in touched)
@@ -830,6 +902,24 @@ class ParityLayout(RaidLayout):
                 data[j, a - c0 : b - c0] = src[at : at + b - a]
             parity = await self.compute_parity(data)
         return writes + [(pmem[i], base + c0, parity[i]) for i in range(self.nparity)]
+
+    async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Recompute the row's parity from its data and write it (trusting the data, as md does).
+
+        A data member that failed cannot be checked: its chunk is what the parity
+        says (the write hole of a degraded array, which only a journal closes).
+        """
+        while True:
+            self.require_usable()
+            try:
+                data, _ = await self.read_row(row, include=set(trusted) & self.rebuilding)
+            except MemberFailed:
+                continue
+            break
+        parity = await self.compute_parity(data)
+        _, pmem = self.row_members(row)
+        # An update like any other: a move's watcher sees it (the member may be being copied).
+        await self.submit_member_writes([(m, row * self.chunk, parity[x]) for x, m in enumerate(pmem)])
 
     async def discard(self, offset: int, length: int) -> None:
         """A no-op: discarding member ranges would leave parity inconsistent."""

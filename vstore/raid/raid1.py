@@ -4,6 +4,11 @@ Reads go to the healthy mirror with the fewest requests in flight (ties taken
 in turn), and a large read is split across the mirrors so that they all work.
 Writes go to every healthy mirror, under per-chunk locks so that two
 concurrent writes to the same chunk land in the same order on every mirror.
+
+After an unclean shutdown the chunks of the write-intent bitmap's dirty regions
+are resynced (``resync_row``: the first healthy mirror copied to the others, as
+md does); a read of a chunk not resynced yet resyncs it first, so two reads of
+one block never return different data.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vstore.raid.base import RaidLayout
+from vstore.raid.base import MemberFailed, RaidLayout
 
 
 class Raid1Layout(RaidLayout):
@@ -35,6 +40,8 @@ class Raid1Layout(RaidLayout):
         return ties[self._turn % len(ties)]
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
+        if self.resync is not None:
+            await self.sync_rows(self.chunks_of(offset, length))
         live = self.healthy()
         parts = min(len(live), length // self.chunk)
         out = np.empty(length, dtype=np.uint8)
@@ -57,8 +64,22 @@ class Raid1Layout(RaidLayout):
             others = [m for m in self.healthy() if m != i]
             src = min(others, key=lambda m: self.inflight[m])
             async with self.locked(self.chunks_of(offset, end - offset)):
+                await self.sync_rows(self.chunks_of(offset, end - offset))
                 out[: end - offset] = await self.read_member(src, offset, end - offset)
         return out
+
+    async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Copy chunk ``row`` of the first healthy mirror to the others (and to one being rebuilt)."""
+        while True:
+            self.require_usable()
+            src = self.healthy()[0]
+            try:
+                data = await self.read_member(src, row * self.chunk, self.chunk)
+            except MemberFailed:
+                continue
+            break
+        # An update like any other: a move's watcher sees it (the member may be being copied).
+        await self.submit_member_writes([(i, row * self.chunk, data) for i in range(self.n) if i != src])
 
     def chunks_of(self, offset: int, length: int) -> range:
         """Chunk indexes a range touches (the keys of its locks)."""

@@ -4,16 +4,22 @@ Device chunk position ``d`` is member ``d mod n``, row ``d // n`` (row-major
 across the members); logical chunk ``c`` has its copies at positions ``2c``
 and ``2c + 1``. Reads go to the copy whose member has fewer requests in flight;
 writes go to both copies under a per-chunk lock.
+
+After an unclean shutdown each chunk in the write-intent bitmap's dirty regions
+gets its first healthy copy written over the other (``resync_row``, per member
+row); a read of a chunk not resynced yet resyncs it first, so two reads of one
+block never return different data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from vstore.raid import geometry
-from vstore.raid.base import RaidLayout, run_all
+from vstore.raid.base import MemberFailed, RaidLayout, run_all
 
 
 class Raid10Layout(RaidLayout):
@@ -42,6 +48,8 @@ class Raid10Layout(RaidLayout):
 
     async def _read(self, offset: int, length: int) -> np.ndarray:
         chunks = list(geometry.split_chunks(offset, length, self.chunk))
+        if self.resync is not None:
+            await self.sync_keys(c for c, _, _, _ in chunks)
         out = np.empty(length, dtype=np.uint8)
         if len(chunks) == 1:
             c, start, n, at = chunks[0]
@@ -71,12 +79,41 @@ class Raid10Layout(RaidLayout):
                 return  # an unused position: zeros
             other = d ^ 1  # the other copy of chunk c
             async with self.locked([c]):
+                await self.sync_keys([c])
                 out[at : at + n] = await self.read_member(
                     other % self.n, (other // self.n) * self.chunk + start, n
                 )
 
         await run_all([lambda p=p: one(*p) for p in geometry.split_chunks(offset, length, self.chunk)])
         return out
+
+    def resync_keys(self, row: int) -> list[int]:
+        """The logical chunks with a copy in member row ``row``."""
+        lo = row * self.n // 2
+        hi = min((row * self.n + self.n - 1) // 2 + 1, self.chunks)
+        return list(range(lo, hi))
+
+    def rows_of_keys(self, keys: Iterable[int]) -> set[int]:
+        """The member rows holding a copy of these logical chunks."""
+        return {d // self.n for c in keys for d in (2 * c, 2 * c + 1)}
+
+    async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """For each chunk with a copy in member row ``row``: its first healthy copy over the other."""
+        for c in self.resync_keys(row):
+            while True:
+                self.require_usable()
+                copies = self.copies(c)
+                live = [x for x in copies if x[0] not in self.failed]
+                if not live:
+                    break  # both copies gone: require_usable raised already, unless rebuilding
+                src = live[0]
+                try:
+                    data = await self.read_member(src[0], src[1], self.chunk)
+                except MemberFailed:
+                    continue
+                # An update like any other: a move's watcher sees it.
+                await self.submit_member_writes([(m, off, data) for m, off in copies if (m, off) != src])
+                break
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         pieces = list(geometry.split_chunks(offset, len(buf), self.chunk))

@@ -317,9 +317,17 @@ def abandon(pool: Any) -> None:
     pool.abandon()
 
 
-async def reopen_after_crash(home: Any, name: str, **kwargs: Any) -> Any:
-    """Open a pool whose owner (this process, before the simulated crash) died."""
+async def reopen_after_crash(home: Any, name: str, *, resynced: bool = True, **kwargs: Any) -> Any:
+    """Open a pool whose owner (this process, before the simulated crash) died.
+
+    Without a journal the resync runs in the background of an open pool; ``resynced``
+    finishes it before returning (as checks of the recovered pool want), else it stays
+    pending (run by ``pool.run_background`` or ``pool.consistency.wait_resynced``).
+    """
     from vstore.pool.pool import Pool
 
     with dead_owner():
-        return await Pool.open(home, name, **kwargs)
+        pool = await Pool.open(home, name, **kwargs)
+    if resynced and not pool.read_only:
+        await pool.consistency.wait_resynced()
+    return pool
