@@ -305,6 +305,10 @@ class Consistency:
         self.resync["state"] = "done"
         self.resync["done"] = len(rows)
 
+    async def wait_resynced(self) -> None:
+        """Return once no resync runs (the resync completes at open here, so at once)."""
+        return
+
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
         """The journal's background checkpoints (nothing to do for the bitmap) until cancelled."""

@@ -192,6 +192,7 @@ class Pool:
         if multipath is not None or any(len(p) > 1 for p in paths_list):
             mp_options = validate_options({k: v for k, v in (multipath or {}).items() if v is not None})
         devs: list[BlockDevice] = []
+        pool: Pool | None = None
         try:
             for paths in paths_list:
                 devs.append(await open_member(paths, size))
@@ -227,6 +228,10 @@ class Pool:
             pool_uuid = str(uuid.uuid4())
             pool = cls(home, name, {})
             pool.read_only = False
+            # The creating process owns the pool as an opening one does (lock and owner
+            # token): should it die before closing, the next open recovers the pool.
+            pool.lock = owner_mod.PoolLock(home.lock_path(name))
+            pool.lock.acquire(name)
             pool.members = [
                 Member(i, str(uuid.uuid4()), paths_list[i], "active", sizes[i], devs[i],
                        OffsetDevice(devs[i], DATA_OFFSET, sizes[i]))
@@ -239,7 +244,7 @@ class Pool:
                 "level": level, "chunk": chunk, "extent_size": ext, "n_extents": n_extents,
                 "created": int(time.time()), "members": [m.to_meta() for m in pool.members],
                 "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
-                "owner": None, "clean": True,
+                "owner": owner_mod.my_token(), "clean": False,
             }
             if mp_options is not None:
                 pool.meta["multipath"] = mp_options
@@ -259,6 +264,8 @@ class Pool:
                 if dev.created:  # a file this create made: leave nothing behind
                     with contextlib.suppress(OSError):
                         os.unlink(dev.path)
+            if pool is not None and pool.lock is not None:
+                pool.lock.release()
             raise
 
     # ------------------------------------------------------------------ open
