@@ -19,10 +19,18 @@ from vstore.errors import DegradedError, MemberIOError
 from vstore.io.aio import unwrap
 from vstore.ops import toolkit
 from vstore.ops.move import move
-from vstore.ops.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
+from vstore.ops.rebuild import (
+    add_spare,
+    rebuild_member,
+    remove_spare,
+    replace,
+    resume,
+    rows_of_member,
+)
 from vstore.ops.scrub import run_scrub, scrub_units
 from vstore.pool.home import Home
 from vstore.pool.pool import Pool
+from vstore.testing import CrashRecorder, abandon, reopen_after_crash
 
 CHUNK = 4096
 MEMBER = 8 << 20  # bytes per member (6 MiB of data after the metadata area)
@@ -188,6 +196,67 @@ async def test_rebuild_resumes_after_restart(tmp_path: Path, monkeypatch) -> Non
         assert (await run_scrub(pool))["mismatches"] == 0
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize("level,n", [("raid5", 4), ("raid10", 4)])
+async def test_rebuild_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, monkeypatch, level: str,
+                                                                  n: int) -> None:
+    """Journal pool: power cut during a rebuild under writes; reopened, it resumes at its cursor."""
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 256 << 10)
+    rec = CrashRecorder(f"rebuild-crash-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(n)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", level, uris, chunk=CHUNK, journal=rec.add_memory("j", 384 << 10))
+        vol = await pool.create_volume("v", 4 << 20)
+        model = np.random.default_rng(21).integers(0, 256, vol.size, dtype=np.uint8)
+        for off in range(0, vol.size, 64 << 10):  # updates that fit the journal
+            await vol.write(off, model[off : off + (64 << 10)])
+        await pool.fail_member(1)
+        await pool.flush()
+        await rec.start()
+        writer = Writer(vol, model, 22)
+        states: list[dict] = []
+        async with trio.open_nursery() as nursery:
+            async def write_then_cut() -> None:
+                # Writes go on (some below the cursor, some above; the journal wraps and
+                # checkpoints); once the rebuild is well past a checkpoint the power fails.
+                while True:
+                    await writer.one()
+                    op = pool.lifecycle.current
+                    if op is not None and op.total and op.done > 0.4 * op.total and writer.count > 60:
+                        for _ in range(10):
+                            await writer.one()
+                        # The log lets go of what the members hold durably (the new one too).
+                        await pool.consistency.journal.checkpoint()
+                        states.append(rec.materialize(len(rec.events), mode="drop"))
+                        nursery.cancel_scope.cancel()
+                        return
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(write_then_cut)
+            await replace(pool, 1, new, speed={"max": 2 << 20})
+        assert states, "the rebuild finished before the power cut"
+        abandon(pool)
+        await rec.crash(states[0])
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert pool.recovered_from is not None and pool.members[1].state == "rebuilding"
+            st = pool.status()
+            assert st["operation"]["state"] == "interrupted" and st["operation"]["cursor"] > 0
+            await check(pool, "v", model)  # every acknowledged write, member 1 reconstructed
+            res = await resume(pool)
+            assert res["resumed_at_row"] > 0 and pool.state == "clean"
+            await check(pool, "v", model)  # member 1 read again, as rebuilt and replayed
+            assert (await run_scrub(pool))["mismatches"] == 0
+            rows = pool.layout.rows
+            computed = await rows_of_member(pool, 1, 0, rows)
+            assert np.array_equal(await pool.layout.read_member(1, 0, rows * CHUNK), computed)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
 
 
 async def test_second_failure_during_raid6_rebuild(tmp_path: Path) -> None:

@@ -83,6 +83,14 @@ class Runner(Protocol):
         ...
 
 
+class ConsistencyView(Protocol):
+    """The pool's crash-consistency machinery (``vstore.pool.consistency.Consistency``), as ops use it."""
+
+    async def wait_resynced(self) -> None:
+        """Return once no resync runs (rows may be computed from the members again)."""
+        ...
+
+
 class PoolView(Protocol):
     """What rebuild, move, scrub and the lifecycle use of a pool (``vstore.pool.pool.Pool``)."""
 
@@ -95,6 +103,7 @@ class PoolView(Protocol):
     recovered_from: dict[str, Any] | None
     home: HomeView
     lifecycle: Runner
+    consistency: ConsistencyView
 
     @property
     def members(self) -> Sequence[MemberView]:

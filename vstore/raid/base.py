@@ -486,13 +486,17 @@ class RaidLayout(DeviceBase):
             self.iostats.write.add(len(buf), now_ns() - t0)
 
     async def flush(self) -> None:
-        """Flush every healthy member concurrently."""
+        """Flush every healthy member and every member being rebuilt, concurrently.
+
+        A member being rebuilt takes the updates of the rows already rebuilt: the
+        journal lets go of an update once a flush has made it durable there too.
+        """
         self.require_usable()
         journal = self.journal
         mark = journal.before_flush() if journal is not None else None
 
         async def one(i: int) -> None:
-            if i in self.failed:
+            if i in self.failed and i not in self.rebuilding:
                 return
             try:
                 await self.members[i].flush()
@@ -500,7 +504,8 @@ class RaidLayout(DeviceBase):
                 await self.member_failed(i, e)
 
         t0 = now_ns()
-        await run_all([lambda i=i: one(i) for i in self.healthy()])
+        targets = sorted(set(self.healthy()) | self.rebuilding)
+        await run_all([lambda i=i: one(i) for i in targets])
         self.iostats.flush.add(0, now_ns() - t0)
         self.require_usable()
         if journal is not None:
