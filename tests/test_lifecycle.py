@@ -17,6 +17,7 @@ from backends import memory
 from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import DegradedError, MemberIOError
 from vstore.io.aio import unwrap
+from vstore.ops import move as move_mod
 from vstore.ops import toolkit
 from vstore.ops.move import move
 from vstore.ops.rebuild import (
@@ -484,6 +485,81 @@ async def test_move_under_concurrent_writes(tmp_path: Path, level: str, n: int) 
         await check(pool, "v", model)
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize("level,n,journal", [("raid5", 4, True), ("raid0", 3, False)])
+async def test_move_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, monkeypatch, level: str,
+                                                               n: int, journal: bool) -> None:
+    """Power cut during a move under writes; reopened, writes go on, the move resumes and switches."""
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 1 << 20)
+    monkeypatch.setattr(move_mod, "REGION", 64 << 10)  # fine-grained: which regions are copied again matters
+    rec = CrashRecorder(f"move-crash-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(n)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", level, uris, chunk=CHUNK,
+                                 journal=rec.add_memory("j", 1 << 20) if journal else None)
+        vol = await pool.create_volume("v", 4 << 20)
+        model = np.random.default_rng(31).integers(0, 256, vol.size, dtype=np.uint8)
+        for off in range(0, vol.size, 64 << 10):
+            await vol.write(off, model[off : off + (64 << 10)])
+        await pool.flush()
+        await rec.start()
+        writer = Writer(vol, model, 32)
+        states: list[dict] = []
+        async with trio.open_nursery() as nursery:
+            async def write_then_cut() -> None:
+                while True:
+                    await writer.one()
+                    op = pool.lifecycle.current
+                    if op is not None and op.total and op.done > 0.5 * op.total and writer.count > 40:
+                        for _ in range(10):  # some below the cursor: copied already
+                            await writer.one()
+                        await pool.flush()  # acknowledged (without a journal: once flushed)
+                        states.append(rec.materialize(len(rec.events), mode="drop"))
+                        nursery.cancel_scope.cancel()
+                        return
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(write_then_cut)
+            await move(pool, 1, new, speed={"max": 2 << 20})
+        assert states, "the move finished before the power cut"
+        abandon(pool)
+        await rec.crash(states[0])
+        pool = await reopen_after_crash(home, "p")
+        try:
+            st = pool.status()["operation"]
+            assert st["kind"] == "move" and st["state"] == "interrupted" and st["cursor"] > 0, st
+            assert pool.members[1].uri_text == uris[1]  # the old member serves until the switch
+            await check(pool, "v", model)
+            writer.vol = pool.get_volume("v")
+            for _ in range(5):  # recorded while the move waits to resume
+                await writer.one()
+            await pool.flush()
+            res = await pool.lifecycle.resume()
+            assert res["kind"] == "move" and res["resumed_at_region"] > 0
+            assert pool.members[1].uri_text == new and pool.meta["operation"] is None
+            assert "move" not in pool.record
+            await check(pool, "v", model)
+            if level == "raid5":
+                assert (await run_scrub(pool))["mismatches"] == 0
+            # At the switch the new device held exactly the old member's bytes (the old one
+            # is written no more since; only its superblock was wiped).
+            size = pool.members[1].data_size
+            old_bytes = rec.members["m1"].store[DATA_OFFSET : DATA_OFFSET + size]
+            new_bytes = rec.members["new"].store[DATA_OFFSET : DATA_OFFSET + size]
+            assert np.array_equal(old_bytes, new_bytes)
+        finally:
+            await pool.aclose()
+        pool = await Pool.open(home, "p")
+        try:
+            assert pool.recovered_from is None and pool.members[1].uri_text == new
+            await check(pool, "v", model)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
 
 
 async def test_rebuild_refuses_what_it_cannot_do(tmp_path: Path) -> None:

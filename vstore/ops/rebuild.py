@@ -55,6 +55,7 @@ from vstore.errors import (
     VstoreError,
 )
 from vstore.ops.join import SPARE_INDEX, check_index, open_new_member
+from vstore.ops.move import give_up as give_up_move
 from vstore.ops.move import move, start_move
 from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.raid.base import MemberFailed
@@ -188,6 +189,10 @@ async def rows_of_member(pool: PoolView, index: int, r0: int, count: int) -> np.
 async def attach_replacement(pool: PoolView, index: int, paths: list[MemberURI], dev: BlockDevice,
                              *, how: str) -> None:
     """Make dev member index, state rebuilding: superblock, layout, metadata, pool record."""
+    moving = pool.meta.get("operation") or {}
+    if moving.get("kind") == "move":
+        # Redundancy first: an interrupted move is given up (its member stays where it is).
+        await give_up_move(pool, int(moving["member"]), f"member {index} is being rebuilt")
     m = pool.members[index]
     layout = pool.layout
     new_uuid = str(uuid.uuid4())

@@ -283,6 +283,7 @@ class Pool:
                 await pool.consistency.open()
                 await pool._take_ownership()
                 await pool.consistency.recover_and_start()
+                pool.lifecycle.reattach()  # before anything writes: an interrupted move records them
             else:
                 pool.consistency.warn_if_recovery_pending()
             return pool
