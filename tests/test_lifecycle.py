@@ -562,6 +562,43 @@ async def test_move_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, mo
         rec.forget()
 
 
+async def test_move_switched_before_the_record_said_so(tmp_path: Path, monkeypatch) -> None:
+    """A crash between the switch's metadata commit and the pool record's update: the member is found."""
+    rec = CrashRecorder(f"move-switch-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(3)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", "raid0", uris, chunk=CHUNK)
+        vol = await pool.create_volume("v", 4 << 20)
+        model = await fill(vol, np.random.default_rng(41))
+        written = []
+        real = home.write_pool
+
+        def write_pool(name: str, record: dict, **kw) -> None:
+            if record.get("members", [None, None])[1] == [new]:
+                written.append(record)  # the switch's record update: lost in the crash
+                return
+            real(name, record, **kw)
+
+        monkeypatch.setattr(home, "write_pool", write_pool)
+        await move(pool, 1, new)
+        assert written
+        abandon(pool)
+        await rec.crash(rec.materialize(mode="keep"))
+        monkeypatch.setattr(home, "write_pool", real)
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert [m.state for m in pool.members] == ["active"] * 3
+            assert pool.members[1].uri_text == new and pool.record["members"][1] == [new]
+            assert "move" not in pool.record and home.read_pool("p")["members"][1] == [new]
+            await check(pool, "v", model)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
+
+
 async def test_rebuild_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     home = Home(tmp_path / "home")
     pool = await file_pool(home, tmp_path, "raid5", 4)

@@ -294,6 +294,11 @@ class Pool:
 
     async def _assemble(self) -> None:
         paths_list = [split_paths(",".join(m)) for m in self.record["members"]]
+        n_recorded = len(paths_list)
+        if self.record.get("move"):
+            # The target of a move (vstore.ops.move): should the move have switched members
+            # without the record saying so yet (a crash in between), the member is there.
+            paths_list.append(split_paths(",".join(self.record["move"])))
         devs: list[BlockDevice | None] = [None] * len(paths_list)
         errors: list[str | None] = [None] * len(paths_list)
         scans: list[MemberScan | None] = [None] * len(paths_list)
@@ -309,7 +314,7 @@ class Pool:
                       catch=VstoreError, on_error=failed)
         want_uuid = self.record.get("pool_uuid")
         best: MemberScan | None = None
-        for s in scans:
+        for s in scans[:n_recorded]:
             if s and s.meta and s.superblock and s.superblock.pool_uuid == want_uuid:
                 if best is None or s.generation > best.generation:
                     best = s
@@ -318,7 +323,7 @@ class Pool:
                 if d is not None:
                     await d.aclose()
             detail = "; ".join(f"member {i}: {e or (s and s.error)}"
-                               for i, (e, s) in enumerate(zip(errors, scans, strict=True)))
+                               for i, (e, s) in enumerate(zip(errors[:n_recorded], scans, strict=False)))
             raise MetadataError(f"pool {self.name!r}: no member holds valid metadata ({detail})")
         self.meta = best.meta
         # A commit writes its metadata slot to every active member before any superblock:
@@ -327,7 +332,7 @@ class Pool:
         # no such superblock the newest commit may have been cut short by a crash, which
         # leaves members one generation behind that are current.
         newest_done = any(s and s.superblock and s.superblock.pool_uuid == want_uuid
-                          and s.superblock.generation >= best.generation for s in scans)
+                          and s.superblock.generation >= best.generation for s in scans[:n_recorded])
         by_uuid = {}
         for i, s in enumerate(scans):
             if s and s.superblock and s.superblock.pool_uuid == want_uuid:
@@ -335,7 +340,11 @@ class Pool:
         self.members = []
         for mm in self.meta["members"]:
             idx = mm["index"]
-            slot = by_uuid.get(mm["uuid"], idx if idx < len(paths_list) else None)
+            slot = by_uuid.get(mm["uuid"], idx if idx < n_recorded else None)
+            if slot == n_recorded:  # the move's target is this member now
+                self.record["members"][idx] = self.record.pop("move")
+                if not self.read_only:
+                    self.home.write_pool(self.name, self.record)
             paths = paths_list[slot] if slot is not None else split_paths(",".join(mm["paths"]))
             m = Member(idx, mm["uuid"], paths, "active", int(mm["data_size"]))
             dev = devs[slot] if slot is not None else None
