@@ -199,6 +199,40 @@ async def test_rebuild_resumes_after_restart(tmp_path: Path, monkeypatch) -> Non
         await pool.aclose()
 
 
+async def run_until_power_cut(rec: CrashRecorder, pool: Pool, writer: Writer, operation, *,
+                              journal: bool) -> None:
+    """Run an operation under writes; well past a checkpoint (40% of what it had left), cut the power.
+
+    Every write the writer saw return is acknowledged: with a journal once logged, without
+    one the pool is flushed just before the cut. The pool object is dead afterwards.
+    """
+    states: list[dict] = []
+    start = writer.count
+    async with trio.open_nursery() as nursery:
+        async def write_then_cut() -> None:
+            while True:
+                await writer.one()
+                op = pool.lifecycle.current
+                if (op is not None and op.total and op.done > op.base + 0.4 * (op.total - op.base)
+                        and writer.count - start > 40):
+                    for _ in range(10):  # some below the cursor, some above
+                        await writer.one()
+                    if journal:  # the log lets go of what the members hold durably
+                        await pool.consistency.journal.checkpoint()
+                    else:
+                        await pool.flush()
+                    states.append(rec.materialize(len(rec.events), mode="drop"))
+                    nursery.cancel_scope.cancel()
+                    return
+                await trio.sleep(0.002)
+
+        nursery.start_soon(write_then_cut)
+        await operation()
+    assert states, "the operation finished before the power cut"
+    abandon(pool)
+    await rec.crash(states[0])
+
+
 @pytest.mark.parametrize("level,n", [("raid5", 4), ("raid10", 4)])
 async def test_rebuild_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, monkeypatch, level: str,
                                                                   n: int) -> None:
@@ -218,35 +252,23 @@ async def test_rebuild_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path,
         await pool.flush()
         await rec.start()
         writer = Writer(vol, model, 22)
-        states: list[dict] = []
-        async with trio.open_nursery() as nursery:
-            async def write_then_cut() -> None:
-                # Writes go on (some below the cursor, some above; the journal wraps and
-                # checkpoints); once the rebuild is well past a checkpoint the power fails.
-                while True:
-                    await writer.one()
-                    op = pool.lifecycle.current
-                    if op is not None and op.total and op.done > 0.4 * op.total and writer.count > 60:
-                        for _ in range(10):
-                            await writer.one()
-                        # The log lets go of what the members hold durably (the new one too).
-                        await pool.consistency.journal.checkpoint()
-                        states.append(rec.materialize(len(rec.events), mode="drop"))
-                        nursery.cancel_scope.cancel()
-                        return
-                    await trio.sleep(0.002)
-
-            nursery.start_soon(write_then_cut)
-            await replace(pool, 1, new, speed={"max": 2 << 20})
-        assert states, "the rebuild finished before the power cut"
-        abandon(pool)
-        await rec.crash(states[0])
+        await run_until_power_cut(rec, pool, writer, lambda: replace(pool, 1, new, speed={"max": 2 << 20}),
+                                  journal=True)
+        pool = await reopen_after_crash(home, "p")
+        cursor = pool.meta["operation"]["cursor"]
+        assert pool.recovered_from is not None and pool.members[1].state == "rebuilding"
+        st = pool.status()
+        assert st["operation"]["state"] == "interrupted" and cursor > 0
+        await check(pool, "v", model)  # every acknowledged write, member 1 reconstructed
+        # A second power cut, during the resumed rebuild: it keeps what it had done.
+        writer.vol = pool.get_volume("v")
+        await rec.start()
+        await run_until_power_cut(rec, pool, writer, lambda: resume(pool, speed={"max": 2 << 20}),
+                                  journal=True)
         pool = await reopen_after_crash(home, "p")
         try:
-            assert pool.recovered_from is not None and pool.members[1].state == "rebuilding"
-            st = pool.status()
-            assert st["operation"]["state"] == "interrupted" and st["operation"]["cursor"] > 0
-            await check(pool, "v", model)  # every acknowledged write, member 1 reconstructed
+            assert pool.meta["operation"]["cursor"] > cursor
+            await check(pool, "v", model)
             res = await resume(pool)
             assert res["resumed_at_row"] > 0 and pool.state == "clean"
             await check(pool, "v", model)  # member 1 read again, as rebuilt and replayed
@@ -500,38 +522,28 @@ async def test_move_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, mo
         home = Home(tmp_path / "home")
         pool = await Pool.create(home, "p", level, uris, chunk=CHUNK,
                                  journal=rec.add_memory("j", 1 << 20) if journal else None)
-        vol = await pool.create_volume("v", 4 << 20)
+        vol = await pool.create_volume("v", pool.n_extents * pool.extent_size)  # all of every member
         model = np.random.default_rng(31).integers(0, 256, vol.size, dtype=np.uint8)
         for off in range(0, vol.size, 64 << 10):
             await vol.write(off, model[off : off + (64 << 10)])
         await pool.flush()
         await rec.start()
         writer = Writer(vol, model, 32)
-        states: list[dict] = []
-        async with trio.open_nursery() as nursery:
-            async def write_then_cut() -> None:
-                while True:
-                    await writer.one()
-                    op = pool.lifecycle.current
-                    if op is not None and op.total and op.done > 0.5 * op.total and writer.count > 40:
-                        for _ in range(10):  # some below the cursor: copied already
-                            await writer.one()
-                        await pool.flush()  # acknowledged (without a journal: once flushed)
-                        states.append(rec.materialize(len(rec.events), mode="drop"))
-                        nursery.cancel_scope.cancel()
-                        return
-                    await trio.sleep(0.002)
-
-            nursery.start_soon(write_then_cut)
-            await move(pool, 1, new, speed={"max": 2 << 20})
-        assert states, "the move finished before the power cut"
-        abandon(pool)
-        await rec.crash(states[0])
+        await run_until_power_cut(rec, pool, writer, lambda: move(pool, 1, new, speed={"max": 2 << 20}),
+                                  journal=journal)
+        pool = await reopen_after_crash(home, "p")
+        st = pool.status()["operation"]
+        assert st["kind"] == "move" and st["state"] == "interrupted" and st["cursor"] > 0, st
+        assert pool.members[1].uri_text == uris[1]  # the old member serves until the switch
+        await check(pool, "v", model)
+        # A second power cut, during the resumed move.
+        writer.vol = pool.get_volume("v")
+        await rec.start()
+        await run_until_power_cut(rec, pool, writer, lambda: pool.lifecycle.resume({"max": 2 << 20}),
+                                  journal=journal)
         pool = await reopen_after_crash(home, "p")
         try:
-            st = pool.status()["operation"]
-            assert st["kind"] == "move" and st["state"] == "interrupted" and st["cursor"] > 0, st
-            assert pool.members[1].uri_text == uris[1]  # the old member serves until the switch
+            assert pool.status()["operation"]["cursor"] > st["cursor"]
             await check(pool, "v", model)
             writer.vol = pool.get_volume("v")
             for _ in range(5):  # recorded while the move waits to resume
