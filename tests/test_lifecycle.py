@@ -17,12 +17,21 @@ from backends import memory
 from vstore.consistency.metadata import DATA_OFFSET
 from vstore.errors import DegradedError, MemberIOError
 from vstore.io.aio import unwrap
+from vstore.ops import move as move_mod
 from vstore.ops import toolkit
 from vstore.ops.move import move
-from vstore.ops.rebuild import add_spare, rebuild_member, remove_spare, replace, resume
+from vstore.ops.rebuild import (
+    add_spare,
+    rebuild_member,
+    remove_spare,
+    replace,
+    resume,
+    rows_of_member,
+)
 from vstore.ops.scrub import run_scrub, scrub_units
 from vstore.pool.home import Home
 from vstore.pool.pool import Pool
+from vstore.testing import CrashRecorder, abandon, reopen_after_crash
 
 CHUNK = 4096
 MEMBER = 8 << 20  # bytes per member (6 MiB of data after the metadata area)
@@ -188,6 +197,89 @@ async def test_rebuild_resumes_after_restart(tmp_path: Path, monkeypatch) -> Non
         assert (await run_scrub(pool))["mismatches"] == 0
     finally:
         await pool.aclose()
+
+
+async def run_until_power_cut(rec: CrashRecorder, pool: Pool, writer: Writer, operation, *,
+                              journal: bool) -> None:
+    """Run an operation under writes; well past a checkpoint (40% of what it had left), cut the power.
+
+    Every write the writer saw return is acknowledged: with a journal once logged, without
+    one the pool is flushed just before the cut. The pool object is dead afterwards.
+    """
+    states: list[dict] = []
+    start = writer.count
+    async with trio.open_nursery() as nursery:
+        async def write_then_cut() -> None:
+            while True:
+                await writer.one()
+                op = pool.lifecycle.current
+                if (op is not None and op.total and op.done > op.base + 0.4 * (op.total - op.base)
+                        and writer.count - start > 40):
+                    for _ in range(10):  # some below the cursor, some above
+                        await writer.one()
+                    if journal:  # the log lets go of what the members hold durably
+                        await pool.consistency.journal.checkpoint()
+                    else:
+                        await pool.flush()
+                    states.append(rec.materialize(len(rec.events), mode="drop"))
+                    nursery.cancel_scope.cancel()
+                    return
+                await trio.sleep(0.002)
+
+        nursery.start_soon(write_then_cut)
+        await operation()
+    assert states, "the operation finished before the power cut"
+    abandon(pool)
+    await rec.crash(states[0])
+
+
+@pytest.mark.parametrize("level,n", [("raid5", 4), ("raid10", 4)])
+async def test_rebuild_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, monkeypatch, level: str,
+                                                                  n: int) -> None:
+    """Journal pool: power cut during a rebuild under writes; reopened, it resumes at its cursor."""
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 256 << 10)
+    rec = CrashRecorder(f"rebuild-crash-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(n)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", level, uris, chunk=CHUNK, journal=rec.add_memory("j", 384 << 10))
+        vol = await pool.create_volume("v", 4 << 20)
+        model = np.random.default_rng(21).integers(0, 256, vol.size, dtype=np.uint8)
+        for off in range(0, vol.size, 64 << 10):  # updates that fit the journal
+            await vol.write(off, model[off : off + (64 << 10)])
+        await pool.fail_member(1)
+        await pool.flush()
+        await rec.start()
+        writer = Writer(vol, model, 22)
+        await run_until_power_cut(rec, pool, writer, lambda: replace(pool, 1, new, speed={"max": 2 << 20}),
+                                  journal=True)
+        pool = await reopen_after_crash(home, "p")
+        cursor = pool.meta["operation"]["cursor"]
+        assert pool.recovered_from is not None and pool.members[1].state == "rebuilding"
+        st = pool.status()
+        assert st["operation"]["state"] == "interrupted" and cursor > 0
+        await check(pool, "v", model)  # every acknowledged write, member 1 reconstructed
+        # A second power cut, during the resumed rebuild: it keeps what it had done.
+        writer.vol = pool.get_volume("v")
+        await rec.start()
+        await run_until_power_cut(rec, pool, writer, lambda: resume(pool, speed={"max": 2 << 20}),
+                                  journal=True)
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert pool.meta["operation"]["cursor"] > cursor
+            await check(pool, "v", model)
+            res = await resume(pool)
+            assert res["resumed_at_row"] > 0 and pool.state == "clean"
+            await check(pool, "v", model)  # member 1 read again, as rebuilt and replayed
+            assert (await run_scrub(pool))["mismatches"] == 0
+            rows = pool.layout.rows
+            computed = await rows_of_member(pool, 1, 0, rows)
+            assert np.array_equal(await pool.layout.read_member(1, 0, rows * CHUNK), computed)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
 
 
 async def test_second_failure_during_raid6_rebuild(tmp_path: Path) -> None:
@@ -415,6 +507,108 @@ async def test_move_under_concurrent_writes(tmp_path: Path, level: str, n: int) 
         await check(pool, "v", model)
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize("level,n,journal", [("raid5", 4, True), ("raid0", 3, False)])
+async def test_move_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path, monkeypatch, level: str,
+                                                               n: int, journal: bool) -> None:
+    """Power cut during a move under writes; reopened, writes go on, the move resumes and switches."""
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 1 << 20)
+    monkeypatch.setattr(move_mod, "REGION", 64 << 10)  # fine-grained: which regions are copied again matters
+    rec = CrashRecorder(f"move-crash-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(n)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", level, uris, chunk=CHUNK,
+                                 journal=rec.add_memory("j", 1 << 20) if journal else None)
+        vol = await pool.create_volume("v", pool.n_extents * pool.extent_size)  # all of every member
+        model = np.random.default_rng(31).integers(0, 256, vol.size, dtype=np.uint8)
+        for off in range(0, vol.size, 64 << 10):
+            await vol.write(off, model[off : off + (64 << 10)])
+        await pool.flush()
+        await rec.start()
+        writer = Writer(vol, model, 32)
+        await run_until_power_cut(rec, pool, writer, lambda: move(pool, 1, new, speed={"max": 2 << 20}),
+                                  journal=journal)
+        pool = await reopen_after_crash(home, "p")
+        st = pool.status()["operation"]
+        assert st["kind"] == "move" and st["state"] == "interrupted" and st["cursor"] > 0, st
+        assert pool.members[1].uri_text == uris[1]  # the old member serves until the switch
+        await check(pool, "v", model)
+        # A second power cut, during the resumed move.
+        writer.vol = pool.get_volume("v")
+        await rec.start()
+        await run_until_power_cut(rec, pool, writer, lambda: pool.lifecycle.resume({"max": 2 << 20}),
+                                  journal=journal)
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert pool.status()["operation"]["cursor"] > st["cursor"]
+            await check(pool, "v", model)
+            writer.vol = pool.get_volume("v")
+            for _ in range(5):  # recorded while the move waits to resume
+                await writer.one()
+            await pool.flush()
+            res = await pool.lifecycle.resume()
+            assert res["kind"] == "move" and res["resumed_at_region"] > 0
+            assert pool.members[1].uri_text == new and pool.meta["operation"] is None
+            assert "move" not in pool.record
+            await check(pool, "v", model)
+            if level == "raid5":
+                assert (await run_scrub(pool))["mismatches"] == 0
+            # At the switch the new device held exactly the old member's bytes (the old one
+            # is written no more since; only its superblock was wiped).
+            size = pool.members[1].data_size
+            old_bytes = rec.members["m1"].store[DATA_OFFSET : DATA_OFFSET + size]
+            new_bytes = rec.members["new"].store[DATA_OFFSET : DATA_OFFSET + size]
+            assert np.array_equal(old_bytes, new_bytes)
+        finally:
+            await pool.aclose()
+        pool = await Pool.open(home, "p")
+        try:
+            assert pool.recovered_from is None and pool.members[1].uri_text == new
+            await check(pool, "v", model)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
+
+
+async def test_move_switched_before_the_record_said_so(tmp_path: Path, monkeypatch) -> None:
+    """A crash between the switch's metadata commit and the pool record's update: the member is found."""
+    rec = CrashRecorder(f"move-switch-{uuid.uuid4().hex}")
+    try:
+        uris = [rec.add_memory(f"m{i}", MEMBER) for i in range(3)]
+        new = rec.add_memory("new", MEMBER)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", "raid0", uris, chunk=CHUNK)
+        vol = await pool.create_volume("v", 4 << 20)
+        model = await fill(vol, np.random.default_rng(41))
+        written = []
+        real = home.write_pool
+
+        def write_pool(name: str, record: dict, **kw) -> None:
+            if record.get("members", [None, None])[1] == [new]:
+                written.append(record)  # the switch's record update: lost in the crash
+                return
+            real(name, record, **kw)
+
+        monkeypatch.setattr(home, "write_pool", write_pool)
+        await move(pool, 1, new)
+        assert written
+        abandon(pool)
+        await rec.crash(rec.materialize(mode="keep"))
+        monkeypatch.setattr(home, "write_pool", real)
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert [m.state for m in pool.members] == ["active"] * 3
+            assert pool.members[1].uri_text == new and pool.record["members"][1] == [new]
+            assert "move" not in pool.record and home.read_pool("p")["members"][1] == [new]
+            await check(pool, "v", model)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
 
 
 async def test_rebuild_refuses_what_it_cannot_do(tmp_path: Path) -> None:

@@ -192,3 +192,81 @@ def test_cli_lifecycle_on_a_mounted_pool_in_use(tmp_path: Path) -> None:
     assert st["state"] == "clean"
     assert [m["uri"] for m in st["members"]] == [f"file://{d}/{x}.img" for x in ("m0", "n1", "s0", "d3")]
     assert vstore(home, "scrub", "p").returncode == 0
+
+
+def _kill_mount(home: Path, mp: Path) -> None:
+    """kill -9 the mount process of pool p, then clear its dead FUSE mount."""
+    import signal
+
+    from fuse_mount.daemon import mounted_pool_socket
+    from vstore.pool import control
+
+    pid = control.call_sync(mounted_pool_socket(home, "p"), {"cmd": "mount-info"})["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (mounted_pool_socket(home, "p") is not None
+                                           or os.path.exists(f"/proc/{pid}")):
+        time.sleep(0.05)
+    vstore(home, "umount", str(mp))
+
+
+@needs_fuse
+@pytest.mark.parametrize("operation", ["rebuild", "move"])
+def test_kill9_mount_during_an_operation_then_remount(tmp_path: Path, operation: str) -> None:
+    """kill -9 the mount while it rebuilds (journal) or moves (bitmap) a member; the remount resumes it."""
+    home, d, mp = tmp_path / "home", tmp_path, tmp_path / "mnt"
+    mp.mkdir()
+    uris = [f"file://{d}/d{i}.img" for i in range(4)]
+    jr = ["--journal", f"file://{d}/j.img", "--journal-size", "8M"] if operation == "rebuild" else []
+    vstore(home, "create", "p", "--level", "raid5", "--size", "16M", "--chunk", "16K", *jr, *uris)
+    vstore(home, "volume", "create", "p", "v", "--size", "32M")
+    rng = np.random.default_rng(7)
+    model = bytearray(rng.integers(0, 256, 32 * MiB, dtype=np.uint8).tobytes())
+    target = d / "n1.img"
+    try:
+        assert vstore_process(home, "mount", "p", str(mp)).returncode == 0
+        fd = os.open(mp / "v", os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(model), 0)
+            os.fsync(fd)
+            if operation == "rebuild":
+                vstore(home, "fail", "p", "1")
+            vstore(home, operation if operation == "move" else "replace", "p", "1", f"file://{target}",
+                   "--size", "16M", "--background", "--speed-max", "2M")
+            for _ in range(30):  # acknowledged while the operation runs
+                n = int(rng.integers(1, 64 * 1024))
+                off = int(rng.integers(0, len(model) - n))
+                buf = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+                os.pwrite(fd, buf, off)
+                model[off : off + n] = buf
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        st = _wait(home, lambda s: (s["operation"] or {}).get("percent", 0) >= 25)
+        assert st["operation"]["kind"] == operation and st["operation"]["state"] == "running"
+        _kill_mount(home, mp)
+
+        st = status(home)  # read-only: the operation is on record, past its first checkpoint
+        assert st["operation"]["kind"] == operation and st["operation"]["state"] == "interrupted"
+        assert st["operation"]["cursor"] > 0
+        if operation == "move":  # the pending target is marked: not taken for another pool
+            res = vstore(home, "create", "q", "--level", "raid0", f"file://{target}", check=False)
+            assert res.returncode != 0 and "already belongs to vstore pool" in res.stderr
+            assert st["members"][1]["uri"] == uris[1]
+
+        assert vstore_process(home, "mount", "p", str(mp)).returncode == 0  # recovers, then resumes
+        st = _wait(home, lambda s: (s["operation"] or {}).get("state") == "done")
+        key = "resumed_at_row" if operation == "rebuild" else "resumed_at_region"
+        assert st["operation"][key] > 0, st["operation"]
+        assert st["recovered"] is True and st["state"] == "clean"
+        assert st["members"][1]["uri"] == f"file://{target}" and st["members"][1]["state"] == "active"
+        assert (mp / "v").read_bytes() == bytes(model)  # every acknowledged write
+        vstore(home, "umount", str(mp))
+    finally:
+        if (mp / ".vstore").exists():
+            vstore(home, "umount", str(mp), check=False)
+        force_unmount(mp)
+    res = vstore(home, "scrub", "p")
+    assert "0 mismatch(es)" in res.stdout
+    st = status(home)
+    assert st["state"] == "clean" and st["members"][1]["uri"] == f"file://{target}"

@@ -87,7 +87,7 @@ def move(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | No
 @click.pass_context
 def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | None,
            speed_max: int | None) -> None:
-    """Resume POOL's interrupted rebuild from its checkpoint (a mount resumes it by itself)."""
+    """Resume POOL's interrupted rebuild or move from its checkpoint (a mount resumes it by itself)."""
     speed = _speed(speed_min, speed_max)
     r = run_pool_command(ctx, pool, "resume", background=background, speed=speed)
     if r is not None:
@@ -98,7 +98,7 @@ def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | Non
 @click.argument("pool")
 @click.pass_context
 def stop(ctx: click.Context, pool: str) -> None:
-    """Stop POOL's running rebuild, move or scrub (a rebuild or scrub resumes from its checkpoint)."""
+    """Stop POOL's running rebuild, move or scrub (each resumes from its checkpoint)."""
     r = run_pool_command(ctx, pool, "operation_stop")
     click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
 
@@ -111,7 +111,8 @@ def _echo_done(pool: str, r: dict[str, Any]) -> None:
     if kind == "move":
         click.echo(f"member {r['member']} of pool {pool!r} moved to {r['uri']}: "
                    f"{format_size(nbytes)} in {secs:.1f} s{rate}, {len(r.get('rounds', []))} rounds, "
-                   f"final pause {float(r.get('pause_seconds', 0)) * 1000:.0f} ms")
+                   f"final pause {float(r.get('pause_seconds', 0)) * 1000:.0f} ms"
+                   + (f" (resumed at region {r['resumed_at_region']})" if r.get("resumed_at_region") else ""))
     elif r.get("rebuilt") == []:
         click.echo(f"pool {pool!r}: nothing to rebuild")
     else:

@@ -84,7 +84,10 @@ def _operation(op: dict[str, Any]) -> str:
         if op.get("eta_seconds") is not None:
             line += f", {op['eta_seconds']} s left"
     if op.get("state") == "interrupted" and op.get("cursor") is not None:
-        line += f" at row {op['cursor']} (a mount resumes it; or `vstore resume`)"
+        unit = "region" if op.get("kind") == "move" else "row"
+        line += f" at {unit} {op['cursor']} (a mount resumes it; or `vstore resume`)"
+        if op.get("regions_to_recopy"):
+            line += f", {op['regions_to_recopy']} region(s) to copy again"
     if op.get("error"):
         line += f": {op['error']}"
     return line

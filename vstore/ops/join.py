@@ -18,6 +18,7 @@ from vstore.stack.members import open_member
 from vstore.uri import MemberURI, split_paths
 
 SPARE_INDEX = 0xFFFFFFFE  # a spare's superblock index (with n_members SPARE_INDEX + 1)
+MOVE_INDEX = 0xFFFFFFFD  # the superblock index of a move's pending target (n_members MOVE_INDEX + 1)
 
 
 def check_index(pool: PoolView, index: int) -> None:
@@ -39,6 +40,7 @@ async def open_new_member(pool: PoolView, uri_text: str, *, size: int | None, fo
     taken = {p.text for m in pool.members if m.index != replacing or m.state == "active"
              for p in m.paths}
     taken |= {t for s in pool.record.get("spares", []) for t in s}
+    taken |= set(pool.record.get("move") or [])  # the target of a move under way
     for p in paths:
         if p.text in taken:
             raise ExistsError(f"{p.redacted()} is already a member or spare of pool {pool.name!r}")

@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
-from vstore.errors import ConfigError, PoolBusyError, VstoreError
-from vstore.ops import rebuild
+from vstore.errors import ConfigError, NotFoundError, PoolBusyError, VstoreError
+from vstore.ops import move, rebuild
 from vstore.ops.toolkit import Operation, PoolView, Progress
 
 log = logging.getLogger("vstore.ops.lifecycle")
@@ -147,9 +147,36 @@ class Lifecycle:
             if rebuild.interrupted(self.pool) is not None:
                 rebuild.start_resume(self.pool)
             elif self.pending_spares or rebuild.failed_members(self.pool):
-                rebuild.start_spare_takeover(self.pool)
+                rebuild.start_spare_takeover(self.pool)  # (gives up an interrupted move first)
+            elif move.interrupted(self.pool) is not None:
+                move.start_resume(self.pool)
         except VstoreError as e:
             log.error("pool %s: cannot resume: %s", self.pool.name, e)
+
+    def reattach(self) -> None:
+        """At open for writing: an interrupted move's member has its writes recorded again (vstore.ops.move)."""
+        move.track_interrupted(self.pool)
+
+    def interrupted(self) -> dict[str, Any] | None:
+        """The recorded rebuild or move that no task runs now (what `vstore resume` resumes), or None."""
+        return rebuild.interrupted(self.pool) or move.interrupted(self.pool)
+
+    async def resume(self, speed: dict[str, Any] | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+        """Resume the interrupted rebuild or move in this task."""
+        if self.interrupted() is None:
+            raise NotFoundError(f"pool {self.pool.name!r} has no interrupted rebuild or move")
+        if move.interrupted(self.pool) is not None and rebuild.interrupted(self.pool) is None:
+            return await move.resume(self.pool, speed=speed, progress=progress)
+        return await rebuild.resume(self.pool, speed=speed, progress=progress)
+
+    def start_resume(self, speed: dict[str, Any] | None = None) -> Operation:
+        """Resume the interrupted rebuild or move in the background."""
+        if self.interrupted() is None:
+            raise NotFoundError(f"pool {self.pool.name!r} has no interrupted rebuild or move")
+        if move.interrupted(self.pool) is not None and rebuild.interrupted(self.pool) is None:
+            return move.start_resume(self.pool, speed=speed)
+        return rebuild.start_resume(self.pool, speed=speed)
 
     # --- failures and spares -----------------------------------------------------------------
 
@@ -176,9 +203,12 @@ class Lifecycle:
         """The `operation` entry of status: the running one, else an interrupted one, else the last."""
         if self.current is not None:
             return self.current.status()
-        stored = rebuild.interrupted(self.pool)
+        stored = self.interrupted()
         if stored is not None:
-            return {**stored, "state": "interrupted"}
+            out = {k: v for k, v in stored.items() if k != "dirty"}
+            if stored.get("kind") == "move":  # regions written since they were copied: copied again
+                out["regions_to_recopy"] = sum(int(c) for _, c in stored.get("dirty") or [])
+            return {**out, "state": "interrupted"}
         scrub = self.pool.meta.get("scrub")
         if scrub and scrub.get("state") == "running":
             return {"kind": "scrub", "state": "interrupted", "cursor": scrub.get("cursor")}

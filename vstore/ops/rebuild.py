@@ -12,9 +12,12 @@ gets a superblock with a new member UUID and the old index, and becomes member
   ``member_bytes`` and written while the row's lock is held, so no foreground
   update of that row can land between the two;
 - the cursor (the lowest row not yet rebuilt) is checkpointed in the pool
-  metadata (``meta["operation"]``); after a restart the rebuild resumes there,
-  or from the start when the pool was not closed cleanly (an update in flight
-  at the crash may have reached the other members but not the new one);
+  metadata (``meta["operation"]``), after the rows below it were flushed to the
+  new member; after a restart the rebuild resumes there. After an unclean
+  shutdown too, when the recovery brought the rows below the cursor up to date
+  (``recovery_keeps_rebuilt_rows``: a journal replay writes rebuilding members);
+  otherwise an update in flight at the crash may have reached the other members
+  but not the new one, and the rebuild starts again from row 0;
 - when the last row is written and flushed, ``i`` becomes ``active``
   (``finish_rebuild``).
 
@@ -52,6 +55,7 @@ from vstore.errors import (
     VstoreError,
 )
 from vstore.ops.join import SPARE_INDEX, check_index, open_new_member
+from vstore.ops.move import give_up as give_up_move
 from vstore.ops.move import move, start_move
 from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.raid.base import MemberFailed
@@ -91,6 +95,17 @@ def interrupted(pool: PoolView) -> dict[str, Any] | None:
     if not 0 <= i < len(pool.members) or pool.members[i].state != "rebuilding":
         return None
     return dict(rec)
+
+
+def recovery_keeps_rebuilt_rows(pool: PoolView) -> bool:
+    """Whether the crash recovery of this pool brought a rebuilding member's rows below its cursor up to date.
+
+    With a journal it does: every update is logged with its writes to the rebuilding
+    member, and the replay writes them (``Consistency._replay_write``). With the
+    write-intent bitmap too: the resync of a dirty row below the cursor brings this
+    member in line with the others (``vstore.pool.consistency``).
+    """
+    return bool(pool.meta.get("journal")) or pool.consistency.bitmap is not None
 
 
 def _rows_of(pool: PoolView) -> int:
@@ -178,6 +193,10 @@ async def rows_of_member(pool: PoolView, index: int, r0: int, count: int) -> np.
 async def attach_replacement(pool: PoolView, index: int, paths: list[MemberURI], dev: BlockDevice,
                              *, how: str) -> None:
     """Make dev member index, state rebuilding: superblock, layout, metadata, pool record."""
+    moving = pool.meta.get("operation") or {}
+    if moving.get("kind") == "move":
+        # Redundancy first: an interrupted move is given up (its member stays where it is).
+        await give_up_move(pool, int(moving["member"]), f"member {index} is being rebuilt")
     m = pool.members[index]
     layout = pool.layout
     new_uuid = str(uuid.uuid4())
@@ -222,12 +241,15 @@ async def rebuild_member(pool: PoolView, op: Operation, index: int, speed: dict[
     if m.state != "rebuilding" or index not in layout.rebuilding:
         raise ConfigError(f"member {index} of pool {pool.name!r} is not being rebuilt")
     rows = _rows_of(pool)
+    # Rows still dirty from a crash are resynced first: the rebuild computes from the others.
+    await pool.consistency.wait_resynced()
     rec = pool.meta.get("operation") or {}
+    if rec.get("kind") != "rebuild":
+        rec = {}
     start = int(rec.get("cursor", 0)) if rec.get("member") == index else 0
-    if start and pool.recovered_from is not None and pool.meta.get("journal"):
+    unclean = pool.recovered_from is not None
+    if start and unclean and not recovery_keeps_rebuilt_rows(pool):
         # An update in flight at the crash may have reached the others but not this member.
-        # (Without a journal the resync brings the rows below the cursor in line, this member
-        # included: vstore.pool.consistency.)
         log.warning("pool %s was not closed cleanly: the rebuild of member %d starts again",
                     pool.name, index)
         start = 0

@@ -29,6 +29,7 @@ DEFAULT_SPEED_MIN = 16 << 20  # bytes/s kept up even while foreground I/O runs
 DEFAULT_SPEED_MAX = 0  # 0: unlimited when the pool is otherwise idle
 CHECKPOINT_BYTES = 64 << 20  # the cursor is committed to the metadata this often
 CHECKPOINT_SECONDS = 10.0  # ... or this often, whichever comes first
+CHECKPOINT_PARTS = 16  # ... and at least this many times over the whole operation
 
 
 # --------------------------------------------------------------------------- the pool, as ops see it
@@ -83,6 +84,16 @@ class Runner(Protocol):
         ...
 
 
+class ConsistencyView(Protocol):
+    """The pool's crash-consistency machinery (``vstore.pool.consistency.Consistency``), as ops use it."""
+
+    bitmap: Any  # the write-intent bitmap, or None (a journal, or a level without redundancy)
+
+    async def wait_resynced(self) -> None:
+        """Return once no resync runs (rows may be computed from the members again)."""
+        ...
+
+
 class PoolView(Protocol):
     """What rebuild, move, scrub and the lifecycle use of a pool (``vstore.pool.pool.Pool``)."""
 
@@ -95,6 +106,7 @@ class PoolView(Protocol):
     recovered_from: dict[str, Any] | None
     home: HomeView
     lifecycle: Runner
+    consistency: ConsistencyView
 
     @property
     def members(self) -> Sequence[MemberView]:
@@ -225,8 +237,9 @@ async def sweep(units: list[int], work: Callable[[int], Awaitable[None]], *, uni
     """Run work(unit) over ascending units, window at a time, paced; checkpoint the cursor.
 
     The cursor handed to ``checkpoint`` is the lowest unit not yet finished, so a
-    resumed sweep never skips one; it is called every CHECKPOINT_BYTES or
-    CHECKPOINT_SECONDS and once at the end.
+    resumed sweep never skips one; it is called every CHECKPOINT_BYTES (or every
+    1/CHECKPOINT_PARTS of the operation's total, when that is less) or
+    CHECKPOINT_SECONDS, and once at the end.
     """
     pending = list(units)
     finished: set[int] = set()
@@ -234,6 +247,9 @@ async def sweep(units: list[int], work: Callable[[int], Awaitable[None]], *, uni
     done = op.done
     total = op.total
     since, last = 0, time.monotonic()
+    every = CHECKPOINT_BYTES
+    if total:
+        every = min(every, max(unit_bytes, total // CHECKPOINT_PARTS))
     op.cursor = units[0] if units else 0
 
     def cursor() -> int:
@@ -258,7 +274,7 @@ async def sweep(units: list[int], work: Callable[[int], Awaitable[None]], *, uni
             await sem.acquire()
             nursery.start_soon(one, u)
             since += unit_bytes
-            if since >= CHECKPOINT_BYTES or time.monotonic() - last > CHECKPOINT_SECONDS:
+            if since >= every or time.monotonic() - last > CHECKPOINT_SECONDS:
                 since, last = 0, time.monotonic()
                 await checkpoint(cursor())
     await checkpoint(cursor())

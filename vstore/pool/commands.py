@@ -311,16 +311,14 @@ async def move(pool: Pool, *, index: int, uri: str, size: int | None = None, for
                                    progress=cb)
 
 
-@command("resume", background=True, label="rebuild")
+@command("resume", background=True, label="resume")
 async def resume(pool: Pool, *, speed: dict[str, int] | None = None,
                  progress: ProgressFactory = no_progress) -> dict[str, Any]:
-    """Resume an interrupted rebuild from its checkpoint."""
-    from vstore.ops import rebuild
-
+    """Resume an interrupted rebuild or move from its checkpoint."""
     if pool.lifecycle.resident:
-        return {"started": rebuild.start_resume(pool, speed=speed).status()}
+        return {"started": pool.lifecycle.start_resume(speed).status()}
     with progress() as cb:
-        return await rebuild.resume(pool, speed=speed, progress=cb)
+        return await pool.lifecycle.resume(speed, cb)
 
 
 @command("scrub", background=True, label="scrub")

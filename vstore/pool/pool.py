@@ -192,6 +192,7 @@ class Pool:
         if multipath is not None or any(len(p) > 1 for p in paths_list):
             mp_options = validate_options({k: v for k, v in (multipath or {}).items() if v is not None})
         devs: list[BlockDevice] = []
+        pool: Pool | None = None
         try:
             for paths in paths_list:
                 devs.append(await open_member(paths, size))
@@ -227,6 +228,10 @@ class Pool:
             pool_uuid = str(uuid.uuid4())
             pool = cls(home, name, {})
             pool.read_only = False
+            # The creating process owns the pool as an opening one does (lock and owner
+            # token): should it die before closing, the next open recovers the pool.
+            pool.lock = owner_mod.PoolLock(home.lock_path(name))
+            pool.lock.acquire(name)
             pool.members = [
                 Member(i, str(uuid.uuid4()), paths_list[i], "active", sizes[i], devs[i],
                        OffsetDevice(devs[i], DATA_OFFSET, sizes[i]))
@@ -239,7 +244,7 @@ class Pool:
                 "level": level, "chunk": chunk, "extent_size": ext, "n_extents": n_extents,
                 "created": int(time.time()), "members": [m.to_meta() for m in pool.members],
                 "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
-                "owner": None, "clean": True,
+                "owner": owner_mod.my_token(), "clean": False,
             }
             if mp_options is not None:
                 pool.meta["multipath"] = mp_options
@@ -259,6 +264,8 @@ class Pool:
                 if dev.created:  # a file this create made: leave nothing behind
                     with contextlib.suppress(OSError):
                         os.unlink(dev.path)
+            if pool is not None and pool.lock is not None:
+                pool.lock.release()
             raise
 
     # ------------------------------------------------------------------ open
@@ -276,6 +283,7 @@ class Pool:
                 await pool.consistency.open()
                 await pool._take_ownership()
                 await pool.consistency.recover_and_start()
+                pool.lifecycle.reattach()  # before anything writes: an interrupted move records them
             else:
                 pool.consistency.warn_if_recovery_pending()
             return pool
@@ -286,6 +294,11 @@ class Pool:
 
     async def _assemble(self) -> None:
         paths_list = [split_paths(",".join(m)) for m in self.record["members"]]
+        n_recorded = len(paths_list)
+        if self.record.get("move"):
+            # The target of a move (vstore.ops.move): should the move have switched members
+            # without the record saying so yet (a crash in between), the member is there.
+            paths_list.append(split_paths(",".join(self.record["move"])))
         devs: list[BlockDevice | None] = [None] * len(paths_list)
         errors: list[str | None] = [None] * len(paths_list)
         scans: list[MemberScan | None] = [None] * len(paths_list)
@@ -301,7 +314,7 @@ class Pool:
                       catch=VstoreError, on_error=failed)
         want_uuid = self.record.get("pool_uuid")
         best: MemberScan | None = None
-        for s in scans:
+        for s in scans[:n_recorded]:
             if s and s.meta and s.superblock and s.superblock.pool_uuid == want_uuid:
                 if best is None or s.generation > best.generation:
                     best = s
@@ -310,7 +323,7 @@ class Pool:
                 if d is not None:
                     await d.aclose()
             detail = "; ".join(f"member {i}: {e or (s and s.error)}"
-                               for i, (e, s) in enumerate(zip(errors, scans, strict=True)))
+                               for i, (e, s) in enumerate(zip(errors[:n_recorded], scans, strict=False)))
             raise MetadataError(f"pool {self.name!r}: no member holds valid metadata ({detail})")
         self.meta = best.meta
         # A commit writes its metadata slot to every active member before any superblock:
@@ -319,7 +332,7 @@ class Pool:
         # no such superblock the newest commit may have been cut short by a crash, which
         # leaves members one generation behind that are current.
         newest_done = any(s and s.superblock and s.superblock.pool_uuid == want_uuid
-                          and s.superblock.generation >= best.generation for s in scans)
+                          and s.superblock.generation >= best.generation for s in scans[:n_recorded])
         by_uuid = {}
         for i, s in enumerate(scans):
             if s and s.superblock and s.superblock.pool_uuid == want_uuid:
@@ -327,7 +340,11 @@ class Pool:
         self.members = []
         for mm in self.meta["members"]:
             idx = mm["index"]
-            slot = by_uuid.get(mm["uuid"], idx if idx < len(paths_list) else None)
+            slot = by_uuid.get(mm["uuid"], idx if idx < n_recorded else None)
+            if slot == n_recorded:  # the move's target is this member now
+                self.record["members"][idx] = self.record.pop("move")
+                if not self.read_only:
+                    self.home.write_pool(self.name, self.record)
             paths = paths_list[slot] if slot is not None else split_paths(",".join(mm["paths"]))
             m = Member(idx, mm["uuid"], paths, "active", int(mm["data_size"]))
             dev = devs[slot] if slot is not None else None
