@@ -422,10 +422,6 @@ class Consistency:
                 continue
             self._finished(rs)
 
-    async def wait_resynced(self) -> None:
-        """Return once no resync runs (the resync completes at open here, so at once)."""
-        return
-
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
         """The background resync and the journal's background checkpoints, until cancelled."""
