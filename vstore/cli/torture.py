@@ -69,7 +69,8 @@ class Reporter:
         s = c.stats
         return (f"[{time.monotonic() - c.started:5.1f}s] rounds {s.rounds}  ops {s.ops}  "
                 f"written {format_size(s.bytes_written)}  crashes {s.crashes}  "
-                f"failures {s.failures}  rebuilds {s.rebuilds}  path-failures {s.paths}  "
+                f"failures {s.failures}  rebuilds {s.rebuilds}  moves {s.moves}  "
+                f"journal-switches {s.switches}  path-failures {s.paths}  "
                 f"checks {s.checks}  {c.phase}")
 
     def update(self, c: Any, force: bool = False) -> None:
@@ -85,7 +86,8 @@ class Reporter:
             for key, value in (("time", f"{now - c.started:.1f}s"), ("rounds", s.rounds),
                                ("operations", s.ops), ("written", format_size(s.bytes_written)),
                                ("crashes", s.crashes), ("member failures", s.failures),
-                               ("rebuilds", s.rebuilds), ("path failures", s.paths),
+                               ("rebuilds", s.rebuilds), ("moves", s.moves),
+                               ("journal switches", s.switches), ("path failures", s.paths),
                                ("checks", s.checks), ("state", c.phase)):
                 t.add_row(key, str(value))
             self.live.update(t)
@@ -100,7 +102,9 @@ class Reporter:
               help="Build a throwaway pool of this level on the member URIs given.")
 @click.option("--seed", type=int, default=None, help="Campaign seed (default: random, printed).")
 @click.option("--time", "duration", default="60s", show_default=True, help="How long to run (10s, 2m).")
-@click.option("--crashes", is_flag=True, help="Cut the power at random points, reopen, check.")
+@click.option("--crashes", is_flag=True,
+              help="Cut the power at random points (also during recovery, member moves and journal "
+                   "attach/detach, onto memory devices s0 and j), reopen, check.")
 @click.option("--failures", is_flag=True,
               help="Fail members (and paths of multipath members) within the level's redundancy; heal and rebuild.")
 @click.option("--journal", default="none", show_default=True, metavar="none|memory|URI",
@@ -155,6 +159,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
       x:M:short:F     member M's reads come back short; x:M:shrink:F: it ends at F of its size
       p:M:P / q:M:P   path P of member M fails / returns
       s:M:MS          member M answers MS ms late
+      m:M             member M moves to a spare     j:1 / j:0  journal attached / detached
       crash@FRAC:MODE:SEED   power cut after FRAC of the previous step's member I/O;
                              MODE random|drop|keep decides the unflushed writes
     """
@@ -199,7 +204,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
             raise click.UsageError("member URIs need --level (a throwaway pool); an existing pool "
                                    "is given by its name alone")
         if crashes or failures or schedule is not None and any(
-                o.kind in "xhpqs" or o.kind == "crash" for o in schedule):
+                o.kind in "xhpqsmj" or o.kind == "crash" for o in schedule):
             raise click.UsageError("crashes and failures need a throwaway pool (--level and member "
                                    "URIs): they would harm an existing pool")
         ok = _existing_pool(ctx, spec[0], seed=seed, seconds=seconds, ops=ops, rounds=rounds,
@@ -249,7 +254,7 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
     async def main() -> bool:
         rig = await T.build_rig(members, member_size=sizes["member-size"], journal=journal,
                                 journal_size=sizes["journal-size"], wrap=wrap[0],
-                                wrap_where=wrap[1], force=force)
+                                wrap_where=wrap[1], force=force, spare=crashes)
         try:
             shape = await T.pool_shape(rig, level, chunk=sizes["chunk"], journal=journal is not None,
                                        window=sizes["window"])

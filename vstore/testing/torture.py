@@ -12,6 +12,9 @@ A *schedule* is a list of operations, written as text (``w:0:4096:7,f,x:2,crash@
 ``h:M``                     member M is healed; if the pool dropped it, it is rebuilt
 ``p:M:P`` / ``q:M:P``       path P of multipath member M fails / is reinstated
 ``s:M:MS``                  member M answers MS milliseconds late (0: at once)
+``m:M``                     member M moves (``vstore move``) to a free rig member (``s0``...)
+``j:1`` / ``j:0``           the rig member ``j`` is attached as the journal / the journal is
+                            detached (``vstore journal attach|detach``)
 ``crash@FRAC:MODE:SEED``    the power fails after FRAC of the previous operation's member
                             writes and flushes; unflushed writes are dropped (``drop``),
                             kept (``keep``) or, with ``random``, dropped, kept, torn at
@@ -116,9 +119,10 @@ class Op:
                 if any(len(p) != 3 for p in parts):
                     raise ValueError(rest)
                 return Op("c", tuple(parts))
-            arity = {"w": 3, "r": 2, "f": 0, "d": 2, "x": 1, "h": 1, "p": 2, "q": 2, "s": 2}[kind]
+            arity = {"w": 3, "r": 2, "f": 0, "d": 2, "x": 1, "h": 1, "p": 2, "q": 2, "s": 2, "m": 1,
+                     "j": 1}[kind]
             args = tuple(int(x) for x in rest.split(":")) if rest else ()
-            if len(args) != arity:
+            if len(args) != arity or (kind == "j" and args[0] not in (0, 1)):
                 raise ValueError(text)
             return Op(kind, args)
         except (ValueError, KeyError):
@@ -188,6 +192,12 @@ class Target:
     async def recover(self) -> None:
         """After a reopen: finish anything a crash interrupted (nothing by default)."""
 
+    async def move(self, index: int) -> None:
+        """Move member index to other storage (nothing by default)."""
+
+    async def switch_journal(self, on: bool) -> None:
+        """Attach or detach a journal (nothing by default)."""
+
     def crash_note(self) -> str | None:
         """Why a crash cannot be checked now (None: it can)."""
         return None
@@ -211,7 +221,7 @@ class PoolTarget(Target):
         self.rebuilds = rebuild  # False: a healed member the pool dropped stays out
         self.chunk = chunk
         self.journal = journal
-        self.members = [n for n in rig.names if n != "j"]
+        self.members = [n for n in rig.names if n != "j" and not n.startswith("s")]
         self.durable_writes = journal
         self.unit = 0
         self._tmp = None
@@ -242,11 +252,22 @@ class PoolTarget(Target):
         if lay is None:
             raise CheckFailed("e", f"pool {self.level} has no usable layout after opening "
                                    f"(members: {[m.state for m in self.pool.members]})")
+        self._sync()
+        return self.pool.data_dev
+
+    def _sync(self) -> None:
+        """Follow the pool: which rig member each index is now (after moves), and its journal."""
+        pool = self.pool
+        prefix = self.rig.uri("")
+        for i, paths in enumerate(pool.record["members"]):
+            if len(paths) == 1 and paths[0].startswith(prefix):
+                self.members[i] = paths[0][len(prefix):]
+        self.journal = bool(pool.meta.get("journal"))
+        self.durable_writes = self.journal
         if self.level in PARITY:
-            self.unit = lay.row_bytes if self.journal else 0
+            self.unit = pool.layout.row_bytes if self.journal else 0
         elif self.level in MIRRORED:
             self.unit = self.chunk if self.journal else 0
-        return self.pool.data_dev
 
     def layout(self) -> Any:
         """The pool's layout."""
@@ -275,11 +296,36 @@ class PoolTarget(Target):
         await replace(self.pool, index, self.rig.uri(self.members[index]), force=True)
 
     async def recover(self) -> None:
-        """Resume a rebuild that the crash interrupted."""
-        from vstore.ops.rebuild import interrupted, resume
+        """Finish what the crash interrupted: the resync, a rebuild, a move (as a mount would)."""
+        from vstore.ops import move, rebuild
 
-        if self.pool.meta.get("operation") and interrupted(self.pool) is not None:
-            await resume(self.pool)
+        await self.pool.consistency.wait_resynced()
+        if self.pool.meta.get("operation"):
+            if rebuild.interrupted(self.pool) is not None:
+                await rebuild.resume(self.pool)
+            elif move.interrupted(self.pool) is not None:
+                await move.resume(self.pool)
+        self._sync()
+
+    async def move(self, index: int) -> None:
+        """Move member index to the first rig member the pool does not use."""
+        from vstore.ops.move import move
+
+        free = [n for n in self.rig.names if n != "j" and n not in self.members]
+        if not free or self.pool.members[index].state != "active":
+            return
+        await move(self.pool, index, self.rig.uri(free[0]), force=True)
+        self._sync()
+
+    async def switch_journal(self, on: bool) -> None:
+        """Attach the rig member "j" as the journal, or detach the journal."""
+        if "j" not in self.rig.names or self.level not in MIRRORED + PARITY or on == self.journal:
+            return
+        if on:
+            await self.pool.consistency.attach_journal(self.rig.uri("j"), force=True)
+        else:
+            await self.pool.consistency.detach_journal()
+        self._sync()
 
     def crash_note(self) -> str | None:
         """No journal: a degraded parity array has the write hole, mirrors have no resync."""
@@ -407,10 +453,12 @@ class VolumeTarget(Target):
 
 async def build_rig(members: Sequence[str], *, member_size: int, journal: str | None = None,
                     journal_size: int = 4 << 20, wrap: Callable[[BlockDevice], BlockDevice] | None = None,
-                    wrap_where: str = "all", force: bool = False) -> Rig:
+                    wrap_where: str = "all", force: bool = False, spare: bool = False) -> Rig:
     """A rig over real members (files, NFS, iSCSI; comma-joined paths make a multipath member).
 
     Each member is used up to member_size bytes; ``journal`` is ``"memory"`` or a URI.
+    ``spare`` adds a memory member ``s0`` to move members to, and (without a journal) a
+    memory ``j`` to attach one on.
     A member that holds a vstore pool other than an earlier torture run's is refused
     unless ``force`` (torture overwrites its members).
     """
@@ -448,10 +496,12 @@ async def build_rig(members: Sequence[str], *, member_size: int, journal: str | 
     try:
         for i, spec in enumerate(members):
             await add(f"m{i}", spec, member_size)
-        if journal == "memory":
+        if journal == "memory" or (spare and not journal):
             rig.add_memory("j", journal_size)
         elif journal:
             await add("j", journal, journal_size)
+        if spare:
+            rig.add_memory("s0", member_size)
         await rig.start()
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -470,12 +520,14 @@ async def pool_shape(rig: Rig, level: str, *, chunk: int, journal: bool, window:
         lay = target.layout()
         row = lay.row_bytes or chunk * {
             "raid0": lay.n, "raid10": max(1, lay.n // 2)}.get(level, 1)
-        members = [n for n in rig.names if n != "j"]
+        members = target.members
         mp = tuple(i for i, n in enumerate(members) if n in rig.paths)
         return Shape(window=min(window, dev.size), level=level, members=len(members),
                      redundancy=redundancy(level, len(members)), chunk=chunk, row=row,
                      sector=max(512, lay.block_size), journal=journal, multipath=mp,
-                     paths={i: len(rig.paths[members[i]].paths) for i in mp})
+                     paths={i: len(rig.paths[members[i]].paths) for i in mp},
+                     spares=sum(n.startswith("s") for n in rig.names),
+                     journal_device="j" in rig.names and level in MIRRORED + PARITY)
     finally:
         await target.close()
 
@@ -497,6 +549,8 @@ class Stats:
     failures: int = 0
     paths: int = 0
     rebuilds: int = 0
+    moves: int = 0
+    switches: int = 0  # journal attached or detached
     checks: int = 0
     skipped_crashes: int = 0
     notes: set[str] = field(default_factory=set)
@@ -646,6 +700,14 @@ class Runner:
             i, ms = a
             if 0 <= i < len(t.members):
                 self.rig.slow(t.members[i], ms / 1000)
+        elif k == "m":
+            if 0 <= a[0] < len(t.members) and not any(self.rig.failed(n) for n in t.members):
+                await t.move(a[0])
+                st.moves += 1
+        elif k == "j":
+            if not any(self.rig.failed(n) for n in t.members):
+                await t.switch_journal(bool(a[0]))
+                st.switches += 1
         elif k == "crash":
             await self._crash(*a)
             return
@@ -814,6 +876,8 @@ class Shape:
     journal: bool = False
     multipath: tuple[int, ...] = ()  # members with several paths
     paths: dict[int, int] = field(default_factory=dict)  # member -> path count
+    spares: int = 0  # free rig members a member can move to
+    journal_device: bool = False  # a rig member "j" a journal can be attached on
 
 
 def _extent(rng: random.Random, shape: Shape) -> tuple[int, int]:
@@ -839,6 +903,7 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
     """A random schedule for a target of this shape."""
     out: list[Op] = []
     failed: set[int] = set()
+    journaled = shape.journal
     count = rng.randint(max(1, ops // 3), ops)
     can_fail = failures and shape.redundancy > 0 and shape.members > 0
 
@@ -882,8 +947,15 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
             out.append(Op(rng.choice("pq"), (m, p)))
         elif r < 0.95 and slow and shape.members:
             out.append(Op("s", (rng.randrange(shape.members), rng.choice([0, 0, 1, 3]))))
+        elif r < 0.965 and crashes and not failed and (shape.spares or shape.journal_device):
+            # Operations a crash may interrupt: a move, a journal attached or detached.
+            if shape.journal_device and (not shape.spares or rng.random() < 0.5):
+                out.append(Op("j", (0 if journaled else 1,)))
+                journaled = not journaled
+            else:
+                out.append(Op("m", (rng.randrange(shape.members),)))
         elif crashes and rng.random() < 0.5:
-            if not shape.journal and failed:
+            if not journaled and failed:
                 heal_all()
             crash = Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16)))
             out.append(crash)
@@ -892,7 +964,7 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
                 out.append(Op("crash", (round(again.random(), 3), again.choice(MODES),
                                         again.randrange(1 << 16))))
     if crashes:
-        if not shape.journal and failed:
+        if not journaled and failed:
             heal_all()
         out.append(Op("crash", (_frac(rng), rng.choice(MODES), rng.randrange(1 << 16))))
     return out
