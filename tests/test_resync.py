@@ -557,3 +557,81 @@ async def test_start_resync_of_given_rows_and_of_all(tmp_path: Path) -> None:
     finally:
         await pool.aclose()
         rec.forget()
+
+
+async def test_degraded_read_below_a_rebuild_cursor_resyncs_the_row_first(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """(c) A member being rebuilt is read degraded; below its cursor its chunk is good.
+
+    A torn update in such a row (another data chunk written, parity not) leaves the
+    parity stale: reconstructing the rebuilt member's chunk from it would return
+    garbage. The degraded read resyncs the row first, trusting the member below the
+    cursor, and then reconstructs the right bytes.
+    """
+    monkeypatch.setattr(toolkit, "CHECKPOINT_BYTES", 128 << 10)
+    n = 4
+    rec, home, pool = await _crash_pool(tmp_path, "raid5", n, size=8 << 20)
+    new_uri = rec.add_memory("new", 8 << 20)
+    await rec.start()
+    vol = await pool.create_volume("v", 12 << 20)
+    assert vol.extents[0] == 0  # volume offsets are pool offsets
+    model = np.random.default_rng(12).integers(0, 256, vol.size, dtype=np.uint8)
+    await vol.write(0, model)
+    await pool.fail_member(2)
+    await pool.flush()
+    committed: list[int] = []
+    real_commit = pool.commit
+
+    async def commit() -> None:
+        await real_commit()
+        op = pool.meta.get("operation") or {}
+        if op.get("kind") == "rebuild":
+            committed.append(int(op["cursor"]))
+
+    pool.commit = commit  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        async def stop_after_a_checkpoint() -> None:
+            with trio.fail_after(30):
+                while not committed or committed[-1] < 64:
+                    await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_after_a_checkpoint)
+        await replace(pool, 2, new_uri, speed={"max": 2 << 20})
+    cursor = committed[-1]
+    row = next(r for r in range(cursor) if 2 in parity_row_members("raid5", r, n)[0])
+    dmem, pmem = parity_row_members("raid5", row, n)
+    j2 = dmem.index(2)
+    j = next(x for x in range(n - 1) if x != j2)
+    at = DATA_OFFSET + row * CHUNK
+    old_parity = rec.members[f"m{pmem[0]}"].store[at : at + CHUNK].copy()
+    new = np.full(CHUNK, 0x6D, np.uint8)
+    await vol.write(row * 3 * CHUNK + j * CHUNK, new)  # its region is marked dirty first
+    abandon(pool)
+    await rec.crash(rec.materialize(mode="keep"))
+    rec.members[f"m{pmem[0]}"].store[at : at + CHUNK] = old_parity  # the parity write was lost
+    pool = await _open_after_crash(home)
+    try:
+        assert pool.members[2].state == "rebuilding" and pool.meta["operation"]["cursor"] == cursor
+        assert pool.status()["journal"]["resync"]["state"] == "running"
+        assert pool.layout.resync.pending(row)
+        base = row * 3 * CHUNK
+        got = np.asarray(await vol_read(pool, base + j2 * CHUNK, CHUNK))
+        assert np.array_equal(got, model[base + j2 * CHUNK : base + (j2 + 1) * CHUNK])
+        assert not pool.layout.resync.pending(row)
+        got = np.asarray(await vol_read(pool, base + j * CHUNK, CHUNK))
+        assert np.array_equal(got, new)  # the torn update's data, now with its parity
+        await pool.consistency.wait_resynced()
+        res = await resume(pool)
+        assert res["resumed_at_row"] == cursor
+        model[base + j * CHUNK : base + (j + 1) * CHUNK] = new
+        assert np.array_equal(np.asarray(await vol_read(pool, 0, vol.size)), model)
+        assert await verify_parity(pool.layout) == []  # every member, the rebuilt one too
+    finally:
+        await pool.aclose()
+        rec.forget()
+
+
+async def vol_read(pool: Pool, offset: int, length: int) -> np.ndarray:
+    """Read the test volume."""
+    return await pool.get_volume("v").read(offset, length)
