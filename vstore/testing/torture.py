@@ -46,6 +46,7 @@ memory members a replay takes the very same interleavings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import random
@@ -60,6 +61,7 @@ import numpy as np
 import trio
 
 from vstore.errors import ConfigError, VstoreError
+from vstore.pool.home import Home
 from vstore.raid.geometry import survives
 from vstore.stack.device import BlockDevice
 from vstore.testing.faults import Rig
@@ -205,6 +207,9 @@ class Target:
     def abandon(self) -> None:
         """Drop the device as a killed process would (no flush, no close)."""
 
+    def crashed(self, cut: int) -> None:
+        """The power failed after the first ``cut`` recorded events: roll back what lives off the rig."""
+
     async def close(self) -> None:
         """Close the device cleanly."""
 
@@ -215,8 +220,6 @@ class PoolTarget(Target):
     def __init__(self, rig: Rig, level: str, *, chunk: int = 4096, journal: bool = False,
                  home: Path | None = None, rebuild: bool = True) -> None:
         super().__init__(rig)
-        from vstore.pool.home import Home
-
         self.level = level
         self.rebuilds = rebuild  # False: a healed member the pool dropped stays out
         self.chunk = chunk
@@ -228,7 +231,7 @@ class PoolTarget(Target):
         if home is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="vstore-torture-")
             home = Path(self._tmp.name)
-        self.home = Home(home)
+        self.home = RecordedHome(home, lambda: len(rig.events))
         self.pool: Any = None
         self.name = "torture"
 
@@ -328,11 +331,9 @@ class PoolTarget(Target):
         self._sync()
 
     def crash_note(self) -> str | None:
-        """No journal: a degraded parity array has the write hole, mirrors have no resync."""
+        """No journal: a degraded parity array has the write hole."""
         if self.journal:
             return None
-        if self.level in MIRRORED:
-            return f"{self.level} without a journal has no resync after a crash (use a journal)"
         if self.level in PARITY and (self.failed() or any(self.rig.failed(n) for n in self.members)):
             return "a degraded parity array without a journal has the write hole"
         return None
@@ -345,6 +346,10 @@ class PoolTarget(Target):
             abandon(self.pool)
             self.pool = None
 
+    def crashed(self, cut: int) -> None:
+        """The pool record is a file off the rig: it holds what was written before the cut."""
+        self.home.roll_back(self.name, cut)
+
     async def close(self) -> None:
         """Close the pool cleanly."""
         if self.pool is not None:
@@ -353,6 +358,32 @@ class PoolTarget(Target):
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+class RecordedHome(Home):
+    """A config directory whose pool record writes are numbered by the rig's events.
+
+    The record is written after the metadata commit it follows is durable; a crash cut
+    before that commit must find the record as it was, as a real crash would.
+    """
+
+    def __init__(self, root: Path, clock: Callable[[], int]) -> None:
+        super().__init__(root)
+        self.clock = clock
+        self.writes: list[tuple[int, str, dict[str, Any]]] = []
+
+    def write_pool(self, pool: str, record: dict[str, Any], *, new: bool = False) -> None:
+        """Write the record, remembering after how many rig events it was written."""
+        super().write_pool(pool, record, new=new)
+        self.writes.append((self.clock(), pool, copy.deepcopy(record)))
+
+    def roll_back(self, pool: str, cut: int) -> None:
+        """Put back the last record of pool written within the first ``cut`` events."""
+        mine = [w for w in self.writes if w[1] == pool]
+        kept = [w for w in mine if w[0] <= cut]
+        if len(kept) < len(mine) and kept:
+            super().write_pool(pool, kept[-1][2])
+        self.writes = [(0, pool, kept[-1][2])] if kept else []
 
 
 @dataclass
@@ -727,11 +758,10 @@ class Runner:
             self.stats.notes.add(f"crashes skipped: {note}")
             return
         a, b = self.last
-        if not t.durable_writes and self.last_kind == "h":
-            frac = 1.0  # md has the same hole: a crash inside a rebuild of an unjournaled array
         cut = a + int(round(frac * (b - a)))
         t.abandon()
         await self.rig.crash(cut, mode, random.Random(seed))
+        t.crashed(cut)
         self.stats.crashes += 1
         self.dev = await t.open(True)
         await t.recover()
