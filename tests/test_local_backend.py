@@ -152,8 +152,11 @@ async def test_raid5_over_direct_members_matches_a_model(tmp_path: Path):
 async def test_io_uring_engine_moves_the_same_bytes(tmp_path: Path, monkeypatch):
     """VSTORE_IO_ENGINE=io_uring: a raid5 of file members matches a model; errors and short reads stay errors."""
     from vstore.io import threads as io_threads
+    from vstore.io import uring
     from vstore.raid import make_layout
 
+    if uring.binding_fault():  # e.g. a wheel built for CPU features this machine lacks
+        pytest.skip(f"io_uring engine not exercised here: {uring.binding_fault()}")
     monkeypatch.setattr(io_threads, "ENGINE", "io_uring")
     assert io_threads.engine() == "io_uring"  # liburing is a test extra; the kernel must allow it
     members = [await open_uri(f"file://{tmp_path}/m{i}.img", create_size=2 << 20) for i in range(4)]
@@ -219,3 +222,20 @@ async def test_strided_views_are_read_and_written_through(tmp_path: Path, where:
             await dev.readv_into(4096, [dst[::2]])
             assert np.array_equal(dst[::2], src[::2]) and not dst[1::2].any()
         await dev.aclose()
+
+
+async def test_a_liburing_binding_that_crashes_is_not_used(monkeypatch, caplog):
+    """A binding that dies (SIGILL on a CPU without the features its wheel was built for) is tried
+    in a child process: this process goes on with threads, and the opt-in engine says why."""
+    from vstore.io import threads as io_threads
+    from vstore.io import uring
+
+    monkeypatch.setattr(uring, "PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    monkeypatch.setattr(uring, "_fault", None)
+    assert uring.binding_fault() == "the liburing binding dies with SIGILL on this machine"
+    pytest.importorskip("liburing")  # (without the package open_ring returns None before the probe)
+    assert uring.open_ring() is None
+    assert "dies with SIGILL" in caplog.text
+    monkeypatch.setattr(io_threads, "ENGINE", "io_uring")
+    with pytest.raises(RuntimeError, match="dies with SIGILL"):
+        io_threads.engine()

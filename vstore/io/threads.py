@@ -281,7 +281,8 @@ def _ring() -> Any:
 
         ring = io_uring.open_ring()
         if ring is None and ENGINE == "io_uring":
-            raise RuntimeError("VSTORE_IO_ENGINE=io_uring but io_uring cannot be set up here")
+            why = io_uring.binding_fault() or "no liburing binding, or the kernel refuses io_uring"
+            raise RuntimeError(f"VSTORE_IO_ENGINE=io_uring but io_uring cannot be set up here ({why})")
     _RUN_RING.set(ring)
     return ring
 

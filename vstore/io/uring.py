@@ -12,14 +12,18 @@ and wakes the other waiters. No Python thread takes part.
 Opt-in (``VSTORE_IO_ENGINE=io_uring``): measured through the mount it is slower
 than the threads on this machine (see ``vstore.io.threads.ENGINE``). Binding: the
 ``liburing`` package on PyPI (a test extra). ``open_ring`` returns None when it
-is missing or the kernel refuses io_uring (``kernel.io_uring_disabled``,
-seccomp).
+is missing, when it cannot run on this CPU (its wheel may use instructions this
+machine lacks and die with SIGILL: it is tried once in a child process first), or
+when the kernel refuses io_uring (``kernel.io_uring_disabled``, seccomp).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,11 +168,47 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     return out
 
 
+# What the child process does to find out whether the binding runs on this machine.
+PROBE = ("import liburing\n"
+         "r = liburing.Ring()\n"
+         "liburing.io_uring_queue_init(8, r, 0)\n"
+         "liburing.io_uring_queue_exit(r)\n")
+_fault: str | None = None  # None: not tried yet; "": the binding runs; else why it does not
+
+
+def binding_fault() -> str:
+    """Why the liburing binding cannot run here ("" when it can); tried once, in a child process."""
+    global _fault
+    if _fault is None:
+        try:
+            res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _fault = f"the liburing binding could not be tried: {e}"
+        else:
+            if res.returncode < 0:
+                try:
+                    name = signal.Signals(-res.returncode).name
+                except ValueError:
+                    name = f"signal {-res.returncode}"
+                _fault = f"the liburing binding dies with {name} on this machine"
+            elif res.returncode:
+                lines = res.stderr.strip().splitlines()
+                _fault = f"the liburing binding fails here: {lines[-1] if lines else res.returncode}"
+            else:
+                _fault = ""
+    return _fault
+
+
 def open_ring() -> Ring | None:
     """A ring for this trio run (closed when the run ends), or None where io_uring cannot be had."""
     try:
         import liburing
     except ImportError:
+        return None
+    fault = binding_fault()
+    if fault:
+        log.warning("io_uring not available (%s): member I/O uses threads", fault)
         return None
     try:
         ring = Ring(liburing)
