@@ -232,7 +232,7 @@ def test_kill9_mount_during_an_operation_then_remount(tmp_path: Path, operation:
             if operation == "rebuild":
                 vstore(home, "fail", "p", "1")
             vstore(home, operation if operation == "move" else "replace", "p", "1", f"file://{target}",
-                   "--size", "16M", "--background", "--speed-max", "2M")
+                   "--size", "16M", "--background", "--speed-max", "1M")
             for _ in range(30):  # acknowledged while the operation runs
                 n = int(rng.integers(1, 64 * 1024))
                 off = int(rng.integers(0, len(model) - n))
