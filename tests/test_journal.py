@@ -497,3 +497,24 @@ async def test_journal_replays_other_levels(tmp_path: Path, level: str, n: int) 
     finally:
         await pool.aclose()
         rec.forget()
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid1", 2), ("raid1", 3), ("raid10", 4)])
+async def test_mirror_writes_longer_than_a_record_are_split(tmp_path: Path, level: str, n: int) -> None:
+    """A mirror write whose copies outgrow one journal record is several updates (as for parity
+    levels), not an error; each is logged whole, so a crash replays them all."""
+    rec, home, pool = await _pool(tmp_path, level, n)
+    try:
+        limit = pool.consistency.journal.max_update_bytes
+        buf = np.random.default_rng(2).integers(0, 256, 3 * limit // 2 + 777, dtype=np.uint8)
+        assert len(buf) * 2 > limit  # one update would not fit
+        await pool.data_dev.write(5000, buf)
+        assert np.array_equal(await pool.data_dev.read(5000, len(buf)), buf)
+        abandon(pool)
+        await rec.crash(rec.materialize(mode="drop"))  # only the journal had them
+        pool = await reopen_after_crash(home, "p")
+        assert pool.status()["journal"]["replayed"]["records"] >= 1  # (the log may have checkpointed)
+        assert np.array_equal(await pool.data_dev.read(5000, len(buf)), buf)
+    finally:
+        await pool.aclose()
+        rec.forget()

@@ -611,6 +611,24 @@ class RaidLayout(DeviceBase):
     async def _write(self, offset: int, buf: np.ndarray) -> None:
         raise NotImplementedError
 
+    def update_spans(self, offset: int, length: int, copies: int) -> list[tuple[int, int]]:
+        """(offset, length) pieces of a write, each small enough for one journal record.
+
+        Each byte goes to ``copies`` members; a piece ends on a chunk boundary. One
+        piece (the whole write) without a journal, or when it fits.
+        """
+        limit = self.journal.max_update_bytes if self.journal is not None else None
+        if not limit or length * copies <= limit:
+            return [(offset, length)]
+        span = max(self.chunk, limit // copies // self.chunk * self.chunk)
+        out = []
+        pos, end = offset, offset + length
+        while pos < end:
+            stop = min(end, (pos // span + 1) * span)
+            out.append((pos, stop - pos))
+            pos = stop
+        return out
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.level} n={self.n} chunk={self.chunk} size={self.size} {self.state}>"
 

@@ -86,9 +86,12 @@ class Raid1Layout(RaidLayout):
         return range(offset // self.chunk, (offset + length - 1) // self.chunk + 1)
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
-        async with self.locked(self.chunks_of(offset, len(buf))):
-            # Every member: the submit skips failed ones but not one being rebuilt.
-            await self.submit_member_writes([(i, offset, buf) for i in range(self.n)])
+        # Longer than a journal record holds: several updates, in order.
+        for off, n in self.update_spans(offset, len(buf), self.n):
+            part = buf[off - offset : off - offset + n]
+            async with self.locked(self.chunks_of(off, n)):
+                # Every member: the submit skips failed ones but not one being rebuilt.
+                await self.submit_member_writes([(i, off, part) for i in range(self.n)])
 
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to every healthy mirror."""

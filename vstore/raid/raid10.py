@@ -116,14 +116,17 @@ class Raid10Layout(RaidLayout):
                 break
 
     async def _write(self, offset: int, buf: np.ndarray) -> None:
-        pieces = list(geometry.split_chunks(offset, len(buf), self.chunk))
-        writes = [
-            (m, base + start, buf[at : at + n])
-            for c, start, n, at in pieces
-            for m, base in self.copies(c)
-        ]
-        async with self.locked([p[0] for p in pieces]):
-            await self.submit_member_writes(writes)
+        # Longer than a journal record holds: several updates, in order.
+        for off, length in self.update_spans(offset, len(buf), 2):
+            at0 = off - offset
+            pieces = list(geometry.split_chunks(off, length, self.chunk))
+            writes = [
+                (m, base + start, buf[at0 + at : at0 + at + n])
+                for c, start, n, at in pieces
+                for m, base in self.copies(c)
+            ]
+            async with self.locked([p[0] for p in pieces]):
+                await self.submit_member_writes(writes)
 
     async def discard(self, offset: int, length: int) -> None:
         """Pass the discard through to both copies."""
