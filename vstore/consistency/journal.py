@@ -709,7 +709,7 @@ class Journal:
         if (self._durable_lsn - self.tail_lsn > self.log_size // 4 and not self._io_lock.locked()
                 and self.broken is None):
             async with self._io_lock:
-                if self._durable_lsn > self.tail_lsn:
+                if self._durable_lsn > self.tail_lsn and self.broken is None:
                     await self._write_superblock(self._durable_lsn, self._durable_seq)
                     self.stats["checkpoints"] += 1
 
@@ -719,7 +719,7 @@ class Journal:
             return False
         await self.flush_members()  # the layout's flush reports the new durable point back
         async with self._io_lock:
-            if self._durable_lsn <= self.tail_lsn:
+            if self._durable_lsn <= self.tail_lsn or self.broken is not None:
                 return False
             await self._write_superblock(self._durable_lsn, self._durable_seq)
             self.stats["checkpoints"] += 1
@@ -738,6 +738,23 @@ class Journal:
                     await self.dev.aclose()
                 except MemberIOError as e:
                     log.warning("closing journal %s: %s", self.uri, e)
+
+    async def retire(self, *, wipe: bool) -> None:
+        """The pool no longer uses this journal: write nothing more to it, wipe its superblocks
+        (so it is never taken for a live journal) unless it failed, and close it."""
+        with trio.CancelScope(shield=True):
+            async with self._io_lock:  # a checkpoint under way finishes first
+                failed = self.broken is not None
+                if not failed:
+                    self.broken = JournalError(f"journal {self.uri} is no longer the pool's journal")
+                if wipe and not failed:
+                    try:
+                        for off in SB_OFFSETS:
+                            await self.dev.write(off, bytes(SB_SLOT_SIZE))
+                        await self.dev.flush()
+                    except MemberIOError as e:
+                        log.warning("could not wipe the superblock of old journal %s: %s", self.uri, e)
+            await self.close(clean=False)
 
     def status(self) -> dict[str, Any]:
         """What `vstore status` shows about the journal."""
