@@ -279,15 +279,20 @@ async def test_power_cut_anywhere_in_a_switch(tmp_path: Path, op: str) -> None:
             nursery.start_soon(writer)
             for _ in range(5):
                 await trio.sleep(0)
+            w0 = len(rec.events)
             if op == "detach":
                 await pool.consistency.detach_journal()
             else:
                 await pool.consistency.attach_journal(jnew)
+            w1 = len(rec.events)
         events = list(rec.events)
         abandon(pool)
         n = len(events)
         rng = random.Random(n)
-        cuts = sorted({0, n, *rng.sample(range(n), min(n, 14))})
+        # Every point of the switch itself (spaced if it is long), and some of the writes around it.
+        inside = range(w0, w1 + 1, max(1, (w1 - w0) // 30))
+        cuts = sorted({0, n, *inside, *rng.sample(range(n), min(n, 8))})
+        assert len(inside) > 5
         for cut in cuts:
             rec.events = events
             await rec.crash(rec.materialize(cut, "random", random.Random(cut)))
@@ -337,13 +342,39 @@ def _vstore(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return res
 
 
-def test_cli_journal_commands_and_errors(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+class Cli:
+    """`vstore ...` run in this process (as its entry point does: errors are one line and an exit code)."""
+
+    def __init__(self, home: Path, capsys) -> None:
+        self.home, self.capsys = home, capsys
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        from vstore.cli.main import main
+
+        self.capsys.readouterr()
+        old = sys.argv
+        sys.argv = ["vstore", "--home", str(self.home), *args]
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = old
+        out = self.capsys.readouterr()
+        res = subprocess.CompletedProcess(args, code, out.out, out.err)
+        if check:
+            assert code == 0, f"vstore {' '.join(args)}: {out.out}{out.err}"
+        return res
+
+
+def test_cli_journal_commands_and_errors(tmp_path: Path, capsys) -> None:
+    vstore = Cli(tmp_path / "home", capsys)
     members = [f"file://{tmp_path}/d{i}.img" for i in range(3)]
-    _vstore(home, "create", "p", "--level", "raid5", "--size", "16M", *members)
-    out = _vstore(home, "journal", "attach", "p", f"file://{tmp_path}/j.img", "--size", "4M").stdout
+    vstore("create", "p", "--level", "raid5", "--size", "16M", *members)
+    out = vstore("journal", "attach", "p", f"file://{tmp_path}/j.img", "--size", "4M").stdout
     assert f"journal file://{tmp_path}/j.img" in out
-    st = json.loads(_vstore(home, "journal", "status", "p", "--json").stdout)
+    st = json.loads(vstore("journal", "status", "p", "--json").stdout)
     assert st["mode"] == "journal"
     for args, msg in [
         (("journal", "attach", "nosuch", f"file://{tmp_path}/x.img"), "pool 'nosuch' not found"),
@@ -351,23 +382,23 @@ def test_cli_journal_commands_and_errors(tmp_path: Path) -> None:
         (("journal", "attach", "p", f"file://{tmp_path}/small.img", "--size", "100K"), "too small"),
         (("journal", "attach", "p", f"file://{tmp_path}/j.img"), "already the journal"),
     ]:
-        bad = _vstore(home, *args, check=False)
+        bad = vstore(*args, check=False)
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "small.img").exists()  # a refused journal file is not left behind
-    assert "journal detached" in _vstore(home, "journal", "detach", "p").stdout
-    bad = _vstore(home, "journal", "detach", "p", check=False)
+    assert "journal detached" in vstore("journal", "detach", "p").stdout
+    bad = vstore("journal", "detach", "p", check=False)
     assert bad.returncode != 0 and "has no journal" in bad.stderr and "Traceback" not in bad.stderr
-    assert "write-intent bitmap" in _vstore(home, "status", "p").stdout
+    assert "write-intent bitmap" in vstore("status", "p").stdout
     # A lost journal: status warns in one line.
-    _vstore(home, "journal", "attach", "p", f"file://{tmp_path}/j.img")
+    vstore("journal", "attach", "p", f"file://{tmp_path}/j.img")
     os.unlink(tmp_path / "j.img")
-    assert "cannot be opened" in _vstore(home, "status", "p").stdout
-    _vstore(home, "volume", "create", "p", "v", "--size", "1M")  # an open for writing goes on
-    out = _vstore(home, "status", "p").stdout
+    assert "cannot be opened" in vstore("status", "p").stdout
+    vstore("volume", "create", "p", "v", "--size", "1M")  # an open for writing goes on
+    out = vstore("status", "p").stdout
     assert "warning: journal" in out and "lost at" in out
-    assert "journal" in _vstore(home, "--help").stdout
-    assert "attach" in _vstore(home, "journal", "--help").stdout
+    assert "journal" in vstore("--help").stdout
+    assert "attach" in vstore("journal", "--help").stdout
 
 
 needs_fuse_root = pytest.mark.skipif(
