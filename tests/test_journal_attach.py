@@ -134,6 +134,34 @@ async def test_clean_pool_without_its_journal_needs_no_resync(tmp_path: Path) ->
         rec.forget()
 
 
+async def test_journal_failing_during_replay_is_dropped_after_what_it_replayed(tmp_path: Path) -> None:
+    """The device opens, its records replay, then it fails (the new checkpoint cannot be written)."""
+    from vstore.testing import Rig
+
+    rig = Rig()
+    uris = [rig.add_memory(f"m{i}", MEMBER_SIZE) for i in range(4)]
+    home = Home(tmp_path / "home")
+    p = await Pool.create(home, "p", "raid5", uris, chunk=CHUNK, journal=rig.add_memory("j", 1 << 20))
+    await p.aclose()
+    pool = await Pool.open(home, "p")
+    try:
+        await rig.start()
+        for i in range(4):
+            await pool.data_dev.write(_offset(i), _block(i))  # logged; never flushed in place
+        abandon(pool)
+        await rig.crash(len(rig.events), "drop")  # only the journal holds them
+        rig.fail("j", "write")
+        pool = await reopen_after_crash(home, "p")
+        st = pool.status()["journal"]
+        assert "lost at" in st["warning"] and st["resync"]["rows"] == pool.layout.rows
+        for i in range(4):  # replayed before the device failed
+            assert np.array_equal(await pool.data_dev.read(_offset(i), 6000), _block(i))
+        assert await verify_parity(pool.layout) == []
+    finally:
+        await pool.aclose()
+        rig.forget()
+
+
 # ---------------------------------------------------------------------------- (b) fails live
 
 

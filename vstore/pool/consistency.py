@@ -300,15 +300,29 @@ class Consistency:
         if self.lost is not None:
             await self._record_lost_at_open(unclean)
         if self.journal is not None:
-            if unclean:
-                await self.journal.recover(self._replay_write, layout.flush)
-            else:
-                await self.journal.start()
-        elif self.bitmap is not None:
+            jr = self.journal
+            try:
+                if unclean:
+                    await jr.recover(self._replay_write, layout.flush)
+                else:
+                    await jr.start()
+            except JournalError as e:
+                if jr.broken is None:
+                    raise
+                # The device failed while it was replayed or started: go on without it
+                # (the records replayed so far were whole; the full resync covers the rest).
+                log.warning("pool %s: %s; going on without the journal", pool.name, e)
+                self.journal = None
+                await jr.close(clean=False)
+                self.lost = {"uri": jr.uri, "error": str(e)}
+                if uses_bitmap(pool.level):
+                    self._make_bitmap()
+                await self._record_lost_at_open(unclean)
+        if self.journal is None and self.bitmap is not None:
             if unclean:
                 await self._resync()
             await self.bitmap.reset()
-        elif unclean and pool.level in ("raid1", "raid10"):
+        elif self.journal is None and unclean and pool.level in ("raid1", "raid10"):
             log.warning("pool %s (%s, no journal) was not closed cleanly: mirror copies written at "
                         "the crash may differ until rewritten", pool.name, pool.level)
         self._begin()
@@ -415,6 +429,8 @@ class Consistency:
                     await jr.checkpoint()
                 except VstoreError as e:
                     log.warning("journal %s: background checkpoint failed: %s", jr.uri, e)
+                    if jr.broken is not None:  # the device failed: go on without it now
+                        await self._journal_failed(jr, e)
 
     # --- close and status -----------------------------------------------------------------
 
@@ -526,9 +542,6 @@ class Consistency:
         assert lost is not None
         if self.bitmap is not None and unclean:
             await self.bitmap.mark_all()
-        elif unclean:
-            log.warning("pool %s (%s) has no write-intent bitmap: copies written at the crash may "
-                        "differ until rewritten", pool.name, pool.level)
         pool.meta["journal"] = None
         pool.meta["journal_lost"] = {
             "uri": lost["uri"], "when": int(time.time()), "error": lost["error"],
@@ -572,11 +585,17 @@ class Consistency:
         """Close a journal the pool no longer uses (see Journal.retire)."""
         await journal.retire(wipe=wipe)
 
+    async def wait_resynced(self) -> None:
+        """Return once no resync runs (stand-in: this tree resyncs before the pool serves)."""
+        return
+
     async def attach_journal(self, text: str, size: int | None = None, *, force: bool = False
                              ) -> dict[str, Any]:
         """Add a journal to a live pool, or replace its journal by a new one."""
         self._require_live()
         pool = self.pool
+        # Rows a resync has yet to mend are known only to the bitmap: mend them first.
+        await self.wait_resynced()
         async with self._switch_lock:
             jr, uri = await self._format_journal(text, size, [m.dev for m in pool.members], force=force)
             old_journal, old_bitmap = self.journal, self.bitmap
