@@ -358,6 +358,46 @@ async def test_detach_leaves_a_clear_bitmap_before_the_metadata_commit(tmp_path:
         rec.forget()
 
 
+async def test_an_update_too_big_for_a_new_journal_is_logged_in_whole_rows() -> None:
+    """A request planned before the attach may bring an update the new journal cannot take whole."""
+    from backends.memory import MemoryDevice
+    from vstore.consistency.journal import Journal, JournalError
+    from vstore.consistency.switch import SwitchableLog
+
+    pool_uuid = "6f1c0a6e-1f55-4b53-9c55-0123456789ab"
+    jdev = MemoryDevice(np.zeros(1 << 20, np.uint8))
+    jr = await Journal.format(jdev, pool_uuid)
+    await jr.start()
+    log_ = SwitchableLog(jr, row_unit=CHUNK)
+    rng = np.random.default_rng(5)
+    rows = 24  # 24 rows of 4 members: 384 KiB, more than a record may hold (a quarter of the log)
+    writes = [(m, r * CHUNK, rng.integers(0, 256, CHUNK, dtype=np.uint8))
+              for r in range(rows) for m in range(4)]
+    ticket = await log_.commit(writes)
+    assert jr.stats["records"] > 1 and log_.inflight == 1
+    log_.applied(ticket)
+    assert log_.inflight == 0 and not jr._unapplied
+    # Replayed, the records give back every byte, each row within one record.
+    jr2 = await Journal.open(jdev, pool_uuid)
+    got: dict[tuple[int, int], np.ndarray] = {}
+
+    async def apply(m: int, off: int, buf: np.ndarray) -> None:
+        got[(m, off)] = buf.copy()
+
+    async def flush() -> None:
+        return None
+
+    res = await jr2.recover(apply, flush)
+    assert res.records == jr.stats["records"] and not res.torn
+    for m, off, buf in writes:
+        assert np.array_equal(got[(m, off)], buf)
+    # More than the log can hold at once: a clear error, never a wait for room that cannot come.
+    await jr2.start()
+    huge = [(m, r * CHUNK, np.zeros(CHUNK, np.uint8)) for r in range(64) for m in range(4)]
+    with trio.fail_after(5), pytest.raises(JournalError, match="cannot hold"):
+        await SwitchableLog(jr2, row_unit=CHUNK).commit(huge)
+
+
 # ---------------------------------------------------------------------------- CLI and the mount
 
 

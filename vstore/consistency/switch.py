@@ -15,6 +15,12 @@ or nothing) and lets the pool change that backend on a live pool:
 
 Tickets and flush marks remember the backend that issued them, so an update or
 flush under way across a switch finishes with the backend it began with.
+
+A layout sizes its updates by ``max_update_bytes`` when a request begins. A
+request that began before a journal was attached may bring an update larger than
+the new journal takes; with ``row_unit`` set (parity layouts: member offsets
+``[r * chunk, (r + 1) * chunk)`` are row r on every member) such an update is
+logged as several records of whole rows, each row all old or all new after a crash.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 
 import trio
 
-from vstore.consistency.journal import JournalError
+from vstore.consistency.journal import Journal, JournalError
+from vstore.stack.device import as_u8
 
 MemberWrite = tuple[int, int, Any]
 OnFailure = Callable[[Any, BaseException], Awaitable[None]]
@@ -34,9 +41,11 @@ OnFailure = Callable[[Any, BaseException], Awaitable[None]]
 class SwitchableLog:
     """An ``UpdateLog`` (``vstore.raid.base``) that forwards to a backend the pool may swap."""
 
-    def __init__(self, backend: Any = None, on_failure: OnFailure | None = None) -> None:
+    def __init__(self, backend: Any = None, on_failure: OnFailure | None = None,
+                 row_unit: int | None = None) -> None:
         self.backend = backend
         self.on_failure = on_failure
+        self.row_unit = row_unit
         # A limit announced before a switch to a journal: updates planned from then on fit it.
         self.next_limit: int | None = None
         self._gate: trio.Event | None = None  # set while updates are held back
@@ -75,7 +84,10 @@ class SwitchableLog:
             if backend is None:
                 return None, None
             try:
-                return backend, await backend.commit(writes)
+                pieces = self._pieces(backend, writes)
+                if pieces is None:
+                    return backend, await backend.commit(writes)
+                return backend, _Split(await backend.commit_all(pieces))
             except JournalError as e:
                 self._leave()
                 if getattr(backend, "broken", None) is None or self.on_failure is None:
@@ -92,9 +104,38 @@ class SwitchableLog:
         backend, inner = ticket
         try:
             if backend is not None:
-                backend.applied(inner)
+                for t in inner if isinstance(inner, _Split) else [inner]:
+                    backend.applied(t)
         finally:
             self._leave()
+
+    def _pieces(self, backend: Any, writes: Sequence[MemberWrite]) -> list[list[MemberWrite]] | None:
+        """An update too big for the journal as pieces of whole rows (None: it fits as it is)."""
+        unit = self.row_unit
+        limit = backend.max_update_bytes if isinstance(backend, Journal) else None
+        if not unit or not limit or sum(len(as_u8(w[2])) for w in writes) <= limit:
+            return None
+        rows: dict[int, list[MemberWrite]] = {}
+        for m, off, buf in writes:
+            data = as_u8(buf)
+            at = 0
+            while at < len(data):
+                row = (off + at) // unit
+                n = min(len(data) - at, (row + 1) * unit - (off + at))
+                rows.setdefault(row, []).append((m, off + at, data[at : at + n]))
+                at += n
+        pieces: list[list[MemberWrite]] = []
+        size = 0
+        for row in sorted(rows):
+            part = rows[row]
+            n = sum(len(w[2]) for w in part)
+            if pieces and size + n <= limit:
+                pieces[-1] += part
+                size += n
+            else:
+                pieces.append(list(part))
+                size = n
+        return pieces
 
     def _enter(self) -> None:
         if self._inflight == 0:
@@ -144,3 +185,7 @@ class SwitchableLog:
                 raise
             if self._gate is None:
                 await self.on_failure(backend, e)
+
+
+class _Split(list):
+    """The tickets of an update logged as several records."""

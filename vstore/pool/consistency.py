@@ -348,6 +348,8 @@ class Consistency:
             return
         self._hook(guard)
         self.log.backend = guard
+        # Rows are member-offset windows of a chunk on every member of a parity layout.
+        self.log.row_unit = self.pool.meta["chunk"] if self.pool.level in PARITY_LEVELS else None
         layout.journal = self.log
 
     def _hook(self, guard: Any) -> None:
