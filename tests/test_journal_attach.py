@@ -444,6 +444,7 @@ def test_cli_journal_commands_and_errors(tmp_path: Path, capsys) -> None:
     assert f"journal file://{tmp_path}/j.img" in out
     st = json.loads(vstore("journal", "status", "p", "--json").stdout)
     assert st["mode"] == "journal"
+    assert Home(tmp_path / "home").pool_storage_of(str(tmp_path / "j.img")) == "the journal of pool 'p'"
     for args, msg in [
         (("journal", "attach", "nosuch", f"file://{tmp_path}/x.img"), "pool 'nosuch' not found"),
         (("journal", "attach", "p", members[1]), "also a member"),

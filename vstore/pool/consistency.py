@@ -249,20 +249,35 @@ class Consistency:
             self._make_bitmap()
 
     async def _open_journal(self) -> Journal:
-        """Open the recorded journal device and check it is this pool's (JournalError if not)."""
+        """Open the recorded journal device and check it is this pool's (JournalError if not).
+
+        The config record names the journal with its secrets; during an attach it names
+        the new one (and the previous one) before the metadata commit that makes the new
+        one the pool's: whichever holds the journal the metadata names is opened.
+        """
         pool = self.pool
         jmeta = pool.meta["journal"]
-        uri = split_paths(pool.record.get("journal") or jmeta["uri"])[0]
-        try:
-            dev = await open_uri(uri)
-        except VstoreError as e:
-            raise JournalError(f"cannot open journal {uri.redacted()}: {e}") from e
-        try:
-            return await Journal.open(dev, pool.meta["pool_uuid"], jmeta.get("uuid"), uri=uri.redacted())
-        except BaseException:
+        texts = [t for t in (pool.record.get("journal"), pool.record.get("journal_previous"), jmeta["uri"])
+                 if t]
+        errors: list[JournalError] = []
+        for text in dict.fromkeys(texts):
+            uri = split_paths(text)[0]
+            try:
+                dev = await open_uri(uri)
+            except VstoreError as e:
+                errors.append(JournalError(f"cannot open journal {uri.redacted()}: {e}"))
+                continue
+            try:
+                return await Journal.open(dev, pool.meta["pool_uuid"], jmeta.get("uuid"), uri=uri.redacted())
+            except JournalError as e:
+                errors.append(e)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await dev.aclose()
+                raise
             with trio.CancelScope(shield=True):
                 await dev.aclose()
-            raise
+        raise errors[0]
 
     async def probe_journal(self) -> None:
         """Read-only opens: check the recorded journal can be opened; warn (and say so in status) if not."""
@@ -524,12 +539,16 @@ class Consistency:
         if pool.layout is None or not self.started:
             raise VstoreError(f"pool {pool.name!r} is not serving data (too many members failed)")
 
-    def _save_record(self, journal_text: str | None) -> None:
+    def _save_record(self, journal_text: str | None, previous: str | None = None) -> None:
+        """Name the journal (with its secrets) in the config record; previous: the one still in use."""
         pool = self.pool
+        pool.record.pop("journal_previous", None)
         if journal_text is None:
             pool.record.pop("journal", None)
         else:
             pool.record["journal"] = journal_text
+            if previous and previous != journal_text:
+                pool.record["journal_previous"] = previous
         pool.home.write_pool(pool.name, pool.record)
 
     async def _record_lost_at_open(self, unclean: bool) -> None:
@@ -602,9 +621,13 @@ class Consistency:
             jr, uri = await self._format_journal(text, size, [m.dev for m in pool.members], force=force)
             old_journal, old_bitmap = self.journal, self.bitmap
             old_meta = pool.meta.get("journal")
+            old_text = pool.record.get("journal") if old_meta else None
             lost = pool.meta.get("journal_lost")
             switched = False
             try:
+                # Named first (so the new journal's secrets outlive a crash after the commit),
+                # the old one still beside it (the metadata names it until the commit).
+                self._save_record(uri.text, old_text)
                 await jr.start()
                 self.log.next_limit = jr.max_update_bytes  # updates planned from now on fit it
                 async with self.log.hold():
@@ -625,6 +648,7 @@ class Consistency:
                     self._set_mode(jr, None)
             except BaseException:
                 if not switched:
+                    self._save_record(old_text)
                     with trio.CancelScope(shield=True):
                         await jr.close(clean=False)
                 raise
