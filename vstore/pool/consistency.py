@@ -630,22 +630,24 @@ class Consistency:
                 self._save_record(uri.text, old_text)
                 await jr.start()
                 self.log.next_limit = jr.max_update_bytes  # updates planned from now on fit it
-                async with self.log.hold():
-                    # Nothing under way; the flush puts every update on the members, so the
-                    # old mode (its log or its dirty bits) has nothing left to protect.
-                    await pool.flush()
-                    pool.meta["journal"] = {"uri": uri.redacted(), "uuid": jr.sb.journal_uuid,
-                                            "size": jr.log_size}
-                    pool.meta.pop("journal_lost", None)
-                    try:
-                        await pool.commit()  # the switch point
-                    except BaseException:
-                        pool.meta["journal"] = old_meta
-                        if lost is not None:
-                            pool.meta["journal_lost"] = lost
-                        raise
-                    switched = True
-                    self._set_mode(jr, None)
+                # Not cancelled half way (updates wait meanwhile, as they do for one another).
+                with trio.CancelScope(shield=True):
+                    async with self.log.hold():
+                        # Nothing under way; the flush puts every update on the members, so the
+                        # old mode (its log or its dirty bits) has nothing left to protect.
+                        await pool.flush()
+                        pool.meta["journal"] = {"uri": uri.redacted(), "uuid": jr.sb.journal_uuid,
+                                                "size": jr.log_size}
+                        pool.meta.pop("journal_lost", None)
+                        try:
+                            await pool.commit()  # the switch point
+                        except BaseException:
+                            pool.meta["journal"] = old_meta
+                            if lost is not None:
+                                pool.meta["journal_lost"] = lost
+                            raise
+                        switched = True
+                        self._set_mode(jr, None)
             except BaseException:
                 if not switched:
                     self._save_record(old_text)
@@ -676,17 +678,18 @@ class Consistency:
                 raise NotFoundError(f"pool {pool.name!r} has no journal")
             bitmap = self._bitmap_for_switch()
             old_meta = pool.meta.get("journal")
-            async with self.log.hold():
-                await pool.flush()  # every logged update is on the members, durably
-                if bitmap is not None:
-                    await bitmap.reset()  # clear on every member before the metadata says "no journal"
-                pool.meta["journal"] = None
-                try:
-                    await pool.commit()  # the switch point
-                except BaseException:
-                    pool.meta["journal"] = old_meta
-                    raise
-                self._set_mode(None, bitmap)
+            with trio.CancelScope(shield=True):
+                async with self.log.hold():
+                    await pool.flush()  # every logged update is on the members, durably
+                    if bitmap is not None:
+                        await bitmap.reset()  # clear on every member before the metadata says "no journal"
+                    pool.meta["journal"] = None
+                    try:
+                        await pool.commit()  # the switch point
+                    except BaseException:
+                        pool.meta["journal"] = old_meta
+                        raise
+                    self._set_mode(None, bitmap)
             self._save_record(None)
             log.info("pool %s: journal %s detached", pool.name, jr.uri)
             await self._retire(jr, wipe=wipe)
