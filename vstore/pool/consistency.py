@@ -589,16 +589,17 @@ class Consistency:
             pool = self.pool
             log.error("pool %s: journal %s failed (%s): switching to %s", pool.name, journal.uri, exc,
                       "a write-intent bitmap" if uses_bitmap(pool.level) else "no journal")
-            async with self.log.hold():
-                await pool.flush()
-                bitmap = self._bitmap_for_switch()
-                if bitmap is not None:
-                    await bitmap.reset()
-                pool.meta["journal"] = None
-                pool.meta["journal_lost"] = {"uri": journal.uri, "when": int(time.time()),
-                                             "error": str(exc), "resync": "none"}
-                await pool.commit()
-                self._set_mode(None, bitmap)
+            with trio.CancelScope(shield=True):
+                async with self.log.hold():
+                    await pool.flush()
+                    bitmap = self._bitmap_for_switch()
+                    if bitmap is not None:
+                        await bitmap.reset()
+                    pool.meta["journal"] = None
+                    pool.meta["journal_lost"] = {"uri": journal.uri, "when": int(time.time()),
+                                                 "error": str(exc), "resync": "none"}
+                    await pool.commit()
+                    self._set_mode(None, bitmap)
             self._save_record(None)
             await self._retire(journal, wipe=False)
 
