@@ -595,10 +595,16 @@ class Consistency:
                     bitmap = self._bitmap_for_switch()
                     if bitmap is not None:
                         await bitmap.reset()
+                    old_meta = pool.meta["journal"]
                     pool.meta["journal"] = None
                     pool.meta["journal_lost"] = {"uri": journal.uri, "when": int(time.time()),
                                                  "error": str(exc), "resync": "none"}
-                    await pool.commit()
+                    try:
+                        await pool.commit()  # the switch point
+                    except BaseException:
+                        pool.meta["journal"] = old_meta
+                        pool.meta.pop("journal_lost", None)
+                        raise
                     self._set_mode(None, bitmap)
             self._save_record(None)
             await self._retire(journal, wipe=False)
