@@ -64,9 +64,11 @@ def test_every_pool_command_is_registered_once() -> None:
     assert set(POOL_COMMANDS) == {
         "status", "fail", "path_fail", "path_reinstate", "volume_list", "volume_create",
         "volume_resize", "volume_remove", "volume_rename", "operation", "operation_stop",
-        "replace", "move", "resume", "scrub", "spare_add", "spare_remove"}
+        "replace", "move", "resume", "scrub", "spare_add", "spare_remove",
+        "journal_attach", "journal_detach", "journal_status"}
     assert {n for n, c in POOL_COMMANDS.items() if c.background} == {"replace", "move", "resume", "scrub"}
-    assert {n for n, c in POOL_COMMANDS.items() if not c.writable} == {"status", "volume_list", "operation"}
+    assert {n for n, c in POOL_COMMANDS.items() if not c.writable} == {"status", "volume_list", "operation",
+                                                                        "journal_status"}
     assert {n for n, c in POOL_COMMANDS.items() if c.guards_open_volume} == {"volume_remove", "volume_rename"}
 
 

@@ -28,7 +28,11 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
         f"generation {st['generation']}"
     )
     if st.get("journal"):
-        console.print(f"journal: {_flat(st['journal'])}")
+        journal = {k: v for k, v in st["journal"].items() if k != "warning"}
+        console.print(f"journal: {_flat(journal)}", markup=False)
+        if st["journal"].get("warning"):
+            console.print(f"warning: {st['journal']['warning']}", markup=False, style="yellow",
+                          soft_wrap=True)
     if st.get("operation"):
         console.print(f"operation: {_operation(st['operation'])}", markup=False)
     if st.get("spares"):

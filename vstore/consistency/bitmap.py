@@ -280,6 +280,17 @@ class WriteIntentBitmap:
         """What `vstore status` shows about the bitmap."""
         return {"region": self.region, "regions": self.nbits, "dirty": len(self._durable), **self.stats}
 
+    async def mark_all(self) -> None:
+        """Mark every region dirty on every active member, durably (what a lost journal protected)."""
+        self.bits[:] = 0
+        full, rest = divmod(self.nbits, 8)
+        self.bits[:full] = 0xFF
+        if rest:
+            self.bits[full] = (1 << rest) - 1
+        image = pack_header(self.pool_uuid, self.region, self.nbits) + self.bits.tobytes()
+        await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
+        self._durable = set(range(self.nbits))
+
 
 def as_bytes(buf: Any) -> bytes:
     """Bytes of a buffer."""

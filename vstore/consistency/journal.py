@@ -558,14 +558,25 @@ class Journal:
 
         The caller then writes the members in place and calls ``applied(ticket)``.
         """
+        return (await self.commit_all([writes]))[0]
+
+    async def commit_all(self, updates: Sequence[Sequence[MemberWrite]]) -> list[int]:
+        """Log several records together, one after the other in the log; their tickets.
+
+        (One update too big for a record, as pieces of whole rows: the log must hold
+        them all at once, since none is applied before the last is logged.)
+        """
         if self.broken is not None:
             raise self.broken
         if self.before_commit is not None:
             await self.before_commit()
-        req = _Request(list(writes))
-        self._queue.append(req)
+        reqs = [_Request(list(writes)) for writes in updates]
+        if len(reqs) > 1 and sum(self._size_of(r) for r in reqs) > self.log_size // 2:
+            raise JournalError(f"journal {self.uri} ({self.log_size} bytes of log) cannot hold an update "
+                               f"of {sum(self._size_of(r) for r in reqs)} bytes")
+        self._queue.extend(reqs)  # together: one batch places them next to each other
         async with self._io_lock:
-            if not req.done:
+            if not reqs[-1].done:
                 batch, self._queue = self._queue, []
                 try:
                     await self._write_batch(batch)
@@ -575,9 +586,13 @@ class Journal:
                         if not r.done:
                             r.done, r.error = True, err
                     raise
-        if req.error is not None:
-            raise req.error
-        return req.seq
+        errors = [r.error for r in reqs if r.error is not None]
+        if errors:
+            for r in reqs:
+                if r.error is None:
+                    self.applied(r.seq)  # logged but never to be applied: let the log go on
+            raise errors[0]
+        return [r.seq for r in reqs]
 
     def applied(self, ticket: int) -> None:
         """The in-place writes of this ticket's update are done (or abandoned)."""
@@ -709,7 +724,7 @@ class Journal:
         if (self._durable_lsn - self.tail_lsn > self.log_size // 4 and not self._io_lock.locked()
                 and self.broken is None):
             async with self._io_lock:
-                if self._durable_lsn > self.tail_lsn:
+                if self._durable_lsn > self.tail_lsn and self.broken is None:
                     await self._write_superblock(self._durable_lsn, self._durable_seq)
                     self.stats["checkpoints"] += 1
 
@@ -719,7 +734,7 @@ class Journal:
             return False
         await self.flush_members()  # the layout's flush reports the new durable point back
         async with self._io_lock:
-            if self._durable_lsn <= self.tail_lsn:
+            if self._durable_lsn <= self.tail_lsn or self.broken is not None:
                 return False
             await self._write_superblock(self._durable_lsn, self._durable_seq)
             self.stats["checkpoints"] += 1
@@ -738,6 +753,23 @@ class Journal:
                     await self.dev.aclose()
                 except MemberIOError as e:
                     log.warning("closing journal %s: %s", self.uri, e)
+
+    async def retire(self, *, wipe: bool) -> None:
+        """The pool no longer uses this journal: write nothing more to it, wipe its superblocks
+        (so it is never taken for a live journal) unless it failed, and close it."""
+        with trio.CancelScope(shield=True):
+            async with self._io_lock:  # a checkpoint under way finishes first
+                failed = self.broken is not None
+                if not failed:
+                    self.broken = JournalError(f"journal {self.uri} is no longer the pool's journal")
+                if wipe and not failed:
+                    try:
+                        for off in SB_OFFSETS:
+                            await self.dev.write(off, bytes(SB_SLOT_SIZE))
+                        await self.dev.flush()
+                    except MemberIOError as e:
+                        log.warning("could not wipe the superblock of old journal %s: %s", self.uri, e)
+            await self.close(clean=False)
 
     def status(self) -> dict[str, Any]:
         """What `vstore status` shows about the journal."""

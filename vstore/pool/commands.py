@@ -351,3 +351,25 @@ async def spare_remove(pool: Pool, *, uri: str) -> dict[str, Any]:
     from vstore.ops import rebuild
 
     return await rebuild.remove_spare(pool, uri)
+
+
+# --- the journal (vstore.pool.consistency): add, replace or remove it on a live pool
+
+
+@command("journal_attach")
+async def journal_attach(pool: Pool, *, uri: str, size: int | None = None,
+                         force: bool = False) -> dict[str, Any]:
+    """Add a write-ahead journal on uri (or replace the pool's journal by it)."""
+    return {"journal": await pool.consistency.attach_journal(uri, size, force=force)}
+
+
+@command("journal_detach")
+async def journal_detach(pool: Pool, *, keep_superblock: bool = False) -> dict[str, Any]:
+    """Remove the pool's journal: the pool goes on with its write-intent bitmap."""
+    return {"journal": await pool.consistency.detach_journal(wipe=not keep_superblock)}
+
+
+@command("journal_status", writable=False, quick=True)
+async def journal_status(pool: Pool) -> dict[str, Any]:
+    """The pool's crash-consistency mode: journal, bitmap or none."""
+    return {"journal": pool.consistency.status()}

@@ -13,6 +13,22 @@ first by whatever would trust their redundancy; ``wait_resynced`` finishes it in
 caller. A command that opened the pool itself finishes the resync before it closes
 the pool; a mount that stops leaves the regions not yet resynced marked in the
 bitmap, and the next open goes on with them.
+
+The layout is given a ``SwitchableLog`` over the journal or bitmap, so the mode can
+change on a live pool (as md's ``--add-journal`` and consistency-policy change):
+
+- a journal device that cannot be opened, or that fails under a live pool, is
+  dropped: the pool goes on in bitmap mode (``meta["journal_lost"]`` says so in
+  status). At open after an unclean shutdown every region is marked dirty first
+  (what the journal had not checkpointed is unknown), so the resync covers all
+  rows; on a live pool the members are flushed first, so nothing is pending;
+- ``attach_journal`` adds or replaces a journal, ``detach_journal`` removes it.
+
+Every switch holds updates back, waits for those under way, flushes the members
+(so the mode being left has nothing pending), readies the new mode (a formatted
+journal, or a clear bitmap on every member) and then commits the metadata: that
+commit is the switch point, before it the old mode protects the pool and after
+it the new one.
 """
 
 from __future__ import annotations
@@ -29,13 +45,30 @@ import trio
 
 from vstore import owner as owner_mod
 from vstore.consistency.bitmap import Resync, WriteIntentBitmap, choose_region
-from vstore.consistency.journal import DEFAULT_SIZE, LOG_OFFSET, Journal, JournalError, record_size
+from vstore.consistency.journal import (
+    DEFAULT_SIZE,
+    LOG_OFFSET,
+    SB_OFFSETS,
+    SB_SLOT_SIZE,
+    Journal,
+    JournalError,
+    newest_superblock,
+    record_size,
+)
 from vstore.consistency.metadata import DATA_OFFSET, scan_member
-from vstore.errors import ConfigError, ExistsError, MemberIOError, VstoreError
+from vstore.consistency.switch import SwitchableLog
+from vstore.errors import (
+    ConfigError,
+    ExistsError,
+    MemberIOError,
+    MetadataError,
+    NotFoundError,
+    VstoreError,
+)
 from vstore.ops.toolkit import DEFAULT_SPEED_MAX, DEFAULT_SPEED_MIN, MemberView, RateLimiter
 from vstore.sizes import format_size
 from vstore.stack.device import BlockDevice
-from vstore.uri import open_uri, split_paths
+from vstore.uri import MemberURI, open_uri, split_paths
 
 log = logging.getLogger("vstore.pool.consistency")
 
@@ -43,6 +76,8 @@ JOURNAL_LEVELS = ("raid1", "raid5", "raid6", "raid10")
 PARITY_LEVELS = ("raid5", "raid6")
 CHECKPOINT_INTERVAL = 2.0  # seconds between looks at the journal's fill
 CHECKPOINT_FILL = 0.125  # fraction of the log in use that triggers a background checkpoint
+
+
 # The background resync's pace in bytes/s (md's speed_limit_min/max): at most MAX (0:
 # unlimited), at most MIN while foreground I/O is seen.
 RESYNC_SPEED_MIN_ENV = "VSTORE_RESYNC_SPEED_MIN"
@@ -66,21 +101,24 @@ def resync_speed() -> tuple[int, int]:
     return get(RESYNC_SPEED_MIN_ENV, DEFAULT_SPEED_MIN), get(RESYNC_SPEED_MAX_ENV, DEFAULT_SPEED_MAX)
 
 
-async def _refuse_if_in_use(dev: BlockDevice, where: str) -> None:
-    """ExistsError when the device holds a vstore member or journal (it may be someone's)."""
+async def _refuse_if_in_use(dev: BlockDevice, where: str, pool_uuid: str | None = None) -> None:
+    """ExistsError when the device holds a vstore member or journal (it may be someone's).
+
+    An old journal of pool_uuid itself (one the pool no longer uses) may be reused.
+    """
     if dev.size >= DATA_OFFSET + 4096:
         scan = await scan_member(dev)
         if scan.superblock is not None:
             raise ExistsError(f"journal {where} is a member of vstore pool {scan.superblock.pool_uuid} "
                               "(use --force to overwrite)")
     try:
-        other = await Journal.open(dev, "00000000-0000-0000-0000-000000000000", uri=where)
-    except JournalError as e:
-        if "another pool" in str(e):
-            raise ExistsError(f"journal {where} already holds the journal of another pool "
-                              "(use --force to overwrite)") from None
+        slots = [bytes(await dev.read(off, SB_SLOT_SIZE)) for off in SB_OFFSETS]
+        other = newest_superblock(slots)
+    except (MemberIOError, MetadataError):
         return
-    raise ExistsError(f"journal {where} already holds a journal ({other.sb.pool_uuid})")
+    if other.pool_uuid != pool_uuid:
+        raise ExistsError(f"journal {where} already holds the journal of another pool "
+                          f"({other.pool_uuid}; use --force to overwrite)")
 
 
 class ConsistentPool(Protocol):
@@ -89,10 +127,11 @@ class ConsistentPool(Protocol):
     name: str
     meta: dict[str, Any]
     record: dict[str, Any]
+    home: Any  # a vstore.pool.home.Home: where the pool's record is kept
+    lifecycle: Any  # vstore.ops.lifecycle.Lifecycle: ``resident`` in the mount process
     layout: Any  # a RaidLayout (vstore.raid.base), None once too many members failed
     read_only: bool
     recovered_from: dict[str, Any] | None
-    lifecycle: Any  # vstore.ops.lifecycle.Lifecycle: ``resident`` in the mount process
 
     @property
     def members(self) -> Sequence[MemberView]:
@@ -134,6 +173,11 @@ class Consistency:
         # (speed_min, speed_max) of the background resync; None: resync_speed() when it starts.
         self.resync_speed: tuple[int, int] | None = None
         self.started = False
+        # What the layout is given: the journal or the bitmap, swapped by the switches below.
+        self.log = SwitchableLog(None, self._journal_failed)
+        # The recorded journal could not be opened (set by open(), acted on at recovery).
+        self.lost: dict[str, Any] | None = None
+        self._switch_lock = trio.Lock()
 
     # --- create / open --------------------------------------------------------------------
 
@@ -143,39 +187,7 @@ class Consistency:
         pool = self.pool
         meta = pool.meta
         if journal and journal.strip().lower() != "none":
-            if pool.level not in JOURNAL_LEVELS:
-                raise ConfigError(f"a {pool.level} pool has no redundancy to keep consistent: "
-                                  "--journal needs raid1, raid5, raid6 or raid10")
-            paths = split_paths(journal)
-            if len(paths) != 1:
-                raise ConfigError("the journal takes one URI (one path)")
-            uri = paths[0]
-            members = {p.text for m in pool.members for p in m.paths}
-            if uri.text in members:
-                raise ConfigError(f"journal {uri.redacted()} is also a member")
-            dev = await open_uri(uri, create_size=journal_size or DEFAULT_SIZE)
-            try:
-                ident = dev.identity()
-                if ident is not None:
-                    for i, mdev in enumerate(member_devs):
-                        if mdev.identity() == ident:
-                            raise ConfigError(f"journal {uri.redacted()} is the same storage as member {i}")
-                # The log must hold two full-stripe updates (records in blocks of up to 4 KiB).
-                biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], 4096)
-                need = LOG_OFFSET + 2 * biggest
-                need += -need % 4096
-                if dev.size < need:
-                    raise ConfigError(f"journal {uri.redacted()} is too small ({format_size(dev.size)}): this "
-                                      f"pool needs at least {format_size(need)} (--journal-size {format_size(need)})")
-                if not force:
-                    await _refuse_if_in_use(dev, uri.redacted())
-                jr = await Journal.format(dev, meta["pool_uuid"], uri=uri.redacted())
-            except BaseException:
-                await dev.aclose()
-                if dev.created:  # made by this create: leave nothing behind
-                    with contextlib.suppress(OSError):
-                        os.unlink(dev.path)
-                raise
+            jr, uri = await self._format_journal(journal, journal_size, member_devs, force=force)
             self.journal = jr
             meta["journal"] = {"uri": uri.redacted(), "uuid": jr.sb.journal_uuid, "size": jr.log_size}
             pool.record["journal"] = uri.text
@@ -185,6 +197,50 @@ class Consistency:
                 size = max(m.data_size for m in pool.members)
                 meta["bitmap"] = {"region": choose_region(size, meta["chunk"])}
                 self._make_bitmap()
+
+    async def _format_journal(self, text: str, size: int | None, member_devs: Sequence[BlockDevice], *,
+                              force: bool) -> tuple[Journal, MemberURI]:
+        """Open (creating with size) and format a journal device for this pool, after every check."""
+        pool = self.pool
+        meta = pool.meta
+        if pool.level not in JOURNAL_LEVELS:
+            raise ConfigError(f"a {pool.level} pool has no redundancy to keep consistent: "
+                              "--journal needs raid1, raid5, raid6 or raid10")
+        paths = split_paths(text)
+        if len(paths) != 1:
+            raise ConfigError("the journal takes one URI (one path)")
+        uri = paths[0]
+        members = {p.text for m in pool.members for p in m.paths}
+        members |= {t for s in pool.record.get("spares", []) for t in s}
+        if uri.text in members:
+            raise ConfigError(f"journal {uri.redacted()} is also a member or spare of pool {pool.name!r}")
+        dev = await open_uri(uri, create_size=size or DEFAULT_SIZE)
+        try:
+            ident = dev.identity()
+            if ident is not None:
+                for i, mdev in enumerate(member_devs):
+                    if mdev is not None and mdev.identity() == ident:
+                        raise ConfigError(f"journal {uri.redacted()} is the same storage as member {i}")
+                if self.journal is not None and self.journal.dev.identity() == ident:
+                    raise ExistsError(f"{uri.redacted()} is already the journal of pool {pool.name!r}")
+            # The log must hold two full-stripe updates (records in blocks of up to 4 KiB).
+            biggest = record_size(len(pool.members), len(pool.members) * meta["chunk"], 4096)
+            need = LOG_OFFSET + 2 * biggest
+            need += -need % 4096
+            if dev.size < need:
+                raise ConfigError(f"journal {uri.redacted()} is too small ({format_size(dev.size)}): this "
+                                  f"pool needs at least {format_size(need)} (--journal-size {format_size(need)})")
+            if not force:
+                await _refuse_if_in_use(dev, uri.redacted(), meta["pool_uuid"])
+            jr = await Journal.format(dev, meta["pool_uuid"], uri=uri.redacted())
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await dev.aclose()
+            if dev.created:  # made here: leave nothing behind
+                with contextlib.suppress(OSError):
+                    os.unlink(dev.path)
+            raise
+        return jr, uri
 
     def _make_bitmap(self) -> None:
         pool = self.pool
@@ -208,20 +264,62 @@ class Consistency:
         pool = self.pool
         jmeta = pool.meta.get("journal")
         if jmeta:
-            text = pool.record.get("journal") or jmeta["uri"]
+            try:
+                self.journal = await self._open_journal()
+            except VstoreError as e:
+                # The pool goes on without it (recover_and_start records the switch).
+                self.lost = {"uri": jmeta.get("uri"), "error": str(e)}
+                log.warning("pool %s: %s; going on without the journal", pool.name, e)
+                if uses_bitmap(pool.level):
+                    self._make_bitmap()
+        elif uses_bitmap(pool.level):
+            self._make_bitmap()
+
+    async def _open_journal(self) -> Journal:
+        """Open the recorded journal device and check it is this pool's (JournalError if not).
+
+        The config record names the journal with its secrets; during an attach it names
+        the new one (and the previous one) before the metadata commit that makes the new
+        one the pool's: whichever holds the journal the metadata names is opened.
+        """
+        pool = self.pool
+        jmeta = pool.meta["journal"]
+        texts = [t for t in (pool.record.get("journal"), pool.record.get("journal_previous"), jmeta["uri"])
+                 if t]
+        errors: list[JournalError] = []
+        for text in dict.fromkeys(texts):
             uri = split_paths(text)[0]
             try:
                 dev = await open_uri(uri)
             except VstoreError as e:
-                raise JournalError(f"pool {pool.name!r}: cannot open its journal {uri.redacted()}: {e}") from e
+                errors.append(JournalError(f"cannot open journal {uri.redacted()}: {e}"))
+                continue
             try:
-                self.journal = await Journal.open(dev, pool.meta["pool_uuid"], jmeta.get("uuid"),
-                                                  uri=uri.redacted())
+                return await Journal.open(dev, pool.meta["pool_uuid"], jmeta.get("uuid"), uri=uri.redacted())
+            except JournalError as e:
+                errors.append(e)
             except BaseException:
-                await dev.aclose()
+                with trio.CancelScope(shield=True):
+                    await dev.aclose()
                 raise
-        elif uses_bitmap(pool.level):
-            self._make_bitmap()
+            with trio.CancelScope(shield=True):
+                await dev.aclose()
+        raise errors[0]
+
+    async def probe_journal(self) -> None:
+        """Read-only opens: check the recorded journal can be opened; warn (and say so in status) if not."""
+        pool = self.pool
+        if not pool.meta.get("journal"):
+            return
+        try:
+            jr = await self._open_journal()
+        except VstoreError as e:
+            self.lost = {"uri": pool.meta["journal"].get("uri"), "error": str(e)}
+            log.warning("pool %s: %s; the next open for writing goes on without it (in bitmap mode, "
+                        "resyncing every row if it was not closed cleanly)", pool.name, e)
+            return
+        with trio.CancelScope(shield=True):
+            await jr.dev.aclose()
 
     def warn_if_recovery_pending(self) -> None:
         """Read-only opens recover nothing: say so when the last owner died with writes in flight."""
@@ -241,12 +339,28 @@ class Consistency:
         pool = self.pool
         layout = pool.layout
         unclean = pool.recovered_from is not None
+        if self.lost is not None:
+            await self._record_lost_at_open(unclean)
         if self.journal is not None:
-            if unclean:
-                await self.journal.recover(self._replay_write, layout.flush)
-            else:
-                await self.journal.start()
-        elif self.bitmap is not None:
+            jr = self.journal
+            try:
+                if unclean:
+                    await jr.recover(self._replay_write, layout.flush)
+                else:
+                    await jr.start()
+            except JournalError as e:
+                if jr.broken is None:
+                    raise
+                # The device failed while it was replayed or started: go on without it
+                # (the records replayed so far were whole; the full resync covers the rest).
+                log.warning("pool %s: %s; going on without the journal", pool.name, e)
+                self.journal = None
+                await jr.close(clean=False)
+                self.lost = {"uri": jr.uri, "error": str(e)}
+                if uses_bitmap(pool.level):
+                    self._make_bitmap()
+                await self._record_lost_at_open(unclean)
+        if self.journal is None and self.bitmap is not None:
             await self._resync()
         self._begin()
 
@@ -267,13 +381,21 @@ class Consistency:
         if layout is None or not self.started:
             return
         guard = self.journal if self.journal is not None else self.bitmap
+        if guard is None and self.pool.level not in JOURNAL_LEVELS:
+            return
+        self._hook(guard)
+        self.log.backend = guard
+        # Rows are member-offset windows of a chunk on every member of a parity layout.
+        self.log.row_unit = self.pool.meta["chunk"] if self.pool.level in PARITY_LEVELS else None
+        layout.journal = self.log
+
+    def _hook(self, guard: Any) -> None:
         if guard is None:
             return
         guard.checkpoint_allowed = lambda: not self.pool.failures_pending()
         guard.before_commit = self._record_failures
-        if self.journal is not None:
-            self.journal.flush_members = self._flush_for_checkpoint
-        layout.journal = guard
+        if isinstance(guard, Journal):
+            guard.flush_members = self._flush_for_checkpoint
 
     async def _record_failures(self) -> None:
         """A member that failed is marked so in the metadata before any update goes on without it.
@@ -437,6 +559,8 @@ class Consistency:
                         await jr.checkpoint()
                     except VstoreError as e:
                         log.warning("journal %s: background checkpoint failed: %s", jr.uri, e)
+                        if jr.broken is not None:  # the device failed: go on without it now
+                            await self._journal_failed(jr, e)
 
     # --- close and status -----------------------------------------------------------------
 
@@ -462,20 +586,29 @@ class Consistency:
         if jr is None:
             return
         self.journal = None
+        if self.log.backend is jr:
+            self.log.backend = None
         await jr.close(clean=clean)
         if self.pool.layout is not None:
             self.pool.layout.journal = None
 
     def status(self) -> dict[str, Any]:
         """The `journal` entry of `vstore status`."""
+        st = self._mode_status()
+        warning = self._warning(st)
+        if warning:
+            st["warning"] = warning
+        return st
+
+    def _mode_status(self) -> dict[str, Any]:
         pool = self.pool
         if self.journal is not None:
             return self.journal.status()
         jmeta = pool.meta.get("journal")
         unclean = not pool.meta.get("clean", True) and (pool.read_only or not self.started)
         if jmeta:
-            return {"mode": "journal", "uri": jmeta.get("uri"), "size": jmeta.get("size"),
-                    "state": "replay pending" if unclean else "closed"}
+            state = "unreachable" if self.lost else "replay pending" if unclean else "closed"
+            return {"mode": "journal", "uri": jmeta.get("uri"), "size": jmeta.get("size"), "state": state}
         if uses_bitmap(pool.level):
             st: dict[str, Any] = {"mode": "none", "protection": "write-intent bitmap, resync after an unclean shutdown"}
             if self.bitmap is not None:
@@ -484,9 +617,216 @@ class Consistency:
                 st["resync"] = dict(self.resync)
                 if self.resyncer is not None and self.resync.get("state") == "running":
                     st["resync"].update(self.resyncer.status())
-            elif unclean:
-                st["resync"] = {"state": "pending"}
             elif pool.meta.get("resync") and (pool.read_only or not self.started):
                 st["resync"] = dict(pool.meta["resync"])  # stopped with the mount; resumes at open
+            elif unclean:
+                st["resync"] = {"state": "pending"}
             return st
         return {"mode": "none"}
+
+    def _warning(self, st: dict[str, Any]) -> str | None:
+        """The line status shows when the pool lost its journal (or cannot reach it read-only)."""
+        pool = self.pool
+        lost = pool.meta.get("journal_lost")
+        if pool.meta.get("journal") and self.lost:
+            return (f"journal {self.lost.get('uri')} cannot be opened ({self.lost.get('error')}); "
+                    "opened for writing, the pool goes on without it")
+        if not lost or pool.meta.get("journal"):
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(lost.get("when", 0))))
+        mode = ("running with a write-intent bitmap" if uses_bitmap(pool.level)
+                else "running without crash protection")
+        line = f"journal {lost.get('uri')} lost at {when} ({lost.get('error')}); {mode}"
+        resync = st.get("resync")
+        if lost.get("resync") == "all rows":
+            line += (f"; resync of every row {resync.get('state')}" if resync
+                     else "; every row was resynced")
+        return line + "; `vstore journal attach` adds a new one"
+
+    # --- changing the journal on a live pool ------------------------------------------------
+
+    def _set_mode(self, journal: Journal | None, bitmap: WriteIntentBitmap | None) -> None:
+        """Route updates through journal or bitmap from now on (called with updates held back)."""
+        self.journal, self.bitmap = journal, bitmap
+        guard = journal if journal is not None else bitmap
+        self._hook(guard)
+        self.log.backend = guard
+        if self.pool.layout is not None and self.started:
+            self.pool.layout.journal = self.log
+
+    def _bitmap_for_switch(self) -> WriteIntentBitmap | None:
+        """A bitmap for this pool, if its level keeps one without a journal."""
+        if not uses_bitmap(self.pool.level):
+            return None
+        if "bitmap" not in self.pool.meta:
+            size = max(m.data_size for m in self.pool.members)
+            self.pool.meta["bitmap"] = {"region": choose_region(size, self.pool.meta["chunk"])}
+        self._make_bitmap()
+        bitmap, self.bitmap = self.bitmap, None
+        return bitmap
+
+    def _require_live(self) -> None:
+        pool = self.pool
+        if pool.read_only:
+            raise VstoreError(f"pool {pool.name!r} is open read-only")
+        if pool.layout is None or not self.started:
+            raise VstoreError(f"pool {pool.name!r} is not serving data (too many members failed)")
+
+    def _save_record(self, journal_text: str | None, previous: str | None = None) -> None:
+        """Name the journal (with its secrets) in the config record; previous: the one still in use."""
+        pool = self.pool
+        pool.record.pop("journal_previous", None)
+        if journal_text is None:
+            pool.record.pop("journal", None)
+        else:
+            pool.record["journal"] = journal_text
+            if previous and previous != journal_text:
+                pool.record["journal_previous"] = previous
+        pool.home.write_pool(pool.name, pool.record)
+
+    async def _record_lost_at_open(self, unclean: bool) -> None:
+        """The journal could not be opened: go on in bitmap mode, recorded in the metadata.
+
+        After an unclean shutdown nobody knows what the journal had not checkpointed, so
+        every region is marked dirty, durably, before the metadata stops naming the journal:
+        the resync then covers every row, and a crash during it starts it again.
+        """
+        pool = self.pool
+        lost = self.lost
+        assert lost is not None
+        if self.bitmap is not None and unclean:
+            await self.bitmap.mark_all()
+        pool.meta["journal"] = None
+        pool.meta["journal_lost"] = {
+            "uri": lost["uri"], "when": int(time.time()), "error": lost["error"],
+            "resync": "all rows" if unclean and self.bitmap is not None else "none",
+        }
+        await pool.commit()
+        self._save_record(None)
+        log.warning("pool %s: journal %s lost (%s); running with %s%s", pool.name, lost["uri"],
+                    lost["error"], "a write-intent bitmap" if self.bitmap is not None else "no journal",
+                    "; resyncing every row" if unclean and self.bitmap is not None else "")
+        self.lost = None
+
+    async def _journal_failed(self, journal: Any, exc: BaseException) -> None:
+        """The journal device failed under a live pool: go on in bitmap mode, no update lost.
+
+        Updates are held back; those already logged finish in place; a member flush then
+        puts everything the journal held on the members, so the new bitmap starts clear.
+        Until the metadata commit a crash finds the journal recorded (replayed if it is
+        back, else every row resynced); after it, the bitmap protects the pool.
+        """
+        async with self._switch_lock:
+            if self.journal is not journal or self.pool.read_only:
+                return  # switched already (by another writer that saw the failure first)
+            pool = self.pool
+            log.error("pool %s: journal %s failed (%s): switching to %s", pool.name, journal.uri, exc,
+                      "a write-intent bitmap" if uses_bitmap(pool.level) else "no journal")
+            with trio.CancelScope(shield=True):
+                async with self.log.hold():
+                    await pool.flush()
+                    bitmap = self._bitmap_for_switch()
+                    if bitmap is not None:
+                        await bitmap.reset()
+                    old_meta = pool.meta["journal"]
+                    pool.meta["journal"] = None
+                    pool.meta["journal_lost"] = {"uri": journal.uri, "when": int(time.time()),
+                                                 "error": str(exc), "resync": "none"}
+                    try:
+                        await pool.commit()  # the switch point
+                    except BaseException:
+                        pool.meta["journal"] = old_meta
+                        pool.meta.pop("journal_lost", None)
+                        raise
+                    self._set_mode(None, bitmap)
+            self._save_record(None)
+            await self._retire(journal, wipe=False)
+
+    async def _retire(self, journal: Journal, *, wipe: bool) -> None:
+        """Close a journal the pool no longer uses (see Journal.retire)."""
+        await journal.retire(wipe=wipe)
+
+    async def attach_journal(self, text: str, size: int | None = None, *, force: bool = False
+                             ) -> dict[str, Any]:
+        """Add a journal to a live pool, or replace its journal by a new one."""
+        self._require_live()
+        pool = self.pool
+        # Rows a resync has yet to mend are known only to the bitmap: mend them first.
+        await self.wait_resynced()
+        async with self._switch_lock:
+            jr, uri = await self._format_journal(text, size, [m.dev for m in pool.members], force=force)
+            old_journal, old_bitmap = self.journal, self.bitmap
+            old_meta = pool.meta.get("journal")
+            old_text = pool.record.get("journal") if old_meta else None
+            lost = pool.meta.get("journal_lost")
+            switched = False
+            try:
+                # Named first (so the new journal's secrets outlive a crash after the commit),
+                # the old one still beside it (the metadata names it until the commit).
+                self._save_record(uri.text, old_text)
+                await jr.start()
+                self.log.next_limit = jr.max_update_bytes  # updates planned from now on fit it
+                # Not cancelled half way (updates wait meanwhile, as they do for one another).
+                with trio.CancelScope(shield=True):
+                    async with self.log.hold():
+                        # Nothing under way; the flush puts every update on the members, so the
+                        # old mode (its log or its dirty bits) has nothing left to protect.
+                        await pool.flush()
+                        pool.meta["journal"] = {"uri": uri.redacted(), "uuid": jr.sb.journal_uuid,
+                                                "size": jr.log_size}
+                        pool.meta.pop("journal_lost", None)
+                        try:
+                            await pool.commit()  # the switch point
+                        except BaseException:
+                            pool.meta["journal"] = old_meta
+                            if lost is not None:
+                                pool.meta["journal_lost"] = lost
+                            raise
+                        switched = True
+                        self._set_mode(jr, None)
+            except BaseException:
+                if not switched:
+                    self._save_record(old_text)
+                    with trio.CancelScope(shield=True):
+                        await jr.close(clean=False)
+                raise
+            finally:
+                self.log.next_limit = None
+            self._save_record(uri.text)
+            log.info("pool %s: journal %s attached%s", pool.name, uri.redacted(),
+                     f" in place of {old_journal.uri}" if old_journal is not None else "")
+            if old_journal is not None:
+                await self._retire(old_journal, wipe=True)
+            elif old_bitmap is not None:
+                try:
+                    await old_bitmap.reset()  # tidy: the bitmap is not read in journal mode
+                except VstoreError as e:
+                    log.warning("pool %s: clearing the old bitmap: %s", pool.name, e)
+        return self.status()
+
+    async def detach_journal(self, *, wipe: bool = True) -> dict[str, Any]:
+        """Remove the journal of a live pool: it goes on in bitmap mode."""
+        self._require_live()
+        pool = self.pool
+        async with self._switch_lock:
+            jr = self.journal
+            if jr is None:
+                raise NotFoundError(f"pool {pool.name!r} has no journal")
+            bitmap = self._bitmap_for_switch()
+            old_meta = pool.meta.get("journal")
+            with trio.CancelScope(shield=True):
+                async with self.log.hold():
+                    await pool.flush()  # every logged update is on the members, durably
+                    if bitmap is not None:
+                        await bitmap.reset()  # clear on every member before the metadata says "no journal"
+                    pool.meta["journal"] = None
+                    try:
+                        await pool.commit()  # the switch point
+                    except BaseException:
+                        pool.meta["journal"] = old_meta
+                        raise
+                    self._set_mode(None, bitmap)
+            self._save_record(None)
+            log.info("pool %s: journal %s detached", pool.name, jr.uri)
+            await self._retire(jr, wipe=wipe)
+        return self.status()

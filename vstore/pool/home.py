@@ -138,7 +138,7 @@ class Home:
 
     def pool_storage_of(self, path: str) -> str | None:
         """'member 2 of pool p' when path is the same storage (device and inode) as a local
-        member or spare of a pool recorded here, else None (also when path does not exist)."""
+        member, spare or journal of a pool recorded here, else None (also when path does not exist)."""
         from vstore.errors import VstoreError
         from vstore.uri import split_paths
 
@@ -154,6 +154,7 @@ class Home:
                 continue
             groups = [("member", i, m) for i, m in enumerate(record.get("members", []))]
             groups += [("spare", i, s) for i, s in enumerate(record.get("spares", []))]
+            groups += [("journal", None, [record[k]]) for k in ("journal", "journal_previous") if record.get(k)]
             for kind, i, texts in groups:
                 for text in texts:
                     try:
@@ -168,5 +169,5 @@ class Home:
                         except (OSError, ValueError):
                             continue
                         if (other.st_dev, other.st_ino) == want:
-                            return f"{kind} {i} of pool {pool!r}"
+                            return f"{kind} {i} of pool {pool!r}" if i is not None else f"the {kind} of pool {pool!r}"
         return None

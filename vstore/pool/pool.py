@@ -285,6 +285,7 @@ class Pool:
                 await pool.consistency.recover_and_start()
                 pool.lifecycle.reattach()  # before anything writes: an interrupted move records them
             else:
+                await pool.consistency.probe_journal()
                 pool.consistency.warn_if_recovery_pending()
             return pool
         except BaseException:
@@ -709,7 +710,7 @@ class Pool:
         if self.layout is not None:
             out["layout"] = {"level": self.level, **self.layout.iostats.as_dict()}
         journal = self.layout.journal if self.layout is not None else None
-        if journal is not None:
+        if journal is not None and journal.stats:
             out["journal" if journal.logs_parity else "bitmap"] = dict(journal.stats)
         return out
 
