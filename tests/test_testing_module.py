@@ -454,3 +454,30 @@ async def test_a_crash_after_a_crash_cuts_into_the_recovery(journal: bool) -> No
     finally:
         rig.heal()
         await rig.aclose()
+
+
+@pytest.mark.parametrize(("level", "n"), [("raid5", 4), ("raid1", 2)])
+@pytest.mark.parametrize("frac", [0.2, 0.5, 0.9])
+async def test_crashes_during_a_move_and_a_journal_switch(level: str, n: int, frac: float) -> None:
+    """Torture's m and j steps: the power fails inside a move, a journal attach and a detach
+    (and inside the recovery that resumes the move); every check holds after each."""
+    rig = await _memory_rig(level, n, journal=True)
+    rig.add_memory("s0", 8 << 20)
+    await rig.start()
+    runner = Runner(PoolTarget(rig, level, journal=False), window=8 * 12288)
+    sched = parse_schedule(
+        f"w:0:40000:1,f,w:50000:9000:2,m:1,crash@{frac}:random:3,crash@{frac}:keep:4,"
+        f"w:20000:30000:5,j:1,crash@{frac}:random:6,w:1000:5000:7,j:0,crash@{frac}:random:8,"
+        "w:7000:20000:9,r:0:90000")
+    try:
+        await runner.start()
+        for op in sched:
+            await runner.apply(op)
+        st = runner.stats
+        assert st.moves == 1 and st.switches == 2 and st.crashes == 4 and st.skipped_crashes == 0
+        # The move finished (resumed after the crash when it cut it short).
+        assert runner.target.members[1] == "s0"
+        await runner.finish()
+    finally:
+        rig.heal()
+        await rig.aclose()
