@@ -290,8 +290,9 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
                 click.echo(f"note: {note}")
             if failure is None:
                 click.echo(f"PASS: {s.rounds} rounds, {s.ops} operations, {s.crashes} crashes, "
-                           f"{s.failures} member failures, {s.rebuilds} rebuilds, {s.paths} path "
-                           f"failures, {s.checks} checks; seed {seed}")
+                           f"{s.failures} member failures, {s.rebuilds} rebuilds, {s.moves} moves, "
+                           f"{s.switches} journal switches, {s.paths} path failures, {s.checks} "
+                           f"checks; seed {seed}")
                 return True
             _report_failure(rerun, seed, failure, round_info=f" in round {s.rounds}")
             return False
