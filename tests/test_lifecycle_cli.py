@@ -166,7 +166,9 @@ def test_cli_lifecycle_on_a_mounted_pool_in_use(tmp_path: Path) -> None:
             vstore(home, "spare", "add", "p", f"file://{d}/s0.img", "--size", "32M")
             vstore(home, "fail", "p", "2")
             write_some(20)
-            st = _wait(home, lambda s: s["state"] == "clean")
+            # Clean once the member is active; the takeover operation ends a moment later.
+            st = _wait(home, lambda s: s["state"] == "clean"
+                       and (s.get("operation") or {}).get("state") != "running")
             assert st["members"][2]["uri"] == f"file://{d}/s0.img" and st["spares"] == []
 
             # A background scrub stopped half way resumes from its checkpoint; then a move,
