@@ -26,11 +26,11 @@ def _bench_main() -> Callable[..., int]:
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
               help="Output directory for the chart and reports (default ./vstore-bench when installed, "
                    "bench/results in a checkout).")
-@click.option("--kinds", default="memory,file", show_default=True, help="Member kinds for the layouts section.")
+@click.option("--kinds", default=None, help="Member kinds for the layouts section (default memory,file).")
 @click.option("--profile", is_flag=True, help="stack: py-spy on the vstore mount during each job.")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, only: str | None, json_path: str | None, out: str | None,
-          kinds: str, profile: bool) -> None:
+          kinds: str | None, profile: bool) -> None:
     """Benchmark the RAID kernels, the layouts and the whole stack, each against a baseline of the same run.
 
     Prints tables, writes a JSON report and a PNG chart of the layouts. A missing
@@ -46,11 +46,13 @@ def bench(ctx: click.Context, quick: bool, only: str | None, json_path: str | No
         if unknown or not wanted:
             raise click.BadParameter(f"unknown section(s) {', '.join(unknown) or repr(only)}; "
                                      f"choose from {', '.join(known)}", param_hint="'--only'")
-    bad_kinds = [k for k in kinds.split(",") if k not in ("memory", "file")]
-    if bad_kinds:
-        raise click.BadParameter(f"unknown member kind(s) {', '.join(bad_kinds)}; choose from memory,file",
-                                 param_hint="'--kinds'")
-    argv = ["--kinds", kinds]
+    argv: list[str] = []
+    if kinds is not None:
+        bad_kinds = [k for k in kinds.split(",") if k not in ("memory", "file")]
+        if bad_kinds or not kinds:
+            raise click.BadParameter(f"unknown member kind(s) {', '.join(bad_kinds) or repr(kinds)}; "
+                                     "choose from memory,file", param_hint="'--kinds'")
+        argv += ["--kinds", kinds]
     if quick:
         argv.append("--quick")
     if only is not None:
