@@ -126,6 +126,9 @@ def test_an_fstab_line_mounts_writable(pool, tmp_path: Path) -> None:
                      f"home={home} 0 0\n")
     res = _mount("-T", str(fstab), str(mp))
     assert res.returncode == 0, res.stdout + res.stderr
+    res = _mount("-a", "-T", str(fstab))  # again, as `mount -a` does: mounted already is fine
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already mounted" in res.stderr
     fd = os.open(mp / "v", os.O_RDWR)
     try:
         os.pwrite(fd, b"written through fstab", 1000)

@@ -8,7 +8,9 @@
 - the generic options mount(8) and systemd use (``defaults``, ``rw``, ``auto``/``noauto``,
   ``nofail``, ``_netdev``, ``user``, ``exec``..., ``x-*``, ``comment=*``) are accepted and ignored;
   any other option is an error unless ``-s`` (sloppy) is given;
-- ``-f`` (fake) checks the options and mounts nothing; ``-v`` prints the command; ``-n`` is ignored.
+- ``-f`` (fake) checks the options and mounts nothing; ``-v`` prints the command; ``-n`` is ignored;
+- POOL already mounted on DIR is success (mount(8) cannot tell, from ``vstore:POOL`` of type
+  ``fuse.vstore``, that an fstab line ``POOL DIR vstore`` is mounted, so ``mount -a`` asks again).
 
 Exit codes follow mount(8): 0 mounted, 1 bad invocation, 32 the mount failed.
 ``vstore install-helpers`` links ``/sbin/mount.vstore`` to this helper's console script and
@@ -106,6 +108,12 @@ def mount_helper(argv: list[str]) -> int:
         print("mount.vstore: " + " ".join(["vstore", *cmd[3:]]), file=sys.stderr)
     if "f" in flags:
         return 0
+    from fuse_mount.daemon import mount_entry
+
+    entry = mount_entry(mountpoint)
+    if entry is not None and (entry["fstype"], entry["source"]) == ("fuse.vstore", f"vstore:{pool}"):
+        print(f"mount.vstore: {pool} is already mounted on {entry['mountpoint']}", file=sys.stderr)
+        return 0  # `mount -a` again
     return 0 if subprocess.run(cmd).returncode == 0 else 32
 
 
