@@ -15,8 +15,13 @@ Sections (``--only`` takes a comma-separated subset):
   in. They run by default in a full run only (``--quick`` runs them only when
   named in ``--only``).
 
-Writes ``OUT/bench.json`` (machine description + every section) and
-``OUT/layouts.png``; ``--quick`` uses small sizes and few workloads (under a minute).
+Writes ``OUT/bench.json`` (machine description + every section; ``--json FILE``
+writes it to FILE instead) and ``OUT/layouts.png`` (skipped, with a note, when
+matplotlib is missing); ``--quick`` uses small sizes and few workloads (under a
+minute). A missing baseline (fio, FUSE, qemu-storage-daemon, ISA-L) is reported as
+missing; the exit code is 1 only when a benchmark itself broke. ``vstore bench``
+runs this same program. OUT defaults to ``bench/results`` in a checkout and to
+``./vstore-bench`` when vstore is installed.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from bench import machine, report
 from bench.fuse_ceiling import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results"
+# In a checkout, bench/results (git-ignored); installed (site-packages), the working directory.
+DEFAULT_OUT = ROOT / "bench" / "results" if (ROOT / "pyproject.toml").exists() else Path("vstore-bench")
 CORE = ("kernels", "layouts", "stack")
 PEERS = ("iscsi", "nfs", "multipath", "journal")
 PEER_TIMEOUT = 900
@@ -154,12 +160,24 @@ def run_peer(name: str, quick: bool, out: Path) -> dict:
     return {"status": "ok", "seconds": time.time() - t0, "report": json.loads(path.read_text())}
 
 
-def main(argv: list[str] | None = None) -> int:
+def chart(res: dict, path: Path) -> str | None:
+    """Draw the layouts chart into path; None when drawn, else why not (matplotlib is optional)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no chart"
+    report.layouts_chart(res, path)
+    return None
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     """Run the selected benchmarks, print the tables, write JSON and the chart; 1 if a section failed."""
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few workloads (under a minute)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(CORE + PEERS)}")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    ap.add_argument("--json", type=Path, default=None, dest="json_path",
+                    help="write the JSON report to this file (default OUT/bench.json)")
     ap.add_argument("--kinds", default="memory,file", help="member kinds for the layouts (memory,file)")
     ap.add_argument("--profile", action="store_true",
                     help="stack: py-spy on the vstore mount during each of its jobs (OUT/stack-profiles/)")
@@ -178,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "vstore",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "machine": machine.describe(),
         "sections": sections,
         "errors": {},
     }
-    json_path = out / "bench.json"
+    json_path = args.json_path or out / "bench.json"
     failed = False
+    written: list[Path] = []
     for section in sections:
         _log(f"running {section}")
         t0 = time.time()
@@ -198,8 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                 result["layouts"] = res = __import__("bench.layouts").layouts.run(
                     args.quick, tuple(args.kinds.split(",")), log=_log)
                 report.show_layouts(res)
-                report.layouts_chart(res, out / "layouts.png")
-                res["chart"] = str(out / "layouts.png")
+                skipped = chart(res, out / "layouts.png")
+                if skipped:
+                    res["chart_skipped"] = skipped
+                    report.console().print(f"[yellow]layouts: {skipped}[/]")
+                else:
+                    res["chart"] = str(out / "layouts.png")
+                    written.append(out / "layouts.png")
             elif section == "stack":
                 from bench import stack
 
@@ -220,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["load_average_end"] = machine.describe()["load_average"]
     result["seconds"] = time.time() - started
     report.write_json(json_path, result)
-    report.console().print(f"wrote {json_path}" + (f" and {out / 'layouts.png'}" if "layouts" in result else "")
-                           + f" in {result['seconds']:.0f} s")
+    written.insert(0, json_path)
+    report.console().print(f"wrote {' and '.join(map(str, written))} in {result['seconds']:.0f} s")
+    if failed:
+        report.console().print(f"[red]failed: {', '.join(sorted(result['errors']) or ['a backend benchmark'])}[/]")
     return 1 if failed else 0
 
 

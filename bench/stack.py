@@ -580,6 +580,10 @@ def run(quick: bool, log: Callable[[str], None] = print, *, profile: bool = Fals
         report["missing"]["fio"] = "fio is not installed: nothing was measured"
         _finish(report, groups)
         return report
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK) or shutil.which("fusermount3") is None:
+        report["missing"]["fuse"] = "no usable /dev/fuse or fusermount3 (FUSE 3): nothing was measured"
+        _finish(report, groups)
+        return report
     spy = py_spy() if profile else None
     if profile and spy is None:
         report["missing"]["py-spy"] = "py-spy not found: no profiles"

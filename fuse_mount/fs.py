@@ -49,6 +49,13 @@ STATUS_NAME = "status"
 STATS_NAME = "fuse-stats"
 STATFS_BLOCK = 4096
 
+# fallocate(2) modes (linux/falloc.h); the kernel's FUSE passes on only these three.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+ZERO_PIECE = 1 << 20  # a punch reads and zeroes the range in pieces of this size
+ZERO_BLOCK = 4096  # ... and writes zeros only over the blocks of a piece that are not zero already
+
 
 class MountTarget(Protocol):
     """What the FUSE front end mounts: a pool (vstore.pool.pool.Pool satisfies it).
@@ -202,6 +209,7 @@ class VolumeFS(pyfuse3.Operations):
         self.errors = _ErrorLog()
         self.reads = RequestStats()
         self.writes = RequestStats()
+        self.fallocates = RequestStats()  # fallocate(2) requests: punch (discard), zero, allocate
         self.layer = LayerStats()  # time from the handler into the volume and back
         self.flushes = 0
         self.write_generation = 0  # bumped by every write; compared by the periodic flusher
@@ -285,6 +293,7 @@ class VolumeFS(pyfuse3.Operations):
         out: dict[str, Any] = {
             "read": self.reads.as_dict(),
             "write": self.writes.as_dict(),
+            "fallocate": self.fallocates.as_dict(),
             "flush": self.flushes,
             "open_handles": len(self._handles),
             "errors": sum(self.errors.counts.values()),
@@ -499,6 +508,70 @@ class VolumeFS(pyfuse3.Operations):
         return length
 
     @_guard
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): PUNCH_HOLE frees member space and reads back zeros; ZERO_RANGE writes zeros.
+
+        A punch (what a loop device sends for a discard, what ``fstrim`` ends in) first
+        writes zeros over every block of the range that does not read as zeros already,
+        then discards the range below: the discard frees space where the members can
+        (holes in sparse file members) and is a no-op where they cannot (parity layouts,
+        NFSv3), so the range reads as zeros whatever the layers below did with it and
+        no stale byte ever comes back. Plain allocation succeeds inside the volume (its
+        space is addressable already); a file never grows (ENOSPC, as for writes).
+        """
+        handle = self._handle(fh)
+        if not handle.name:
+            raise FUSEError(errno.EBADF)
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
+        if not handle.writable:
+            raise FUSEError(errno.EBADF)
+        dev = self._device(handle)
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FUSEError(errno.EOPNOTSUPP)
+        punch, zero = bool(mode & FALLOC_FL_PUNCH_HOLE), bool(mode & FALLOC_FL_ZERO_RANGE)
+        if (punch and zero) or (punch and not mode & FALLOC_FL_KEEP_SIZE):
+            raise FUSEError(errno.EOPNOTSUPP)  # as fallocate(2) says; the VFS refuses these first
+        end = offset + length
+        if end > dev.size:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise FUSEError(errno.ENOSPC)  # the file would grow: volumes never do
+            end = dev.size
+        self.fallocates.add(length)
+        if end <= offset or not (punch or zero):
+            return
+        handle.dirty = True
+        self.write_generation += 1
+        try:
+            await self._zero(dev, offset, end, only_nonzero=punch)
+            if punch:
+                await self._discard(dev, offset, end)
+        except OutOfRangeError:
+            raise FUSEError(errno.ENOSPC) from None  # the volume shrank under us
+        self._mtime_ns[handle.ino] = time.time_ns()
+
+    async def _zero(self, dev: BlockDevice, offset: int, end: int, *, only_nonzero: bool) -> None:
+        """Write zeros over [offset, end); with only_nonzero, only over blocks that are not zero yet."""
+        zeros = np.zeros(min(ZERO_PIECE, end - offset), np.uint8)
+        for start in range(offset, end, ZERO_PIECE):
+            n = min(ZERO_PIECE, end - start)
+            if not only_nonzero:
+                await dev.write(start, zeros[:n])
+                continue
+            data = np.asarray(await dev.read(start, n), dtype=np.uint8)
+            for a, b in _nonzero_runs(data, ZERO_BLOCK):
+                await dev.write(start + a, zeros[: b - a])
+
+    async def _discard(self, dev: BlockDevice, offset: int, end: int) -> None:
+        """Discard below to free space; advisory (the range is zeros already), so an error is logged only."""
+        try:
+            await dev.discard(offset, end - offset)
+        except VstoreError as e:
+            self.errors.report("discard", e, bug=False)
+
+    @_guard
     async def flush(self, fh: int) -> None:
         """close(): make this handle's writes durable (if it wrote anything)."""
         handle = self._handles.get(fh)
@@ -578,6 +651,24 @@ class VolumeFS(pyfuse3.Operations):
             elif ino in self._size_of and self._size_of[ino] != dev.size:
                 self._size_of[ino] = dev.size
                 await _notify(pyfuse3.invalidate_inode, ino, False)
+
+
+def _nonzero_runs(data: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of data's block-sized pieces (the last may be short) that hold a non-zero byte."""
+    full = len(data) // block * block
+    flags = list(np.any(data[:full].reshape(-1, block), axis=1)) if full else []
+    if full < len(data):
+        flags.append(bool(np.any(data[full:])))
+    runs: list[tuple[int, int]] = []
+    for i, nonzero in enumerate(flags):
+        if not nonzero:
+            continue
+        a, b = i * block, min((i + 1) * block, len(data))
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
 
 
 async def _notify(fn: Callable[..., None], *args: Any) -> None:

@@ -32,10 +32,13 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 # pyfuse3 copies every request in from /dev/fuse and every reply out while holding
-# the GIL, so vstore's I/O threads stall behind those copies. Rebuild it from its
-# sdist with scripts/pyfuse3-nogil.patch (the copies in `with nogil` blocks); the
-# marker pyfuse3._pyfuse3.VSTORE_NOGIL_PATCH says it is in place.
-if ! .venv/bin/python -c "import pyfuse3._pyfuse3 as p, sys; sys.exit(0 if getattr(p, 'VSTORE_NOGIL_PATCH', 0) >= 1 else 1)" 2>/dev/null; then
+# the GIL, so vstore's I/O threads stall behind those copies, and it has no fallocate
+# handler, so TRIM/discard never reach vstore. Rebuild it from its sdist with
+# scripts/pyfuse3-nogil.patch (the copies in `with nogil` blocks; a fallocate op calling
+# Operations.fallocate); the marker pyfuse3._pyfuse3.VSTORE_NOGIL_PATCH (2 since the
+# fallocate op) says it is in place, and an older patched build is rebuilt.
+PATCH_LEVEL=2
+if ! .venv/bin/python -c "import pyfuse3._pyfuse3 as p, sys; sys.exit(0 if getattr(p, 'VSTORE_NOGIL_PATCH', 0) >= $PATCH_LEVEL else 1)" 2>/dev/null; then
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))")
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
@@ -43,6 +46,6 @@ if ! .venv/bin/python -c "import pyfuse3._pyfuse3 as p, sys; sys.exit(0 if getat
   tar xzf "$work"/pyfuse3-"$version".tar.gz -C "$work"
   patch -s -p1 -d "$work/pyfuse3-$version" < scripts/pyfuse3-nogil.patch
   .venv/bin/python -m pip install -q --no-deps --force-reinstall "$work/pyfuse3-$version" >/dev/null
-  .venv/bin/python -c "import pyfuse3._pyfuse3 as p; assert p.VSTORE_NOGIL_PATCH >= 1"
+  .venv/bin/python -c "import pyfuse3._pyfuse3 as p; assert p.VSTORE_NOGIL_PATCH >= $PATCH_LEVEL"
   echo "setup: pyfuse3 $version rebuilt with scripts/pyfuse3-nogil.patch"
 fi

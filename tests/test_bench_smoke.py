@@ -17,13 +17,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio"),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-                       reason="needs /dev/fuse and fusermount3"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts of the stack benchmark need root"),
-]
+pytestmark = [pytest.mark.integration]
+
+
+def _needs_the_stack() -> None:
+    if shutil.which("fio") is None:
+        pytest.skip("needs fio")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3")
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts of the stack benchmark need root")
 
 MACHINE_KEYS = {"cpu", "cores", "memory_bytes", "kernel", "python", "numpy", "numba", "trio", "fio"}
 LEVELS = {"linear", "raid0", "raid1", "raid5", "raid6", "raid10"}
@@ -52,16 +55,23 @@ def _figures(node, path: str = ""):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
+    """`vstore bench --quick --json FILE --out DIR` (the CLI runs the program of `python -m bench`)."""
+    _needs_the_stack()
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    json_path = out / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "vstore.cli.main", "bench", "--quick", "--out", str(out),
+                           "--json", str(json_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "layouts.png").stat().st_size > 0
-    return json.loads((out / "bench.json").read_text())
+    assert f"wrote {json_path} and {out / 'layouts.png'}" in proc.stdout
+    assert not (out / "bench.json").exists()  # --json FILE replaces OUT/bench.json
+    return json.loads(json_path.read_text())
 
 
 def test_top_level_schema(report: dict) -> None:
     assert report["quick"] is True
+    assert report["command"].startswith("vstore bench --")
+    assert report["layouts"]["chart"].endswith("layouts.png")
     assert report["sections"] == ["kernels", "layouts", "stack"]
     assert report["errors"] == {}
     assert MACHINE_KEYS <= set(report["machine"])
@@ -136,3 +146,44 @@ def test_every_figure_is_a_positive_number(report: dict) -> None:
 def test_no_mount_left_behind(report: dict) -> None:
     mounts = Path("/proc/self/mountinfo").read_text()
     assert "vstore-bench-" not in mounts
+
+
+def _vstore_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vstore.cli.main", "bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bench_reports_a_missing_fio_and_exits_0(tmp_path: Path) -> None:
+    """No fio on PATH: the stack section says so, nothing fails, and only the JSON is claimed written."""
+    bin_dir = tmp_path / "bin"  # an empty PATH: no fio, no qemu-storage-daemon
+    bin_dir.mkdir()
+    out, json_path = tmp_path / "out", tmp_path / "r.json"
+    proc = _vstore_bench("--quick", "--only", "stack", "--out", str(out), "--json", str(json_path),
+                         env=dict(os.environ, PATH=str(bin_dir)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(json_path.read_text())
+    assert rep["errors"] == {}
+    assert "fio" in rep["stack"]["missing"]
+    assert rep["stack"]["results"] == {}
+    assert "missing: fio" in proc.stdout
+    assert f"wrote {json_path} in" in proc.stdout
+    assert "layouts.png" not in proc.stdout and not (out / "layouts.png").exists()
+
+
+def test_cli_bench_unknown_section_is_one_line(tmp_path: Path) -> None:
+    proc = _vstore_bench("--quick", "--only", "kernels,warp", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown section(s) warp" in lines[0] and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written
+
+
+def test_chart_without_matplotlib_is_skipped_with_a_note(tmp_path: Path, monkeypatch) -> None:
+    """matplotlib missing (a plain `pip install .` before it was a dependency): a note, not a failure."""
+    import importlib
+
+    bench_main = importlib.import_module("bench.__main__")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    note = bench_main.chart({"rows": []}, tmp_path / "layouts.png")
+    assert note is not None and "matplotlib is not installed" in note
+    assert not (tmp_path / "layouts.png").exists()

@@ -81,12 +81,14 @@ async def mounted(target: FakeTarget, tmp_path: Path, **kwargs):
 
 def test_pyfuse3_copies_without_the_gil() -> None:
     """The set-up rebuilds pyfuse3 with scripts/pyfuse3-nogil.patch (else the I/O threads stall)."""
+    import pyfuse3
     import pyfuse3._pyfuse3 as p
 
-    patched = getattr(p, "VSTORE_NOGIL_PATCH", 0) >= 1
+    patched = getattr(p, "VSTORE_NOGIL_PATCH", 0) >= 2  # 2: with the fallocate op (TRIM)
     if not patched and os.environ.get("CI", "").lower() != "true":
         pytest.skip("pyfuse3 without vstore's patch (run scripts/setup.sh)")
     assert patched, "scripts/setup.sh must rebuild pyfuse3 with scripts/pyfuse3-nogil.patch"
+    assert "fallocate" in vars(pyfuse3.Operations)
 
 
 
@@ -869,3 +871,107 @@ def test_forget_destroy_and_rename_respect_the_mount(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert (mp / "w").exists() and not (mp / "v").exists()
     assert "p  " in _vstore(tmp_path / "home", "list").stdout  # still recorded
+
+
+# ---------------------------------------------------------------------------- TRIM / discard
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _needs_fallocate_patch() -> None:
+    import pyfuse3._pyfuse3 as p
+
+    if getattr(p, "VSTORE_NOGIL_PATCH", 0) < 2 and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("pyfuse3 without vstore's fallocate patch (run scripts/setup.sh)")
+
+
+def _allocated(paths: list[Path]) -> int:
+    """Bytes the filesystem holds for these (sparse) files."""
+    return sum(os.stat(p).st_blocks * 512 for p in paths)
+
+
+@needs_root
+def test_punch_hole_reads_zeros_even_where_the_layout_cannot_discard(tmp_path: Path) -> None:
+    """raid5 ignores discards: a punched range still reads as zeros, then and after a remount (fallocate(2))."""
+    _needs_fallocate_patch()
+    data = bytearray(random.Random(11).randbytes(4 * MiB))
+    punch = (MiB + 123, 2 * MiB + 1000)  # not block-aligned at either end
+    zero = (3 * MiB + 7, 4096 * 3)
+    with cli_mounted(tmp_path, "raid5", 3, "16M", (("v", "8M"),)) as (home, mp):
+        fd = os.open(mp / "v", os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(data), 0)
+            os.fsync(fd)
+            _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, *punch)
+            data[punch[0] : punch[0] + punch[1]] = bytes(punch[1])
+            _fallocate(fd, FALLOC_FL_ZERO_RANGE, *zero)
+            data[zero[0] : zero[0] + zero[1]] = bytes(zero[1])
+            _fallocate(fd, 0, 0, 8 * MiB)  # plain allocation inside the volume: nothing to do
+            with pytest.raises(OSError) as grow:
+                _fallocate(fd, 0, 4 * MiB, 8 * MiB)  # would grow the file
+            assert grow.value.errno == errno.ENOSPC
+            _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 7 * MiB, 4 * MiB)  # past the end: clipped
+            os.fsync(fd)
+            assert os.pread(fd, 4 * MiB, 0) == bytes(data)
+        finally:
+            os.close(fd)
+        stats = json.loads((mp / ".vstore" / "fuse-stats").read_text())
+        assert stats["fallocate"]["count"] == 4 and stats["errors"] == 0
+    out = tmp_path / "out.bin"
+    _vstore(home, "export", "p", "v", str(out))
+    got = out.read_bytes()
+    assert got[: 4 * MiB] == bytes(data)
+    assert got[7 * MiB :] == bytes(MiB)
+
+
+@needs_root
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("mkfs.ext4", "losetup", "fstrim", "e2fsck")),
+                    reason="needs e2fsprogs, losetup and fstrim")
+def test_fstrim_through_a_loop_device_frees_member_space(tmp_path: Path) -> None:
+    """ext4 on a loop device on a volume file: fstrim punches holes in the sparse file members."""
+    _needs_fallocate_patch()
+    ext = tmp_path / "ext4"
+    ext.mkdir()
+    members = [tmp_path / f"m{i}.img" for i in range(2)]
+    with cli_mounted(tmp_path, "raid0", 2, "48M", (("v", "64M"),)) as (_, mp):
+        loop = ""
+        try:
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(mp / "v")], check=True,
+                           capture_output=True)
+            loop = subprocess.run(["losetup", "--find", "--show", str(mp / "v")], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+            granted = Path(f"/sys/block/{Path(loop).name}/queue/discard_max_bytes").read_text().strip()
+            assert int(granted) > 0  # the loop driver passes discards on (FUSE answers fallocate)
+            subprocess.run(["mount", loop, str(ext)], check=True)
+            payload = random.Random(3).randbytes(24 * MiB)
+            (ext / "big").write_bytes(payload)
+            subprocess.run(["sync"], check=True)
+            full = _allocated(members)
+            (ext / "big").unlink()
+            subprocess.run(["sync"], check=True)
+            assert _allocated(members) >= full - MiB  # deleting frees nothing below by itself
+            res = subprocess.run(["fstrim", "-v", str(ext)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout + res.stderr
+            freed = full - _allocated(members)
+            assert freed >= 20 * MiB, (full, freed)
+            subprocess.run(["umount", str(ext)], check=True)
+            subprocess.run(["losetup", "-d", loop], check=True)
+            loop = ""
+            res = subprocess.run(["e2fsck", "-fn", str(mp / "v")], capture_output=True, text=True)
+            assert res.returncode == 0, res.stdout + res.stderr
+        finally:
+            subprocess.run(["umount", "-l", str(ext)], capture_output=True)
+            if loop:
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+            detach_loops(mp)

@@ -1021,3 +1021,55 @@ async def test_an_idle_pool_answers_the_targets_pings(tmp_path):
             await pool.aclose()
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- discard (UNMAP)
+
+
+def test_unmap_codec():
+    params = iscsi.scsi.unmap_parameters([(8, 16), (1 << 33, 1)])
+    assert len(params) == 8 + 2 * 16
+    assert params[:4] == bytes([0, 6 + 32, 0, 32])
+    assert params[8:24] == (8).to_bytes(8, "big") + (16).to_bytes(4, "big") + bytes(4)
+    assert params[24:32] == (1 << 33).to_bytes(8, "big")
+    assert iscsi.scsi.unmap(len(params)) == bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 40, 0])
+    cap = bytearray(32)
+    cap[0:12] = (99).to_bytes(8, "big") + (512).to_bytes(4, "big")
+    assert not iscsi.scsi.parse_read_capacity_16(cap).lbpme
+    cap[14] = 0xC0
+    c = iscsi.scsi.parse_read_capacity_16(cap)
+    assert (c.blocks, c.lbpme, c.lbprz) == (100, True, True)
+    page = bytearray(64)
+    page[1], page[3] = 0xB0, 60
+    page[20:28] = (4096).to_bytes(4, "big") + (1).to_bytes(4, "big")
+    assert iscsi.scsi.parse_vpd_block_limits(page) == iscsi.scsi.BlockLimits(4096, 1)
+    assert iscsi.scsi.parse_vpd_block_limits(bytes([0, 0xB0, 0, 8]) + bytes(8)).max_unmap_blocks == 0
+
+
+async def test_discard_unmaps_a_thin_lun_and_leaves_a_thick_one_alone():
+    """A thin LU (LBPME, LBPRZ) gets UNMAP: holes in tgt's backing file, zeros read back; a thick one keeps its bytes."""
+    with TgtServer() as srv:
+        t = srv.add_target("iqn.2026-12.test:unmap")
+        thin = srv.add_lun(t.tid, 1, LUN_SIZE, thin=True)
+        thick = srv.add_lun(t.tid, 2, LUN_SIZE)
+        data = pattern(8 << 20, 21)
+        for lu, is_thin in ((thin, True), (thick, False)):
+            dev = await iscsi.open_uri(parse_uri(srv.url(t.tid, lu.lun)))
+            try:
+                await dev.write(0, data)
+                await dev.flush()
+                full = os.stat(lu.path).st_blocks * 512
+                assert full >= 8 << 20
+                await dev.discard((1 << 20) + 100, 5 << 20)  # whole blocks only: [1 MiB + 512, 6 MiB + 100)
+                await dev.flush()
+                back = await dev.read(0, 8 << 20)
+                expect = data.copy()
+                if is_thin:
+                    expect[(1 << 20) + 512 : 6 << 20] = 0
+                    assert os.stat(lu.path).st_blocks * 512 <= full - (4 << 20)
+                else:
+                    assert os.stat(lu.path).st_blocks * 512 == full
+                assert np.array_equal(back, expect)
+                assert np.array_equal(read_file(lu.path, 0, 8 << 20), expect)
+            finally:
+                await dev.aclose()

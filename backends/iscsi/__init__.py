@@ -237,6 +237,7 @@ class IscsiDevice(DeviceBase):
         self._session_changed = trio.Event()
         self._closed = False
         self._writes = RangeOrder()  # byte ranges of writes in flight
+        self._unmap_blocks = 0  # blocks per UNMAP command; 0: discards are not sent (see discard)
         self.stats = {"reconnects": 0, "reissued": 0, "unit_attention": 0, "busy": 0, "digest_errors": 0}
 
     def __repr__(self) -> str:
@@ -302,6 +303,7 @@ class IscsiDevice(DeviceBase):
         await self._execute(scsi.test_unit_ready(), what="TEST UNIT READY")
         cap = await self.read_capacity()
         self.size, self.block_size = cap.size, cap.block_size
+        self._unmap_blocks = await self._unmap_limit(cap)
         try:
             self.serial = scsi.parse_vpd_serial(await self._inquiry_page(0x80))
         except (ScsiError, ProtocolError):
@@ -313,6 +315,18 @@ class IscsiDevice(DeviceBase):
         ident = scsi.lun_identity(self.designators, self.serial)
         # Without any id the best we can say is "this target's LUN n" (still per target).
         self._identity = f"iscsi:{ident}" if ident else f"iscsi:{self.target}/{self.lun}"
+
+    async def _unmap_limit(self, cap: scsi.Capacity) -> int:
+        """Blocks per UNMAP: only a thin LU whose unmapped blocks read as zeros (LBPME, LBPRZ) gets any."""
+        if not (cap.lbpme and cap.lbprz):
+            return 0
+        try:
+            limits = scsi.parse_vpd_block_limits(await self._inquiry_page(0xB0))
+        except (ScsiError, ProtocolError):
+            return 0
+        if not limits.max_unmap_descriptors:
+            return 0
+        return min(limits.max_unmap_blocks, (1 << 30) // cap.block_size)  # at most 1 GiB a command
 
     async def aclose(self) -> None:
         """Log out and stop the background reader."""
@@ -627,8 +641,21 @@ class IscsiDevice(DeviceBase):
         await self._execute(cdb, what="SYNCHRONIZE CACHE")
 
     async def discard(self, offset: int, length: int) -> None:
-        """Advisory and not sent to the target (tgt file LUNs gain nothing from UNMAP)."""
+        """UNMAP the whole blocks of the range on a thin LU that reads them back as zeros; else nothing.
+
+        Advisory, like every discard: a LU that is not thin (or whose unmapped blocks
+        could read as anything) is sent nothing, so its blocks keep their bytes.
+        """
         self.check(offset, length)
+        bs = self.block_size
+        start, end = -(-offset // bs) * bs, (offset + length) // bs * bs
+        if not self._unmap_blocks or end <= start:
+            return
+        step = self._unmap_blocks * bs
+        async with self._writes.hold(start, end):  # ordered against overlapping writes in flight
+            for p in range(start, end, step):
+                params = scsi.unmap_parameters([(p // bs, min(step, end - p) // bs)])
+                await self._execute(scsi.unmap(len(params)), write_buf=memoryview(params), what="UNMAP")
 
     def identity(self) -> str:
         """Equal for two paths exactly when they reach the same LU (VPD 0x83 ids, 0x80 serial)."""

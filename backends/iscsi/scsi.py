@@ -93,6 +93,7 @@ OP_SYNCHRONIZE_CACHE_16 = 0x91
 OP_SERVICE_ACTION_IN_16 = 0x9E
 SA_READ_CAPACITY_16 = 0x10
 OP_REPORT_LUNS = 0xA0
+OP_UNMAP = 0x42
 
 DEVICE_TYPE_NAMES = {0x00: "disk", 0x05: "cdrom", 0x0C: "controller", 0x1F: "unknown"}
 
@@ -134,6 +135,17 @@ def synchronize_cache_10(lba: int = 0, blocks: int = 0) -> bytes:
 def synchronize_cache_16(lba: int = 0, blocks: int = 0) -> bytes:
     """SYNCHRONIZE CACHE(16) without IMMED."""
     return struct.pack(">BBQIBB", OP_SYNCHRONIZE_CACHE_16, 0, lba, blocks, 0, 0)
+
+
+def unmap(param_len: int) -> bytes:
+    """UNMAP(10): its parameter list (``unmap_parameters``) of param_len bytes follows as Data-Out."""
+    return struct.pack(">BBIBHB", OP_UNMAP, 0, 0, 0, param_len, 0)
+
+
+def unmap_parameters(extents: list[tuple[int, int]]) -> bytes:
+    """UNMAP parameter list: one 16-byte block descriptor (LBA, number of blocks) per extent."""
+    descriptors = b"".join(struct.pack(">QI4x", lba, blocks) for lba, blocks in extents)
+    return struct.pack(">HH4x", 6 + len(descriptors), len(descriptors)) + descriptors
 
 
 def report_luns(alloc: int = 4096) -> bytes:
@@ -199,6 +211,8 @@ class Capacity:
 
     blocks: int
     block_size: int
+    lbpme: bool = False  # logical block provisioning management: the LU is thin (UNMAP frees blocks)
+    lbprz: bool = False  # unmapped blocks read as zeros
 
     @property
     def size(self) -> int:
@@ -214,7 +228,8 @@ def parse_read_capacity_16(data) -> Capacity:
     last_lba, block_len = struct.unpack_from(">QI", data)
     if block_len == 0 or block_len & (block_len - 1) or block_len > (1 << 20):
         raise ProtocolError(f"READ CAPACITY(16) reports an unusable block length {block_len}")
-    return Capacity(last_lba + 1, block_len)
+    flags = data[14] if len(data) > 14 else 0
+    return Capacity(last_lba + 1, block_len, bool(flags & 0x80), bool(flags & 0x40))
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +265,22 @@ def _vpd_payload(data, page: int) -> bytes:
     if 4 + n > len(data):
         raise ProtocolError(f"VPD page 0x{page:02x} length {n} exceeds the data returned")
     return data[4 : 4 + n]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLimits:
+    """The UNMAP limits of VPD page 0xB0 (0: UNMAP not supported; 0xFFFFFFFF: no limit)."""
+
+    max_unmap_blocks: int
+    max_unmap_descriptors: int
+
+
+def parse_vpd_block_limits(data) -> BlockLimits:
+    """UNMAP limits from VPD page 0xB0 (Block Limits); a page too short to hold them has none."""
+    payload = _vpd_payload(data, 0xB0)
+    if len(payload) < 24:
+        return BlockLimits(0, 0)
+    return BlockLimits(*struct.unpack_from(">II", payload, 16))
 
 
 def parse_vpd_serial(data) -> str:

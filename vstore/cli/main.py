@@ -1,7 +1,7 @@
 """The `vstore` command line: the root group, assembled from the command groups, and its entry point.
 
 Each command group is a module of this package (pools, volume, mount, transfer,
-discover, lifecycle, journal, path, torture); what they share is in ``vstore.cli.common``;
+discover, lifecycle, journal, path, torture, bench, boot); what they share is in ``vstore.cli.common``;
 commands on a pool are those of ``vstore.pool.commands``. Nothing imports this
 module. Errors are one line on stderr and a non-zero exit code; a traceback is
 shown only with VSTORE_DEBUG=1.
@@ -15,7 +15,19 @@ import sys
 
 import click
 
-from vstore.cli import discover, journal, lifecycle, mount, path, pools, torture, transfer, volume
+from vstore.cli import (
+    bench,
+    boot,
+    discover,
+    journal,
+    lifecycle,
+    mount,
+    path,
+    pools,
+    torture,
+    transfer,
+    volume,
+)
 from vstore.errors import VstoreError
 from vstore.io.aio import unwrap
 from vstore.pool.home import Home
@@ -37,7 +49,7 @@ def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
 
 for _command in (*pools.COMMANDS, volume.volume, discover.discover, mount.mount, mount.umount,
                  transfer.import_cmd, transfer.export_cmd, path.path, *lifecycle.COMMANDS,
-                 journal.journal, torture.torture):
+                 journal.journal, torture.torture, bench.bench, boot.install_helpers):
     cli.add_command(_command)
 
 

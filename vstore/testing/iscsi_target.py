@@ -216,8 +216,8 @@ class TgtServer:
         self.adm("--op", "update", "--mode", "target", "--tid", str(tid), "-n", key, "-v", str(value))
 
     def add_lun(self, tid: int, lun: int, size: int, *, block_size: int = 512, path: str | None = None,
-                scsi_id: str | None = None, scsi_sn: str | None = None) -> Lun:
-        """A LUN backed by a (sparse) file of size bytes."""
+                scsi_id: str | None = None, scsi_sn: str | None = None, thin: bool = False) -> Lun:
+        """A LUN backed by a (sparse) file of size bytes; thin: UNMAP punches holes in it."""
         path = path or os.path.join(self.workdir, f"t{tid}-lun{lun}.img")
         if not os.path.exists(path):
             with open(path, "wb") as f:
@@ -231,6 +231,8 @@ class TgtServer:
             ids.append(f"scsi_id={scsi_id}")
         if scsi_sn:
             ids.append(f"scsi_sn={scsi_sn}")
+        if thin:
+            ids.append("thin_provisioning=1")
         if ids:
             self.adm("--op", "update", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun),
                      "--params", ",".join(ids))
