@@ -161,13 +161,17 @@ class WriteIntentBitmap:
     async def mark(self, regions: Iterable[int]) -> None:
         """Set and pin these regions' bits on the members, durably (a resync is about to start)."""
         regions = {r for r in regions if 0 <= r < self.nbits}
+        await self._set_durably(regions)
+        self.pinned |= regions
+
+    async def _set_durably(self, regions: set[int]) -> None:
+        """Set the bits of the regions not yet set on the members, and flush them there."""
         async with self._lock:
             new = regions - self._durable
             if new:
                 await self._write_bits(new, True)
                 self._durable |= new
                 self.stats["sets"] += len(new)
-            self.pinned |= regions
 
     def unpin(self, region: int) -> None:
         """The region is resynced and flushed: its bit may be cleared like any idle region's."""
@@ -222,12 +226,7 @@ class WriteIntentBitmap:
             self._inflight[r] = self._inflight.get(r, 0) + 1
         try:
             if not regions <= self._durable:
-                async with self._lock:
-                    new = regions - self._durable
-                    if new:
-                        await self._write_bits(new, True)
-                        self._durable |= new
-                        self.stats["sets"] += len(new)
+                await self._set_durably(regions)
         except BaseException:
             self.applied(regions)
             raise
@@ -282,14 +281,7 @@ class WriteIntentBitmap:
 
     async def mark_all(self) -> None:
         """Mark every region dirty on every active member, durably (what a lost journal protected)."""
-        self.bits[:] = 0
-        full, rest = divmod(self.nbits, 8)
-        self.bits[:full] = 0xFF
-        if rest:
-            self.bits[full] = (1 << rest) - 1
-        image = pack_header(self.pool_uuid, self.region, self.nbits) + self.bits.tobytes()
-        await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
-        self._durable = set(range(self.nbits))
+        await self.reset(keep=range(self.nbits))
 
 
 def as_bytes(buf: Any) -> bytes:
