@@ -65,10 +65,18 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
 
 @click.command()
 @click.argument("pool")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output (with --watch: one JSON document a line, per interval).")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Redraw every SECONDS (default 2) until Ctrl-C.")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --watch: stop after N frames.")
 @click.pass_context
-def status(ctx: click.Context, pool: str, as_json: bool) -> None:
-    """Show a pool's level, size, state, members and volumes."""
+def status(ctx: click.Context, pool: str, as_json: bool, watch: float | None, count: int | None) -> None:
+    """Show a pool's level, size, state, members and volumes (--watch: again and again)."""
+    if watch is not None:
+        _watch(ctx, pool, watch, count, as_json)
+        return
     st = run_pool_command(ctx, pool, "status")
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -80,6 +88,36 @@ def status(ctx: click.Context, pool: str, as_json: bool) -> None:
         if m["state"] in ("bad", "stale"):
             click.echo(f"vstore: warning: member {m['index']} ({m['uri']}) is {m['state']}: {m.get('error')}; "
                        f"rebuild it with `vstore replace {pool} {m['index']} URI`", err=True)
+
+
+def _watch(ctx: click.Context, pool: str, interval: float, count: int | None, as_json: bool) -> None:
+    """Show the status every interval seconds (as `watch`), count times or until Ctrl-C (exit 0)."""
+    import sys
+    import time
+
+    from vstore.cli.status_view import render_status
+
+    tty = sys.stdout.isatty()
+    frames = 0
+    try:
+        while True:
+            st = run_pool_command(ctx, pool, "status")
+            if as_json:
+                click.echo(json.dumps(st))
+            else:
+                if tty:
+                    click.clear()
+                elif frames:
+                    click.echo()
+                click.echo(f"every {interval:g}s: vstore status {pool}    {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                render_status(st)
+            sys.stdout.flush()
+            frames += 1
+            if count is not None and frames >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
 
 
 @click.command()
