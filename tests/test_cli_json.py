@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from tests.fuse_helpers import force_unmount
 from tests.test_cli import assert_one_line_error, members, vstore
 
 
@@ -130,3 +133,30 @@ def test_shell_completion(tmp_path: Path) -> None:
     env.update(COMP_WORDS="vstore status tank --wa", COMP_CWORD="3")
     got = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert got.stdout.split() == ["plain,--watch"]
+
+
+def test_json_through_a_mount_background_and_followed(tmp_path: Path) -> None:
+    """A mounted pool: --background --json announces the start; a followed move ends in its JSON result."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3")
+    home, mp = tmp_path / "home", tmp_path / "mnt"
+    mp.mkdir()
+    vstore(home, "create", "p", "--level", "raid1", "--size", "16M", *members(tmp_path, 2))
+    try:
+        vstore(home, "mount", "p", str(mp))
+        vstore(home, "fail", "p", "1")
+        doc = _json(vstore(home, "replace", "p", "1", f"file://{tmp_path}/n1.img", "--size", "16M",
+                           "--background", "--json"))
+        assert doc["pool"] == "p" and doc["started"]["kind"] == "rebuild"
+        deadline = time.monotonic() + 60
+        while _json(vstore(home, "status", "p", "--json"))["state"] != "clean":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        doc = _json(vstore(home, "move", "p", "0", f"file://{tmp_path}/m0.img", "--size", "16M", "--json"))
+        assert doc["pool"] == "p" and doc["kind"] == "move" and doc["member"] == 0
+        assert doc["uri"] == f"file://{tmp_path}/m0.img" and doc["state"] == "done"
+        vstore(home, "umount", str(mp))
+    finally:
+        if (mp / ".vstore").exists():
+            vstore(home, "umount", str(mp), check=False)
+        force_unmount(mp)
