@@ -133,6 +133,16 @@ def test_shell_completion(tmp_path: Path) -> None:
     env.update(COMP_WORDS="vstore status tank --wa", COMP_CWORD="3")
     got = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert got.stdout.split() == ["plain,--watch"]
+    # POOL arguments complete from the config directory's pools.
+    home = tmp_path / "home"
+    vstore(home, "create", "tank", "--level", "raid1", "--size", "8M", *members(tmp_path, 2))
+    vstore(home, "create", "tub", "--level", "linear", "--size", "8M", f"file://{tmp_path}/l.img")
+    env.update(COMP_WORDS="vstore volume list t", COMP_CWORD="3")
+    got = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert got.stdout.split() == ["plain,tank", "plain,tub"]
+    env.update(COMP_WORDS="vstore scrub ta", COMP_CWORD="2")
+    got = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert got.stdout.split() == ["plain,tank"]
 
 
 def test_json_through_a_mount_background_and_followed(tmp_path: Path) -> None:

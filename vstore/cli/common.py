@@ -60,6 +60,21 @@ def run(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         raise unwrap(eg) from None
 
 
+def complete_pool(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a POOL argument: the pools of the config directory (--home / VSTORE_HOME)."""
+    home = Home(ctx.find_root().params.get("home"))
+    if not home.root.is_dir():  # completing must not create the config directory
+        return []
+    try:
+        return [name for name in home.list_pools() if name.startswith(incomplete)]
+    except (VstoreError, OSError):
+        return []
+
+
+POOL = click.argument("pool", shell_complete=complete_pool)
+"""The POOL argument of a command, completed from the config directory's pools."""
+
+
 def home_of(ctx: click.Context) -> Home:
     """The Home chosen by --home / VSTORE_HOME."""
     return ctx.obj["home"]

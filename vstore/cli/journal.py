@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from vstore.cli.common import SIZE, run_pool_command
+from vstore.cli.common import POOL, SIZE, run_pool_command
 from vstore.sizes import format_size
 
 
@@ -33,7 +33,7 @@ def journal() -> None:
 
 
 @journal.command("attach")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
 @click.option("--size", type=SIZE, default=None,
               help="Create a missing file:// journal of this size (default 64M).")
@@ -46,7 +46,7 @@ def attach(ctx: click.Context, pool: str, uri: str, size: int | None, force: boo
 
 
 @journal.command("detach")
-@click.argument("pool")
+@POOL
 @click.option("--keep-superblock", is_flag=True,
               help="Leave the old journal's superblock in place (it is wiped by default).")
 @click.pass_context
@@ -57,7 +57,7 @@ def detach(ctx: click.Context, pool: str, keep_superblock: bool) -> None:
 
 
 @journal.command("status")
-@click.argument("pool")
+@POOL
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, pool: str, as_json: bool) -> None:

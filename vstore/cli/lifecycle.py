@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from vstore.cli.common import SIZE, echo_json, run_pool_command
+from vstore.cli.common import POOL, SIZE, echo_json, run_pool_command
 from vstore.errors import VstoreError
 from vstore.sizes import format_size
 
@@ -44,7 +44,7 @@ def json_option(fn: Any) -> Any:
 def member_target_options(fn: Any) -> Any:
     """POOL INDEX NEW_URI [--size] [--background] [--force] [--speed-*]: replace and move."""
     for deco in reversed([
-        click.argument("pool"),
+        POOL,
         click.argument("index", type=int),
         click.argument("new_uri"),
         click.option("--size", type=SIZE, default=None,
@@ -88,7 +88,7 @@ def move(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | No
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--background", is_flag=True, help="Return once started (the pool must be mounted).")
 @json_option
 @speed_options
@@ -102,7 +102,7 @@ def resume(ctx: click.Context, pool: str, background: bool, as_json: bool, speed
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.pass_context
 def stop(ctx: click.Context, pool: str) -> None:
     """Stop POOL's running rebuild, move or scrub (each resumes from its checkpoint)."""
@@ -147,7 +147,7 @@ def spare() -> None:
 
 
 @spare.command("add")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
 @click.option("--size", type=SIZE, default=None, help="Create a missing file:// spare of this size.")
 @click.option("--force", is_flag=True, help="Use URI even if it belongs to another pool.")
@@ -160,7 +160,7 @@ def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: 
 
 
 @spare.command("remove")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
 @click.pass_context
 def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
@@ -173,7 +173,7 @@ def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--repair", is_flag=True, help="Rewrite what is wrong (the member at fault where known).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--restart", is_flag=True, help="Start from the beginning, not from a checkpoint.")

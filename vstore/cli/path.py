@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from vstore.cli.common import echo_json, home_of, mount_socket, run_pool_command
+from vstore.cli.common import POOL, echo_json, home_of, mount_socket, run_pool_command
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True,
                            help="Machine-readable result (see README, Scripting).")
@@ -59,7 +59,7 @@ def _report(ctx: click.Context, st: dict[str, Any], pool: str, member: int, path
 
 
 @path.command("fail")
-@click.argument("pool")
+@POOL
 @click.argument("member", type=int)
 @click.argument("path_arg", metavar="PATH")
 @click.option("--force", is_flag=True, help="Fail it even if it is the member's last usable path.")
@@ -73,7 +73,7 @@ def path_fail(ctx: click.Context, pool: str, member: int, path_arg: str, force: 
 
 
 @path.command("reinstate")
-@click.argument("pool")
+@POOL
 @click.argument("member", type=int)
 @click.argument("path_arg", metavar="PATH")
 @JSON_OPTION

@@ -9,6 +9,7 @@ import click
 
 from vstore.cli.common import (
     LEVELS,
+    POOL,
     SIZE,
     home_of,
     refuse_if_open,
@@ -19,7 +20,7 @@ from vstore.sizes import format_size
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.argument("members", nargs=-1, required=True, metavar="URI...")
 @click.option("--level", type=click.Choice(LEVELS), required=True, help="RAID level.")
 @click.option("--chunk", type=SIZE, default="64K", show_default=True, help="Chunk size.")
@@ -64,7 +65,7 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output (with --watch: one JSON document a line, per interval).")
 @click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
@@ -121,7 +122,7 @@ def _watch(ctx: click.Context, pool: str, interval: float, count: int | None, as
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.pass_context
 def forget(ctx: click.Context, pool: str) -> None:
     """Drop POOL from the config directory; its members are not touched (import-pool brings it back)."""
@@ -134,7 +135,7 @@ def forget(ctx: click.Context, pool: str) -> None:
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def destroy(ctx: click.Context, pool: str, yes: bool) -> None:
@@ -189,7 +190,7 @@ def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | No
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.argument("index", type=int)
 @click.option("--force", is_flag=True, help="Fail it even if that loses the pool's data.")
 @click.pass_context

@@ -15,6 +15,7 @@ import numpy as np
 import trio
 
 from vstore.cli.common import (
+    POOL,
     echo_json,
     home_of,
     refuse_if_mounted,
@@ -103,7 +104,7 @@ async def _copy(path: str, size: int, volume: Any, *, to_volume: bool, label: st
 
 
 @click.command("import")
-@click.argument("pool")
+@POOL
 @click.argument("vol")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
@@ -134,7 +135,7 @@ def import_cmd(ctx: click.Context, pool: str, vol: str, file: str, as_json: bool
 
 
 @click.command("export")
-@click.argument("pool")
+@POOL
 @click.argument("vol")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")

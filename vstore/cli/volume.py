@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vstore.cli.common import SIZE, run_pool_command
+from vstore.cli.common import POOL, SIZE, run_pool_command
 from vstore.sizes import format_size
 
 
@@ -16,7 +16,7 @@ def volume() -> None:
 
 
 @volume.command("create")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--size", type=SIZE, required=True, help="Volume size (rounded up to 4K).")
 @click.pass_context
@@ -27,7 +27,7 @@ def volume_create(ctx: click.Context, pool: str, name: str, size: int) -> None:
 
 
 @volume.command("list")
-@click.argument("pool")
+@POOL
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
@@ -42,7 +42,7 @@ def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
 
 
 @volume.command("remove")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Remove it even while it is open in the mount.")
 @click.pass_context
@@ -53,7 +53,7 @@ def volume_remove(ctx: click.Context, pool: str, name: str, force: bool) -> None
 
 
 @volume.command("rename")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.argument("new")
 @click.pass_context
@@ -64,7 +64,7 @@ def volume_rename(ctx: click.Context, pool: str, name: str, new: str) -> None:
 
 
 @volume.command("resize")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--size", type=SIZE, required=True, help="New size (grow only).")
 @click.pass_context
