@@ -170,3 +170,16 @@ def test_json_through_a_mount_background_and_followed(tmp_path: Path) -> None:
         if (mp / ".vstore").exists():
             vstore(home, "umount", str(mp), check=False)
         force_unmount(mp)
+
+
+def test_import_pool_fail_and_stop_json(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    uris = members(tmp_path, 2)
+    vstore(home, "create", "q", "--level", "raid1", "--size", "8M", *uris)
+    vstore(home, "forget", "q")
+    doc = _json(vstore(home, "import-pool", "--json", *uris))
+    assert doc == {"name": "q", "level": "raid1", "members": 2, "found": 2}
+    assert _json(vstore(home, "stop", "q", "--json")) == {"pool": "q", "stopped": False}
+    st = _json(vstore(home, "fail", "q", "1", "--json"))
+    assert st["name"] == "q" and st["state"] == "degraded"
+    assert [m["state"] for m in st["members"]] == ["active", "failed"]

@@ -103,10 +103,14 @@ def resume(ctx: click.Context, pool: str, background: bool, as_json: bool, speed
 
 @click.command()
 @POOL
+@json_option
 @click.pass_context
-def stop(ctx: click.Context, pool: str) -> None:
+def stop(ctx: click.Context, pool: str, as_json: bool) -> None:
     """Stop POOL's running rebuild, move or scrub (each resumes from its checkpoint)."""
     r = run_pool_command(ctx, pool, "operation_stop")
+    if as_json:
+        echo_json({"pool": pool, "stopped": bool(r.get("stopped"))})
+        return
     click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
 
 

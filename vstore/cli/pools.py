@@ -11,6 +11,7 @@ from vstore.cli.common import (
     LEVELS,
     POOL,
     SIZE,
+    echo_json,
     home_of,
     refuse_if_open,
     run,
@@ -179,12 +180,16 @@ def list_pools(ctx: click.Context, as_json: bool) -> None:
 @click.command("import-pool")
 @click.argument("members", nargs=-1, required=True, metavar="URI...")
 @click.option("--name", default=None, help="Record the pool under this name.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | None) -> None:
+def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | None, as_json: bool) -> None:
     """Record a pool in the config directory from its members alone."""
     from vstore.pool.importer import import_pool
 
     result = run(import_pool, home_of(ctx), list(members), name)
+    if as_json:
+        echo_json(result)
+        return
     click.echo(f"imported pool {result['name']!r} ({result['level']}, "
                f"{result['found']}/{result['members']} members found)")
 
@@ -193,10 +198,15 @@ def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | No
 @POOL
 @click.argument("index", type=int)
 @click.option("--force", is_flag=True, help="Fail it even if that loses the pool's data.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The pool's status afterwards, as `status --json` (see README, Scripting).")
 @click.pass_context
-def fail(ctx: click.Context, pool: str, index: int, force: bool) -> None:
+def fail(ctx: click.Context, pool: str, index: int, force: bool, as_json: bool) -> None:
     """Mark member INDEX of POOL failed (for tests and drills)."""
     st = run_pool_command(ctx, pool, "fail", index=index, force=force)
+    if as_json:
+        echo_json(st)
+        return
     op = st.get("operation") or {}
     spare = ""
     if op.get("kind") == "rebuild" and op.get("how") == "spare" and op.get("member") == index:
