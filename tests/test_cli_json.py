@@ -183,3 +183,21 @@ def test_import_pool_fail_and_stop_json(tmp_path: Path) -> None:
     st = _json(vstore(home, "fail", "q", "1", "--json"))
     assert st["name"] == "q" and st["state"] == "degraded"
     assert [m["state"] for m in st["members"]] == ["active", "failed"]
+
+
+def test_create_volume_spare_and_journal_json(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    st = _json(vstore(home, "create", "z", "--level", "raid1", "--size", "8M", "--json", *members(tmp_path, 2)))
+    assert st["name"] == "z" and st["level"] == "raid1" and st["state"] == "clean" and st["volumes"] == []
+    assert _json(vstore(home, "volume", "create", "z", "a", "--size", "1M", "--json")) == {
+        "pool": "z", "name": "a", "size": 1 << 20}
+    assert _json(vstore(home, "volume", "resize", "z", "a", "--size", "2M", "--json"))["size"] == 2 << 20
+    spare = f"file://{tmp_path}/s.img"
+    doc = _json(vstore(home, "spare", "add", "z", spare, "--size", "8M", "--json"))
+    assert doc == {"pool": "z", "spares": [{"uri": spare, "size": 8 << 20}]}
+    assert _json(vstore(home, "spare", "remove", "z", spare, "--json")) == {"pool": "z", "spares": []}
+    jr = f"file://{tmp_path}/j.img"
+    doc = _json(vstore(home, "journal", "attach", "z", jr, "--size", "4M", "--json"))
+    assert doc["mode"] == "journal" and doc["uri"] == jr and doc["state"] == "active"
+    doc = _json(vstore(home, "journal", "detach", "z", "--json"))
+    assert doc["mode"] == "none" and "bitmap" in doc

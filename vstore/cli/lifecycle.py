@@ -155,10 +155,14 @@ def spare() -> None:
 @click.argument("uri")
 @click.option("--size", type=SIZE, default=None, help="Create a missing file:// spare of this size.")
 @click.option("--force", is_flag=True, help="Use URI even if it belongs to another pool.")
+@json_option
 @click.pass_context
-def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool) -> None:
+def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool, as_json: bool) -> None:
     """Add URI to POOL as a hot spare."""
     r = run_pool_command(ctx, pool, "spare_add", uri=uri, size=size, force=force)
+    if as_json:
+        echo_json({"pool": pool, "spares": r["spares"]})
+        return
     click.echo(f"pool {pool!r} has {len(r['spares'])} spare(s): "
                + ", ".join(s["uri"] for s in r["spares"]))
 
@@ -166,10 +170,14 @@ def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: 
 @spare.command("remove")
 @POOL
 @click.argument("uri")
+@json_option
 @click.pass_context
-def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
+def spare_remove(ctx: click.Context, pool: str, uri: str, as_json: bool) -> None:
     """Remove hot spare URI from POOL (its superblock is wiped)."""
     r = run_pool_command(ctx, pool, "spare_remove", uri=uri)
+    if as_json:
+        echo_json({"pool": pool, "spares": r["spares"]})
+        return
     click.echo(f"removed spare {uri} from pool {pool!r}; {len(r['spares'])} left")
 
 

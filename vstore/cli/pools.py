@@ -39,10 +39,12 @@ from vstore.sizes import format_size
               help="Multipath grouping: all paths active, or one priority group (default multibus).")
 @click.option("--no-path-retry", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Queue I/O this long when every path is down, then fail (0: at once; default 30).")
+@click.option("--json", "as_json", is_flag=True,
+              help="The new pool's status, as `status --json` (see README, Scripting).")
 @click.pass_context
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
            size: int | None, force: bool, selector: str | None, path_policy: str | None,
-           no_path_retry: float | None, journal: str, journal_size: int | None) -> None:
+           no_path_retry: float | None, journal: str, journal_size: int | None, as_json: bool) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool.pool import Pool
 
@@ -59,6 +61,9 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
             await p.aclose()
 
     st = run(go)
+    if as_json:
+        echo_json(st)
+        return
     jr = st.get("journal") or {}
     how = f", journal {jr['uri']}" if jr.get("mode") == "journal" else ""
     click.echo(f"created {level} pool {pool!r}: {len(members)} members, "
