@@ -60,6 +60,21 @@ def run(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         raise unwrap(eg) from None
 
 
+def complete_pool(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a POOL argument: the pools of the config directory (--home / VSTORE_HOME)."""
+    home = Home(ctx.find_root().params.get("home"))
+    if not home.root.is_dir():  # completing must not create the config directory
+        return []
+    try:
+        return [name for name in home.list_pools() if name.startswith(incomplete)]
+    except (VstoreError, OSError):
+        return []
+
+
+POOL = click.argument("pool", shell_complete=complete_pool)
+"""The POOL argument of a command, completed from the config directory's pools."""
+
+
 def home_of(ctx: click.Context) -> Home:
     """The Home chosen by --home / VSTORE_HOME."""
     return ctx.obj["home"]
@@ -161,13 +176,19 @@ async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
             await p.aclose()
 
 
+def echo_json(doc: Any) -> None:
+    """Write doc to stdout as the one JSON document of a --json command."""
+    click.echo(json.dumps(doc, indent=2))
+
+
 def run_pool_command(ctx: click.Context, pool: str, name: str, /, *, background: bool = False,
-                     **args: Any) -> dict[str, Any] | None:
+                     as_json: bool = False, **args: Any) -> dict[str, Any] | None:
     """Carry out pool command name (vstore.pool.commands): through the pool's mount, else here.
 
     A mount starts a long operation in the background: this follows its progress
     until it ends and returns its result, or with background returns None at once.
     Without a mount the command opens the pool and runs to completion here.
+    With as_json, a started operation is announced as {"pool", "started"} JSON on stdout.
     """
     command = POOL_COMMANDS.lookup(name)
     home = home_of(ctx)
@@ -182,6 +203,9 @@ def run_pool_command(ctx: click.Context, pool: str, name: str, /, *, background:
         return reply
     if background:
         st = reply["started"]
+        if as_json:
+            echo_json({"pool": pool, "started": st})
+            return None
         click.echo(f"{st['kind']} started in the mount process of pool {pool!r}; "
                    f"see `vstore status {pool}`")
         return None

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from vstore.cli.common import SIZE, run_pool_command
+from vstore.cli.common import POOL, SIZE, echo_json, run_pool_command
 from vstore.sizes import format_size
 
 
@@ -33,31 +33,39 @@ def journal() -> None:
 
 
 @journal.command("attach")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
 @click.option("--size", type=SIZE, default=None,
               help="Create a missing file:// journal of this size (default 64M).")
 @click.option("--force", is_flag=True, help="Use URI even if it holds another pool's journal or member.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def attach(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool) -> None:
+def attach(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool, as_json: bool) -> None:
     """Give POOL a journal on URI (replacing its journal, if it has one)."""
     r = run_pool_command(ctx, pool, "journal_attach", uri=uri, size=size, force=force)
+    if as_json:
+        echo_json(r["journal"])
+        return
     click.echo(f"pool {pool!r}: {describe(r['journal'])}")
 
 
 @journal.command("detach")
-@click.argument("pool")
+@POOL
 @click.option("--keep-superblock", is_flag=True,
               help="Leave the old journal's superblock in place (it is wiped by default).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def detach(ctx: click.Context, pool: str, keep_superblock: bool) -> None:
+def detach(ctx: click.Context, pool: str, keep_superblock: bool, as_json: bool) -> None:
     """Remove POOL's journal; the pool goes on with a write-intent bitmap."""
     r = run_pool_command(ctx, pool, "journal_detach", keep_superblock=keep_superblock)
+    if as_json:
+        echo_json(r["journal"])
+        return
     click.echo(f"pool {pool!r}: journal detached; now {describe(r['journal'])}")
 
 
 @journal.command("status")
-@click.argument("pool")
+@POOL
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, pool: str, as_json: bool) -> None:

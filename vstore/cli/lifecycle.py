@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from vstore.cli.common import SIZE, run_pool_command
+from vstore.cli.common import POOL, SIZE, echo_json, run_pool_command
 from vstore.errors import VstoreError
 from vstore.sizes import format_size
 
@@ -35,10 +35,16 @@ def speed_options(fn: Any) -> Any:
                              "second, not less (default 16M).")(fn)
 
 
+def json_option(fn: Any) -> Any:
+    """--json: the result as one JSON document on stdout (progress stays on stderr)."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Machine-readable result (see README, Scripting).")(fn)
+
+
 def member_target_options(fn: Any) -> Any:
     """POOL INDEX NEW_URI [--size] [--background] [--force] [--speed-*]: replace and move."""
     for deco in reversed([
-        click.argument("pool"),
+        POOL,
         click.argument("index", type=int),
         click.argument("new_uri"),
         click.option("--size", type=SIZE, default=None,
@@ -46,6 +52,7 @@ def member_target_options(fn: Any) -> Any:
         click.option("--background", is_flag=True,
                      help="Return once started (the pool must be mounted)."),
         click.option("--force", is_flag=True, help="Use NEW_URI even if it belongs to another pool."),
+        json_option,
         speed_options,
         click.pass_context,
     ]):
@@ -59,48 +66,62 @@ def member_target_options(fn: Any) -> Any:
 @click.command()
 @member_target_options
 def replace(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | None,
-            background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
+            background: bool, force: bool, as_json: bool, speed_min: int | None,
+            speed_max: int | None) -> None:
     """Replace member INDEX of POOL by NEW_URI and rebuild it online (a healthy one is moved)."""
     speed = _speed(speed_min, speed_max)
-    r = run_pool_command(ctx, pool, "replace", background=background, index=index, uri=new_uri,
-                         size=size, force=force, speed=speed)
-    if r is not None:
-        _echo_done(pool, r)
+    r = run_pool_command(ctx, pool, "replace", background=background, as_json=as_json, index=index,
+                         uri=new_uri, size=size, force=force, speed=speed)
+    _report_done(pool, r, as_json)
 
 
 @click.command()
 @member_target_options
 def move(ctx: click.Context, pool: str, index: int, new_uri: str, size: int | None,
-         background: bool, force: bool, speed_min: int | None, speed_max: int | None) -> None:
+         background: bool, force: bool, as_json: bool, speed_min: int | None,
+         speed_max: int | None) -> None:
     """Move healthy member INDEX of POOL to NEW_URI while the pool stays in use (like pvmove)."""
     speed = _speed(speed_min, speed_max)
-    r = run_pool_command(ctx, pool, "move", background=background, index=index, uri=new_uri,
-                         size=size, force=force, speed=speed)
-    if r is not None:
-        _echo_done(pool, r)
+    r = run_pool_command(ctx, pool, "move", background=background, as_json=as_json, index=index,
+                         uri=new_uri, size=size, force=force, speed=speed)
+    _report_done(pool, r, as_json)
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--background", is_flag=True, help="Return once started (the pool must be mounted).")
+@json_option
 @speed_options
 @click.pass_context
-def resume(ctx: click.Context, pool: str, background: bool, speed_min: int | None,
+def resume(ctx: click.Context, pool: str, background: bool, as_json: bool, speed_min: int | None,
            speed_max: int | None) -> None:
     """Resume POOL's interrupted rebuild or move from its checkpoint (a mount resumes it by itself)."""
     speed = _speed(speed_min, speed_max)
-    r = run_pool_command(ctx, pool, "resume", background=background, speed=speed)
-    if r is not None:
-        _echo_done(pool, r)
+    r = run_pool_command(ctx, pool, "resume", background=background, as_json=as_json, speed=speed)
+    _report_done(pool, r, as_json)
 
 
 @click.command()
-@click.argument("pool")
+@POOL
+@json_option
 @click.pass_context
-def stop(ctx: click.Context, pool: str) -> None:
+def stop(ctx: click.Context, pool: str, as_json: bool) -> None:
     """Stop POOL's running rebuild, move or scrub (each resumes from its checkpoint)."""
     r = run_pool_command(ctx, pool, "operation_stop")
+    if as_json:
+        echo_json({"pool": pool, "stopped": bool(r.get("stopped"))})
+        return
     click.echo(f"pool {pool!r}: " + ("operation stopped" if r.get("stopped") else "nothing running"))
+
+
+def _report_done(pool: str, r: dict[str, Any] | None, as_json: bool) -> None:
+    """The result of a replace, move or resume: a line, or {"pool", **result} as JSON."""
+    if r is None:
+        return
+    if as_json:
+        echo_json({"pool": pool, **r})
+    else:
+        _echo_done(pool, r)
 
 
 def _echo_done(pool: str, r: dict[str, Any]) -> None:
@@ -130,25 +151,33 @@ def spare() -> None:
 
 
 @spare.command("add")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
 @click.option("--size", type=SIZE, default=None, help="Create a missing file:// spare of this size.")
 @click.option("--force", is_flag=True, help="Use URI even if it belongs to another pool.")
+@json_option
 @click.pass_context
-def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool) -> None:
+def spare_add(ctx: click.Context, pool: str, uri: str, size: int | None, force: bool, as_json: bool) -> None:
     """Add URI to POOL as a hot spare."""
     r = run_pool_command(ctx, pool, "spare_add", uri=uri, size=size, force=force)
+    if as_json:
+        echo_json({"pool": pool, "spares": r["spares"]})
+        return
     click.echo(f"pool {pool!r} has {len(r['spares'])} spare(s): "
                + ", ".join(s["uri"] for s in r["spares"]))
 
 
 @spare.command("remove")
-@click.argument("pool")
+@POOL
 @click.argument("uri")
+@json_option
 @click.pass_context
-def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
+def spare_remove(ctx: click.Context, pool: str, uri: str, as_json: bool) -> None:
     """Remove hot spare URI from POOL (its superblock is wiped)."""
     r = run_pool_command(ctx, pool, "spare_remove", uri=uri)
+    if as_json:
+        echo_json({"pool": pool, "spares": r["spares"]})
+        return
     click.echo(f"removed spare {uri} from pool {pool!r}; {len(r['spares'])} left")
 
 
@@ -156,7 +185,7 @@ def spare_remove(ctx: click.Context, pool: str, uri: str) -> None:
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--repair", is_flag=True, help="Rewrite what is wrong (the member at fault where known).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--restart", is_flag=True, help="Start from the beginning, not from a checkpoint.")
@@ -168,7 +197,7 @@ def scrub(ctx: click.Context, pool: str, repair: bool, as_json: bool, restart: b
     """Verify parity and mirror copies of POOL; exit 0 clean (or repaired), 1 mismatches, 2+ errors."""
     speed = _speed(speed_min, speed_max)
     try:
-        r = run_pool_command(ctx, pool, "scrub", background=background, repair=repair,
+        r = run_pool_command(ctx, pool, "scrub", background=background, as_json=as_json, repair=repair,
                              restart=restart, speed=speed)
     except VstoreError as e:
         # fsck-like: 1 means mismatches, so every error is 2 or more.

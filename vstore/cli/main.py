@@ -56,7 +56,7 @@ for _command in (*pools.COMMANDS, volume.volume, discover.discover, mount.mount,
 def main() -> None:
     """Entry point: run the CLI, turning every VstoreError into one line and an exit code."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="vstore", complete_var="_VSTORE_COMPLETE", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("vstore: aborted", err=True)
         sys.exit(130)

@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from vstore.cli.common import home_of, mount_socket
+from vstore.cli.common import POOL, home_of, mount_socket
 from vstore.errors import VstoreError
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (log to stderr).")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")

@@ -9,7 +9,9 @@ import click
 
 from vstore.cli.common import (
     LEVELS,
+    POOL,
     SIZE,
+    echo_json,
     home_of,
     refuse_if_open,
     run,
@@ -19,7 +21,7 @@ from vstore.sizes import format_size
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.argument("members", nargs=-1, required=True, metavar="URI...")
 @click.option("--level", type=click.Choice(LEVELS), required=True, help="RAID level.")
 @click.option("--chunk", type=SIZE, default="64K", show_default=True, help="Chunk size.")
@@ -37,10 +39,12 @@ from vstore.sizes import format_size
               help="Multipath grouping: all paths active, or one priority group (default multibus).")
 @click.option("--no-path-retry", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Queue I/O this long when every path is down, then fail (0: at once; default 30).")
+@click.option("--json", "as_json", is_flag=True,
+              help="The new pool's status, as `status --json` (see README, Scripting).")
 @click.pass_context
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
            size: int | None, force: bool, selector: str | None, path_policy: str | None,
-           no_path_retry: float | None, journal: str, journal_size: int | None) -> None:
+           no_path_retry: float | None, journal: str, journal_size: int | None, as_json: bool) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool.pool import Pool
 
@@ -57,6 +61,9 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
             await p.aclose()
 
     st = run(go)
+    if as_json:
+        echo_json(st)
+        return
     jr = st.get("journal") or {}
     how = f", journal {jr['uri']}" if jr.get("mode") == "journal" else ""
     click.echo(f"created {level} pool {pool!r}: {len(members)} members, "
@@ -64,11 +71,19 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
 
 
 @click.command()
-@click.argument("pool")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@POOL
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output (with --watch: one JSON document a line, per interval).")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Redraw every SECONDS (default 2) until Ctrl-C.")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --watch: stop after N frames.")
 @click.pass_context
-def status(ctx: click.Context, pool: str, as_json: bool) -> None:
-    """Show a pool's level, size, state, members and volumes."""
+def status(ctx: click.Context, pool: str, as_json: bool, watch: float | None, count: int | None) -> None:
+    """Show a pool's level, size, state, members and volumes (--watch: again and again)."""
+    if watch is not None:
+        _watch(ctx, pool, watch, count, as_json)
+        return
     st = run_pool_command(ctx, pool, "status")
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -82,8 +97,38 @@ def status(ctx: click.Context, pool: str, as_json: bool) -> None:
                        f"rebuild it with `vstore replace {pool} {m['index']} URI`", err=True)
 
 
+def _watch(ctx: click.Context, pool: str, interval: float, count: int | None, as_json: bool) -> None:
+    """Show the status every interval seconds (as `watch`), count times or until Ctrl-C (exit 0)."""
+    import sys
+    import time
+
+    from vstore.cli.status_view import render_status
+
+    tty = sys.stdout.isatty()
+    frames = 0
+    try:
+        while True:
+            st = run_pool_command(ctx, pool, "status")
+            if as_json:
+                click.echo(json.dumps(st))
+            else:
+                if tty:
+                    click.clear()
+                elif frames:
+                    click.echo()
+                click.echo(f"every {interval:g}s: vstore status {pool}    {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                render_status(st)
+            sys.stdout.flush()
+            frames += 1
+            if count is not None and frames >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
 @click.command()
-@click.argument("pool")
+@POOL
 @click.pass_context
 def forget(ctx: click.Context, pool: str) -> None:
     """Drop POOL from the config directory; its members are not touched (import-pool brings it back)."""
@@ -96,7 +141,7 @@ def forget(ctx: click.Context, pool: str) -> None:
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def destroy(ctx: click.Context, pool: str, yes: bool) -> None:
@@ -140,24 +185,33 @@ def list_pools(ctx: click.Context, as_json: bool) -> None:
 @click.command("import-pool")
 @click.argument("members", nargs=-1, required=True, metavar="URI...")
 @click.option("--name", default=None, help="Record the pool under this name.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | None) -> None:
+def import_pool_cmd(ctx: click.Context, members: tuple[str, ...], name: str | None, as_json: bool) -> None:
     """Record a pool in the config directory from its members alone."""
     from vstore.pool.importer import import_pool
 
     result = run(import_pool, home_of(ctx), list(members), name)
+    if as_json:
+        echo_json(result)
+        return
     click.echo(f"imported pool {result['name']!r} ({result['level']}, "
                f"{result['found']}/{result['members']} members found)")
 
 
 @click.command()
-@click.argument("pool")
+@POOL
 @click.argument("index", type=int)
 @click.option("--force", is_flag=True, help="Fail it even if that loses the pool's data.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The pool's status afterwards, as `status --json` (see README, Scripting).")
 @click.pass_context
-def fail(ctx: click.Context, pool: str, index: int, force: bool) -> None:
+def fail(ctx: click.Context, pool: str, index: int, force: bool, as_json: bool) -> None:
     """Mark member INDEX of POOL failed (for tests and drills)."""
     st = run_pool_command(ctx, pool, "fail", index=index, force=force)
+    if as_json:
+        echo_json(st)
+        return
     op = st.get("operation") or {}
     spare = ""
     if op.get("kind") == "rebuild" and op.get("how") == "spare" and op.get("member") == index:

@@ -12,11 +12,26 @@ from typing import Any
 import click
 import trio
 
-from vstore.cli.common import LEVELS, home_of, refuse_if_mounted, run
+from vstore.cli.common import LEVELS, echo_json, home_of, refuse_if_mounted, run
 from vstore.errors import ConfigError
 from vstore.sizes import format_size
 
 SCRATCH = "torture-scratch"
+STAT_KEYS = ("rounds", "ops", "bytes_written", "crashes", "failures", "rebuilds", "moves", "switches",
+             "paths", "checks")
+
+
+def new_summary(seed: int, *, level: str | None, pool: str | None, replay: bool) -> dict[str, Any]:
+    """The --json summary before the run: every key present, counts null until a campaign ran."""
+    return {"ok": False, "mode": "replay" if replay else "campaign", "seed": seed, "level": level,
+            "pool": pool, **dict.fromkeys(STAT_KEYS), "notes": [], "failure": None}
+
+
+def _fill_stats(summary: dict[str, Any], stats: Any) -> None:
+    """Copy a campaign's counts into the summary."""
+    for key in STAT_KEYS:
+        summary[key] = getattr(stats, key)
+    summary["notes"] = sorted(stats.notes)
 
 
 def _size(text: str) -> int:
@@ -45,19 +60,21 @@ def _load_wrap(spec: str | None) -> tuple[Any, str]:
 
 
 class Reporter:
-    """The live summary: a rich table on a terminal, a plain line a second otherwise."""
+    """The live summary: a rich table on a terminal, a plain line a second otherwise (to stderr with err)."""
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, *, err: bool = False) -> None:
         self.title = title
-        self.tty = sys.stdout.isatty()
+        self.err = err
+        self.tty = (sys.stderr if err else sys.stdout).isatty()
         self.live: Any = None
         self.last = 0.0
 
     def __enter__(self) -> Reporter:
         if self.tty:
+            from rich.console import Console
             from rich.live import Live
 
-            self.live = Live(refresh_per_second=4, transient=False)
+            self.live = Live(refresh_per_second=4, transient=False, console=Console(stderr=self.err))
             self.live.__enter__()
         return self
 
@@ -92,7 +109,7 @@ class Reporter:
                 t.add_row(key, str(value))
             self.live.update(t)
         elif force or now - self.last >= 1.0:
-            click.echo(self.line(c))
+            click.echo(self.line(c), err=self.err)
             self.last = now
 
 
@@ -129,12 +146,14 @@ class Reporter:
               help="Run the schedule in this file instead of a campaign.")
 @click.option("--shrink-time", default="30s", show_default=True, help="Time to spend shrinking a failure.")
 @click.option("--force", is_flag=True, help="Overwrite members that belong to another vstore pool.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The summary as one JSON document on stdout; progress goes to stderr (see README).")
 @click.pass_context
 def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: int | None,
             duration: str, crashes: bool, failures: bool, journal: str, journal_size: str,
             chunk: str, member_size: str, window: str, align: str, ops: int, rounds: int | None,
             no_rebuild: bool, wrap: str | None, replay: str | None, schedule_file: str | None,
-            shrink_time: str, force: bool) -> None:
+            shrink_time: str, force: bool, as_json: bool) -> None:
     """Torture a pool: random I/O, crashes and failures, checked against a model.
 
     \b
@@ -207,9 +226,11 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
                 o.kind in "xhpqsmj" or o.kind == "crash" for o in schedule):
             raise click.UsageError("crashes and failures need a throwaway pool (--level and member "
                                    "URIs): they would harm an existing pool")
+        summary = new_summary(seed, level=None, pool=spec[0], replay=schedule is not None)
         ok = _existing_pool(ctx, spec[0], seed=seed, seconds=seconds, ops=ops, rounds=rounds,
-                            window=sizes["window"], schedule=schedule, shrink_budget=shrink_budget)
-        sys.exit(0 if ok else 1)
+                            window=sizes["window"], schedule=schedule, shrink_budget=shrink_budget,
+                            summary=summary, err=as_json)
+        _finish(summary, ok, as_json)
 
     jr = None if journal.lower() == "none" else journal
     opts = dict(level=level, members=list(spec), journal=jr, sizes=sizes, seed=seed,
@@ -227,29 +248,50 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
     if force:
         rerun.append("--force")
     rerun += ["--seed", str(seed), *spec]
-    ok = _throwaway(rerun, **opts)
+    summary = new_summary(seed, level=level, pool=None, replay=schedule is not None)
+    ok = _throwaway(rerun, **opts, summary=summary, err=as_json)
+    _finish(summary, ok, as_json)
+
+
+def _finish(summary: dict[str, Any], ok: bool, as_json: bool) -> None:
+    """Print the JSON summary (with --json) and exit 0 on PASS, 1 on FAIL."""
+    summary["ok"] = ok
+    if as_json:
+        echo_json(summary)
     sys.exit(0 if ok else 1)
 
 
-def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: str = "") -> None:
+def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: str = "",
+                    err: bool = False) -> dict[str, Any]:
+    """Print FAIL, the schedules and the rerun command line; the same as the summary's "failure"."""
     from vstore.testing.torture import format_schedule
 
     first = failure.first or failure.outcome
-    click.echo(f"FAIL{round_info}: {first.message}")
+    click.echo(f"FAIL{round_info}: {first.message}", err=err)
     if failure.schedule != failure.minimal:
-        click.echo(f"  schedule ({len(failure.schedule)} steps): {format_schedule(failure.schedule)}")
+        click.echo(f"  schedule ({len(failure.schedule)} steps): {format_schedule(failure.schedule)}",
+                   err=err)
     minimal = format_schedule(failure.minimal)
-    click.echo(f"  minimal schedule ({len(failure.minimal)} steps, seed {seed}): {minimal}")
+    click.echo(f"  minimal schedule ({len(failure.minimal)} steps, seed {seed}): {minimal}", err=err)
     if failure.schedule != failure.minimal:
-        click.echo(f"  minimal failure: {failure.outcome.message}")
-    click.echo("rerun: " + shlex.join([*rerun, "--replay", minimal]))
+        click.echo(f"  minimal failure: {failure.outcome.message}", err=err)
+    command = shlex.join([*rerun, "--replay", minimal])
+    click.echo("rerun: " + command, err=err)
+    return {"message": first.message, "step": first.step, "schedule": format_schedule(failure.schedule),
+            "minimal": minimal, "minimal_steps": len(failure.minimal),
+            "minimal_message": failure.outcome.message, "rerun": command}
 
 
 def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str | None,
                sizes: dict[str, int], seed: int, seconds: float, crashes: bool, failures: bool,
                ops: int, rounds: int | None, rebuild: bool, wrap: tuple[Any, str],
-               schedule: list[Any] | None, shrink_budget: float, force: bool, align: int) -> bool:
+               schedule: list[Any] | None, shrink_budget: float, force: bool, align: int,
+               summary: dict[str, Any], err: bool) -> bool:
+    """A campaign (or one schedule) on throwaway pools built on the members; True when it passed."""
     from vstore.testing import torture as T
+
+    def say(text: str) -> None:
+        click.echo(text, err=err)
 
     async def main() -> bool:
         rig = await T.build_rig(members, member_size=sizes["member-size"], journal=journal,
@@ -268,17 +310,18 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
                     f"chunk {format_size(shape.chunk)}, window {format_size(shape.window)}, align {align}, "
                     f"{'journal ' + journal if journal else 'bitmap'}; seed {seed}")
             if schedule is not None:
-                click.echo(f"replaying {len(schedule)} steps on a {desc}")
+                say(f"replaying {len(schedule)} steps on a {desc}")
                 outcome = await T.run_schedule(make, schedule)
                 if outcome.ok:
-                    click.echo("PASS: the schedule ran and every check passed")
+                    say("PASS: the schedule ran and every check passed")
                     return True
                 failure = T.Failure(seed, list(schedule), list(schedule), outcome)
-                _report_failure(rerun, seed, failure, round_info=f" at step {outcome.step}")
+                summary["failure"] = _report_failure(rerun, seed, failure,
+                                                     round_info=f" at step {outcome.step}", err=err)
                 return False
-            click.echo(f"torture: {desc}; {'crashes ' if crashes else ''}"
-                       f"{'failures ' if failures else ''}for {seconds:g}s")
-            with Reporter(f"vstore torture {level}") as rep:
+            say(f"torture: {desc}; {'crashes ' if crashes else ''}"
+                f"{'failures ' if failures else ''}for {seconds:g}s")
+            with Reporter(f"vstore torture {level}", err=err) as rep:
                 camp = T.Campaign(make, shape, seed=seed, seconds=seconds, crashes=crashes,
                                   failures=failures, ops=ops, max_rounds=rounds,
                                   shrink_budget=shrink_budget, on_round=rep.update)
@@ -286,15 +329,17 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
                 camp.phase = "failed" if failure else "passed"
                 rep.update(camp, force=True)
             s = camp.stats
+            _fill_stats(summary, s)
             for note in sorted(s.notes):
-                click.echo(f"note: {note}")
+                say(f"note: {note}")
             if failure is None:
-                click.echo(f"PASS: {s.rounds} rounds, {s.ops} operations, {s.crashes} crashes, "
-                           f"{s.failures} member failures, {s.rebuilds} rebuilds, {s.moves} moves, "
-                           f"{s.switches} journal switches, {s.paths} path failures, {s.checks} "
-                           f"checks; seed {seed}")
+                say(f"PASS: {s.rounds} rounds, {s.ops} operations, {s.crashes} crashes, "
+                    f"{s.failures} member failures, {s.rebuilds} rebuilds, {s.moves} moves, "
+                    f"{s.switches} journal switches, {s.paths} path failures, {s.checks} "
+                    f"checks; seed {seed}")
                 return True
-            _report_failure(rerun, seed, failure, round_info=f" in round {s.rounds}")
+            summary["failure"] = _report_failure(rerun, seed, failure, round_info=f" in round {s.rounds}",
+                                                 err=err)
             return False
         finally:
             with trio.CancelScope(shield=True):
@@ -305,7 +350,8 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
 
 def _existing_pool(ctx: click.Context, name: str, *, seed: int, seconds: float, ops: int,
                    rounds: int | None, window: int, schedule: list[Any] | None,
-                   shrink_budget: float) -> bool:
+                   shrink_budget: float, summary: dict[str, Any], err: bool) -> bool:
+    """A campaign (or one schedule) on a scratch volume of pool name; True when it passed."""
     from vstore.pool.pool import Pool
     from vstore.testing import torture as T
     from vstore.testing.faults import Rig
@@ -327,28 +373,31 @@ def _existing_pool(ctx: click.Context, name: str, *, seed: int, seconds: float, 
             async def make() -> T.Runner:
                 return T.Runner(T.VolumeTarget(rig, pool, SCRATCH), window=vol.size)
 
+            summary["level"] = pool.level
             rerun = ["vstore", "torture", "--window", str(window), "--seed", str(seed), name]
             if schedule is not None:
                 outcome = await T.run_schedule(make, schedule)
                 if outcome.ok:
-                    click.echo("PASS: the schedule ran and every check passed")
+                    click.echo("PASS: the schedule ran and every check passed", err=err)
                     return True
-                _report_failure(rerun, seed, T.Failure(seed, schedule, schedule, outcome))
+                summary["failure"] = _report_failure(rerun, seed, T.Failure(seed, schedule, schedule, outcome),
+                                                     err=err)
                 return False
             click.echo(f"torture: scratch volume {SCRATCH!r} ({format_size(vol.size)}) in {pool.level} "
-                       f"pool {name!r}; seed {seed}; for {seconds:g}s")
-            with Reporter(f"vstore torture {name}") as rep:
+                       f"pool {name!r}; seed {seed}; for {seconds:g}s", err=err)
+            with Reporter(f"vstore torture {name}", err=err) as rep:
                 camp = T.Campaign(make, shape, seed=seed, seconds=seconds, crashes=False,
                                   failures=False, ops=ops, max_rounds=rounds,
                                   shrink_budget=shrink_budget, on_round=rep.update)
                 failure = await camp.run()
                 camp.phase = "failed" if failure else "passed"
                 rep.update(camp, force=True)
+            _fill_stats(summary, camp.stats)
             if failure is None:
                 click.echo(f"PASS: {camp.stats.rounds} rounds, {camp.stats.ops} operations, "
-                           f"{camp.stats.checks} checks; seed {seed}")
+                           f"{camp.stats.checks} checks; seed {seed}", err=err)
                 return True
-            _report_failure(rerun, seed, failure)
+            summary["failure"] = _report_failure(rerun, seed, failure, err=err)
             return False
         finally:
             with trio.CancelScope(shield=True):

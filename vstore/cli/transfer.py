@@ -14,7 +14,15 @@ import click
 import numpy as np
 import trio
 
-from vstore.cli.common import home_of, refuse_if_mounted, refuse_pool_storage, run, with_pool
+from vstore.cli.common import (
+    POOL,
+    echo_json,
+    home_of,
+    refuse_if_mounted,
+    refuse_pool_storage,
+    run,
+    with_pool,
+)
 from vstore.cli.progress import progress_bar
 from vstore.errors import ConfigError, MemberIOError, NotFoundError, VstoreError
 from vstore.sizes import format_size
@@ -96,11 +104,12 @@ async def _copy(path: str, size: int, volume: Any, *, to_volume: bool, label: st
 
 
 @click.command("import")
-@click.argument("pool")
+@POOL
 @click.argument("vol")
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+def import_cmd(ctx: click.Context, pool: str, vol: str, file: str, as_json: bool) -> None:
     """Create volume VOL sized to FILE (rounded up) and copy FILE into it."""
     home = home_of(ctx)
     refuse_if_mounted(home, pool)
@@ -119,19 +128,26 @@ def import_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
     if size == 0:
         raise ConfigError(f"{file}: empty file, nothing to import")
     n = run(partial(with_pool, home, pool, partial(import_file, vol=vol, path=file)))
-    click.echo(f"imported {format_size(n)} from {file} into volume {vol!r}")
+    if as_json:
+        echo_json({"pool": pool, "volume": vol, "file": file, "bytes": n})
+    else:
+        click.echo(f"imported {format_size(n)} from {file} into volume {vol!r}")
 
 
 @click.command("export")
-@click.argument("pool")
+@POOL
 @click.argument("vol")
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def export_cmd(ctx: click.Context, pool: str, vol: str, file: str) -> None:
+def export_cmd(ctx: click.Context, pool: str, vol: str, file: str, as_json: bool) -> None:
     """Copy volume VOL of POOL out into FILE."""
     home = home_of(ctx)
     refuse_if_mounted(home, pool)
     refuse_pool_storage(home, file)
     n = run(partial(with_pool, home, pool, partial(export_file, vol=vol, path=file),
                     read_only=True))
-    click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")
+    if as_json:
+        echo_json({"pool": pool, "volume": vol, "file": file, "bytes": n})
+    else:
+        click.echo(f"exported {format_size(n)} from volume {vol!r} to {file}")

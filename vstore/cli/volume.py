@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vstore.cli.common import SIZE, run_pool_command
+from vstore.cli.common import POOL, SIZE, echo_json, run_pool_command
 from vstore.sizes import format_size
 
 
@@ -16,18 +16,22 @@ def volume() -> None:
 
 
 @volume.command("create")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--size", type=SIZE, required=True, help="Volume size (rounded up to 4K).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def volume_create(ctx: click.Context, pool: str, name: str, size: int) -> None:
+def volume_create(ctx: click.Context, pool: str, name: str, size: int, as_json: bool) -> None:
     """Create volume NAME in POOL (its bytes read as zeros)."""
     r = run_pool_command(ctx, pool, "volume_create", name=name, size=size)
+    if as_json:
+        echo_json({"pool": pool, "name": r["name"], "size": r["size"]})
+        return
     click.echo(f"created volume {r['name']!r} of {format_size(r['size'])} in pool {pool!r}")
 
 
 @volume.command("list")
-@click.argument("pool")
+@POOL
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
@@ -42,7 +46,7 @@ def volume_list(ctx: click.Context, pool: str, as_json: bool) -> None:
 
 
 @volume.command("remove")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Remove it even while it is open in the mount.")
 @click.pass_context
@@ -53,7 +57,7 @@ def volume_remove(ctx: click.Context, pool: str, name: str, force: bool) -> None
 
 
 @volume.command("rename")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.argument("new")
 @click.pass_context
@@ -64,11 +68,15 @@ def volume_rename(ctx: click.Context, pool: str, name: str, new: str) -> None:
 
 
 @volume.command("resize")
-@click.argument("pool")
+@POOL
 @click.argument("name")
 @click.option("--size", type=SIZE, required=True, help="New size (grow only).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result (see README, Scripting).")
 @click.pass_context
-def volume_resize(ctx: click.Context, pool: str, name: str, size: int) -> None:
+def volume_resize(ctx: click.Context, pool: str, name: str, size: int, as_json: bool) -> None:
     """Grow volume NAME of POOL to SIZE."""
     r = run_pool_command(ctx, pool, "volume_resize", name=name, size=size)
+    if as_json:
+        echo_json({"pool": pool, "name": r["name"], "size": r["size"]})
+        return
     click.echo(f"volume {r['name']!r} is now {format_size(r['size'])}")
