@@ -325,6 +325,21 @@ async def test_mirrors_keep_their_discards_under_the_bitmap(tmp_path: Path, leve
         rec.forget()
 
 
+def _record_rebuild_checkpoints(pool: Pool) -> list[int]:
+    """The cursors of the rebuild checkpoints the pool commits from now on (a list that grows)."""
+    committed: list[int] = []
+    real_commit = pool.commit
+
+    async def commit() -> None:
+        await real_commit()
+        op = pool.meta.get("operation") or {}
+        if op.get("kind") == "rebuild":
+            committed.append(int(op["cursor"]))
+
+    pool.commit = commit  # type: ignore[method-assign]
+    return committed
+
+
 async def test_rebuild_resumes_at_its_cursor_after_a_crash_without_journal(tmp_path: Path,
                                                                             monkeypatch) -> None:
     """A raid5 rebuild cut by a power failure after a checkpoint resumes there once reopened."""
@@ -339,16 +354,7 @@ async def test_rebuild_resumes_at_its_cursor_after_a_crash_without_journal(tmp_p
     await pool.fail_member(2)
     await pool.flush()
     await rec.start()
-    committed: list[int] = []
-    real_commit = pool.commit
-
-    async def commit() -> None:
-        await real_commit()
-        op = pool.meta.get("operation") or {}
-        if op.get("kind") == "rebuild":
-            committed.append(int(op["cursor"]))
-
-    pool.commit = commit  # type: ignore[method-assign]
+    committed = _record_rebuild_checkpoints(pool)
     tail: list[tuple[int, np.ndarray]] = []
     async with trio.open_nursery() as nursery:
         async def rebuild() -> None:
@@ -584,16 +590,7 @@ async def test_degraded_read_below_a_rebuild_cursor_resyncs_the_row_first(tmp_pa
     await vol.write(0, model)
     await pool.fail_member(2)
     await pool.flush()
-    committed: list[int] = []
-    real_commit = pool.commit
-
-    async def commit() -> None:
-        await real_commit()
-        op = pool.meta.get("operation") or {}
-        if op.get("kind") == "rebuild":
-            committed.append(int(op["cursor"]))
-
-    pool.commit = commit  # type: ignore[method-assign]
+    committed = _record_rebuild_checkpoints(pool)
     async with trio.open_nursery() as nursery:
         async def stop_after_a_checkpoint() -> None:
             with trio.fail_after(30):
