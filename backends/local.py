@@ -10,6 +10,7 @@ goes through an aligned bounce buffer, unaligned ranges through the page cache).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -204,6 +205,33 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _create_sized(path: str, size: int, flags: int) -> int:
+    """Create path with its size already set (a file of another name, linked in once sized).
+
+    A process killed half way leaves no empty file at path to refuse the next try
+    ("empty member"), only a stray ``.vstore-new-PID`` file beside it.
+    """
+    tmp = f"{path}.vstore-new-{os.getpid()}"
+    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        try:
+            os.link(tmp, path)  # FileExistsError when path appeared meanwhile
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this filesystem: create in place
+            os.close(fd)
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return fd
+
+
 def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool = False) -> LocalDevice:
     flags = os.O_RDWR | os.O_CLOEXEC
     created = False
@@ -213,10 +241,9 @@ def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool
             raise NotFoundError(f"{path}: directory {parent} does not exist")
         if create_size <= 0 or create_size % block_size:
             raise ConfigError(f"{path}: size must be a positive multiple of {block_size}")
-        flags |= os.O_CREAT | os.O_EXCL
         created = True
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = _create_sized(path, create_size, flags) if created else os.open(path, flags, 0o600)
     except FileNotFoundError as e:
         raise NotFoundError(f"{path}: no such file (give --size to create it)") from e
     except FileExistsError as e:
@@ -229,9 +256,7 @@ def _open_sync(path: str, create_size: int | None, block_size: int, direct: bool
             size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
             block_size = max(block_size, struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0])
         elif stat.S_ISREG(st.st_mode):
-            if created:
-                os.ftruncate(fd, create_size)
-            size = os.fstat(fd).st_size
+            size = st.st_size
         else:
             raise ConfigError(f"{path}: not a regular file or block device")
         size -= size % block_size

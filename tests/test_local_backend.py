@@ -246,3 +246,22 @@ async def test_a_liburing_binding_that_crashes_is_not_used(monkeypatch, caplog):
     monkeypatch.setattr(io_threads, "ENGINE", "io_uring")
     with pytest.raises(RuntimeError, match="dies with SIGILL"):
         io_threads.engine()
+
+
+async def test_a_created_file_appears_with_its_size(tmp_path: Path, monkeypatch):
+    """A create is sized before the file appears under its name (a kill -9 mid-way leaves no
+    empty file to refuse the next try); no helper file is left beside it."""
+    import backends.local as local
+
+    seen: list[int] = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.append(os.stat(src).st_size)
+        return real_link(src, dst)
+
+    monkeypatch.setattr(local.os, "link", link)
+    dev = await open_uri(f"file://{tmp_path}/j.img", create_size=1 << 20)
+    await dev.aclose()
+    assert seen == [1 << 20] and os.path.getsize(tmp_path / "j.img") == 1 << 20
+    assert os.listdir(tmp_path) == ["j.img"]
