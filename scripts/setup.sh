@@ -14,6 +14,8 @@ APT_PACKAGES=(
   libisal2
   # filesystems, loop devices, benchmarks, QEMU peers
   e2fsprogs util-linux fio qemu-utils qemu-block-extra qemu-system-common
+  # Ceph RBD members (librbd's Python bindings) and a single-node test cluster (mon, osd, CLI tools)
+  librbd1 python3-rados python3-rbd ceph-mon ceph-osd ceph-common
 )
 
 if [ "$(id -u)" = 0 ]; then
@@ -30,6 +32,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# rbd:// members use librbd's Python bindings, which exist only as Debian packages
+# (python3-rados, python3-rbd). Link just those two extension modules into the venv:
+# all of dist-packages on the path would bring Debian's numpy & co. to clash with ours.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+for mod in rados rbd; do
+  so=/usr/lib/python3/dist-packages/$mod$suffix
+  if [ -e "$so" ]; then
+    ln -sf "$so" "$site/$mod$suffix"
+  else
+    echo "setup: $so missing (python3-$mod for this Python?): rbd:// members will not work" >&2
+  fi
+done
+.venv/bin/python -c 'import rados, rbd' 2>/dev/null || echo "setup: the venv cannot import rados/rbd" >&2
 
 # pyfuse3 copies every request in from /dev/fuse and every reply out while holding
 # the GIL, so vstore's I/O threads stall behind those copies, and it has no fallocate

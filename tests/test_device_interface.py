@@ -137,7 +137,7 @@ def test_aligned_device_does_not_hand_on_the_layout() -> None:
 def test_every_entry_point_is_its_schemes_backend() -> None:
     with (ROOT / "pyproject.toml").open("rb") as f:
         table = tomllib.load(f)["project"]["entry-points"][uri_mod.GROUP]
-    assert set(table) == {"file", "memory", "nfs", "iscsi"}
+    assert set(table) == {"file", "memory", "nfs", "iscsi", "rbd"}
     for scheme in table:
         backend = uri_mod.backend_for(scheme)
         assert isinstance(backend, uri_mod.Backend) and backend.scheme == scheme

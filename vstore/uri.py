@@ -159,7 +159,26 @@ def _entry_points() -> dict[str, str]:
     if _ENTRY_POINTS is None:
         _ENTRY_POINTS = {ep.name.lower(): ep.value
                          for ep in importlib.metadata.entry_points(group=GROUP)}
+        _ENTRY_POINTS.update(_checkout_entry_points())
     return _ENTRY_POINTS
+
+
+def _checkout_entry_points() -> dict[str, str]:
+    """The group's entry points in the pyproject.toml of the source tree vstore runs from, if any.
+
+    An installed package's metadata lists the backends of the tree it was installed from; a
+    checkout run through PYTHONPATH may have more (or newer) ones, and its own code wins.
+    """
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        with pyproject.open("rb") as f:
+            table = tomllib.load(f).get("project", {}).get("entry-points", {}).get(GROUP, {})
+    except (OSError, ValueError):
+        return {}
+    return {str(k).lower(): str(v) for k, v in table.items()}
 
 
 def _known() -> set[str]:

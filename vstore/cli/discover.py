@@ -1,4 +1,4 @@
-"""`vstore discover`: the iSCSI targets and LUNs behind a portal."""
+"""`vstore discover`: the iSCSI targets and LUNs behind a portal, or the images of a Ceph RBD pool."""
 
 from __future__ import annotations
 
@@ -14,14 +14,17 @@ from vstore.uri import redact_text
 
 
 @click.command()
-@click.argument("portal", metavar="iscsi://[USER%SECRET@]HOST[:PORT]")
+@click.argument("portal", metavar="iscsi://[USER%SECRET@]HOST[:PORT] | rbd://[ID@]POOL[?conf=..]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def discover(portal: str, as_json: bool) -> None:
-    """List the iSCSI targets behind a portal, with their LUNs and sizes."""
+    """List the iSCSI targets behind a portal (their LUNs and sizes), or a Ceph pool's RBD images."""
     from backends.iscsi import discover as iscsi_discover
 
+    if portal.lower().startswith("rbd://"):
+        _discover_rbd(portal, as_json)
+        return
     if not portal.lower().startswith("iscsi://"):
-        raise ConfigError(f"discover takes an iscsi:// portal URI, not {redact_text(portal)!r}")
+        raise ConfigError(f"discover takes an iscsi:// portal or rbd:// pool URI, not {redact_text(portal)!r}")
     targets = run(iscsi_discover, portal)
     failed = [t for t in targets if t.get("error")]
     if as_json:
@@ -38,3 +41,18 @@ def discover(portal: str, as_json: bool) -> None:
         click.echo(redact_text(f"vstore: error: could not log in to {len(failed)} of {len(targets)} target(s): "
                                f"{failed[0]['target']}: {failed[0]['error']}"), err=True)
         sys.exit(1)
+
+
+def _discover_rbd(pool_uri: str, as_json: bool) -> None:
+    """Print the images of an RBD pool, each with its member URI and size."""
+    from backends.rbd import discover as rbd_discover
+
+    images = run(rbd_discover, pool_uri)
+    if as_json:
+        click.echo(json.dumps(images, indent=2))
+        return
+    if not images:
+        click.echo("no images")
+    for im in images:
+        size = f"{format_size(im['size'])} ({im['size']} bytes)" if "size" in im else f"error: {im.get('error')}"
+        click.echo(f"{im['uri']}  {size}")
