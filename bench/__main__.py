@@ -10,7 +10,7 @@ Sections (``--only`` takes a comma-separated subset):
   members on tmpfs and on the disk, vs the empty pyfuse3 ceiling mounted like vstore and
   with pyfuse3's defaults, qemu-storage-daemon's FUSE export and plain files; ``--profile``
   adds a py-spy profile of the mount per vstore job, in ``OUT/stack-profiles/``);
-- ``iscsi``, ``nfs``, ``multipath``, ``journal``: the backend benchmarks, run as
+- ``iscsi``, ``nfs``, ``rbd``, ``multipath``, ``journal``: the backend benchmarks, run as
   ``python -m bench.NAME [--quick]`` when the module exists; their JSON is folded
   in. They run by default in a full run only (``--quick`` runs them only when
   named in ``--only``).
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # In a checkout, bench/results (git-ignored); installed (site-packages), the working directory.
 DEFAULT_OUT = ROOT / "bench" / "results" if (ROOT / "pyproject.toml").exists() else Path("vstore-bench")
 CORE = ("kernels", "layouts", "stack")
-PEERS = ("iscsi", "nfs", "multipath", "journal")
+PEERS = ("iscsi", "nfs", "rbd", "multipath", "journal")
 PEER_TIMEOUT = 900
 
 

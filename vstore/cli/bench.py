@@ -20,7 +20,7 @@ def _bench_main() -> Callable[..., int]:
 @click.command()
 @click.option("--quick", is_flag=True, help="Small sizes and few workloads (under a minute).")
 @click.option("--only", metavar="SECTIONS",
-              help="Comma-separated subset of kernels,layouts,stack,iscsi,nfs,multipath,journal.")
+              help="Comma-separated subset of kernels,layouts,stack,iscsi,nfs,rbd,multipath,journal.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the JSON report to FILE (default OUT/bench.json).")
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
