@@ -5,6 +5,7 @@ file, NFS, iSCSI and RBD members. ``rbd export`` / ``rados`` are the independent
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -303,3 +304,26 @@ def test_raid6_over_file_nfs_iscsi_rbd(ceph, nas_and_san, tmp_path: Path):
     assert json.loads(vstore(home, "status", "mixed", "--json").stdout)["state"] == "clean"
     vstore(home, "scrub", "mixed")
     assert ceph.export(POOL, "mix2")[:8] == b"VSTORESB"
+
+
+async def test_a_stalled_osd_fails_the_io_within_the_timeout(ceph):
+    dev = await open_uri(ceph.rbd_uri(POOL, "stall") + "&timeout=3", create_size=MiB)
+    osd = ceph.procs["osd.0"]
+    try:
+        assert dev.timeout == 3
+        await dev.write(0, b"before")
+        osd.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(MemberIOError, match="rbd://vs/stall: read at offset 4096: ") as e:
+                await dev.read(4096, 512)
+            assert time.monotonic() - t0 < 20 and "\n" not in str(e.value)
+        finally:
+            osd.send_signal(signal.SIGCONT)
+    finally:
+        await dev.aclose()
+    again = await open_uri(ceph.rbd_uri(POOL, "stall"))  # the cluster serves again
+    try:
+        assert bytes(await again.read(0, 6)) == b"before"
+    finally:
+        await again.aclose()
