@@ -184,6 +184,12 @@ class LocalDevice(DeviceBase):
             # Filesystems without hole punching: write zeros so the contract holds.
             await self.write(offset, np.zeros(length, dtype=np.uint8))
 
+    async def remove_created(self) -> None:
+        """Unlink the file this open created (a failed create leaves nothing behind)."""
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
     async def aclose(self) -> None:
         """Close the file descriptors."""
         if self.direct_fd >= 0:

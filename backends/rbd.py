@@ -170,7 +170,7 @@ def _open_sync(where: _Where, create_size: int | None, block_size: int) -> RbdDe
         cluster.shutdown()
         raise ConfigError(f"{where.name}: empty image (size {size})")
     dev = RbdDevice(where, cluster, ioctx, image, size, block_size, ident)
-    dev.image_created = created
+    dev.created = created
     return dev
 
 
@@ -186,7 +186,7 @@ class RbdDevice(DeviceBase):
         self.block_size = block_size
         self.timeout = where.timeout
         self._ident = ident
-        self.image_created = False  # this open created the image (it is left in place on failure)
+        self.created = False  # this open created the image (a failed create removes it again)
         self._closed = False
 
     def identity(self) -> str:
@@ -276,6 +276,30 @@ class RbdDevice(DeviceBase):
         if not length:
             return
         await self._aio("discard", offset, lambda cb: self._image.aio_write_zeroes(offset, length, cb))
+
+    async def remove_created(self) -> None:
+        """Remove the image this open created, over a new connection (the device is closed)."""
+        if not self.created:
+            return
+        where = self.where
+
+        def remove() -> None:
+            _, rbd = _libs()
+            try:
+                cluster, ioctx = _connect(where)
+            except Exception:
+                return
+            try:
+                rbd.RBD().remove(ioctx, where.image)
+            except rbd.Error:
+                pass
+            finally:
+                ioctx.close()
+                cluster.shutdown()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(remove)
+        self.created = False
 
     async def aclose(self) -> None:
         """Close the image and the cluster connection (in a worker thread: they block)."""

@@ -72,7 +72,7 @@ async def test_create_write_read_flush_reopen(ceph, rng):
     uri = ceph.rbd_uri(POOL, "dev0")
     dev = await open_uri(uri, create_size=8 * MiB)
     try:
-        assert isinstance(dev, BlockDevice) and dev.image_created
+        assert isinstance(dev, BlockDevice) and dev.created
         assert dev.size == 8 * MiB and dev.block_size == 512 and "dev0" in images(ceph)
         model = np.zeros(dev.size, np.uint8)
         # Many I/Os in flight at once, unaligned, from many tasks.
@@ -96,7 +96,7 @@ async def test_create_write_read_flush_reopen(ceph, rng):
     assert ceph.export(POOL, "dev0") == model.tobytes()  # the oracle: rbd export
     again = await open_uri(ceph.rbd_uri(POOL, "dev0", keyring=False), create_size=8 * MiB)
     try:
-        assert not again.image_created  # it exists: opened, not made anew
+        assert not again.created  # it exists: opened, not made anew
         assert np.array_equal(await again.read(12345, 100000), model[12345:112345])
     finally:
         await again.aclose()
@@ -251,6 +251,22 @@ def test_cli_pool_of_rbd_members_and_discover(ceph, tmp_path: Path):
     assert_one_line_error(bad, "takes a pool")
     bad = vstore(home, "discover", f"rbd://nopool?conf={ceph.conf}", check=False)
     assert_one_line_error(bad, "no pool")
+
+
+def test_failed_create_removes_the_images_it_created(ceph, tmp_path: Path):
+    home = tmp_path / "home"
+    ceph.rbd("create", f"{POOL}/keep0", "--size", "16M")  # there before: never removed
+    members = [ceph.rbd_uri(POOL, "fc0"), ceph.rbd_uri(POOL, "keep0"), ceph.rbd_uri(POOL, "fc1"),
+               f"file://{tmp_path}/nodir/x.img"]
+    bad = vstore(home, "create", "fc", "--level", "raid5", "--size", str(16 * MiB), *members, check=False)
+    assert_one_line_error(bad, "does not exist")
+    have = images(ceph)
+    assert "keep0" in have and not {"fc0", "fc1"} & have
+    # The same image under two spellings is one member, refused before anything is written.
+    twice = vstore(home, "create", "tw", "--level", "raid1", ceph.rbd_uri(POOL, "keep0"),
+                   f"rbd://{POOL}/keep0?conf={ceph.conf}", check=False)
+    assert_one_line_error(twice, "same storage")
+    assert not ceph.export(POOL, "keep0").strip(b"\0")
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ it the new one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -236,9 +235,8 @@ class Consistency:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await dev.aclose()
-            if dev.created:  # made here: leave nothing behind
-                with contextlib.suppress(OSError):
-                    os.unlink(dev.path)
+                if dev.created:  # made here: leave nothing behind
+                    await dev.remove_created()
             raise
         return jr, uri
 

@@ -9,9 +9,7 @@ the control socket of a mounted pool) carries out on it are in ``vstore.pool.com
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -261,9 +259,8 @@ class Pool:
             for dev in devs:
                 with trio.CancelScope(shield=True):
                     await dev.aclose()
-                if dev.created:  # a file this create made: leave nothing behind
-                    with contextlib.suppress(OSError):
-                        os.unlink(dev.path)
+                    if dev.created:  # storage this create made: leave nothing behind
+                        await dev.remove_created()
             if pool is not None and pool.lock is not None:
                 pool.lock.release()
             raise

@@ -14,6 +14,7 @@ multipath, iSCSI, NFS) override them.
 
 Capabilities are part of the interface too, each with a default in ``DeviceBase``
 (so callers call them, never probe for them): ``identity()`` (None: cannot tell),
+``remove_created()`` (nothing created, nothing to remove),
 ``prepare_io(...)`` (None: no I/O-engine op, use the methods), ``probe(timeout)``
 (reads the first block), ``forget_range(offset, length)`` (nothing cached),
 ``created`` (False) and ``timeout`` (0: the device enforces no command timeout).
@@ -69,6 +70,11 @@ class BlockDevice(Protocol):
 
     def identity(self) -> str | None:
         """Equal for two devices exactly when they reach the same storage (None: cannot tell)."""
+        ...
+
+    async def remove_created(self) -> None:
+        """Remove the storage this open created (``created``), after aclose: a failed create
+        leaves nothing behind. Never raises."""
         ...
 
     def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Op | None:
@@ -156,6 +162,9 @@ class DeviceBase:
     def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Op | None:
         """None: no I/O-engine op here; the I/O goes through readv_into/writev."""
         return None
+
+    async def remove_created(self) -> None:
+        """Nothing was created by this open (``created`` is False): nothing to remove."""
 
     async def probe(self, timeout: float | None = None) -> None:
         """Read the first block (the caller bounds the time)."""
