@@ -190,6 +190,11 @@ async def test_errors_are_clear_and_secret_free(ceph):
         await open_uri(f"rbd://{POOL}/x?conf={ceph.conf}&keyring=/nonexistent")
     with pytest.raises(ConfigError, match="must not carry a key"):
         parse_uri(f"rbd://admin:{quote(key, safe='')}@{POOL}/x")
+    slashed = "AQBvZ2Vz/dGhpcytrZXk+aXM/c2VjcmV0eA=="  # base64: a raw "/" makes the URI malformed
+    for text in (f"rbd://admin:{slashed}@{POOL}/x", f"iscsi://u%{slashed}@127.0.0.1/iqn.x:t/0"):
+        with pytest.raises(ConfigError) as bad:
+            parse_uri(text)
+        assert slashed not in str(bad.value) and "/c2VjcmV0eA" not in str(bad.value)
     with pytest.raises(ConfigError, match="one image name"):
         parse_uri(f"rbd://{POOL}/a/b")
     with pytest.raises(ConfigError, match="unknown parameter 'keyrig'"):

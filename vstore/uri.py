@@ -54,8 +54,8 @@ class MemberURI:
 
     def redacted(self) -> str:
         """The URI as text with any password replaced by *** (safe for logs and status)."""
-        if self.password is None:
-            return self.text
+        if self.password is None:  # none parsed; a raw "/" in one can hide it from urlsplit
+            return redact_text(self.text)
         parts = urlsplit(self.text)
         userinfo, hostport = parts.netloc.rsplit("@", 1)
         sep = ":" if ":" in userinfo else "%"
@@ -66,7 +66,9 @@ class MemberURI:
         return self.redacted()
 
 
-_SECRET_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:%]+[:%])[^@\s/]+@")
+# The secret runs to the next "@": it may hold a raw "/" (a Ceph key is base64), which makes
+# the URI itself malformed, and the error about that must not show it.
+_SECRET_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:%]+[:%])[^@\s]+?@")
 
 
 def redact_text(text: str) -> str:
