@@ -252,7 +252,9 @@ class RbdDevice(DeviceBase):
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write the bytes at offset (acknowledged once the OSDs have them)."""
-        await self._write_bytes(offset, np.ascontiguousarray(as_u8(data)).tobytes())
+        if not isinstance(data, bytes):  # librbd's binding takes bytes: one copy of anything else
+            data = np.ascontiguousarray(as_u8(data)).tobytes()
+        await self._write_bytes(offset, data)
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
         """Write the views as consecutive bytes at offset (one aio_write)."""

@@ -5,7 +5,8 @@ keyring with ``mon.`` and ``client.admin`` (``ceph-authtool``), a monmap
 (``monmaptool``), one ``ceph-mon --mkfs``, then ``ceph osd new`` and
 ``ceph-osd --mkfs`` for each OSD, on memstore (RAM, bounded by ``memstore device
 bytes``). No ceph-mgr: RBD I/O, pool and image commands need only the monitor and
-the OSDs. Pools get size 1. The daemons run in the foreground as our children;
+the OSDs (what ceph-mgr serves, such as ``ceph osd df`` or ``rbd perf``, does not
+answer here). Pools get size 1. The daemons run in the foreground as our children;
 ``stop()`` always ends them (SIGTERM, then SIGKILL) and removes the directory.
 
     with CephCluster() as ceph:
