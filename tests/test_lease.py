@@ -237,3 +237,293 @@ def test_sigstopped_owner_that_wakes_after_takeover_writes_nothing(tmp_path: Pat
                 assert f.read(65536) == b"B" * 65536
         finally:
             vstore(home_b, "umount", str(mp_b))
+
+
+# ---------------------------------------------------------------------------- the lease state machine
+# A fake etcd on trio's MockClock (autojump): the timing rules checked exactly and fast. The
+# real etcd is the tests above and below; this one only adds what real time cannot show cheaply.
+
+
+class FakeEtcd:
+    """The few etcd calls the lease makes, on a fake clock; leases expire at grant/renew + TTL."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.kv: dict[str, tuple[bytes, int, int, int]] = {}  # key -> value, create, mod, lease
+        self.leases: dict[int, float] = {}  # id -> expiry
+        self.rev = 1
+        self.next_id = 100
+        self.down = False
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for lid in [lid for lid, t in self.leases.items() if t <= now]:
+            del self.leases[lid]
+            self.kv = {k: v for k, v in self.kv.items() if v[3] != lid}
+
+    def _up(self) -> None:
+        from vstore.cluster.etcd import EtcdError
+
+        if self.down:
+            raise EtcdError("etcd at fake: connection refused")
+        self._expire()
+
+    async def get(self, key: str):
+        from vstore.cluster.etcd import KeyValue
+
+        self._up()
+        v = self.kv.get(key)
+        return KeyValue(*v) if v else None
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        self._up()
+        self.next_id += 1
+        self.leases[self.next_id] = self.clock() + ttl
+        self.ttl = ttl
+        return self.next_id, ttl
+
+    async def keepalive(self, lease: int) -> int:
+        self._up()
+        if lease not in self.leases:
+            return 0
+        self.leases[lease] = self.clock() + self.ttl
+        return self.ttl
+
+    async def revoke(self, lease: int) -> None:
+        self._up()
+        self.leases[lease] = self.clock()
+        self._expire()
+
+    async def txn(self, compare, success, failure=None) -> bool:
+        from vstore.cluster.etcd import unb64
+
+        self._up()
+        for c in compare:
+            v = self.kv.get(unb64(c["key"]).decode())
+            have = (v[1] if c["target"] == "CREATE" else v[2]) if v else 0
+            want = int(c["create_revision"] if c["target"] == "CREATE" else c["mod_revision"])
+            if have != want:
+                return False
+        self.rev += 1
+        for op in success:
+            p = op["request_put"]
+            key = unb64(p["key"]).decode()
+            old = self.kv.get(key)
+            self.kv[key] = (unb64(p["value"]), old[1] if old else self.rev, self.rev, int(p.get("lease", 0)))
+        return True
+
+    def lease_alive(self, lease: int) -> bool:
+        self._expire()
+        return lease in self.leases
+
+
+def _lease(fake: FakeEtcd, ttl: int = 8):
+    import trio
+
+    from vstore.cluster.etcd import LeaseURI
+    from vstore.cluster.lease import OwnershipLease
+
+    return OwnershipLease(LeaseURI("fake", 1, "pre", ttl), "p", "uuid-1", client=fake, clock=trio.current_time)
+
+
+async def test_epochs_busy_owner_and_takeover_after_expiry(autojump_clock) -> None:
+    import trio
+
+    from vstore.cluster import fence
+    from vstore.errors import PoolBusyError
+
+    fake = FakeEtcd(trio.current_time)
+    a, b = _lease(fake), _lease(fake)
+    try:
+        assert await a.acquire({"host": "a", "pid": 1}) == 1
+        t = trio.current_time()
+        assert a.fence.deadline == pytest.approx(t + 8 - 2)  # sent + TTL - TTL/4
+        with pytest.raises(PoolBusyError, match="pid 1 on host a.*epoch 1.*--takeover"):
+            await b.acquire({"host": "b", "pid": 2})
+        # While A renews, B's takeover gives up after its wait limit, naming a live owner.
+        async with trio.open_nursery() as n:
+            n.start_soon(a.renew_forever)
+            with pytest.raises(PoolBusyError, match="still being renewed"):
+                await b.acquire({"host": "b", "pid": 2}, takeover=True, wait_limit=30)
+            assert not a.fence.expired()
+            n.cancel_scope.cancel()
+        # A stops renewing (killed, stopped): B waits for the lease to expire, then epoch 2.
+        assert await b.acquire({"host": "b", "pid": 2}, takeover=True, min_epoch=0) == 2
+        assert not fake.lease_alive(a.lease_id)  # only once A's lease expired
+        assert a.fence.deadline <= trio.current_time() - 2  # A's fence had shut a margin before
+        assert not await a.renew_once()  # A wakes: its lease is gone, for good
+        assert a.fence.lost is not None and a.fence.expired()
+        assert not b.fence.expired()
+        # The epoch never goes back, even below the pool metadata's.
+        await b.release()
+        assert await a.acquire({"host": "a", "pid": 1}, min_epoch=7) == 8
+    finally:
+        for x in (a, b):
+            fence.disarm(x.fence)
+
+
+async def test_fence_shuts_before_the_lease_can_expire_when_etcd_is_unreachable(autojump_clock) -> None:
+    import trio
+
+    from vstore.cluster import fence
+
+    fake = FakeEtcd(trio.current_time)
+    a = _lease(fake, ttl=4)
+    await a.acquire({"host": "a", "pid": 1})
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(a.renew_forever)
+            await trio.sleep(10)  # renewals keep it open
+            assert not a.fence.expired() and fake.lease_alive(a.lease_id)
+            fake.down = True
+            shut_at = None
+            while fake.lease_alive(a.lease_id):  # at every instant: fence shut before etcd lets go
+                if a.fence.expired() and shut_at is None:
+                    shut_at = trio.current_time()
+                await trio.sleep(0.05)
+            assert shut_at is not None and trio.current_time() - shut_at >= 4 / 4 - 0.1
+            fake.down = False  # etcd is back, but this owner stays fenced
+            await trio.sleep(5)
+            assert a.fence.expired() and a.fence.lost
+            with pytest.raises(fence.FencedError, match="is fenced"):
+                fence.check_writes()
+            n.cancel_scope.cancel()
+    finally:
+        fence.disarm(a.fence)
+    fence.check_writes()  # disarmed: nothing refused
+
+
+async def test_renewal_notices_a_foreign_epoch(autojump_clock) -> None:
+    import trio
+
+    from vstore.cluster import fence
+    from vstore.cluster.etcd import b64
+
+    fake = FakeEtcd(trio.current_time)
+    a = _lease(fake)
+    await a.acquire({"host": "a", "pid": 1})
+    try:
+        assert await a.renew_once()
+        # Someone rewrote the owner key (an operator's etcdctl put, a buggy peer): not ours any more.
+        await fake.txn([], [{"request_put": {"key": b64(a.owner_key), "value": b64('{"epoch": 9}'),
+                                             "lease": str(a.lease_id)}}])
+        assert not await a.renew_once()
+        assert "no longer current" in a.fence.lost and a.fence.expired()
+    finally:
+        fence.disarm(a.fence)
+
+
+async def test_fenced_writes_fail_in_the_layout_and_io_threads_without_failing_members(tmp_path: Path) -> None:
+    import numpy as np
+
+    from backends.local import open_uri
+    from vstore.cluster import fence
+    from vstore.io import threads as io_threads
+    from vstore.raid import make_layout
+    from vstore.uri import parse_uri
+
+    devs = [await open_uri(parse_uri(f"file://{tmp_path}/d{i}.img"), create_size=1 << 20)
+            for i in range(2)]
+    layout = make_layout("raid1", devs, 65536)
+    f = fence.Fence("p")
+    f.open_until(float("inf"))
+    fence.arm(f)
+    try:
+        await layout.write(0, np.full(8192, 7, np.uint8))
+        await layout.flush()
+        # A write op already handed to the I/O threads when the fence shuts is refused there.
+        op = devs[0].prepare_io(True, 65536, [np.full(4096, 9, np.uint8)])
+        f.lose("test")
+        io_threads.submit([op])
+        await io_threads.wait([op])
+        assert "is fenced" in (op.failure() or "")
+        with pytest.raises(fence.FencedError):
+            await layout.write(0, np.full(8192, 8, np.uint8))
+        with pytest.raises(fence.FencedError):
+            await layout.flush()
+        assert not layout.failed  # no member blamed for the fence
+        assert (await layout.read(0, 8192) == 7).all()  # reads still work; nothing was written
+    finally:
+        fence.disarm(f)
+        for d in devs:
+            await d.aclose()
+    for i in range(2):
+        raw = (tmp_path / f"d{i}.img").read_bytes()
+        assert raw[65536:65536 + 4096] == bytes(4096) and raw[:8192] == b"\7" * 8192
+
+
+def test_lease_uri_parsing() -> None:
+    from vstore.cluster.etcd import LeaseURI
+    from vstore.errors import ConfigError
+
+    u = LeaseURI.parse("etcd://10.0.0.1/vstore/prod?ttl=5")
+    assert (u.host, u.port, u.prefix, u.ttl) == ("10.0.0.1", 2379, "vstore/prod", 5)
+    assert str(LeaseURI.parse("etcd://h:1234/p")) == "etcd://h:1234/p"
+    for bad in ("http://h/p", "etcd://h", "etcd://h/", "etcd://h/p?ttl=1", "etcd://h/p?ttl=x",
+                "etcd://h/p?foo=1", "etcd://u:pw@h/p", "etcd://h:99999/p"):
+        with pytest.raises(ConfigError):
+            LeaseURI.parse(bad)
+
+
+def test_http_reply_parsing() -> None:
+    from vstore.cluster.etcd import EtcdError, parse_response
+
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n3\r\n 1}\r\n0\r\n\r\n"
+    assert parse_response(raw, "x") == (200, {"transfer-encoding": "chunked"}, b'{"a": 1}')
+    raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}junk"
+    assert parse_response(raw, "x")[::2] == (404, b"{}")
+    for bad in (b"", b"garbage\r\n\r\n", b"HTTP/1.1 x\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"):
+        with pytest.raises(EtcdError):
+            parse_response(bad, "x")
+
+
+@needs_etcd
+async def test_owner_fences_itself_when_etcd_stops_answering(tmp_path: Path) -> None:
+    """A paused etcd: the owner's writes fail (nothing reaches a member) before its lease can expire."""
+    import numpy as np
+    import trio
+
+    from vstore.cluster.fence import FencedError
+    from vstore.pool.home import Home
+    from vstore.pool.pool import Pool
+
+    paths = [tmp_path / f"m{i}.img" for i in range(3)]
+    with Etcd() as server:
+        home = Home(str(tmp_path / "home"))
+        pool = await Pool.create(home, "p", "raid5", [f"file://{p}" for p in paths], size=8 << 20,
+                                 chunk=16384, lease=server.lease_uri("outage") + "?ttl=2")
+        try:
+            vol = await pool.create_volume("v", 1 << 20)
+            await vol.write(0, np.full(65536, 1, np.uint8))
+            await pool.flush()
+            assert pool.status()["lease"]["epoch"] == 1
+            before = member_digests(paths)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                await trio.sleep(2.2)  # renewals time out; the fence shuts before the 2 s lease can lapse
+                with pytest.raises(FencedError, match="is fenced"):
+                    await vol.write(0, np.full(65536, 2, np.uint8))
+                with pytest.raises(FencedError):
+                    await pool.flush()
+                assert (await vol.read(0, 65536) == 1).all()
+                assert pool.status()["lease"]["fenced"] is True
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            await trio.sleep(1)  # etcd answers again: the fence stays shut
+            with pytest.raises(FencedError):
+                await vol.write(0, np.full(65536, 3, np.uint8))
+            assert member_digests(paths) == before
+            with pytest.raises(FencedError):
+                await pool.aclose()  # a fenced pool cannot even mark itself clean
+            assert member_digests(paths) == before
+        finally:
+            pool.abandon()
+        # Its lease was given back on close: the next owner needs no wait, recovers, epoch 2.
+        again = await Pool.open(home, "p")
+        try:
+            st = again.status()
+            assert st["recovered"] is True and st["lease"]["epoch"] == 2 and st["owner"]["epoch"] == 2
+            assert (await again.volumes["v"].read(0, 65536) == 1).all()
+        finally:
+            await again.aclose()

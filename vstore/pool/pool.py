@@ -491,6 +491,7 @@ class Pool:
     # ------------------------------------------------------------------ metadata
     def on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
         """A member failed (the layout's hook): record it, to be committed before the next update."""
+        fence_mod.check_writes()  # refused by the lease's fence: not the member's fault
         m = self.members[index]
         if m.state in ("active", "rebuilding"):
             m.state, m.error = "failed", f"I/O error: {exc}" if exc else "failed"

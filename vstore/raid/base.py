@@ -226,6 +226,7 @@ class RaidLayout(DeviceBase):
         The layout calls it for its own member I/O; others report here what they saw
         go wrong on a member outside it (the bitmap's writes, a journal replay).
         """
+        check_writes()  # a write refused by the lease's fence is not the member's fault
         if i in self.failed and i not in self.rebuilding:
             return
         self.rebuilding.discard(i)
