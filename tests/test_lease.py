@@ -207,7 +207,7 @@ def test_sigstopped_owner_that_wakes_after_takeover_writes_nothing(tmp_path: Pat
             vstore(home_b, "umount", str(mp_b))
             before = member_digests(paths)
             os.kill(pid, signal.SIGCONT)  # the stale owner wakes up with fio's writes pending
-            time.sleep(2 * TTL)  # it runs a while: renewals, background tasks, fio's writes
+            time.sleep(TTL)  # it runs a while: renewal attempts, background tasks, fio's writes
             st = status(mp_a)  # it still answers (reads), and says why it no longer writes
             assert st["lease"]["fenced"] is True, st["lease"]
             assert member_digests(paths) == before, "the stale owner wrote to a member"
@@ -527,3 +527,46 @@ async def test_owner_fences_itself_when_etcd_stops_answering(tmp_path: Path) -> 
             assert (await again.volumes["v"].read(0, 65536) == 1).all()
         finally:
             await again.aclose()
+
+
+@needs_etcd
+def test_cli_takeover_of_a_dead_owners_lease_and_clean_errors(tmp_path: Path, etcd) -> None:
+    """`vstore --takeover CMD` waits out a dead owner's lease; bad or unreachable lease URIs are one clean line."""
+    import trio
+
+    from vstore.cluster.etcd import LeaseURI
+    from vstore.cluster.lease import OwnershipLease
+    from vstore.pool.home import Home
+    from vstore.testing.etcd_server import free_port
+
+    home = tmp_path / "home"
+    paths = [tmp_path / f"m{i}.img" for i in range(3)]
+    uris = [f"file://{p}" for p in paths]
+    # Nothing is left behind by a create that cannot reach etcd or names a bad lease.
+    for lease, words in ((f"etcd://127.0.0.1:{free_port()}/x", ("etcd at 127.0.0.1",)),
+                         ("etcd://h/p?ttl=0", ("ttl",))):
+        one_line_error(vstore(home, "create", "p", "--level", "raid5", "--size", "8M", "--lease", lease,
+                              *uris, check=False), *words)
+        assert not any(p.exists() for p in paths)
+        assert not Home(str(home)).pool_record_path("p").exists()
+    uri = etcd.lease_uri("cli") + "?ttl=2"
+    vstore(home, "create", "p", "--level", "raid5", "--size", "8M", *uris, "--lease", uri)
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["lease"]["uri"] == uri and st["lease"]["epoch"] == 1
+
+    async def dead_owner() -> int:  # takes the lease as a host that then dies (never renews)
+        lease = OwnershipLease(LeaseURI.parse(uri), "p", st["uuid"])
+        try:
+            return await lease.acquire({"host": "elsewhere", "pid": 4242}, min_epoch=1)
+        finally:
+            lease.abandon()
+
+    dead_epoch = trio.run(dead_owner)
+    assert dead_epoch == 2
+    one_line_error(vstore(home, "scrub", "p", check=False), "pid 4242 on host elsewhere", "--takeover")
+    t0 = time.monotonic()
+    out = vstore(home, "--takeover", "scrub", "p").stdout
+    assert "0 mismatch(es)" in out
+    assert time.monotonic() - t0 >= 1.0  # it waited for the dead owner's lease
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert st["lease"]["epoch"] == 3 and st["owner"] is None and st["state"] == "clean"

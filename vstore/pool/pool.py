@@ -771,7 +771,8 @@ class Pool:
             "extent_size": ext,
             "generation": self.meta["generation"],
             "owner": self.meta.get("owner"),
-            **({"lease": self.lease.status()} if self.lease is not None else {}),
+            **({"lease": self.lease.status()} if self.lease is not None  # held, else as recorded
+               else {"lease": dict(self.meta["lease"])} if self.meta.get("lease") else {}),
             "recovered": self.recovered_from is not None,
             "journal": self.consistency.status(),
             "operation": self.lifecycle.status(),
