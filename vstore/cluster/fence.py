@@ -2,9 +2,9 @@
 
 A process that owns a pool through an etcd lease may write to the members only
 while it knows the lease is alive: until ``deadline``, a point on the monotonic
-clock that each renewal moves on (the time the renewal was *sent*, plus the TTL
+clock (CLOCK_BOOTTIME) that each renewal moves on (the time the renewal was *sent*, plus the TTL
 etcd granted, minus a margin for writes already on their way). The clock keeps
-running while the process is stopped (SIGSTOP) or starved, so a process that
+running while the process is stopped (SIGSTOP) or starved, or the host suspended, so a process that
 wakes up after its lease expired finds its fence shut before it issues anything.
 Once a fence shuts it stays shut (``lose``): another host may own the pool now.
 
@@ -26,6 +26,14 @@ from collections.abc import Callable
 from vstore.errors import VstoreError
 
 
+def now() -> float:
+    """Seconds on the fence's clock: CLOCK_BOOTTIME, monotonic and running on through a suspend."""
+    return time.clock_gettime(_CLOCK)
+
+
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 class FencedError(VstoreError):
     """The pool's ownership lease lapsed (or was taken over): this process may not write."""
 
@@ -33,7 +41,7 @@ class FencedError(VstoreError):
 class Fence:
     """A deadline after which member writes are refused."""
 
-    def __init__(self, pool: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, pool: str, clock: Callable[[], float] = now) -> None:
         self.pool = pool
         self.clock = clock
         self.deadline = -math.inf  # shut until the lease is granted

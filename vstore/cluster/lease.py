@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ import trio
 
 from vstore import owner as owner_mod
 from vstore.cluster.etcd import EtcdClient, EtcdError, LeaseURI, compare_revision, put_op
-from vstore.cluster.fence import Fence, arm, disarm
+from vstore.cluster.fence import Fence, arm, disarm, now
 from vstore.errors import PoolBusyError
 
 log = logging.getLogger("vstore.cluster.lease")
@@ -49,7 +48,7 @@ class OwnershipLease:
     """The lease by which this process owns one pool."""
 
     def __init__(self, uri: LeaseURI, pool: str, pool_uuid: str, *, client: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = now) -> None:
         self.uri = uri
         self.pool = pool
         self.ttl = uri.ttl
