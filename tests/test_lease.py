@@ -570,3 +570,84 @@ def test_cli_takeover_of_a_dead_owners_lease_and_clean_errors(tmp_path: Path, et
     assert time.monotonic() - t0 >= 1.0  # it waited for the dead owner's lease
     st = json.loads(vstore(home, "status", "p", "--json").stdout)
     assert st["lease"]["epoch"] == 3 and st["owner"] is None and st["state"] == "clean"
+
+
+needs_tgtd = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tgtd") is None, reason="needs root and tgtd")
+
+
+@pytest.mark.integration
+@needs_etcd
+@needs_tgtd
+async def test_iscsi_members_are_fenced_by_persistent_reservations(tmp_path: Path, etcd) -> None:
+    """An old owner whose client-side fence is gone still cannot write: tgtd answers RESERVATION CONFLICT."""
+    import numpy as np
+    import trio
+
+    from vstore.pool.home import Home
+    from vstore.pool.importer import import_pool
+    from vstore.pool.pool import Pool
+    from vstore.testing.iscsi_target import TgtServer
+
+    with TgtServer(workdir=str(tmp_path)) as srv:
+        srv.add_target("iqn.2026-12.test:lease", tid=1)
+        luns = [srv.add_lun(1, i, 8 << 20, scsi_id=f"lease-{i}", scsi_sn=f"LEASE{i}") for i in (1, 2, 3)]
+        uris = [srv.url(1, i) for i in (1, 2, 3)]
+        backing = [Path(lu.path) for lu in luns]
+        home_a, home_b = Home(str(tmp_path / "a")), Home(str(tmp_path / "b"))
+        created = await Pool.create(home_a, "p", "raid5", uris, chunk=16384,
+                                    lease=etcd.lease_uri("pr") + "?ttl=2")
+        assert created.status()["lease"]["reserved"] == [0, 1, 2]
+        await created.aclose()
+        await import_pool(home_b, uris)  # host B knows the pool
+        a = await Pool.open(home_a, "p")
+        b = None
+        try:
+            assert a.status()["lease"]["reserved"] == [0, 1, 2]
+            vol = await a.create_volume("v", 1 << 20)
+            await vol.write(0, np.full(65536, 1, np.uint8))
+            await a.flush()
+            # A stalls for good: no renewals, and (to test the target alone) no client-side fence.
+            a.lease.abandon()
+            b = await Pool.open(home_b, "p", takeover=True)  # waits out A's lease, preempts A's key
+            assert b.status()["lease"]["reserved"] == [0, 1, 2]
+            assert b.lease.epoch == a.lease.epoch + 1
+            await trio.sleep(0)
+            before = member_digests(backing)
+            with pytest.raises(Exception, match="RESERVATION CONFLICT|failed members"):
+                await vol.write(0, np.full(65536, 2, np.uint8))
+            assert member_digests(backing) == before  # the target refused every byte
+            assert (await b.volumes["v"].read(0, 65536) == 1).all()
+            await b.volumes["v"].write(65536, np.full(4096, 3, np.uint8))
+            await b.aclose()  # clean: the reservation is cleared again
+            b = None
+            again = await Pool.open(home_b, "p")
+            try:
+                assert (await again.volumes["v"].read(65536, 4096) == 3).all()
+            finally:
+                await again.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await a._close_devices()
+                if b is not None:
+                    await b.aclose()
+
+
+def test_persistent_reservation_codec() -> None:
+    import struct
+
+    from backends.iscsi import scsi
+    from vstore.cluster.reservations import reservation_key
+
+    cdb = scsi.persistent_reserve_out(scsi.PR_PREEMPT, scsi.PR_WRITE_EXCLUSIVE_REGISTRANTS_ONLY, 24)
+    assert cdb == bytes([0x5F, 0x04, 0x05, 0, 0, 0, 0, 0, 24, 0])
+    assert scsi.persistent_reserve_in(scsi.PR_READ_KEYS, 1024) == bytes([0x5E, 0, 0, 0, 0, 0, 0, 4, 0, 0])
+    assert scsi.pr_out_parameters(0x1122, 0x3344) == struct.pack(">QQ8x", 0x1122, 0x3344)
+    keys = struct.pack(">II", 7, 16) + struct.pack(">QQ", 0xAB, 0xCD)
+    assert scsi.parse_pr_keys(keys) == [0xAB, 0xCD]
+    assert scsi.parse_pr_reservation(struct.pack(">II", 7, 0)) is None
+    held = struct.pack(">IIQ4xBBH", 7, 16, 0xAB, 0, 0x05, 0)
+    assert scsi.parse_pr_reservation(held) == (0xAB, 5)
+    with pytest.raises(ValueError):
+        scsi.parse_pr_keys(b"\0" * 4)
+    k1, k2 = reservation_key("uuid", 1), reservation_key("uuid", 2)
+    assert k1 != k2 and k1 >> 32 == k2 >> 32 and k1 & 0xFFFFFFFF == 1

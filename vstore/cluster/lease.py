@@ -59,6 +59,7 @@ class OwnershipLease:
         self.fence = Fence(pool, clock)
         self.lease_id = 0
         self.epoch = 0
+        self.reserved: list[int] = []  # members under a persistent reservation (vstore.cluster.reservations)
         self._scope: trio.CancelScope | None = None
 
     @property
@@ -200,7 +201,7 @@ class OwnershipLease:
     def status(self) -> dict[str, Any]:
         """What `vstore status` shows of the lease."""
         left = self.fence.deadline - self.clock()
-        return {"uri": str(self.uri), "epoch": self.epoch, "ttl": self.ttl,
+        return {"uri": str(self.uri), "epoch": self.epoch, "ttl": self.ttl, "reserved": self.reserved,
                 "fenced": self.fence.expired(), **({"reason": self.fence.lost} if self.fence.lost else {}),
                 **({"fence_in": round(left, 2)} if math.isfinite(left) and left > 0 else {})}
 

@@ -259,6 +259,7 @@ class Pool:
                 pool.meta["lease"] = {"uri": lease, "epoch": 0}
                 pool.lease = await take_pool_lease(pool.meta, name, takeover=False)
                 pool.meta["lease"]["epoch"] = pool.meta["owner"]["epoch"] = pool.lease.epoch
+                await pool._reserve()
             if mp_options is not None:
                 pool.meta["multipath"] = mp_options
                 pool._configure_multipath()
@@ -328,6 +329,18 @@ class Pool:
                 m.dev = m.data_dev = None
         await self._assemble()
         self.meta["lease"]["epoch"] = self.lease.epoch
+        await self._reserve()
+
+    async def _reserve(self, *, release: bool = False) -> None:
+        """Persistent reservations of the lease's epoch on the members that have them (or clear them)."""
+        from vstore.cluster import reservations as pr
+
+        devs = [(m.index, m.dev) for m in self.members if m.dev is not None]
+        key = pr.reservation_key(self.meta["pool_uuid"], self.lease.epoch)
+        if release:
+            await pr.release_members([(i, d) for i, d in devs if i in self.lease.reserved], key)
+        else:
+            self.lease.reserved = await pr.reserve_members(devs, key)
 
     async def _assemble(self) -> None:
         paths_list = [split_paths(",".join(m)) for m in self.record["members"]]
@@ -830,6 +843,8 @@ class Pool:
         finally:
             with trio.CancelScope(shield=True):
                 await self.consistency.close(clean=False)
+                if self.lease is not None and self.lease.reserved and not self.lease.fence.expired():
+                    await self._reserve(release=True)
                 await self._close_devices()
                 if self.lease is not None:  # only now: nothing of ours writes any more
                     await self.lease.release()
