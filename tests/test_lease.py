@@ -83,7 +83,7 @@ def member_digests(paths: list[Path]) -> list[str]:
 
 @contextlib.contextmanager
 def two_hosts(tmp_path: Path, etcd: Etcd, prefix: str):
-    """A raid5 pool on 4 files owned through a lease, created on host A and imported on host B.
+    """A raid5 pool on 4 files owned through a lease, created on host A, mounted there, imported on host B.
 
     Yields (home_a, home_b, mp_a, mp_b, member paths); every mount and process is gone afterwards.
     """
@@ -99,7 +99,8 @@ def two_hosts(tmp_path: Path, etcd: Etcd, prefix: str):
         vstore(home_a, "create", "p", "--level", "raid5", "--size", "12M", "--chunk", "16K",
                "--lease", f"{etcd.lease_uri(prefix)}?ttl={TTL}", *uris)
         vstore(home_a, "volume", "create", "p", "v", "--size", "16M")
-        vstore(home_b, "import-pool", *uris)
+        vstore(home_a, "mount", "p", str(mp_a))
+        vstore(home_b, "import-pool", *uris)  # a standby host may import a pool another host owns
         yield home_a, home_b, mp_a, mp_b, paths
     finally:
         for home in (home_a, home_b):
@@ -136,7 +137,6 @@ def wait_resynced(mp: Path, timeout: float = 60) -> dict:
 def test_kill9_owner_under_fio_then_takeover_keeps_every_acknowledged_write(tmp_path: Path, etcd) -> None:
     """kill -9 the owner's mount under fio; host B takes over, fio verifies every acknowledged block, scrub is clean."""
     with two_hosts(tmp_path, etcd, "kill9") as (home_a, home_b, mp_a, mp_b, _paths):
-        vstore(home_a, "mount", "p", str(mp_a))
         epoch = status(mp_a)["lease"]["epoch"]  # every open of the pool took a new epoch
         assert epoch == status(mp_a)["owner"]["epoch"] >= 2
         # Host B may not open the pool while A's lease is alive: one clear line naming the owner.
@@ -187,7 +187,6 @@ def test_kill9_owner_under_fio_then_takeover_keeps_every_acknowledged_write(tmp_
 def test_sigstopped_owner_that_wakes_after_takeover_writes_nothing(tmp_path: Path, etcd) -> None:
     """SIGSTOP the owner under fio; B takes over, writes and closes; A wakes up: not one member byte changes."""
     with two_hosts(tmp_path, etcd, "sigstop") as (home_a, home_b, mp_a, mp_b, paths):
-        vstore(home_a, "mount", "p", str(mp_a))
         epoch = status(mp_a)["lease"]["epoch"]
         fio = subprocess.Popen([*fio_args(mp_a / "v"), "--do_verify=0", "--rate_iops=400",
                                 "--time_based", "--runtime=120"], cwd=tmp_path,
