@@ -100,9 +100,9 @@ class OwnershipLease:
                 return epoch
             await self.client.revoke(lease_id)
             holder = await self.client.get(self.owner_key)
-            if holder is None:
+            if holder is None and self.clock() < limit:
                 continue  # the epoch moved under us (another taker): read it again
-            who = describe_holder(holder.value)
+            who = describe_holder(holder.value) if holder is not None else "another taker"
             if not takeover:
                 raise PoolBusyError(f"pool {self.pool!r} is owned through its lease at {self.uri} by {who}; "
                                     "use --takeover to wait for that lease to expire and take the pool over")
@@ -141,7 +141,7 @@ class OwnershipLease:
             except (ValueError, AttributeError):
                 mine = False
         if not mine:
-            who = describe_holder(holder.value) if holder else "nobody"
+            who = describe_holder(holder.value) if holder is not None else "another taker" if holder else "nobody"
             self.fence.lose(f"epoch {self.epoch} is no longer current (the owner key names {who})")
             return False
         if self.fence.expired():  # the answer came too late to count

@@ -272,6 +272,9 @@ class Pool:
             home.write_pool(name, pool.record, new=True)
             return pool
         except BaseException:
+            if pool is not None and pool.lease is not None and pool.lease.reserved:
+                with trio.CancelScope(shield=True):
+                    await pool._reserve(release=True)
             for dev in devs:
                 with trio.CancelScope(shield=True):
                     await dev.aclose()
@@ -312,6 +315,8 @@ class Pool:
             return pool
         except BaseException:
             with trio.CancelScope(shield=True):
+                if pool.lease is not None and pool.lease.reserved:
+                    await pool._reserve(release=True)
                 await pool._close_devices()
                 if pool.lease is not None:
                     await pool.lease.release()
