@@ -650,3 +650,28 @@ def test_persistent_reservation_codec() -> None:
         scsi.parse_pr_keys(b"\0" * 4)
     k1, k2 = reservation_key("uuid", 1), reservation_key("uuid", 2)
     assert k1 != k2 and k1 >> 32 == k2 >> 32 and k1 & 0xFFFFFFFF == 1
+
+
+@needs_etcd
+async def test_etcd_client_against_a_real_etcd(etcd) -> None:
+    """The JSON-gateway calls the lease relies on, as a real etcd answers them."""
+    from vstore.cluster.etcd import EtcdClient, EtcdError, compare_revision, put_op
+
+    c = EtcdClient("127.0.0.1", etcd.port)
+    assert await c.get("client/absent") is None
+    lid, ttl = await c.grant(5)
+    assert lid > 0 and ttl == 5
+    put = [put_op("client/owner", "me", lid), put_op("client/epoch", "1")]
+    assert await c.txn([compare_revision("client/owner", "CREATE", 0)], put)
+    assert not await c.txn([compare_revision("client/owner", "CREATE", 0)], put)  # taken
+    kv = await c.get("client/owner")
+    assert kv.value == b"me" and kv.lease == lid and kv.create_revision > 0
+    epoch = await c.get("client/epoch")
+    assert not await c.txn([compare_revision("client/epoch", "MOD", epoch.mod_revision - 1)], [])
+    assert await c.keepalive(lid) == 5
+    await c.revoke(lid)
+    assert await c.get("client/owner") is None and (await c.get("client/epoch")).value == b"1"
+    assert await c.keepalive(lid) == 0  # gone
+    await c.revoke(lid)  # revoking twice is fine
+    with pytest.raises(EtcdError, match="etcd at 127.0.0.1"):
+        await EtcdClient("127.0.0.1", 1, timeout=1).get("x")
