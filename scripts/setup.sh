@@ -12,6 +12,8 @@ APT_PACKAGES=(
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
   # ISA-L as an independent parity oracle
   libisal2
+  # etcd for the host-failover lease tests (vstore create --lease)
+  etcd-server
   # filesystems, loop devices, benchmarks, QEMU peers
   e2fsprogs util-linux fio qemu-utils qemu-block-extra qemu-system-common
   # Ceph RBD members (librbd's Python bindings) and a single-node test cluster (mon, osd, CLI tools)

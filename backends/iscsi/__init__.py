@@ -657,6 +657,42 @@ class IscsiDevice(DeviceBase):
                 params = scsi.unmap_parameters([(p // bs, min(step, end - p) // bs)])
                 await self._execute(scsi.unmap(len(params)), write_buf=memoryview(params), what="UNMAP")
 
+    # --- SCSI-3 persistent reservations (the storage side of a lease's fence) ----------------
+
+    async def _pr_out(self, action: int, key: int, sa_key: int = 0) -> None:
+        params = scsi.pr_out_parameters(key, sa_key)
+        await self._execute(scsi.persistent_reserve_out(action, scsi.PR_WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+                                                        len(params)),
+                            write_buf=memoryview(params), what="PERSISTENT RESERVE OUT")
+
+    async def pr_register(self, key: int) -> None:
+        """Register this I_T nexus with key (REGISTER AND IGNORE EXISTING KEY)."""
+        await self._pr_out(scsi.PR_REGISTER_AND_IGNORE, 0, key)
+
+    async def pr_keys(self) -> list[int]:
+        """The registered reservation keys (READ KEYS)."""
+        data = await self._data_in(scsi.persistent_reserve_in(scsi.PR_READ_KEYS), 1024, what="READ KEYS")
+        return scsi.parse_pr_keys(data)
+
+    async def pr_holder(self) -> int | None:
+        """The key holding the reservation, or None (READ RESERVATION)."""
+        data = await self._data_in(scsi.persistent_reserve_in(scsi.PR_READ_RESERVATION), 1024,
+                                   what="READ RESERVATION")
+        res = scsi.parse_pr_reservation(data)
+        return res[0] if res else None
+
+    async def pr_reserve(self, key: int) -> None:
+        """Reserve the LU, Write Exclusive - Registrants Only, for key."""
+        await self._pr_out(scsi.PR_RESERVE, key)
+
+    async def pr_preempt(self, key: int, victim: int) -> None:
+        """Remove victim's registrations (and take its reservation, if it held it)."""
+        await self._pr_out(scsi.PR_PREEMPT, key, victim)
+
+    async def pr_clear(self, key: int) -> None:
+        """Drop every registration and the reservation (key must be registered)."""
+        await self._pr_out(scsi.PR_CLEAR, key)
+
     def identity(self) -> str:
         """Equal for two paths exactly when they reach the same LU (VPD 0x83 ids, 0x80 serial)."""
         return self._identity

@@ -148,6 +148,51 @@ def unmap_parameters(extents: list[tuple[int, int]]) -> bytes:
     return struct.pack(">HH4x", 6 + len(descriptors), len(descriptors)) + descriptors
 
 
+OP_PERSISTENT_RESERVE_IN = 0x5E
+OP_PERSISTENT_RESERVE_OUT = 0x5F
+PR_READ_KEYS = 0x00
+PR_READ_RESERVATION = 0x01
+PR_RESERVE = 0x01
+PR_CLEAR = 0x03
+PR_PREEMPT = 0x04
+PR_REGISTER_AND_IGNORE = 0x06
+PR_WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 0x05
+
+
+def persistent_reserve_in(action: int, alloc: int = 1024) -> bytes:
+    """PERSISTENT RESERVE IN (READ KEYS or READ RESERVATION)."""
+    return struct.pack(">BB5xHB", OP_PERSISTENT_RESERVE_IN, action, alloc, 0)
+
+
+def persistent_reserve_out(action: int, pr_type: int = 0, param_len: int = 24) -> bytes:
+    """PERSISTENT RESERVE OUT (scope LU); its 24-byte parameter list follows as Data-Out."""
+    return struct.pack(">BBB2xIB", OP_PERSISTENT_RESERVE_OUT, action, pr_type & 0x0F, param_len, 0)
+
+
+def pr_out_parameters(key: int, sa_key: int = 0) -> bytes:
+    """The basic PERSISTENT RESERVE OUT parameter list: reservation key, service action key."""
+    return struct.pack(">QQ8x", key, sa_key)
+
+
+def parse_pr_keys(data) -> list[int]:
+    """READ KEYS: the registered reservation keys."""
+    raw = bytes(data)
+    if len(raw) < 8:
+        raise ValueError("READ KEYS reply too short")
+    n = struct.unpack_from(">I", raw, 4)[0]
+    return [struct.unpack_from(">Q", raw, 8 + i)[0] for i in range(0, min(n, len(raw) - 8) // 8 * 8, 8)]
+
+
+def parse_pr_reservation(data) -> tuple[int, int] | None:
+    """READ RESERVATION: (holder's key, type), or None when there is no reservation."""
+    raw = bytes(data)
+    if len(raw) < 8:
+        raise ValueError("READ RESERVATION reply too short")
+    if struct.unpack_from(">I", raw, 4)[0] < 16 or len(raw) < 24:
+        return None
+    return struct.unpack_from(">Q", raw, 8)[0], raw[21] & 0x0F
+
+
 def report_luns(alloc: int = 4096) -> bytes:
     """REPORT LUNS (select report 0: all)."""
     return struct.pack(">BBBBBBIBB", OP_REPORT_LUNS, 0, 0, 0, 0, 0, alloc, 0, 0)

@@ -153,7 +153,7 @@ async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
     """Open the pool, run fn(pool), close it (cleanly, also on error)."""
     from vstore.pool.pool import Pool
 
-    p = await Pool.open(home, pool, read_only=read_only)
+    p = await Pool.open(home, pool, read_only=read_only, takeover=takeover_requested())
     try:
         # The pool's background tasks (multipath path checkers) live as long as the command.
         async with trio.open_nursery() as nursery:
@@ -174,6 +174,12 @@ async def with_pool(home: Home, pool: str, fn: Callable[..., Awaitable[Any]], *,
     finally:
         with trio.CancelScope(shield=True):
             await p.aclose()
+
+
+def takeover_requested() -> bool:
+    """Whether `vstore --takeover` asked to take over a pool owned through a lease."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("takeover"))
 
 
 def echo_json(doc: Any) -> None:

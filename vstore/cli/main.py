@@ -38,13 +38,16 @@ from vstore.uri import redact_text
 @click.option("--home", type=click.Path(file_okay=False), envvar="VSTORE_HOME",
               help="Config directory (default: $VSTORE_HOME or ~/.local/share/vstore).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+@click.option("--takeover", is_flag=True,
+              help="A command that opens a pool owned through an etcd lease waits for another "
+                   "host's lease to expire and takes the pool over (see README, across hosts).")
 @click.version_option(package_name="vstore")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, verbose: bool) -> None:
+def cli(ctx: click.Context, home: str | None, verbose: bool, takeover: bool) -> None:
     """vstore: pool local files, NFS files and iSCSI LUNs into RAID-protected volumes."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="vstore: %(levelname)s: %(message)s")
-    ctx.obj = {"home": Home(home)}
+    ctx.obj = {"home": Home(home), "takeover": takeover}
 
 
 for _command in (*pools.COMMANDS, volume.volume, discover.discover, mount.mount, mount.umount,

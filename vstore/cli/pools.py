@@ -39,12 +39,16 @@ from vstore.sizes import format_size
               help="Multipath grouping: all paths active, or one priority group (default multibus).")
 @click.option("--no-path-retry", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Queue I/O this long when every path is down, then fail (0: at once; default 30).")
+@click.option("--lease", default=None, metavar="etcd://HOST[:PORT]/PREFIX[?ttl=S]",
+              help="Own the pool through an etcd lease (host failover; see README, across hosts) "
+                   "instead of only this host's lock.")
 @click.option("--json", "as_json", is_flag=True,
               help="The new pool's status, as `status --json` (see README, Scripting).")
 @click.pass_context
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
            size: int | None, force: bool, selector: str | None, path_policy: str | None,
-           no_path_retry: float | None, journal: str, journal_size: int | None, as_json: bool) -> None:
+           no_path_retry: float | None, journal: str, journal_size: int | None, lease: str | None,
+           as_json: bool) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool.pool import Pool
 
@@ -54,7 +58,7 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
     async def go() -> dict[str, Any]:
         p = await Pool.create(home_of(ctx), pool, level, list(members), chunk=chunk,
                               size=size, force=force, multipath=multipath, journal=journal,
-                              journal_size=journal_size)
+                              journal_size=journal_size, lease=lease)
         try:
             return p.status()
         finally:

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from vstore.cluster.fence import fenced_oserror
 from vstore.io.op import SYNC, WRITE, Op, ShortIOError, _Waiter, copy_out, finish
 
 _IOV_MAX = 1024
@@ -129,6 +130,10 @@ def _run_batch(batch: list[Op]) -> None:
                 j += 1
         run = batch[i:j]
         try:
+            if first.kind == WRITE and (refused := fenced_oserror()) is not None:
+                # Checked here, right before the syscall: a batch queued before the process was
+                # stopped must not land after its pool's lease lapsed (vstore.cluster.fence).
+                raise refused
             if first.kind == SYNC:
                 os.fdatasync(first.fd)
             else:
@@ -186,6 +191,8 @@ def run_now(op: Op, nowait: bool = False) -> bool:
             if n != op.length:
                 return False  # not all cached: the threads read it whole
         else:
+            if op.kind == WRITE and (refused := fenced_oserror()) is not None:
+                raise refused
             if op.kind == WRITE and op.min_size:
                 _check_size(op)
             _transfer(op.fd, op.kind == WRITE, op.offset, op.views)

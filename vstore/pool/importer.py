@@ -35,7 +35,8 @@ async def import_pool(home: Home, member_args: list[str], name: str | None = Non
                           + ", ".join(sorted(found)) + "; import one pool at a time")
     pool_uuid, entries = next(iter(found.items()))
     meta = max(entries, key=lambda e: e[1])[3]
-    refuse_live_owner(meta, "the given members' pool")
+    if not meta.get("lease"):  # a pool owned through a lease: opening it needs the lease, not this
+        refuse_live_owner(meta, "the given members' pool")
     name = check_name("pool", name or meta["name"])
     if home.pool_record_path(name).exists():
         raise ExistsError(f"pool {name!r} already exists in {home.root} (use --name)")

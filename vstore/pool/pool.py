@@ -20,6 +20,7 @@ import numpy as np
 import trio
 
 from vstore import owner as owner_mod
+from vstore.cluster import fence as fence_mod
 from vstore.consistency.metadata import (
     DATA_OFFSET,
     LEVEL_CODES,
@@ -121,6 +122,7 @@ class Pool:
         self.volumes: dict[str, Volume] = {}
         self.read_only = True
         self.lock: owner_mod.PoolLock | None = None
+        self.lease: Any = None  # vstore.cluster.lease.OwnershipLease of a pool created with --lease
         self.recovered_from: dict[str, Any] | None = None
         # Crash consistency: the journal, or the write-intent bitmap and resync (vstore.pool.consistency).
         self.consistency = Consistency(self)
@@ -166,7 +168,8 @@ class Pool:
     async def create(cls, home: Home, name: str, level: str, member_args: list[str], *,
                      chunk: int = DEFAULT_CHUNK, size: int | None = None,
                      force: bool = False, multipath: dict[str, Any] | None = None,
-                     journal: str | None = None, journal_size: int | None = None) -> Pool:
+                     journal: str | None = None, journal_size: int | None = None,
+                     lease: str | None = None) -> Pool:
         """Write a new pool onto its members and record it in the config directory."""
         check_name("pool", name)
         if level not in LEVEL_CODES:
@@ -186,6 +189,10 @@ class Pool:
                 seen.add(p.text)
         if size is not None and size <= DATA_OFFSET:
             raise ConfigError(f"--size must be larger than the {format_size(DATA_OFFSET)} metadata area")
+        if lease is not None:
+            from vstore.cluster.etcd import LeaseURI
+
+            lease = str(LeaseURI.parse(lease))
         mp_options = None
         if multipath is not None or any(len(p) > 1 for p in paths_list):
             mp_options = validate_options({k: v for k, v in (multipath or {}).items() if v is not None})
@@ -244,6 +251,13 @@ class Pool:
                 "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
                 "owner": owner_mod.my_token(), "clean": False,
             }
+            if lease is not None:  # owned through an etcd lease from the first write on
+                from vstore.cluster.lease import take_pool_lease
+
+                pool.meta["lease"] = {"uri": lease, "epoch": 0}
+                pool.lease = await take_pool_lease(pool.meta, name, takeover=False)
+                pool.meta["lease"]["epoch"] = pool.meta["owner"]["epoch"] = pool.lease.epoch
+                await pool._reserve()
             if mp_options is not None:
                 pool.meta["multipath"] = mp_options
                 pool._configure_multipath()
@@ -256,6 +270,9 @@ class Pool:
             home.write_pool(name, pool.record, new=True)
             return pool
         except BaseException:
+            if pool is not None and pool.lease is not None and pool.lease.reserved:
+                with trio.CancelScope(shield=True):
+                    await pool._reserve(release=True)
             for dev in devs:
                 with trio.CancelScope(shield=True):
                     await dev.aclose()
@@ -263,12 +280,18 @@ class Pool:
                         await dev.remove_created()
             if pool is not None and pool.lock is not None:
                 pool.lock.release()
+            if pool is not None and pool.lease is not None:
+                await pool.lease.release()
             raise
 
     # ------------------------------------------------------------------ open
     @classmethod
-    async def open(cls, home: Home, name: str, *, read_only: bool = False) -> Pool:
-        """Assemble a pool from its recorded members; take ownership unless read-only."""
+    async def open(cls, home: Home, name: str, *, read_only: bool = False, takeover: bool = False) -> Pool:
+        """Assemble a pool from its recorded members; take ownership unless read-only.
+
+        A pool with a lease (``create --lease``) is owned through it: with takeover,
+        wait for another owner's lease to expire (vstore.cluster.lease).
+        """
         record = home.read_pool(name)
         pool = cls(home, name, record)
         pool.read_only = read_only
@@ -276,6 +299,8 @@ class Pool:
         pool.lock.acquire(name)
         try:
             await pool._assemble()
+            if not read_only and pool.meta.get("lease"):
+                await pool._take_lease(takeover)
             if not read_only:
                 await pool.consistency.open()
                 await pool._take_ownership()
@@ -287,8 +312,37 @@ class Pool:
             return pool
         except BaseException:
             with trio.CancelScope(shield=True):
+                if pool.lease is not None and pool.lease.reserved:
+                    await pool._reserve(release=True)
                 await pool._close_devices()
+                if pool.lease is not None:
+                    await pool.lease.release()
             raise
+
+    async def _take_lease(self, takeover: bool) -> None:
+        """Own the pool through its etcd lease, then read the members again (the last owner may have
+        written until its lease expired)."""
+        from vstore.cluster.lease import take_pool_lease
+
+        self.lease = await take_pool_lease(self.meta, self.name, takeover=takeover)
+        for m in self.members:
+            if m.dev is not None:
+                await m.dev.aclose()
+                m.dev = m.data_dev = None
+        await self._assemble()
+        self.meta["lease"]["epoch"] = self.lease.epoch
+        await self._reserve()
+
+    async def _reserve(self, *, release: bool = False) -> None:
+        """Persistent reservations of the lease's epoch on the members that have them (or clear them)."""
+        from vstore.cluster import reservations as pr
+
+        devs = [(m.index, m.dev) for m in self.members if m.dev is not None]
+        key = pr.reservation_key(self.meta["pool_uuid"], self.lease.epoch)
+        if release:
+            await pr.release_members([(i, d) for i, d in devs if i in self.lease.reserved], key)
+        else:
+            self.lease.reserved = await pr.reserve_members(devs, key)
 
     async def _assemble(self) -> None:
         paths_list = [split_paths(",".join(m)) for m in self.record["members"]]
@@ -436,7 +490,7 @@ class Pool:
 
     async def _take_ownership(self) -> None:
         token = self.meta.get("owner")
-        if token and not owner_mod.token_is_stale(token):
+        if token and not owner_mod.token_is_stale(token) and self.lease is None:  # a lease decides alone
             raise PoolBusyError(f"pool {self.name!r} is in use by {owner_mod.describe(token)}")
         if token or not self.meta.get("clean", True):
             # The previous owner died without closing: remember it for recovery.
@@ -444,12 +498,15 @@ class Pool:
             log.warning("pool %s was not closed cleanly (owner %s)", self.name,
                         owner_mod.describe(token))
         self.meta["owner"] = owner_mod.my_token()
+        if self.lease is not None:
+            self.meta["owner"]["epoch"] = self.lease.epoch
         self.meta["clean"] = False
         await self.commit()
 
     # ------------------------------------------------------------------ metadata
     def on_member_failed(self, index: int, exc: BaseException | None = None) -> None:
         """A member failed (the layout's hook): record it, to be committed before the next update."""
+        fence_mod.check_writes()  # refused by the lease's fence: not the member's fault
         m = self.members[index]
         if m.state in ("active", "rebuilding"):
             m.state, m.error = "failed", f"I/O error: {exc}" if exc else "failed"
@@ -475,12 +532,14 @@ class Pool:
                 failures: list[tuple[Member, MemberIOError]] = []
 
                 async def slot(m: Member, gen=gen) -> None:
+                    fence_mod.check_writes()
                     await write_slot(m.dev, gen, self.meta)
                     await m.dev.flush()
 
                 async def superblock(m: Member, gen=gen) -> None:
                     sb = Superblock(self.meta["pool_uuid"], m.uuid, m.index, len(self.members),
                                     self.level, self.meta["chunk"], DATA_OFFSET, m.data_size, gen)
+                    fence_mod.check_writes()
                     await write_superblock(m.dev, sb)
                     await m.dev.flush()
 
@@ -727,6 +786,8 @@ class Pool:
             "extent_size": ext,
             "generation": self.meta["generation"],
             "owner": self.meta.get("owner"),
+            **({"lease": self.lease.status()} if self.lease is not None  # held, else as recorded
+               else {"lease": dict(self.meta["lease"])} if self.meta.get("lease") else {}),
             "recovered": self.recovered_from is not None,
             "journal": self.consistency.status(),
             "operation": self.lifecycle.status(),
@@ -763,6 +824,8 @@ class Pool:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.lease is not None:
+            self.lease.abandon()
 
     async def aclose(self, clean: bool = True) -> None:
         """Flush, mark the pool clean and unowned (when clean), release everything."""
@@ -782,7 +845,11 @@ class Pool:
         finally:
             with trio.CancelScope(shield=True):
                 await self.consistency.close(clean=False)
+                if self.lease is not None and self.lease.reserved and not self.lease.fence.expired():
+                    await self._reserve(release=True)
                 await self._close_devices()
+                if self.lease is not None:  # only now: nothing of ours writes any more
+                    await self.lease.release()
 
 
 class _AbsentDevice(DeviceBase):

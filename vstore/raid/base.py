@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
+from vstore.cluster.fence import check_writes
 from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
 from vstore.io import aio
 from vstore.io import op as io_op
@@ -225,6 +226,7 @@ class RaidLayout(DeviceBase):
         The layout calls it for its own member I/O; others report here what they saw
         go wrong on a member outside it (the bitmap's writes, a journal replay).
         """
+        check_writes()  # a write refused by the lease's fence is not the member's fault
         if i in self.failed and i not in self.rebuilding:
             return
         self.rebuilding.discard(i)
@@ -295,6 +297,8 @@ class RaidLayout(DeviceBase):
         (network members, test wrappers) each run as one task of readv_into/writev.
         Failures are returned, not raised, and not yet recorded.
         """
+        if is_write:
+            check_writes()  # a pool owned through a lease that lapsed writes nothing (vstore.cluster.fence)
         ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
         for run in runs:
@@ -340,6 +344,8 @@ class RaidLayout(DeviceBase):
             msg = op.failure()
             if msg is not None:
                 failures.append((m, MemberIOError(msg)))
+        if failures and is_write:
+            check_writes()  # refused by the fence in an I/O thread: not the members' fault
         return failures
 
     async def _read_runs(self, runs: Sequence[MemberRun]) -> None:
@@ -367,6 +373,7 @@ class RaidLayout(DeviceBase):
         """Write to member i alone (a rebuild, a resync); a failure marks it failed, skipped if failed."""
         if i in self.failed and i not in self.rebuilding:
             return
+        check_writes()
         self.inflight[i] += 1
         try:
             await self.members[i].write(offset, data)
@@ -396,6 +403,8 @@ class RaidLayout(DeviceBase):
 
     async def _issue_member_writes(self, writes: Sequence[MemberWrite],
                                    intended: Sequence[MemberWrite] | None = None) -> None:
+        if writes:
+            check_writes()
         if writes and self.journal is not None:
             # Logged first, then written in place; neither half may be cancelled alone
             # (a logged but unwritten update would be replayed over later ones). The log
@@ -430,6 +439,8 @@ class RaidLayout(DeviceBase):
             # Under a journal a discard is dropped (it is advisory): unlogged, a crash could
             # leave one copy discarded and the other not, and no replay would mend that.
             return
+
+        check_writes()
 
         async def one(i: int, off: int, n: int) -> None:
             if i in self.failed and i not in self.rebuilding:
@@ -549,6 +560,7 @@ class RaidLayout(DeviceBase):
         durable there too, or a crash would leave the rows its rebuild passed stale.
         """
         self.require_usable()
+        check_writes()
         journal = self.journal
         mark = journal.before_flush() if journal is not None else None
 

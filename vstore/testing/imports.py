@@ -29,7 +29,7 @@ ROOTS = ("vstore", "backends", "fuse_mount")
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("vstore", "vstore.errors", "vstore.sizes"),
-    ("vstore.io", "vstore.uri", "vstore.owner"),
+    ("vstore.io", "vstore.uri", "vstore.owner", "vstore.cluster"),
     ("vstore.stack",),
     ("backends",),
     ("vstore.raid",),
