@@ -554,7 +554,9 @@ def test_cli_takeover_of_a_dead_owners_lease_and_clean_errors(tmp_path: Path, et
     assert st["lease"]["uri"] == uri and st["lease"]["epoch"] == 1
 
     async def dead_owner() -> int:  # takes the lease as a host that then dies (never renews)
-        lease = OwnershipLease(LeaseURI.parse(uri), "p", st["uuid"])
+        # Its own lease lives 8 s (not 2): long enough to be live, even on a loaded machine,
+        # when the next command (a new process) tries the pool without --takeover.
+        lease = OwnershipLease(LeaseURI.parse(etcd.lease_uri("cli") + "?ttl=8"), "p", st["uuid"])
         try:
             return await lease.acquire({"host": "elsewhere", "pid": 4242}, min_epoch=1)
         finally:
