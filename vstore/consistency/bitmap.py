@@ -358,6 +358,9 @@ class Resync:
                 return
             # A row's resync, once begun, finishes: its parity or copies are rewritten whole.
             with trio.CancelScope(shield=True):
+                # Checksums first (a crash may have torn a block from its checksum), then
+                # parity or copies from the data they now vouch for.
+                await layout.rechecksum_row(row, self.trusted(row))
                 await layout.resync_row(row, self.trusted(row))
             self.synced.add(row)
             self.done += 1

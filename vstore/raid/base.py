@@ -23,7 +23,10 @@ device in a member's place (a move).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -31,13 +34,22 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
-from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
+from vstore.errors import (
+    ConfigError,
+    CorruptError,
+    DegradedError,
+    MemberIOError,
+    OutOfRangeError,
+    VstoreError,
+)
 from vstore.io import aio
 from vstore.io import op as io_op
 from vstore.io import threads as io_threads
 from vstore.io.ordering import RangeOrder, spans_of_keys
 from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
+from vstore.stack.checksum import BLOCK as SUM_BLOCK
+from vstore.stack.checksum import ChecksumDevice, ChecksumError
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
@@ -75,6 +87,37 @@ OnMemberFailed = Callable[[int, BaseException], Any]
 
 class MemberFailed(Exception):
     """A member failed during a request or a maintenance read: retry it against the new failed set."""
+
+
+class BlockCorrupt(VstoreError):
+    """Member blocks that failed their checksums on a read: heal them (``RaidLayout.heal``), then retry.
+
+    ``blocks`` lists (member, member offset) of each 4 KiB block.
+    """
+
+    def __init__(self, blocks: list[tuple[int, int]]) -> None:
+        self.blocks = blocks
+        where = ", ".join(f"member {m} at {off}" for m, off in blocks[:4])
+        super().__init__(f"{len(blocks)} block(s) fail their checksum: {where}"
+                         + (" ..." if len(blocks) > 4 else ""))
+
+
+# Members one request reads around (a read-only pool cannot rewrite a block that failed its
+# checksum, so the request that saw it is served from the others): set by RaidLayout.read.
+_AVOID: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("vstore_avoid", default=frozenset())
+
+# A member with more checksum errors than this within CHECKSUM_FAIL_WINDOW seconds is
+# failed, as ZFS's diagnosis engine faults a vdev (its checksum_N=10 in checksum_T=600s).
+CHECKSUM_FAIL_COUNT_ENV = "VSTORE_CHECKSUM_FAIL_COUNT"
+CHECKSUM_FAIL_WINDOW = 600.0
+
+
+def checksum_fail_count() -> int:
+    """Checksum errors within the window that fail a member (0: never)."""
+    try:
+        return max(0, int(os.environ.get(CHECKSUM_FAIL_COUNT_ENV, "") or 10))
+    except ValueError:
+        return 10
 
 
 async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -185,6 +228,13 @@ class RaidLayout(DeviceBase):
         self.io_count = 0
         # Where requests spend their time (vstore.io.stats): shown in the mount's fuse-stats.
         self.iostats = LayerStats()
+        # A pool opened read-only: blocks failing their checksums are read around, not rewritten.
+        self.read_only = False
+        # Blocks per member that failed their checksums (status's CKSUM), their times (the
+        # threshold that fails a member), and who is told (the pool: log and metadata).
+        self.checksum_errors = [0] * self.n
+        self._checksum_times: list[list[float]] = [[] for _ in range(self.n)]
+        self.on_checksum_error: Callable[[int, list[int], bool], Any] | None = None
 
     # --- state --------------------------------------------------------------------------
 
@@ -201,8 +251,14 @@ class RaidLayout(DeviceBase):
         return "degraded" if geometry.survives(self.level, self.n, self.failed) else "failed"
 
     def healthy(self) -> list[int]:
-        """Indexes of the members in use."""
-        return [i for i in range(self.n) if i not in self.failed]
+        """Indexes of the members in use (for this request: not those it reads around)."""
+        gone = self.unreadable()
+        return [i for i in range(self.n) if i not in gone]
+
+    def unreadable(self) -> set[int] | frozenset[int]:
+        """The members a read must not use: the failed ones, and those this request reads around."""
+        avoid = _AVOID.get()
+        return self.failed | avoid if avoid else self.failed
 
     def fail_member(self, i: int) -> None:
         """Stop using member i (an operator's or the pool's decision; no callback)."""
@@ -270,6 +326,8 @@ class RaidLayout(DeviceBase):
         except MemberIOError as e:
             await self.member_failed(i, e)
             raise MemberFailed(i) from e
+        except ChecksumError as e:
+            raise BlockCorrupt([(i, off) for off in e.bad]) from e
         finally:
             self.inflight[i] -= 1
 
@@ -283,17 +341,21 @@ class RaidLayout(DeviceBase):
         except MemberIOError as e:
             await self.member_failed(i, e)
             raise MemberFailed(i) from e
+        except ChecksumError as e:
+            raise BlockCorrupt([(i, off) for off in e.bad]) from e
         finally:
             self.inflight[i] -= 1
 
-    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun]) -> list[tuple[int, MemberIOError]]:
+    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun]
+                         ) -> list[tuple[int, MemberIOError | ChecksumError]]:
         """Move every run with one vectored I/O per run, all at once; return the (member, error) failures.
 
         Members that can hand out I/O-engine ops (local files and devices, through
         their offset window) are submitted together as ONE batch and awaited by
         this task alone: no task, thread hand-off or event per member. Others
         (network members, test wrappers) each run as one task of readv_into/writev.
-        Failures are returned, not raised, and not yet recorded.
+        Failures are returned, not raised, and not yet recorded (a checksummed member's
+        blocks that fail their checksums are a ChecksumError).
         """
         ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
@@ -303,7 +365,7 @@ class RaidLayout(DeviceBase):
                 slow.append(run)
             else:
                 ops.append((run[0], op))
-        failures: list[tuple[int, MemberIOError]] = []
+        failures: list[tuple[int, MemberIOError | ChecksumError]] = []
         inflight = self.inflight
         for run in runs:
             inflight[run[0]] += 1
@@ -319,7 +381,7 @@ class RaidLayout(DeviceBase):
                             await write_from(self.members[m], off, views)
                         else:
                             await read_into(self.members[m], off, views)
-                    except MemberIOError as e:
+                    except (MemberIOError, ChecksumError) as e:
                         failures.append((m, e))
 
                 jobs: list[Callable[[], Awaitable[Any]]] = [lambda r=r: one(*r) for r in slow]
@@ -349,9 +411,13 @@ class RaidLayout(DeviceBase):
                 raise MemberFailed(m)
         failures = await self._member_io(False, runs)
         if failures:
-            for m, e in failures:
+            lost = [(m, e) for m, e in failures if not isinstance(e, ChecksumError)]
+            for m, e in lost:
                 await self.member_failed(m, e)
-            raise MemberFailed(failures[0][0]) from failures[0][1]
+            if lost:
+                raise MemberFailed(lost[0][0]) from lost[0][1]
+            raise BlockCorrupt([(m, off) for m, e in failures if isinstance(e, ChecksumError)
+                                for off in e.bad])
 
     async def _read_pieces(self, pieces: Sequence[tuple[int, int, int, int]], out: np.ndarray) -> None:
         """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run."""
@@ -493,6 +559,118 @@ class RaidLayout(DeviceBase):
         if self.resync is not None:
             await self.sync_rows(self.rows_of_keys(keys))
 
+    # --- block checksums (vstore.stack.checksum): self-healing reads ----------------------
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the members keep block checksums (a pool made with --checksums)."""
+        return any(isinstance(m, ChecksumDevice) for m in self.members)
+
+    async def note_checksum_errors(self, i: int, offsets: list[int], repaired: bool) -> None:
+        """Count member i's blocks that failed their checksums; fail it past the threshold."""
+        if not offsets:
+            return
+        self.checksum_errors[i] += len(offsets)
+        now = time.monotonic()
+        times = [t for t in self._checksum_times[i] if now - t < CHECKSUM_FAIL_WINDOW]
+        times += [now] * len(offsets)
+        self._checksum_times[i] = times[-1000:]
+        if self.on_checksum_error is not None:
+            res = self.on_checksum_error(i, offsets, repaired)
+            if inspect.isawaitable(res):
+                await res
+        limit = checksum_fail_count()
+        if limit and len(times) > limit and i not in self.failed:
+            await self.member_failed(i, MemberIOError(
+                f"{len(times)} blocks failed their checksums within {int(CHECKSUM_FAIL_WINDOW)} s "
+                f"(more than {limit}, {CHECKSUM_FAIL_COUNT_ENV})"))
+
+    async def rechecksum_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Make member row ``row``'s checksums agree with its bytes on every member (a resync after a crash).
+
+        The first step of a resync of a checksummed pool: a crash may have left a block
+        and its checksum from different writes, and the resync trusts the data, as it
+        does for parity. A no-op without checksums.
+        """
+        async def one(i: int) -> None:
+            dev = self.members[i]
+            if not isinstance(dev, ChecksumDevice) or (i in self.failed and i not in trusted):
+                return
+            start = row * self.chunk
+            n = min(self.chunk, dev.size - start)
+            if n <= 0:
+                return
+            try:
+                await dev.rechecksum(start, n)
+            except MemberIOError as e:
+                await self.member_failed(i, e)
+
+        if self.checksummed:
+            await run_all([lambda i=i: one(i) for i in range(self.n)])
+
+    async def _read_around(self, blocks: list[tuple[int, int]]) -> contextvars.Token[frozenset[int]]:
+        """Count blocks that failed their checksums on a read-only pool; read around their members."""
+        by_member: dict[int, list[int]] = {}
+        for m, off in blocks:
+            by_member.setdefault(m, []).append(off)
+        avoid = _AVOID.get() | set(by_member)
+        can = geometry.survives(self.level, self.n, self.failed | avoid)
+        for m, offs in sorted(by_member.items()):
+            await self.note_checksum_errors(m, sorted(set(offs)), False)
+        if not can:
+            raise CorruptError(
+                f"{self.level}: block(s) of member(s) {sorted(by_member)} fail their checksums and no "
+                f"redundancy is left to read around them")
+        return _AVOID.set(frozenset(avoid))
+
+    async def heal(self, blocks: Iterable[tuple[int, int]]) -> None:
+        """Rewrite member blocks that failed their checksums with what redundancy says they hold.
+
+        Each is checked again under its row's lock (a write racing the read that saw it
+        is no corruption; a row a crash left unsynced is resynced, its checksums
+        recomputed, not repaired), counted (``checksum_errors``; a member past the
+        threshold is failed instead), computed from the other members as a rebuild
+        would (``member_bytes``, whose reads are verified too) and written back in
+        place as an update. CorruptError when no redundancy is left to compute it from.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for m, off in blocks:
+            groups.setdefault((m, off // self.chunk), []).append(off - off % SUM_BLOCK)
+        for (m, row), offs in sorted(groups.items()):
+            dev = self.members[m]
+            if not isinstance(dev, ChecksumDevice):
+                raise CorruptError(f"member {m} reported a checksum error but keeps no checksums")
+            async with self.locked(self.resync_keys(row)):
+                await self.sync_rows([row])
+                if m in self.failed and m not in self.rebuilding:
+                    continue  # failed meanwhile: the retry reads around it
+                still: list[int] = []
+                try:
+                    for off in sorted(set(offs)):
+                        _, bad = await dev.check_blocks(off, SUM_BLOCK)
+                        still += bad
+                except MemberIOError as e:
+                    await self.member_failed(m, e)
+                    continue
+                if not still:
+                    continue
+                can = geometry.survives(self.level, self.n, self.failed | {m})
+                await self.note_checksum_errors(m, still, can)
+                if m in self.failed and m not in self.rebuilding:
+                    continue  # past the threshold: failed, and the retry reads around it
+                if not can:
+                    raise CorruptError(
+                        f"{self.level} member {m}: block(s) at {', '.join(map(str, still[:4]))} fail "
+                        f"their checksums and no redundancy is left to rebuild them")
+                self.iostats.bump("checksum_repairs", len(still))
+                try:
+                    good = [await self._member_bytes(m, off, SUM_BLOCK) for off in still]
+                except BlockCorrupt as e:
+                    raise CorruptError(
+                        f"{self.level} member {m}: block(s) at {', '.join(map(str, still[:4]))} fail "
+                        f"their checksums, and so does what would rebuild them ({e})") from e
+                await self.submit_member_writes([(m, off, g) for off, g in zip(still, good, strict=True)])
+
     # --- per-key locks ------------------------------------------------------------------
 
     @asynccontextmanager
@@ -517,6 +695,7 @@ class RaidLayout(DeviceBase):
         self.check(offset, length)
         self.io_count += 1
         t0 = now_ns()
+        avoiding = None
         try:
             while True:
                 self.require_usable()
@@ -525,7 +704,16 @@ class RaidLayout(DeviceBase):
                 except MemberFailed:
                     self.iostats.bump("retries_after_member_failure")
                     continue
+                except BlockCorrupt as e:
+                    if not self.read_only:
+                        await self.heal(e.blocks)
+                        continue
+                    # Read-only: nothing may be rewritten; this request reads around the member.
+                    token = await self._read_around(e.blocks)
+                    avoiding = avoiding or token
         finally:
+            if avoiding is not None:
+                _AVOID.reset(avoiding)
             self.iostats.read.add(length, now_ns() - t0)
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -599,6 +787,9 @@ class RaidLayout(DeviceBase):
             try:
                 return await self._member_bytes(i, offset, length)
             except MemberFailed:
+                continue
+            except BlockCorrupt as e:
+                await self.heal(e.blocks)
                 continue
 
     async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
@@ -678,10 +869,11 @@ class ParityLayout(RaidLayout):
         C = self.chunk
         pieces: list[tuple[int, int, int, int]] = []  # member, member offset, length, out offset
         degraded_rows: dict[int, list[tuple[int, int, int]]] = {}  # row -> (row offset, len, out off)
+        gone = self.unreadable()
         for c, start, n, at in geometry.split_chunks(offset, length, C):
             row, j = divmod(c, self.k)
             m = self.row_members(row)[0][j]
-            if m in self.failed:
+            if m in gone:
                 degraded_rows.setdefault(row, []).append((j * C + start, n, at))
             else:
                 pieces.append((m, row * C + start, n, at))
@@ -731,7 +923,7 @@ class ParityLayout(RaidLayout):
         base = row * self.chunk + c0
         # Decide once what to read: self.failed may grow while the reads are in flight
         # (a read that then fails raises MemberFailed and the caller starts again).
-        gone = (self.failed - (set(include) & self.rebuilding)) | set(exclude)
+        gone = (self.failed - (set(include) & self.rebuilding)) | set(exclude) | _AVOID.get()
         missing = [j for j, m in enumerate(dmem) if m in gone]
         live_data = [j for j, m in enumerate(dmem) if m not in gone]
         live_par = [i for i, m in enumerate(pmem) if m not in gone]
@@ -816,6 +1008,9 @@ class ParityLayout(RaidLayout):
                     writes = await self.plan_write(segments, buf)
                 except MemberFailed:
                     continue  # nothing was written yet; plan again without that member
+                except BlockCorrupt as e:
+                    await self.heal(e.blocks)  # old data or parity read wrong: mended first
+                    continue
                 await self.submit_member_writes(writes)
                 return
 
