@@ -429,6 +429,38 @@ class RaidLayout(DeviceBase):
         await self._read_runs(merge_runs((m, off, b) for (m, off, _), b in zip(reqs, bufs, strict=True)))
         return bufs
 
+    async def read_members_checked(self, reqs: Sequence[tuple[int, int, int]]
+                                   ) -> tuple[list[np.ndarray], list[list[int]]]:
+        """Read (member, offset, length) ranges as stored, with the offsets of their blocks failing checksums.
+
+        What a scrub reads: nothing raises for a bad checksum (a member without
+        checksums has none); MemberFailed when a member fails.
+        """
+        bufs: list[np.ndarray] = [np.empty(0, dtype=np.uint8)] * len(reqs)
+        bad: list[list[int]] = [[] for _ in reqs]
+        lost: list[tuple[int, MemberIOError]] = []
+
+        async def one(x: int) -> None:
+            m, off, n = reqs[x]
+            dev = self.members[m]
+            try:
+                if isinstance(dev, ChecksumDevice):
+                    bufs[x], bad[x] = await dev.check_blocks(off, n)
+                else:
+                    bufs[x] = as_u8(await dev.read(off, n))
+            except MemberIOError as e:
+                lost.append((m, e))
+
+        for m, _, _ in reqs:
+            if m in self.failed and m not in self.rebuilding:
+                raise MemberFailed(m)
+        await run_all([lambda x=x: one(x) for x in range(len(reqs))])
+        for m, e in lost:
+            await self.member_failed(m, e)
+        if lost:
+            raise MemberFailed(lost[0][0]) from lost[0][1]
+        return bufs, bad
+
     async def write_member(self, i: int, offset: int, data: np.ndarray) -> None:
         """Write to member i alone (a rebuild, a resync); a failure marks it failed, skipped if failed."""
         if i in self.failed and i not in self.rebuilding:
