@@ -102,7 +102,8 @@ class _Scrub:
         """Count the blocks that failed their checksums on their members (as a read would)."""
         for x, offs in enumerate(bad):
             if offs:
-                await self.layout.note_checksum_errors(members[x], offs, fixable and self.repair)
+                outcome = ("repaired" if self.repair else "check") if fixable else "lost"
+                await self.layout.note_checksum_errors(members[x], offs, outcome)
 
     async def _fix(self, writes: list[tuple[int, int, np.ndarray]]) -> None:
         if self.repair and writes:

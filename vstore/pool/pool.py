@@ -47,6 +47,7 @@ from vstore.ops.lifecycle import Lifecycle
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home, check_name
 from vstore.raid import make_layout, redundancy, usable_size
+from vstore.raid.base import CHECKSUM_OUTCOMES
 from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.stack.align import AlignedDevice
@@ -488,7 +489,7 @@ class Pool:
         """Whether the pool keeps a CRC32C per 4 KiB block on its members (vstore.stack.checksum)."""
         return bool(self.meta.get("checksums"))
 
-    def on_checksum_error(self, index: int, offsets: list[int], repaired: bool) -> None:
+    def on_checksum_error(self, index: int, offsets: list[int], outcome: str) -> None:
         """Blocks of a member failed their checksums (the layout's hook): count them, say so."""
         m = self.members[index]
         m.checksum_errors += len(offsets)
@@ -496,9 +497,7 @@ class Pool:
         where = ", ".join(str(DATA_OFFSET + o) for o in offsets[:4]) + (" ..." if len(offsets) > 4 else "")
         log.warning("pool %s: member %d (%s): %d block(s) failed their checksums at byte %s%s",
                     self.name, index, m.uri_text, len(offsets), where,
-                    "; rewritten from redundancy" if repaired
-                    else "; served from redundancy, not rewritten (pool open read-only)" if self.read_only
-                    else "; no redundancy left to repair them")
+                    f"; {CHECKSUM_OUTCOMES.get(outcome, outcome)}")
 
     def failures_pending(self) -> bool:
         """Whether a member failure is not yet in the committed metadata."""

@@ -112,6 +112,15 @@ CHECKSUM_FAIL_COUNT_ENV = "VSTORE_CHECKSUM_FAIL_COUNT"
 CHECKSUM_FAIL_WINDOW = 600.0
 
 
+# What becomes of blocks that failed their checksums (RaidLayout.note_checksum_errors).
+CHECKSUM_OUTCOMES = {
+    "repaired": "rewritten from redundancy",
+    "read-only": "served from redundancy, not rewritten (pool open read-only)",
+    "check": "found by a scrub without --repair",
+    "lost": "no redundancy left to rebuild them: reads fail",
+}
+
+
 def checksum_fail_count() -> int:
     """Checksum errors within the window that fail a member (0: never)."""
     try:
@@ -234,7 +243,7 @@ class RaidLayout(DeviceBase):
         # threshold that fails a member), and who is told (the pool: log and metadata).
         self.checksum_errors = [0] * self.n
         self._checksum_times: list[list[float]] = [[] for _ in range(self.n)]
-        self.on_checksum_error: Callable[[int, list[int], bool], Any] | None = None
+        self.on_checksum_error: Callable[[int, list[int], str], Any] | None = None
 
     # --- state --------------------------------------------------------------------------
 
@@ -598,8 +607,11 @@ class RaidLayout(DeviceBase):
         """Whether the members keep block checksums (a pool made with --checksums)."""
         return any(isinstance(m, ChecksumDevice) for m in self.members)
 
-    async def note_checksum_errors(self, i: int, offsets: list[int], repaired: bool) -> None:
-        """Count member i's blocks that failed their checksums; fail it past the threshold."""
+    async def note_checksum_errors(self, i: int, offsets: list[int], outcome: str) -> None:
+        """Count member i's blocks that failed their checksums; fail it past the threshold.
+
+        outcome (``CHECKSUM_OUTCOMES``): what becomes of them, for the owner's log line.
+        """
         if not offsets:
             return
         self.checksum_errors[i] += len(offsets)
@@ -608,7 +620,7 @@ class RaidLayout(DeviceBase):
         times += [now] * len(offsets)
         self._checksum_times[i] = times[-1000:]
         if self.on_checksum_error is not None:
-            res = self.on_checksum_error(i, offsets, repaired)
+            res = self.on_checksum_error(i, offsets, outcome)
             if inspect.isawaitable(res):
                 await res
         limit = checksum_fail_count()
@@ -648,7 +660,7 @@ class RaidLayout(DeviceBase):
         avoid = _AVOID.get() | set(by_member)
         can = geometry.survives(self.level, self.n, self.failed | avoid)
         for m, offs in sorted(by_member.items()):
-            await self.note_checksum_errors(m, sorted(set(offs)), False)
+            await self.note_checksum_errors(m, sorted(set(offs)), "read-only" if can else "lost")
         if not can:
             raise CorruptError(
                 f"{self.level}: block(s) of member(s) {sorted(by_member)} fail their checksums and no "
@@ -687,7 +699,7 @@ class RaidLayout(DeviceBase):
                 if not still:
                     continue
                 can = geometry.survives(self.level, self.n, self.failed | {m})
-                await self.note_checksum_errors(m, still, can)
+                await self.note_checksum_errors(m, still, "repaired" if can else "lost")
                 if m in self.failed and m not in self.rebuilding:
                     continue  # past the threshold: failed, and the retry reads around it
                 if not can:
