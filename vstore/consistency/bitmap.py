@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.consistency.journal import crc32c
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
+from vstore.crc import crc32c
 from vstore.errors import MemberIOError
 from vstore.io.aio import run_all
 from vstore.stack.device import BlockDevice
