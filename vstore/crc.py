@@ -30,15 +30,18 @@ def crc32c(data: Any, value: int = 0) -> int:
     return _crc32c_mod.crc32c(data, value)
 
 
-def _python_block_sums(buf: np.ndarray, out: np.ndarray) -> None:
+def _python_block_sums(buf: np.ndarray, out: np.ndarray, xor: int = 0) -> None:
     mv = memoryview(buf)
     for i in range(len(out)):
-        out[i] = _crc32c_mod.crc32c(mv[i * BLOCK : (i + 1) * BLOCK])
+        out[i] = _crc32c_mod.crc32c(mv[i * BLOCK : (i + 1) * BLOCK]) ^ xor
 
 
 @functools.cache
-def _isal_kernel() -> Callable[[np.ndarray, np.ndarray], None] | None:
-    """A numba kernel over ISA-L's crc32_iscsi, or None without ISA-L (or numba cannot call it)."""
+def _isal_kernel() -> Callable[[np.ndarray, np.ndarray, int], None] | None:
+    """A numba kernel over ISA-L's crc32_iscsi, or None without ISA-L (or numba cannot call it).
+
+    ``kernel(buf, out, xor)``: out[i] = CRC32C(block i of buf) XOR xor.
+    """
     names = [n for n in (ctypes.util.find_library("isal"), "libisal.so.2", "libisal.so") if n]
     fn = None
     for name in names:
@@ -56,14 +59,15 @@ def _isal_kernel() -> Callable[[np.ndarray, np.ndarray], None] | None:
 
         # Not cached on disk: the function's address is compiled in, and differs per process.
         @numba.njit(nogil=True, cache=False)
-        def kernel(buf: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+        def kernel(buf: np.ndarray, out: np.ndarray, xor: int) -> None:  # pragma: no cover - compiled
+            fold = np.uint32(0xFFFFFFFF) ^ np.uint32(xor)
             for i in range(out.shape[0]):
                 # ISA-L's iSCSI CRC leaves out CRC32C's final inversion and takes the seed as is.
-                out[i] = fn(buf[i * 4096 :].ctypes.data, 4096, np.uint32(0xFFFFFFFF)) ^ np.uint32(0xFFFFFFFF)
+                out[i] = fn(buf[i * 4096 :].ctypes.data, 4096, np.uint32(0xFFFFFFFF)) ^ fold
 
         probe = np.zeros(BLOCK, dtype=np.uint8)
         got = np.empty(1, dtype=np.uint32)
-        kernel(probe, got)
+        kernel(probe, got, 0)
         if int(got[0]) != crc32c(bytes(BLOCK)):
             return None
         return kernel
@@ -71,8 +75,8 @@ def _isal_kernel() -> Callable[[np.ndarray, np.ndarray], None] | None:
         return None
 
 
-def block_sums(buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The CRC32C of each whole 4 KiB block of a contiguous uint8 buffer, as uint32."""
+def block_sums(buf: np.ndarray, out: np.ndarray | None = None, xor: int = 0) -> np.ndarray:
+    """The CRC32C (XOR ``xor``) of each whole 4 KiB block of a contiguous uint8 buffer, as uint32."""
     n = len(buf) // BLOCK
     if out is None:
         out = np.empty(n, dtype=np.uint32)
@@ -81,7 +85,20 @@ def block_sums(buf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             buf = np.ascontiguousarray(buf)
         kernel = _isal_kernel()
         if kernel is not None:
-            kernel(buf, out[:n])
+            kernel(buf, out[:n], xor)
         else:
-            _python_block_sums(buf, out[:n])
+            _python_block_sums(buf, out[:n], xor)
+    return out
+
+
+def block_sums_of(views: list[np.ndarray], xor: int = 0) -> np.ndarray:
+    """``block_sums`` of consecutive 1-D uint8 views (each a whole number of blocks), as one array."""
+    out = np.empty(sum(len(v) for v in views) // BLOCK, dtype=np.uint32)
+    kernel = _isal_kernel() or _python_block_sums
+    pos = 0
+    for v in views:
+        n = len(v) >> 12
+        if n:
+            kernel(v if v.flags.c_contiguous else np.ascontiguousarray(v), out[pos : pos + n], xor)
+            pos += n
     return out

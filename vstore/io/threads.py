@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from vstore.io.op import SYNC, WRITE, Op, ShortIOError, _Waiter, copy_out, finish
+from vstore.io.op import SYNC, WRITE, Op, ShortIOError, _Waiter, complete, finish
 
 _IOV_MAX = 1024
 # The copies into and out of the page cache are CPU work: more threads than cores
@@ -141,8 +141,7 @@ def _run_batch(batch: list[Op]) -> None:
                 op.error = e
         else:
             for op in run:
-                if op.scatter is not None:
-                    copy_out(op)
+                complete(op)
         i = j
 
 
@@ -195,8 +194,8 @@ def run_now(op: Op, nowait: bool = False) -> bool:
         if nowait:
             return False  # let the threads try (and report) it the ordinary way
         op.error = e
-    if op.error is None and op.scatter is not None:
-        copy_out(op)
+    if op.error is None:
+        complete(op)
     op.finished = True
     HANDOFFS_SAVED[0] += 1
     return True

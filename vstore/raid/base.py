@@ -49,7 +49,7 @@ from vstore.io.ordering import RangeOrder, spans_of_keys
 from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
 from vstore.stack.checksum import BLOCK as SUM_BLOCK
-from vstore.stack.checksum import ChecksumDevice, ChecksumError
+from vstore.stack.checksum import ChecksumDevice, ChecksumError, entries_of
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
@@ -355,7 +355,7 @@ class RaidLayout(DeviceBase):
         finally:
             self.inflight[i] -= 1
 
-    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun]
+    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun], *, verify: bool = True
                          ) -> list[tuple[int, MemberIOError | ChecksumError]]:
         """Move every run with one vectored I/O per run, all at once; return the (member, error) failures.
 
@@ -364,16 +364,24 @@ class RaidLayout(DeviceBase):
         this task alone: no task, thread hand-off or event per member. Others
         (network members, test wrappers) each run as one task of readv_into/writev.
         Failures are returned, not raised, and not yet recorded (a checksummed member's
-        blocks that fail their checksums are a ChecksumError).
+        blocks that fail their checksums are a ChecksumError; with ``verify`` False a
+        read of one moves the bytes as stored, for the caller to verify).
         """
         ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
+        checked: list[tuple[MemberRun, io_op.Op]] = []  # checksummed I/O through ops: their CRCs after
+        raw: dict[int, BlockDevice] = {}  # unverified reads of checksummed members: their windows
         for run in runs:
-            op = self.members[run[0]].prepare_io(is_write, run[1], run[2])
+            dev = self.members[run[0]]
+            if not verify and isinstance(dev, ChecksumDevice):
+                dev = raw[run[0]] = dev.inner
+            op = dev.prepare_io(is_write, run[1], run[2])
             if op is None:
                 slow.append(run)
             else:
                 ops.append((run[0], op))
+                if isinstance(dev, ChecksumDevice):
+                    checked.append((run, op))
         failures: list[tuple[int, MemberIOError | ChecksumError]] = []
         inflight = self.inflight
         for run in runs:
@@ -389,7 +397,7 @@ class RaidLayout(DeviceBase):
                         if is_write:
                             await write_from(self.members[m], off, views)
                         else:
-                            await read_into(self.members[m], off, views)
+                            await read_into(raw.get(m) or self.members[m], off, views)
                     except (MemberIOError, ChecksumError) as e:
                         failures.append((m, e))
 
@@ -411,14 +419,50 @@ class RaidLayout(DeviceBase):
             msg = op.failure()
             if msg is not None:
                 failures.append((m, MemberIOError(msg)))
+        if checked and is_write:
+            for (m, off, views), op in checked:
+                if op.error is None:
+                    dev = self.members[m]
+                    got = op.result if op.result is not None else ChecksumDevice.entries_of_views(views)
+                    await dev.written(off, got)
+        elif checked:
+            await self._verify_ops(checked, failures)
         return failures
 
-    async def _read_runs(self, runs: Sequence[MemberRun]) -> None:
+    async def _verify_ops(self, checked: list[tuple[MemberRun, io_op.Op]],
+                          failures: list[tuple[int, MemberIOError | ChecksumError]]) -> None:
+        """Compare checksummed reads done as ops with their entries; add the blocks that fail to failures.
+
+        The CRCs were taken where each read completed (``Op.after``: an I/O thread), else
+        here; every run is compared in one go, and only a mismatch is looked at run by run.
+        """
+        runs: list[tuple[int, int, np.ndarray]] = []
+        for (m, off, views), op in checked:
+            dev = self.members[m]
+            if isinstance(dev, ChecksumDevice) and not any(f[0] == m for f in failures):
+                got = op.result
+                if got is None:
+                    got = ChecksumDevice.entries_of_views(views)
+                runs.append((m, off, got))
+        if not runs:
+            return
+        want = [await self.members[m].entries(off // SUM_BLOCK, len(got)) for m, off, got in runs]
+        if len(runs) == 1:
+            if np.array_equal(runs[0][2], want[0]):
+                return
+        elif np.array_equal(np.concatenate([g for _, _, g in runs]), np.concatenate(want)):
+            return
+        for m, off, got in runs:
+            bad = await self.members[m].compare(off, got)
+            if bad:
+                failures.append((m, ChecksumError(bad)))
+
+    async def _read_runs(self, runs: Sequence[MemberRun], *, verify: bool = True) -> None:
         """Read runs straight into their views; a failed member is marked failed and MemberFailed raised."""
         for m, _, _ in runs:
             if m in self.failed and m not in self.rebuilding:
                 raise MemberFailed(m)
-        failures = await self._member_io(False, runs)
+        failures = await self._member_io(False, runs, verify=verify)
         if failures:
             lost = [(m, e) for m, e in failures if not isinstance(e, ChecksumError)]
             for m, e in lost:
@@ -429,8 +473,36 @@ class RaidLayout(DeviceBase):
                                 for off in e.bad])
 
     async def _read_pieces(self, pieces: Sequence[tuple[int, int, int, int]], out: np.ndarray) -> None:
-        """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run."""
-        await self._read_runs(merge_runs((m, off, out[at : at + n]) for m, off, n, at in pieces))
+        """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run.
+
+        With block checksums the whole of out is checksummed at once after the reads
+        (one kernel call, not one per piece) and compared with each piece's entries.
+        """
+        runs = merge_runs((m, off, out[at : at + n]) for m, off, n, at in pieces)
+        # (Not for local files: their reads are checksummed in the I/O threads, beside this one.)
+        whole = self.checksummed and all(
+            at % SUM_BLOCK == 0 and n % SUM_BLOCK == 0
+            and getattr(self.members[m], "engine", None) is False for m, _, n, at in pieces)
+        await self._read_runs(runs, verify=not whole)
+        if whole:
+            got = entries_of(out)
+            mine: list[np.ndarray] = []
+            want: list[np.ndarray] = []
+            for m, off, n, at in pieces:
+                dev = self.members[m]
+                if isinstance(dev, ChecksumDevice):
+                    mine.append(got[at // SUM_BLOCK : (at + n) // SUM_BLOCK])
+                    want.append(await dev.entries(off // SUM_BLOCK, n // SUM_BLOCK))
+            if len(mine) == 1 and np.array_equal(mine[0], want[0]) or np.array_equal(
+                    np.concatenate(mine), np.concatenate(want)):
+                return
+            bad: list[tuple[int, int]] = []
+            for m, off, n, at in pieces:
+                dev = self.members[m]
+                if isinstance(dev, ChecksumDevice):
+                    bad += [(m, b) for b in await dev.compare(off, got[at // SUM_BLOCK : (at + n) // SUM_BLOCK])]
+            if bad:
+                raise BlockCorrupt(bad)
 
     async def read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
         """Read (member, offset, length) ranges at once into fresh buffers; MemberFailed if any failed."""

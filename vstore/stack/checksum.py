@@ -19,15 +19,23 @@ written again. The checksum area costs 1/1024 of the member.
 
 Reads verify: a block whose CRC32C disagrees with its entry raises ``ChecksumError``
 naming it (the layout then heals it from redundancy: ``RaidLayout.heal``).
-Writes store the block and its entry together: the entry in the cache at once, the
-data and the entry's page written concurrently (a page write holds the page's lock,
-so the last one carries every earlier entry). A crash can leave a block and its entry
-disagreeing; the pool's journal or write-intent bitmap covers that: a journal replay
-rewrites its blocks through this layer (entries recomputed), a bitmap resync
-recomputes the entries of its dirty rows (``rechecksum``) before it trusts them.
 
 Entries are cached per 4 KiB page (1024 entries, 4 MiB of data), at most
-``CACHE_PAGES`` pages; a page is read from the member at its first use.
+``CACHE_PAGES`` pages; a page is read from the member at its first use. A write
+computes its blocks' entries into the cache and writes only the data; the changed
+pages are written back by the next ``flush`` (before the member's own flush, so a
+flush that returns has made data and checksums durable), or earlier once
+``DIRTY_PAGES`` are waiting. Between flushes a crash can leave blocks and their
+entries disagreeing, which is what the pool's crash consistency already covers:
+every block written since the last flush is in a region of the write-intent bitmap,
+whose resync recomputes its rows' entries before trusting them (``rechecksum``), or
+in the journal, whose replay writes it again through this layer. The crash state
+machine (tests/test_crash_consistency.py) checks that no block is then taken for
+corrupt and that skipping the recompute is caught.
+
+The layout batches member I/O through ``prepare_io``: this layer hands on the
+window's engine op when the pages are cached (a write's entries computed and cached
+first); the layout verifies a read's bytes when the op is done (``verify``).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import trio
 
-from vstore.crc import BLOCK, block_sums, crc32c
+from vstore.crc import BLOCK, block_sums, block_sums_of, crc32c
 from vstore.errors import OutOfRangeError, VstoreError
 from vstore.io.aio import run_all
 from vstore.stack.device import BlockDevice, Buffer, FilterDevice, as_u8
@@ -51,6 +59,7 @@ ZERO = crc32c(bytes(BLOCK))  # the CRC32C of a block of zeros: its entry is 0
 UNKNOWN = 0xFFFFFFFF  # a discarded block: not verified until written again
 PAGE_ENTRIES = BLOCK // 4
 CACHE_PAGES = int(os.environ.get("VSTORE_CHECKSUM_CACHE_PAGES", "") or 16384)  # 64 MiB: 64 GiB of data
+DIRTY_PAGES = 1024  # changed pages (4 GiB of data) that make a writer write them back before a flush
 
 
 class ChecksumError(VstoreError):
@@ -80,9 +89,7 @@ def data_bytes(window: int) -> int:
 
 def entries_of(buf: np.ndarray) -> np.ndarray:
     """The checksum entries of the whole blocks of a buffer (CRC32C XOR the zero block's)."""
-    sums = block_sums(buf)
-    np.bitwise_xor(sums, np.uint32(ZERO), out=sums)
-    return sums
+    return block_sums(buf, xor=ZERO)
 
 
 class ChecksumDevice(FilterDevice):
@@ -103,8 +110,13 @@ class ChecksumDevice(FilterDevice):
         self.close_inner = close_inner
         self._pages: OrderedDict[int, np.ndarray] = OrderedDict()
         self._loading: dict[int, trio.Event] = {}
-        self._locks: dict[int, trio.Lock] = {}
-        self._busy: dict[int, int] = {}
+        self._dirty: set[int] = set()  # pages changed since last written to the member
+        self._version: dict[int, int] = {}  # changes per page (a write-back clears only what it wrote)
+        self._writing = trio.Lock()
+        # Whether the window hands out I/O-engine ops (a local file): then reads are checksummed
+        # in the I/O threads (Op.after); else (memory, network) the layout checksums a request
+        # whole at once (RaidLayout._read_pieces). None until the first op is asked for.
+        self.engine: bool | None = None
         self.stats = {"verified_blocks": 0, "mismatches": 0, "page_reads": 0, "page_writes": 0}
 
     # --- the entry cache ----------------------------------------------------------------
@@ -143,65 +155,77 @@ class ChecksumDevice(FilterDevice):
             self._evict()
 
     def _evict(self) -> None:
-        while len(self._pages) > CACHE_PAGES:
-            for p in self._pages:
-                if not self._busy.get(p) and not (p in self._locks and self._locks[p].locked()):
-                    del self._pages[p]
-                    break
-            else:
-                return
+        """Drop the least recently used clean pages beyond CACHE_PAGES."""
+        if len(self._pages) <= CACHE_PAGES:
+            return
+        for p in [p for p in self._pages if p not in self._dirty][: len(self._pages) - CACHE_PAGES]:
+            del self._pages[p]
+
+    def _cached(self, first: int, count: int) -> bool:
+        """Whether the pages of blocks [first, first+count) are all in the cache."""
+        pages = self._pages
+        return all(p in pages for p in range(first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1))
 
     def _entries(self, first: int, count: int) -> np.ndarray:
         """The cached entries of blocks [first, first+count) (their pages loaded)."""
+        p, e = divmod(first, PAGE_ENTRIES)
+        if e + count <= PAGE_ENTRIES:
+            return self._pages[p][e : e + count]
         out = np.empty(count, dtype=np.uint32)
         b = first
         while b < first + count:
             p, e = divmod(b, PAGE_ENTRIES)
             n = min(PAGE_ENTRIES - e, first + count - b)
-            page = self._pages[p]
-            self._pages.move_to_end(p)
-            out[b - first : b - first + n] = page[e : e + n]
+            out[b - first : b - first + n] = self._pages[p][e : e + n]
             b += n
         return out
 
-    async def _store(self, first: int, entries: np.ndarray) -> None:
-        """Put entries for blocks [first, ...) in the cache and write their pages to the member."""
-        count = len(entries)
-        p0, p1 = first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1
-        for p in range(p0, p1):
-            self._busy[p] = self._busy.get(p, 0) + 1
-        try:
-            await self._load(p0, p1)
-            b = first
-            while b < first + count:
-                p, e = divmod(b, PAGE_ENTRIES)
-                n = min(PAGE_ENTRIES - e, first + count - b)
-                self._pages[p][e : e + n] = entries[b - first : b - first + n]
-                b += n
-            for p in range(p0, p1):
-                await self._write_page(p, first, count)
-        finally:
-            for p in range(p0, p1):
-                self._busy[p] -= 1
-                if not self._busy[p]:
-                    del self._busy[p]
+    async def entries(self, first: int, count: int) -> np.ndarray:
+        """The entries of blocks [first, first+count) (loaded when not cached)."""
+        if not self._cached(first, count):
+            await self._load(first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1)
+        return self._entries(first, count)
 
-    async def _write_page(self, p: int, first: int, count: int) -> None:
-        """Write the part of page p holding blocks [first, first+count), whole member blocks."""
-        lock = self._locks.get(p)
-        if lock is None:
-            lock = self._locks[p] = trio.Lock()
-        async with lock:
-            bs = self.inner.block_size
-            a = max(first, p * PAGE_ENTRIES) - p * PAGE_ENTRIES
-            b = min(first + count, (p + 1) * PAGE_ENTRIES) - p * PAGE_ENTRIES
-            lo = (a * 4) // bs * bs
-            hi = min(-(-(b * 4) // bs) * bs, self.area_bytes - p * BLOCK)
-            page = self._pages[p].view(np.uint8)
-            await self.inner.write(self.area_offset + p * BLOCK + lo, page[lo:hi].copy())
-            self.stats["page_writes"] += 1
-        if not lock.locked() and not lock.statistics().tasks_waiting:
-            self._locks.pop(p, None)
+    def _set(self, first: int, entries: np.ndarray) -> None:
+        """Put entries for blocks [first, ...) in the cache (pages loaded), to be written back."""
+        b, count = first, len(entries)
+        while b < first + count:
+            p, e = divmod(b, PAGE_ENTRIES)
+            n = min(PAGE_ENTRIES - e, first + count - b)
+            self._pages[p][e : e + n] = entries[b - first : b - first + n]
+            self._version[p] = self._version.get(p, 0) + 1
+            self._dirty.add(p)
+            b += n
+
+    async def _store(self, first: int, entries: np.ndarray) -> None:
+        """Entries for blocks [first, ...): cached now, on the member by the next flush."""
+        await self._load(first // PAGE_ENTRIES, (first + len(entries) - 1) // PAGE_ENTRIES + 1)
+        self._set(first, entries)
+        if len(self._dirty) > DIRTY_PAGES:
+            await self.write_back()
+
+    async def write_back(self) -> None:
+        """Write every page changed since it was last written (not flushed: ``flush`` does both)."""
+        async with self._writing:  # one write-back at a time: an older copy never lands last
+            if not self._dirty:
+                return
+            pages = sorted(self._dirty)
+            seen = {p: self._version.get(p, 0) for p in pages}
+            runs: list[list[int]] = []
+            for p in pages:
+                if runs and runs[-1][-1] == p - 1:
+                    runs[-1].append(p)
+                else:
+                    runs.append([p])
+            for run in runs:
+                buf = np.concatenate([self._pages[p] for p in run]).view(np.uint8)
+                n = min(len(buf), self.area_bytes - run[0] * BLOCK)
+                await self.inner.write(self.area_offset + run[0] * BLOCK, buf[:n])
+                self.stats["page_writes"] += len(run)
+            for p in pages:
+                if self._version.get(p, 0) == seen[p]:
+                    self._dirty.discard(p)
+            self._evict()
 
     # --- verification -------------------------------------------------------------------
 
@@ -210,19 +234,28 @@ class ChecksumDevice(FilterDevice):
         if offset % BLOCK or length % BLOCK:
             raise OutOfRangeError(f"checksummed I/O at {offset}+{length} is not in whole {BLOCK}-byte blocks")
 
-    async def _bad_blocks(self, offset: int, views: list[np.ndarray]) -> list[int]:
-        """Offsets of the blocks of views (consecutive bytes at offset) that fail their checksum."""
-        length = sum(len(v) for v in views)
-        first, count = offset // BLOCK, length // BLOCK
-        await self._load(first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1)
+    @staticmethod
+    def entries_of_views(views: list[np.ndarray]) -> np.ndarray:
+        """``entries_of`` the consecutive bytes of views, as one array."""
+        if all(v.ndim == 1 and v.dtype == np.uint8 and not len(v) & (BLOCK - 1) for v in views):
+            return block_sums_of(views, ZERO)
+        return entries_of(np.concatenate([as_u8(v) for v in views]))
+
+    async def verify(self, offset: int, views: list[np.ndarray]) -> list[int]:
+        """Offsets of the blocks of views (consecutive bytes read at offset) failing their checksums."""
+        return await self.compare(offset, self.entries_of_views(views))
+
+    async def compare(self, offset: int, got: np.ndarray) -> list[int]:
+        """Offsets of the blocks at offset whose entries (``entries_of`` their bytes as read) are wrong."""
+        first, count = offset // BLOCK, len(got)
+        if not self._cached(first, count):
+            await self._load(first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1)
         want = self._entries(first, count)
-        if len(views) == 1 or all(len(v) % BLOCK == 0 for v in views):
-            got = np.concatenate([entries_of(as_u8(v)) for v in views]) if len(views) > 1 \
-                else entries_of(as_u8(views[0]))
-        else:
-            got = entries_of(np.concatenate([as_u8(v) for v in views]))
         self.stats["verified_blocks"] += count
-        diff = (got != want) & (want != np.uint32(UNKNOWN))
+        diff = got != want
+        if not diff.any():
+            return []
+        diff &= want != np.uint32(UNKNOWN)
         if not diff.any():
             return []
         self.stats["mismatches"] += int(diff.sum())
@@ -233,7 +266,7 @@ class ChecksumDevice(FilterDevice):
         self._aligned(offset, length)
         buf = np.empty(length, dtype=np.uint8)
         await self.inner.readv_into(offset, [buf])
-        return buf, await self._bad_blocks(offset, [buf])
+        return buf, await self.verify(offset, [buf])
 
     async def rechecksum(self, offset: int, length: int) -> None:
         """Make the entries of a range agree with its bytes (a resync trusting the data after a crash)."""
@@ -257,32 +290,32 @@ class ChecksumDevice(FilterDevice):
         if not length:
             return
         first, count = offset // BLOCK, length // BLOCK
-        p0, p1 = first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1
-        if all(p in self._pages for p in range(p0, p1)):
+        if self._cached(first, count):
             await self.inner.readv_into(offset, views)
         else:  # the entries' pages and the data at once
+            p0, p1 = first // PAGE_ENTRIES, (first + count - 1) // PAGE_ENTRIES + 1
             await run_all([lambda: self.inner.readv_into(offset, views), lambda: self._load(p0, p1)])
-        bad = await self._bad_blocks(offset, views)
+        bad = await self.verify(offset, views)
         if bad:
             raise ChecksumError(bad)
 
     async def write(self, offset: int, data: Buffer) -> None:
-        """Write whole blocks and their checksums."""
+        """Write whole blocks (their checksums on the member by the next flush)."""
         await self.writev(offset, [as_u8(data)])
 
     async def writev(self, offset: int, views: list[np.ndarray]) -> None:
-        """Write the views (whole blocks) and their checksums."""
+        """Write the views (whole blocks); their checksums are on the member by the next flush."""
         length = sum(len(v) for v in views)
         self._aligned(offset, length)
         if not length:
             return
-        if all(len(v) % BLOCK == 0 for v in views):
-            entries = np.concatenate([entries_of(as_u8(v)) for v in views]) if len(views) > 1 \
-                else entries_of(as_u8(views[0]))
-        else:
-            entries = entries_of(np.concatenate([as_u8(v) for v in views]))
-        await run_all([lambda: self.inner.writev(offset, views),
-                       lambda: self._store(offset // BLOCK, entries)])
+        await self._store(offset // BLOCK, self.entries_of_views(views))
+        await self.inner.writev(offset, views)
+
+    async def flush(self) -> None:
+        """Write the changed checksum pages, then flush the member: data and checksums are durable."""
+        await self.write_back()
+        await self.inner.flush()
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard the whole blocks of the range; their checksums become UNKNOWN until rewritten."""
@@ -295,8 +328,37 @@ class ChecksumDevice(FilterDevice):
         await self.inner.discard(first * BLOCK, (last - first) * BLOCK)
 
     def prepare_io(self, is_write: bool, offset: int, views: list[np.ndarray]) -> Op | None:
-        """None: every block passes through the checksums."""
-        return None
+        """The window's engine op, when the entries' pages are cached (else None: the methods load them).
+
+        The CRCs of the bytes moved are taken where the op completes (``Op.after``: an
+        I/O thread beside the trio thread) into ``op.result``; the caller then compares a
+        read's (``compare``) or stores a write's (``written``), as ``RaidLayout`` does.
+        """
+        length = sum(len(v) for v in views)
+        if offset % BLOCK or length % BLOCK or not length:
+            return None
+        first, count = offset // BLOCK, length // BLOCK
+        if not self._cached(first, count) or (is_write and len(self._dirty) > DIRTY_PAGES):
+            return None
+        op = self.inner.prepare_io(is_write, offset, views)
+        if op is None:
+            self.engine = False
+        elif op.finished:  # done already (memory, or a small I/O inline): checksum it here
+            self.engine = op.fd >= 0
+            op.result = self.entries_of_views(views)
+        else:
+            self.engine = True
+            op.after = lambda op, views=views: setattr(op, "result", self.entries_of_views(views))
+        return op
+
+    async def written(self, offset: int, entries: np.ndarray) -> None:
+        """A write done through ``prepare_io``'s op: its blocks' entries (``op.result``) go in the cache.
+
+        The caller holds the blocks against other writers until then (the layout's row
+        locks), so a read that sees the new bytes before their entries is checked again
+        under the lock and finds them in agreement.
+        """
+        await self._store(offset // BLOCK, entries)
 
     async def aclose(self) -> None:
         """Close the window below, unless built with close_inner=False."""
