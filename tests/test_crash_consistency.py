@@ -44,9 +44,11 @@ from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from vstore.consistency.metadata import DATA_OFFSET
+from vstore.errors import VstoreError
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home
 from vstore.pool.pool import Pool
+from vstore.raid.base import RaidLayout
 from vstore.raid.geometry import survives
 from vstore.testing import (
     CrashRecorder,
@@ -71,8 +73,17 @@ async def _no_resync(self) -> None:
     """The deliberately broken recovery without a journal: no resync at all."""
 
 
-def machine_for(level: str, journal: bool, broken: str | None = None) -> type[RuleBasedStateMachine]:
-    """A crash state machine for one level, with or without a journal; broken: "flush" or "resync"."""
+async def _no_rechecksum(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+    """The deliberately broken resync of a checksummed pool: checksums left as the crash left them."""
+
+
+def machine_for(level: str, journal: bool, broken: str | None = None, *,
+                checksums: bool = False) -> type[RuleBasedStateMachine]:
+    """A crash state machine for one level, with or without a journal (and block checksums).
+
+    broken: "flush" (the journal's flush skipped), "resync" (no resync) or "rechecksum"
+    (the resync trusts the data without recomputing its checksums).
+    """
     n = {**CASES, **MIRRORS}[level]
 
     class CrashMachine(RuleBasedStateMachine):
@@ -84,7 +95,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
             self.tmp = Path(tempfile.mkdtemp(prefix="vstore-crash-"))
             self.home = Home(self.tmp / "home")
             self.rec = CrashRecorder(f"crash{next(_counter)}")
-            size = MEMBER_SIZE if level in CASES else 6 << 20  # a mirror's extent is 4 MiB
+            size = MEMBER_SIZE if level in CASES else 7 << 20  # a mirror's extent is 4 MiB
             self.uris = [self.rec.add_memory(f"m{i}", size) for i in range(n)]
             self.jr_uri = self.rec.add_memory("j", JOURNAL_SIZE) if journal else None
             trio.run(self._setup)
@@ -93,7 +104,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
 
         async def _setup(self) -> None:
             p = await Pool.create(self.home, "p", level, self.uris, chunk=CHUNK,
-                                  journal=self.jr_uri)
+                                  journal=self.jr_uri, checksums=checksums)
             await p.aclose()
             self.pool = await Pool.open(self.home, "p")
             if broken == "flush":
@@ -196,10 +207,16 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
             await self.rec.crash(states)
             if broken == "resync":
                 self.monkey.setattr(Consistency, "_resync", _no_resync)
+            if broken == "rechecksum":
+                self.monkey.setattr(RaidLayout, "rechecksum_row", _no_rechecksum)
             try:
                 pool = await reopen_after_crash(self.home, "p")
-            finally:
+            except VstoreError as e:
                 self.monkey.undo()
+                raise AssertionError(f"recovery after the crash failed: {e}") from e
+            except BaseException:
+                self.monkey.undo()
+                raise
             try:
                 got = np.asarray(await pool.data_dev.read(0, self.window))
                 self._check_contents(got, cut)
@@ -209,8 +226,23 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
                 for failed, view in degraded_views(pool.layout):
                     seen = np.asarray(await view.read(0, self.window))
                     assert np.array_equal(seen, got), f"(d) members {sorted(failed)} failed: other bytes"
+                if checksums:
+                    await self._check_checksums(pool)
             finally:
                 await pool.aclose()
+                self.monkey.undo()
+
+        async def _check_checksums(self, pool: Pool) -> None:
+            """(e) no false repair: nothing read after the crash failed a checksum, and every block
+            of every member in use agrees with its checksum (the crash tore none apart for good)."""
+            await pool.consistency.wait_resynced()
+            layout = pool.layout
+            assert not any(layout.checksum_errors), (
+                f"(e) blocks taken for corrupt after the crash: {layout.checksum_errors}")
+            for i in layout.healthy():
+                dev = layout.members[i]
+                _, bad = await dev.check_blocks(0, layout.rows * layout.chunk)
+                assert not bad, f"(e) member {i}: blocks disagree with their checksums at {bad[:5]}"
 
         def _check_contents(self, got: np.ndarray, cut: int) -> None:
             writes = [op for op in self.ops if op[0] == "w"]
@@ -258,7 +290,8 @@ def machine_for(level: str, journal: bool, broken: str | None = None) -> type[Ru
             wrong = np.flatnonzero(~ok)
             assert not len(wrong), f"(a)/(b) bytes hold neither old nor new content, first at {wrong[:5]}"
 
-    CrashMachine.__name__ = f"Crash_{level}_{'journal' if journal else 'bitmap'}_{broken or 'ok'}"
+    CrashMachine.__name__ = (f"Crash_{level}_{'journal' if journal else 'bitmap'}_{broken or 'ok'}"
+                             f"{'_checksums' if checksums else ''}")
     return CrashMachine
 
 
@@ -282,11 +315,22 @@ def test_crash_consistency_of_mirrors_without_journal(level: str) -> None:
     machine.TestCase().runTest()
 
 
-@pytest.mark.parametrize(("level", "journal", "broken"),
-                         [("raid5", True, "flush"), ("raid5", False, "resync"), ("raid1", False, "resync")])
-def test_broken_variants_are_caught(level: str, journal: bool, broken: str) -> None:
-    """Skip the journal flush, or the resync: the checks must fail within a bounded number of examples."""
-    machine = machine_for(level, journal, broken=broken)
+@pytest.mark.parametrize(("level", "journal"), [("raid5", True), ("raid5", False), ("raid6", False),
+                                               ("raid1", False), ("raid10", True)])
+def test_crash_consistency_with_checksums(level: str, journal: bool) -> None:
+    """Block checksums: after any crash and its recovery no block is taken for corrupt, no write lost."""
+    machine = machine_for(level, journal, checksums=True)
+    machine.TestCase.settings = SETTINGS
+    machine.TestCase().runTest()
+
+
+@pytest.mark.parametrize(("level", "journal", "broken", "checksums"),
+                         [("raid5", True, "flush", False), ("raid5", False, "resync", False),
+                          ("raid1", False, "resync", False), ("raid5", False, "rechecksum", True)])
+def test_broken_variants_are_caught(level: str, journal: bool, broken: str, checksums: bool) -> None:
+    """Skip the journal flush, the resync, or the resync's checksums: the checks must fail within a
+    bounded number of examples."""
+    machine = machine_for(level, journal, broken=broken, checksums=checksums)
     machine.TestCase.settings = settings(SETTINGS, max_examples=150, phases=[Phase.generate])
     with pytest.raises((AssertionError, Flaky)):
         machine.TestCase().runTest()

@@ -73,3 +73,7 @@ class DegradedError(VstoreError):
 
 class ReadOnlyError(VstoreError):
     """A write to something opened read-only."""
+
+
+class CorruptError(VstoreError):
+    """Data that fails its checksum and cannot be rebuilt from redundancy: never returned."""

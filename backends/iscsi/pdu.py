@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-import crc32c as _crc32c
-
+from vstore.crc import crc32c
 from vstore.errors import ProtocolError
 
 BHS_SIZE = 48
@@ -117,11 +116,6 @@ STATUS_OPCODES = frozenset(
 
 _U32 = struct.Struct(">I")
 _DIGEST = struct.Struct("<I")  # digests go on the wire least-significant byte first
-
-
-def crc32c(data, crc: int = 0) -> int:
-    """CRC32C (Castagnoli) of a buffer, chaining from a previous value (hardware accelerated)."""
-    return _crc32c.crc32c(data, crc)
 
 
 def pad_length(n: int) -> int:

@@ -214,7 +214,7 @@ def scrub(ctx: click.Context, pool: str, repair: bool, as_json: bool, restart: b
 
 def _echo_scrub(pool: str, r: dict[str, Any]) -> None:
     what = {"P": "P wrong", "Q": "Q wrong", "data": "data wrong", "parity": "parity disagrees",
-            "copy": "copy differs"}
+            "copy": "copy differs", "checksum": "block fails its checksum"}
     resumed = f", resumed at unit {r['resumed_at']}" if r.get("resumed_at") else ""
     click.echo(f"scrub of pool {pool!r} ({r.get('level')}): {format_size(int(r.get('scrubbed', 0)))} "
                f"in {r.get('units')} stripes{resumed}; {r.get('mismatches')} mismatch(es), "
@@ -223,7 +223,8 @@ def _echo_scrub(pool: str, r: dict[str, Any]) -> None:
         who = f"member {f['culprit']} at fault" if f.get("culprit") is not None else "member at fault unknown"
         click.echo(f"  row {f['row']}: member {f['member']} offset {f['offset']} "
                    f"(data +{f['data_offset']}), {f['length']} bytes: {what.get(f['what'], f['what'])}; "
-                   f"{who}" + ("; repaired" if f.get("repaired") else ""))
+                   f"{who}" + (f"; P/Q {f['pq']}" if f.get("pq") else "")
+                   + (f"; {f['note']}" if f.get("note") else "") + ("; repaired" if f.get("repaired") else ""))
     if r.get("truncated"):
         click.echo(f"  ... (only the first {len(r.get('found', []))} listed)")
 

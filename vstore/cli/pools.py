@@ -33,6 +33,9 @@ from vstore.sizes import format_size
                    "redundant pools resync their dirty regions in the background after a crash.")
 @click.option("--journal-size", type=SIZE, default=None,
               help="Size of a journal file created by --journal (default 64M).")
+@click.option("--checksums", is_flag=True,
+              help="Keep a CRC32C of every 4 KiB block on the members: reads verify and heal bad "
+                   "blocks from redundancy, scrub names the member at fault (raid1/5/6/10).")
 @click.option("--selector", type=click.Choice(["round-robin", "queue-length", "service-time"]),
               default=None, help="Multipath path selector (default service-time).")
 @click.option("--path-policy", type=click.Choice(["multibus", "failover"]), default=None,
@@ -48,6 +51,7 @@ from vstore.sizes import format_size
 def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, chunk: int,
            size: int | None, force: bool, selector: str | None, path_policy: str | None,
            no_path_retry: float | None, journal: str, journal_size: int | None, lease: str | None,
+           checksums: bool,
            as_json: bool) -> None:
     """Create POOL from member URIs (comma-separate several paths to one member)."""
     from vstore.pool.pool import Pool
@@ -58,7 +62,7 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
     async def go() -> dict[str, Any]:
         p = await Pool.create(home_of(ctx), pool, level, list(members), chunk=chunk,
                               size=size, force=force, multipath=multipath, journal=journal,
-                              journal_size=journal_size, lease=lease)
+                              journal_size=journal_size, lease=lease, checksums=checksums)
         try:
             return p.status()
         finally:
@@ -70,6 +74,7 @@ def create(ctx: click.Context, pool: str, members: tuple[str, ...], level: str, 
         return
     jr = st.get("journal") or {}
     how = f", journal {jr['uri']}" if jr.get("mode") == "journal" else ""
+    how += ", block checksums (CRC32C)" if st.get("checksums") else ""
     click.echo(f"created {level} pool {pool!r}: {len(members)} members, "
                f"{format_size(st['size'])} usable, chunk {format_size(chunk)}{how}")
 

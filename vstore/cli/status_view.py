@@ -37,13 +37,18 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
         console.print(f"operation: {_operation(st['operation'])}", markup=False)
     if st.get("spares"):
         console.print("spares: " + ", ".join(f"{s['uri']} ({format_size(s['size'])})" for s in st["spares"]))
+    if st.get("checksums"):
+        console.print(f"checksums: {_flat(st['checksums'])}", markup=False)
     members = Table(title="members", title_justify="left")
-    for col in ("index", "uri", "state", "data_offset", "data_size", "note"):
+    cksum = bool(st.get("checksums"))
+    # CKSUM: blocks that failed their checksums on the member, as zpool status's column.
+    for col in ("index", "uri", "state", "data_offset", "data_size", *(("cksum",) if cksum else ()), "note"):
         members.add_column(col)
     for m in st["members"]:
         s = _STATE_STYLE.get(m["state"], "")
         members.add_row(str(m["index"]), m["uri"], f"[{s}]{m['state']}[/]", str(m["data_offset"]),
-                        format_size(m["data_size"]), m.get("error", ""))
+                        format_size(m["data_size"]),
+                        *((str(m.get("checksum_errors", 0)),) if cksum else ()), m.get("error", ""))
     console.print(members)
     _render_paths(st, console)
     vols = Table(title="volumes", title_justify="left")

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from vstore.consistency.journal import crc32c
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
+from vstore.crc import crc32c
 from vstore.errors import MemberIOError
 from vstore.io.aio import run_all
 from vstore.stack.device import BlockDevice
@@ -358,6 +358,9 @@ class Resync:
                 return
             # A row's resync, once begun, finishes: its parity or copies are rewritten whole.
             with trio.CancelScope(shield=True):
+                # Checksums first (a crash may have torn a block from its checksum), then
+                # parity or copies from the data they now vouch for.
+                await layout.rechecksum_row(row, self.trusted(row))
                 await layout.resync_row(row, self.trusted(row))
             self.synced.add(row)
             self.done += 1

@@ -47,10 +47,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c as _crc32c_mod
 import numpy as np
 import trio
 
+from vstore.crc import crc32c
 from vstore.errors import ConfigError, MemberIOError, MetadataError, VstoreError
 from vstore.stack.device import BlockDevice, as_u8
 
@@ -86,11 +86,6 @@ class JournalError(VstoreError):
 
 class RecordError(Exception):
     """A record that does not parse: a torn write, corruption, or the end of the log."""
-
-
-def crc32c(data: Any, value: int = 0) -> int:
-    """CRC32C (Castagnoli) of a buffer, hardware-accelerated (the ``crc32c`` package)."""
-    return _crc32c_mod.crc32c(data, value)
 
 
 # ---------------------------------------------------------------------------- superblock

@@ -25,12 +25,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import crcmod.predefined
-
+from vstore.crc import crc32c
 from vstore.errors import MemberIOError, MetadataError, VstoreError
 from vstore.stack.device import BlockDevice
-
-crc32c = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
 
 SB_MAGIC = b"VSTORESB"
 META_MAGIC = b"VSTMETA1"

@@ -24,7 +24,7 @@ class Op:
     """One vectored read or write (or an fdatasync) of one file descriptor."""
 
     __slots__ = ("kind", "fd", "offset", "views", "length", "error", "finished", "waiter", "_completions",
-                 "label", "scatter", "min_size")
+                 "label", "scatter", "min_size", "after", "result")
 
     def __init__(self, kind: int, fd: int, offset: int = 0, views: Sequence[memoryview] = (),
                  label: str = "") -> None:
@@ -35,6 +35,11 @@ class Op:
         # A regular file's size may not drop below this (the member's size): a write into a
         # truncated file would grow it again with holes that read back as zeros.
         self.min_size = 0
+        # Run by the engine where the op completed (an I/O thread, or the trio thread) once
+        # its bytes are in place: a checksummed read's CRCs, off the trio thread (its result in
+        # ``result``). Numba kernels release the GIL, so it runs beside the trio thread.
+        self.after: Any = None
+        self.result: Any = None
         self.kind = kind
         self.fd = fd
         self.offset = offset
@@ -90,6 +95,17 @@ def finish(done: Sequence[Op]) -> None:
             w.pending -= 1
             if w.pending == 0:
                 trio.lowlevel.reschedule(w.task)
+
+
+def complete(op: Op) -> None:
+    """A successful transfer's epilogue, where the engine ran it: copy out a bounce buffer, run ``after``."""
+    if op.scatter is not None:
+        copy_out(op)
+    if op.after is not None:
+        try:
+            op.after(op)
+        except Exception as e:  # a bug in the hook: the op fails rather than the engine
+            op.error = OSError(5, f"after-I/O step failed: {e!r}")
 
 
 def copy_out(op: Op) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from vstore.cluster.fence import fenced_oserror
-from vstore.io.op import SYNC, WRITE, Op, ShortIOError, _Waiter, copy_out, finish
+from vstore.io.op import SYNC, WRITE, Op, ShortIOError, _Waiter, complete, finish
 
 _IOV_MAX = 1024
 # The copies into and out of the page cache are CPU work: more threads than cores
@@ -146,8 +146,7 @@ def _run_batch(batch: list[Op]) -> None:
                 op.error = e
         else:
             for op in run:
-                if op.scatter is not None:
-                    copy_out(op)
+                complete(op)
         i = j
 
 
@@ -202,8 +201,8 @@ def run_now(op: Op, nowait: bool = False) -> bool:
         if nowait:
             return False  # let the threads try (and report) it the ordinary way
         op.error = e
-    if op.error is None and op.scatter is not None:
-        copy_out(op)
+    if op.error is None:
+        complete(op)
     op.finished = True
     HANDOFFS_SAVED[0] += 1
     return True

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from vstore.io.op import WRITE, Op, ShortIOError, copy_out, finish
+from vstore.io.op import WRITE, Op, ShortIOError, complete, finish
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class Ring:
                 op.error = error or OSError(5, os.strerror(5))
                 finished.append(op)
             elif done + res >= op.length:
-                if op.scatter is not None:
-                    copy_out(op)
+                complete(op)
                 finished.append(op)
             elif res == 0:
                 what = "write" if op.kind == WRITE else "read"

@@ -54,6 +54,7 @@ from vstore.errors import ConfigError, NotFoundError, VstoreError
 from vstore.ops.join import MOVE_INDEX, check_index, open_new_member
 from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed_of, sweep
 from vstore.sizes import format_size
+from vstore.stack.checksum import ChecksumDevice
 from vstore.stack.device import BlockDevice, Buffer, FilterDevice, read_into, write_from
 from vstore.stack.members import open_member
 from vstore.stack.offset import OffsetDevice
@@ -216,6 +217,21 @@ class CountingDevice(FilterDevice):
     async def aclose(self) -> None:
         """Close the device below."""
         await self.dev.aclose()
+
+
+def _put_window(layout: Any, index: int, cks: ChecksumDevice | None, window: BlockDevice) -> None:
+    """Put a window in member index's place: under its ChecksumDevice when it has one."""
+    if cks is not None:
+        cks.inner = window
+    else:
+        layout.swap_member(index, window)
+
+
+def _area_regions(cks: ChecksumDevice | None) -> set[int]:
+    """The copy regions holding a checksummed member's checksum area (none without checksums)."""
+    if cks is None:
+        return set()
+    return set(range(cks.area_offset // REGION, -(-(cks.area_offset + cks.area_bytes) // REGION)))
 
 
 async def _copy_region(src: BlockDevice, dst: BlockDevice, region: int, size: int) -> int:
@@ -387,8 +403,12 @@ async def move_member(pool: PoolView, op: Operation, index: int, uri: str | None
     start = min(int(rec.get("cursor", 0)), _regions_of(pool, index))
     size_bytes = m.data_size
     new_data = OffsetDevice(dev, DATA_OFFSET, size_bytes)
-    old_data = CountingDevice(layout.members[index])
-    layout.swap_member(index, old_data)
+    # With block checksums the layout's member stays the same ChecksumDevice (its entry cache
+    # holds for the copy too): the move swaps the window under it, and copies the raw window,
+    # checksum area included.
+    cks = layout.members[index] if isinstance(layout.members[index], ChecksumDevice) else None
+    old_data = CountingDevice(cks.inner if cks is not None else layout.members[index])
+    _put_window(layout, index, cks, old_data)
     switched = False
     t0 = time.monotonic()
     rounds: list[int] = []
@@ -426,8 +446,9 @@ async def move_member(pool: PoolView, op: Operation, index: int, uri: str | None
         paused_at = time.monotonic()
         await watch.pause()
         try:
-            # What the last round left, and what was written since.
-            todo = sorted(set(todo) | set(watch.take()))
+            # What the last round left, and what was written since (and the checksum area,
+            # whose writes the watch does not see: small, copied whole while nothing writes).
+            todo = sorted(set(todo) | set(watch.take()) | _area_regions(cks))
             rounds.append(len(todo))
             for r in todo:
                 await copy(r)
@@ -438,8 +459,9 @@ async def move_member(pool: PoolView, op: Operation, index: int, uri: str | None
             await write_superblock(dev, sb)
             await dev.flush()
             old_dev = m.dev
-            layout.swap_member(index, new_data)
-            m.uuid, m.paths, m.dev, m.data_dev, m.scan = new_uuid, paths, dev, new_data, None
+            _put_window(layout, index, cks, new_data)
+            m.uuid, m.paths, m.dev, m.data_dev, m.scan = (new_uuid, paths, dev,
+                                                          cks if cks is not None else new_data, None)
             switched = True
             pool.meta["operation"] = None
             await pool.commit()
@@ -453,7 +475,7 @@ async def move_member(pool: PoolView, op: Operation, index: int, uri: str | None
             watch.resume()
     except BaseException as exc:
         if not switched:
-            layout.swap_member(index, old_data.dev)
+            _put_window(layout, index, cks, old_data.dev)
             with trio.CancelScope(shield=True):
                 await dev.aclose()
                 if not _stopped(exc):

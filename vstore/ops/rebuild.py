@@ -61,9 +61,9 @@ from vstore.ops.toolkit import Operation, PoolView, Progress, RateLimiter, speed
 from vstore.raid.base import MemberFailed
 from vstore.raid.geometry import survives
 from vstore.sizes import format_size
+from vstore.stack.checksum import data_window
 from vstore.stack.device import BlockDevice
 from vstore.stack.members import open_member
-from vstore.stack.offset import OffsetDevice
 from vstore.uri import MemberURI, split_paths
 
 log = logging.getLogger("vstore.ops.rebuild")
@@ -210,7 +210,7 @@ async def attach_replacement(pool: PoolView, index: int, paths: list[MemberURI],
         raise
     old_dev = m.dev
     # Reads of member index are reconstructed from now on; updates write the new device.
-    data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
+    data_dev = data_window(dev, DATA_OFFSET, m.data_size, bool(pool.meta.get("checksums")))
     layout.start_rebuild(index, data_dev)
     m.uuid, m.paths, m.dev, m.data_dev = new_uuid, paths, dev, data_dev
     m.state, m.error, m.scan = "rebuilding", None, None

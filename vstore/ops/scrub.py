@@ -14,6 +14,14 @@ Which member is at fault:
 - raid1 with three or more copies: the copies outvoted by a strict majority.
 - raid5, raid10 and two-way raid1: not known.
 
+With block checksums (``vstore create --checksums``) every level knows: a block
+that fails its checksum is the one at fault (``what: "checksum"``), whatever the
+parity or the other copies say; it is rebuilt from the rest of its row (or a copy
+that passes), and a raid6 finding also says whether P and Q's own verdict named the
+same member (``pq``). Blocks that all pass but disagree with their parity are a
+parity at fault (the data vouched for). Each block that failed is counted on its
+member as a read's would be (status's CKSUM).
+
 ``repair`` rewrites the member at fault where it is known; else, as md does, the
 parity from the data (raid5/6) or the other copies from the first (raid1/10).
 
@@ -82,13 +90,20 @@ class _Scrub:
         self.repaired = 0
 
     def _report(self, unit: int, member: int, member_off: int, length: int, what: str,
-                culprit: int | None, fixed: bool) -> None:
+                culprit: int | None, fixed: bool, **extra: Any) -> None:
         self.count += 1
         self.repaired += int(fixed)
         if len(self.found) < MAX_REPORTED:
             self.found.append({"row": unit, "member": member, "offset": DATA_OFFSET + member_off,
                                "data_offset": member_off, "length": length, "what": what,
-                               "culprit": culprit, "repaired": fixed})
+                               "culprit": culprit, "repaired": fixed, **extra})
+
+    async def _count(self, bad: list[list[int]], members: list[int], fixable: bool) -> None:
+        """Count the blocks that failed their checksums on their members (as a read would)."""
+        for x, offs in enumerate(bad):
+            if offs:
+                outcome = ("repaired" if self.repair else "check") if fixable else "lost"
+                await self.layout.note_checksum_errors(members[x], offs, outcome)
 
     async def _fix(self, writes: list[tuple[int, int, np.ndarray]]) -> None:
         if self.repair and writes:
@@ -121,6 +136,9 @@ class _Scrub:
         dmem, pmem = layout.row_members(row)
         base = row * C
         async with layout.locked([row]):
+            if layout.checksummed:
+                await self._parity_row_checked(row)
+                return
             got = await layout.read_members([(m, base, C) for m in dmem + pmem])
             data = np.stack(got[:k])
             fresh = await layout.compute_parity(data)
@@ -147,10 +165,69 @@ class _Scrub:
                     writes += [(pmem[x], base + a, fresh[x][a:b]) for x in range(2)]
             await self._fix(writes)
 
+    async def _parity_row_checked(self, row: int) -> None:
+        """A parity row of a checksummed pool: the blocks failing their checksums are the culprits."""
+        layout = self.layout
+        C, k, npar = layout.chunk, layout.k, layout.nparity
+        dmem, pmem = layout.row_members(row)
+        members = dmem + pmem
+        base = row * C
+        got, bad = await layout.read_members_checked([(m, base, C) for m in members])
+        bad_pages: dict[int, set[int]] = {}
+        for x, offs in enumerate(bad):
+            for off in offs:
+                bad_pages.setdefault((off - base) // PAGE, set()).add(x)
+        data = np.stack(got[:k])
+        fresh = await layout.compute_parity(data)
+        diffs = [np.bitwise_xor(got[k + x], fresh[x]) for x in range(npar)]
+        pages = sorted(set(bad_pages) | set().union(*(_pages(d) for d in diffs)))
+        writes: list[tuple[int, int, np.ndarray]] = []
+        unfixable = False
+        for pg in pages:
+            a, b = pg * PAGE, min((pg + 1) * PAGE, C)
+            culprits = sorted(bad_pages.get(pg, ()))
+            if not culprits:
+                # Every block vouched for by its checksum, the parity disagreeing: a parity
+                # written from other data (a crash's torn row the resync missed); the data wins.
+                for x in range(npar):
+                    if diffs[x][a:b].any():
+                        self._report(row, pmem[x], base + a, b - a, "parity", pmem[x], self.repair)
+                        writes.append((pmem[x], base + a, fresh[x][a:b]))
+                continue
+            if len(culprits) > npar:
+                unfixable = True
+                for x in culprits:
+                    self._report(row, members[x], base + a, b - a, "checksum", members[x], False,
+                                 note="more blocks of the row fail their checksums than parity can rebuild")
+                continue
+            # Rebuild the failing blocks from the others of the page: data first, then parity.
+            page = np.ascontiguousarray(data[:, a:b])
+            par: list[np.ndarray | None] = [None if (k + x) in culprits else
+                                            np.ascontiguousarray(got[k + x][a:b]) for x in range(npar)]
+            missing = [x for x in culprits if x < k]
+            if missing:
+                layout.recover(page, par, missing)
+            good_par = await layout.compute_parity(page)
+            pq = None
+            if npar == 2 and len(culprits) == 1:
+                who = locate_pq_error(diffs[0][a:b], diffs[1][a:b], k)
+                mine = culprits[0] if culprits[0] < k else ("P" if culprits[0] == k else "Q")
+                pq = "agrees" if who == mine else f"says {who if who is not None else 'unknown'}"
+            for x in culprits:
+                right = page[x] if x < k else good_par[x - k]
+                extra = {"pq": pq} if pq is not None else {}
+                self._report(row, members[x], base + a, b - a, "checksum", members[x], self.repair, **extra)
+                writes.append((members[x], base + a, right.copy()))
+        await self._count(bad, members, not unfixable)
+        await self._fix(writes)
+
     async def _mirror(self, unit: int, copies: list[tuple[int, int]], keys: list[int]) -> None:
         layout = self.layout
         C = layout.chunk
         async with layout.locked(keys):
+            if layout.checksummed:
+                await self._mirror_checked(unit, copies)
+                return
             got = await layout.read_members([(m, off, C) for m, off in copies])
             if all(np.array_equal(got[0], g) for g in got[1:]):
                 return
@@ -173,6 +250,46 @@ class _Scrub:
                     self._report(unit, m, off + a, b - a, "copy", m if known else None, self.repair)
                     writes.append((m, off + a, got[good][a:b]))
             await self._fix(writes)
+
+
+    async def _mirror_checked(self, unit: int, copies: list[tuple[int, int]]) -> None:
+        """Copies of a checksummed pool: a copy failing its checksum is at fault; one that passes wins."""
+        layout = self.layout
+        C = layout.chunk
+        got, bad = await layout.read_members_checked([(m, off, C) for m, off in copies])
+        bad_pages: dict[int, set[int]] = {}
+        for x, offs in enumerate(bad):
+            for off in offs:
+                bad_pages.setdefault((off - copies[x][1]) // PAGE, set()).add(x)
+        pages = set(bad_pages)
+        for g in got[1:]:
+            pages |= set(_pages(np.bitwise_xor(got[0], g)))
+        writes: list[tuple[int, int, np.ndarray]] = []
+        unfixable = False
+        for pg in sorted(pages):
+            a, b = pg * PAGE, min((pg + 1) * PAGE, C)
+            failing = bad_pages.get(pg, set())
+            good = [x for x in range(len(got)) if x not in failing]
+            if not good:
+                unfixable = True
+                for x in sorted(failing):
+                    m, off = copies[x]
+                    self._report(unit, m, off + a, b - a, "checksum", m, False,
+                                 note="every copy fails its checksum")
+                continue
+            src = got[good[0]][a:b]
+            for x, g in enumerate(got):
+                if x in failing:
+                    m, off = copies[x]
+                    self._report(unit, m, off + a, b - a, "checksum", m, self.repair)
+                    writes.append((m, off + a, src))
+                elif not np.array_equal(g[a:b], src):
+                    # Both pass yet differ (a discard one member could not do): the first wins.
+                    m, off = copies[x]
+                    self._report(unit, m, off + a, b - a, "copy", None, self.repair)
+                    writes.append((m, off + a, src))
+        await self._count(bad, [m for m, _ in copies], not unfixable)
+        await self._fix(writes)
 
 
 async def scrub(pool: PoolView, op: Operation, *, repair: bool = False, restart: bool = False,

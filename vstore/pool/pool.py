@@ -46,9 +46,11 @@ from vstore.ops.lifecycle import Lifecycle
 from vstore.pool.consistency import Consistency
 from vstore.pool.home import Home, check_name
 from vstore.raid import make_layout, redundancy, usable_size
+from vstore.raid.base import CHECKSUM_OUTCOMES
 from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.stack.align import AlignedDevice
+from vstore.stack.checksum import data_bytes, data_window, zero_area
 from vstore.stack.device import BlockDevice, DeviceBase
 from vstore.stack.members import open_member
 from vstore.stack.multipath import MultipathDevice, validate_options
@@ -59,6 +61,9 @@ from vstore.uri import MemberURI, split_paths
 log = logging.getLogger("vstore.pool.pool")
 
 DEFAULT_CHUNK = 64 << 10
+# Levels that can keep block checksums: those with redundancy to heal a bad block from.
+CHECKSUM_LEVELS = ("raid1", "raid5", "raid6", "raid10")
+CHECKSUM_FORMAT = {"algorithm": "crc32c", "block": 4096, "area": "tail of each data window"}
 ZERO_IO = 4 << 20
 
 Progress = Callable[[int, int], None]
@@ -77,6 +82,7 @@ class Member:
     data_dev: BlockDevice | None = None
     error: str | None = None
     scan: MemberScan | None = field(default=None, repr=False)
+    checksum_errors: int = 0  # blocks that failed their checksums on it, ever (status's CKSUM)
 
     @property
     def uri_text(self) -> str:
@@ -88,6 +94,8 @@ class Member:
         rec = {"index": self.index, "uuid": self.uuid, "paths": [p.redacted() for p in self.paths],
                "state": self.state if self.state in ("active", "rebuilding") else "failed",
                "data_size": self.data_size}
+        if self.checksum_errors:
+            rec["checksum_errors"] = self.checksum_errors
         if self.state not in ("active", "rebuilding"):
             # A failed member's reason is kept as it is (it was "failed: ..." already), so
             # it does not grow by a "failed: " at every commit.
@@ -128,6 +136,7 @@ class Pool:
         self.consistency = Consistency(self)
         self._commit_lock = trio.Lock()
         self._pending_failures: set[int] = set()
+        self._counts_changed = False  # checksum error counts not yet committed
         self._closed = False
         # Rebuilds, hot spares, moves and scrubs (vstore.ops.lifecycle).
         self.lifecycle = Lifecycle(self)
@@ -169,7 +178,7 @@ class Pool:
                      chunk: int = DEFAULT_CHUNK, size: int | None = None,
                      force: bool = False, multipath: dict[str, Any] | None = None,
                      journal: str | None = None, journal_size: int | None = None,
-                     lease: str | None = None) -> Pool:
+                     lease: str | None = None, checksums: bool = False) -> Pool:
         """Write a new pool onto its members and record it in the config directory."""
         check_name("pool", name)
         if level not in LEVEL_CODES:
@@ -180,6 +189,9 @@ class Pool:
         check_member_count(level, n)  # before any member is opened or created
         if chunk < 4096 or chunk & (chunk - 1):
             raise ConfigError(f"chunk size must be a power of two >= 4K, got {chunk}")
+        if checksums and level not in CHECKSUM_LEVELS:
+            raise ConfigError(f"--checksums needs redundancy to heal from ({', '.join(CHECKSUM_LEVELS)}); "
+                              f"a {level} pool has none")
         paths_list = [split_paths(a) for a in member_args]
         seen: set[str] = set()
         for paths in paths_list:
@@ -223,7 +235,8 @@ class Pool:
                     )
             sizes = [dev.size - DATA_OFFSET for dev in devs]
             sizes = [s - s % chunk for s in sizes] if level != "linear" else sizes
-            total = usable_size(level, sizes, chunk)
+            # With checksums the tail of each data window holds them (vstore.stack.checksum).
+            total = usable_size(level, [data_bytes(s) if checksums else s for s in sizes], chunk)
             ext = extent_size_for(level, n, chunk)
             n_extents = total // ext
             if n_extents < 1:
@@ -239,9 +252,13 @@ class Pool:
             pool.lock.acquire(name)
             pool.members = [
                 Member(i, str(uuid.uuid4()), paths_list[i], "active", sizes[i], devs[i],
-                       OffsetDevice(devs[i], DATA_OFFSET, sizes[i]))
+                       data_window(devs[i], DATA_OFFSET, sizes[i], checksums))
                 for i in range(n)
             ]
+            if checksums:
+                for dev, size_i in zip(devs, sizes, strict=True):
+                    if not dev.created:  # a fresh file is sparse: its checksum area reads as zeros
+                        await zero_area(OffsetDevice(dev, DATA_OFFSET, size_i, close_inner=False))
             # Every extent starts zeroed: the whole data area of each member is zeroed
             # below unless it was created here (sparse, so already zero).
             pool.meta = {
@@ -251,6 +268,8 @@ class Pool:
                 "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
                 "owner": owner_mod.my_token(), "clean": False,
             }
+            if checksums:
+                pool.meta["checksums"] = dict(CHECKSUM_FORMAT)
             if lease is not None:  # owned through an etcd lease from the first write on
                 from vstore.cluster.lease import take_pool_lease
 
@@ -429,8 +448,9 @@ class Pool:
                 m.state = "stale"
                 m.error = f"stale (generation {scan.generation}, pool at {best.generation})"
                 log.warning("pool %s: member %d is %s", self.name, idx, m.error)
+            m.checksum_errors = int(mm.get("checksum_errors", 0))
             if m.state in ("active", "rebuilding"):
-                m.data_dev = OffsetDevice(dev, DATA_OFFSET, m.data_size)
+                m.data_dev = data_window(dev, DATA_OFFSET, m.data_size, self.checksums)
             self.members.append(m)
         used = {m.dev for m in self.members}
         for d in devs:
@@ -466,12 +486,15 @@ class Pool:
             if not self.read_only:
                 raise DegradedError(self.degraded_message(failed))
             return
-        devs = [m.data_dev if m.data_dev is not None else _AbsentDevice(m.data_size)
+        devs = [m.data_dev if m.data_dev is not None
+                else _AbsentDevice(data_bytes(m.data_size) if self.checksums else m.data_size)
                 for m in self.members]
         # A member being rebuilt is failed for reads but takes every write (vstore.ops.rebuild).
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
                                   on_member_failed=self.on_member_failed,
                                   rebuilding={m.index for m in self.members if m.state == "rebuilding"})
+        self.layout.on_checksum_error = self.on_checksum_error
+        self.layout.read_only = self.read_only
         # Volumes take any offset and length; iSCSI members only whole blocks.
         self.data_dev = AlignedDevice(self.layout)
         self.consistency.attach(self.layout)
@@ -513,6 +536,21 @@ class Pool:
             log.error("pool %s: member %d failed: %s", self.name, index, exc)
         self._pending_failures.add(index)
         self.lifecycle.member_failed(index)
+
+    @property
+    def checksums(self) -> bool:
+        """Whether the pool keeps a CRC32C per 4 KiB block on its members (vstore.stack.checksum)."""
+        return bool(self.meta.get("checksums"))
+
+    def on_checksum_error(self, index: int, offsets: list[int], outcome: str) -> None:
+        """Blocks of a member failed their checksums (the layout's hook): count them, say so."""
+        m = self.members[index]
+        m.checksum_errors += len(offsets)
+        self._counts_changed = True
+        where = ", ".join(str(DATA_OFFSET + o) for o in offsets[:4]) + (" ..." if len(offsets) > 4 else "")
+        log.warning("pool %s: member %d (%s): %d block(s) failed their checksums at byte %s%s",
+                    self.name, index, m.uri_text, len(offsets), where,
+                    f"; {CHECKSUM_OUTCOMES.get(outcome, outcome)}")
 
     def failures_pending(self) -> bool:
         """Whether a member failure is not yet in the committed metadata."""
@@ -563,7 +601,8 @@ class Pool:
         """Flush the whole stack, then persist any member failure seen meanwhile."""
         if self.data_dev is not None:
             await self.data_dev.flush()
-        if self._pending_failures and not self.read_only:
+        if (self._pending_failures or self._counts_changed) and not self.read_only:
+            self._counts_changed = False
             await self.commit()
 
     # ------------------------------------------------------------------ volumes
@@ -790,12 +829,14 @@ class Pool:
                else {"lease": dict(self.meta["lease"])} if self.meta.get("lease") else {}),
             "recovered": self.recovered_from is not None,
             "journal": self.consistency.status(),
+            "checksums": self.meta.get("checksums"),
             "operation": self.lifecycle.status(),
             "io": self.io_stats(),  # per-layer accounting of this process's requests
             "spares": [{"uri": s["uri"], "size": s["size"]} for s in self.meta.get("spares", [])],
             "members": [
                 {"index": m.index, "uri": m.uri_text, "state": m.state,
                  "data_offset": DATA_OFFSET, "data_size": m.data_size,
+                 **({"checksum_errors": m.checksum_errors} if self.checksums else {}),
                  **({"error": m.error} if m.error else {}),
                  "paths": (m.dev.path_stats() if isinstance(m.dev, MultipathDevice)
                            else [{"uri": p.redacted(), "state": m.state} for p in m.paths])}

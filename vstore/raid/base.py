@@ -23,7 +23,10 @@ device in a member's place (a move).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -32,13 +35,22 @@ import numpy as np
 import trio
 
 from vstore.cluster.fence import check_writes
-from vstore.errors import ConfigError, DegradedError, MemberIOError, OutOfRangeError
+from vstore.errors import (
+    ConfigError,
+    CorruptError,
+    DegradedError,
+    MemberIOError,
+    OutOfRangeError,
+    VstoreError,
+)
 from vstore.io import aio
 from vstore.io import op as io_op
 from vstore.io import threads as io_threads
 from vstore.io.ordering import RangeOrder, spans_of_keys
 from vstore.io.stats import HANDOFFS, LayerStats, now_ns
 from vstore.raid import geometry
+from vstore.stack.checksum import BLOCK as SUM_BLOCK
+from vstore.stack.checksum import ChecksumDevice, ChecksumError, entries_of
 from vstore.stack.device import BlockDevice, Buffer, DeviceBase, as_u8, read_into, write_from
 
 # Kernel calls on at least this many bytes run in a worker thread (numba kernels are
@@ -76,6 +88,46 @@ OnMemberFailed = Callable[[int, BaseException], Any]
 
 class MemberFailed(Exception):
     """A member failed during a request or a maintenance read: retry it against the new failed set."""
+
+
+class BlockCorrupt(VstoreError):
+    """Member blocks that failed their checksums on a read: heal them (``RaidLayout.heal``), then retry.
+
+    ``blocks`` lists (member, member offset) of each 4 KiB block.
+    """
+
+    def __init__(self, blocks: list[tuple[int, int]]) -> None:
+        self.blocks = blocks
+        where = ", ".join(f"member {m} at {off}" for m, off in blocks[:4])
+        super().__init__(f"{len(blocks)} block(s) fail their checksum: {where}"
+                         + (" ..." if len(blocks) > 4 else ""))
+
+
+# Members one request reads around (a read-only pool cannot rewrite a block that failed its
+# checksum, so the request that saw it is served from the others): set by RaidLayout.read.
+_AVOID: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("vstore_avoid", default=frozenset())
+
+# A member with more checksum errors than this within CHECKSUM_FAIL_WINDOW seconds is
+# failed, as ZFS's diagnosis engine faults a vdev (its checksum_N=10 in checksum_T=600s).
+CHECKSUM_FAIL_COUNT_ENV = "VSTORE_CHECKSUM_FAIL_COUNT"
+CHECKSUM_FAIL_WINDOW = 600.0
+
+
+# What becomes of blocks that failed their checksums (RaidLayout.note_checksum_errors).
+CHECKSUM_OUTCOMES = {
+    "repaired": "rewritten from redundancy",
+    "read-only": "served from redundancy, not rewritten (pool open read-only)",
+    "check": "found by a scrub without --repair",
+    "lost": "no redundancy left to rebuild them: reads fail",
+}
+
+
+def checksum_fail_count() -> int:
+    """Checksum errors within the window that fail a member (0: never)."""
+    try:
+        return max(0, int(os.environ.get(CHECKSUM_FAIL_COUNT_ENV, "") or 10))
+    except ValueError:
+        return 10
 
 
 async def run_kernel(nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -186,6 +238,13 @@ class RaidLayout(DeviceBase):
         self.io_count = 0
         # Where requests spend their time (vstore.io.stats): shown in the mount's fuse-stats.
         self.iostats = LayerStats()
+        # A pool opened read-only: blocks failing their checksums are read around, not rewritten.
+        self.read_only = False
+        # Blocks per member that failed their checksums (status's CKSUM), their times (the
+        # threshold that fails a member), and who is told (the pool: log and metadata).
+        self.checksum_errors = [0] * self.n
+        self._checksum_times: list[list[float]] = [[] for _ in range(self.n)]
+        self.on_checksum_error: Callable[[int, list[int], str], Any] | None = None
 
     # --- state --------------------------------------------------------------------------
 
@@ -202,8 +261,14 @@ class RaidLayout(DeviceBase):
         return "degraded" if geometry.survives(self.level, self.n, self.failed) else "failed"
 
     def healthy(self) -> list[int]:
-        """Indexes of the members in use."""
-        return [i for i in range(self.n) if i not in self.failed]
+        """Indexes of the members in use (for this request: not those it reads around)."""
+        gone = self.unreadable()
+        return [i for i in range(self.n) if i not in gone]
+
+    def unreadable(self) -> set[int] | frozenset[int]:
+        """The members a read must not use: the failed ones, and those this request reads around."""
+        avoid = _AVOID.get()
+        return self.failed | avoid if avoid else self.failed
 
     def fail_member(self, i: int) -> None:
         """Stop using member i (an operator's or the pool's decision; no callback)."""
@@ -272,6 +337,8 @@ class RaidLayout(DeviceBase):
         except MemberIOError as e:
             await self.member_failed(i, e)
             raise MemberFailed(i) from e
+        except ChecksumError as e:
+            raise BlockCorrupt([(i, off) for off in e.bad]) from e
         finally:
             self.inflight[i] -= 1
 
@@ -285,29 +352,41 @@ class RaidLayout(DeviceBase):
         except MemberIOError as e:
             await self.member_failed(i, e)
             raise MemberFailed(i) from e
+        except ChecksumError as e:
+            raise BlockCorrupt([(i, off) for off in e.bad]) from e
         finally:
             self.inflight[i] -= 1
 
-    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun]) -> list[tuple[int, MemberIOError]]:
+    async def _member_io(self, is_write: bool, runs: Sequence[MemberRun], *, verify: bool = True
+                         ) -> list[tuple[int, MemberIOError | ChecksumError]]:
         """Move every run with one vectored I/O per run, all at once; return the (member, error) failures.
 
         Members that can hand out I/O-engine ops (local files and devices, through
         their offset window) are submitted together as ONE batch and awaited by
         this task alone: no task, thread hand-off or event per member. Others
         (network members, test wrappers) each run as one task of readv_into/writev.
-        Failures are returned, not raised, and not yet recorded.
+        Failures are returned, not raised, and not yet recorded (a checksummed member's
+        blocks that fail their checksums are a ChecksumError; with ``verify`` False a
+        read of one moves the bytes as stored, for the caller to verify).
         """
         if is_write:
             check_writes()  # a pool owned through a lease that lapsed writes nothing (vstore.cluster.fence)
         ops: list[tuple[int, io_op.Op]] = []
         slow: list[MemberRun] = []
+        checked: list[tuple[MemberRun, io_op.Op]] = []  # checksummed I/O through ops: their CRCs after
+        raw: dict[int, BlockDevice] = {}  # unverified reads of checksummed members: their windows
         for run in runs:
-            op = self.members[run[0]].prepare_io(is_write, run[1], run[2])
+            dev = self.members[run[0]]
+            if not verify and isinstance(dev, ChecksumDevice):
+                dev = raw[run[0]] = dev.inner
+            op = dev.prepare_io(is_write, run[1], run[2])
             if op is None:
                 slow.append(run)
             else:
                 ops.append((run[0], op))
-        failures: list[tuple[int, MemberIOError]] = []
+                if isinstance(dev, ChecksumDevice):
+                    checked.append((run, op))
+        failures: list[tuple[int, MemberIOError | ChecksumError]] = []
         inflight = self.inflight
         for run in runs:
             inflight[run[0]] += 1
@@ -322,8 +401,8 @@ class RaidLayout(DeviceBase):
                         if is_write:
                             await write_from(self.members[m], off, views)
                         else:
-                            await read_into(self.members[m], off, views)
-                    except MemberIOError as e:
+                            await read_into(raw.get(m) or self.members[m], off, views)
+                    except (MemberIOError, ChecksumError) as e:
                         failures.append((m, e))
 
                 jobs: list[Callable[[], Awaitable[Any]]] = [lambda r=r: one(*r) for r in slow]
@@ -346,28 +425,128 @@ class RaidLayout(DeviceBase):
                 failures.append((m, MemberIOError(msg)))
         if failures and is_write:
             check_writes()  # refused by the fence in an I/O thread: not the members' fault
+        if checked and is_write:
+            for (m, off, views), op in checked:
+                if op.error is None:
+                    dev = self.members[m]
+                    got = op.result if op.result is not None else ChecksumDevice.entries_of_views(views)
+                    await dev.written(off, got)
+        elif checked:
+            await self._verify_ops(checked, failures)
         return failures
 
-    async def _read_runs(self, runs: Sequence[MemberRun]) -> None:
+    async def _verify_ops(self, checked: list[tuple[MemberRun, io_op.Op]],
+                          failures: list[tuple[int, MemberIOError | ChecksumError]]) -> None:
+        """Compare checksummed reads done as ops with their entries; add the blocks that fail to failures.
+
+        The CRCs were taken where each read completed (``Op.after``: an I/O thread), else
+        here; every run is compared in one go, and only a mismatch is looked at run by run.
+        """
+        runs: list[tuple[int, int, np.ndarray]] = []
+        for (m, off, views), op in checked:
+            dev = self.members[m]
+            if isinstance(dev, ChecksumDevice) and not any(f[0] == m for f in failures):
+                got = op.result
+                if got is None:
+                    got = ChecksumDevice.entries_of_views(views)
+                runs.append((m, off, got))
+        if not runs:
+            return
+        want = [await self.members[m].entries(off // SUM_BLOCK, len(got)) for m, off, got in runs]
+        if len(runs) == 1:
+            if np.array_equal(runs[0][2], want[0]):
+                return
+        elif np.array_equal(np.concatenate([g for _, _, g in runs]), np.concatenate(want)):
+            return
+        for m, off, got in runs:
+            bad = await self.members[m].compare(off, got)
+            if bad:
+                failures.append((m, ChecksumError(bad)))
+
+    async def _read_runs(self, runs: Sequence[MemberRun], *, verify: bool = True) -> None:
         """Read runs straight into their views; a failed member is marked failed and MemberFailed raised."""
         for m, _, _ in runs:
             if m in self.failed and m not in self.rebuilding:
                 raise MemberFailed(m)
-        failures = await self._member_io(False, runs)
+        failures = await self._member_io(False, runs, verify=verify)
         if failures:
-            for m, e in failures:
+            lost = [(m, e) for m, e in failures if not isinstance(e, ChecksumError)]
+            for m, e in lost:
                 await self.member_failed(m, e)
-            raise MemberFailed(failures[0][0]) from failures[0][1]
+            if lost:
+                raise MemberFailed(lost[0][0]) from lost[0][1]
+            raise BlockCorrupt([(m, off) for m, e in failures if isinstance(e, ChecksumError)
+                                for off in e.bad])
 
     async def _read_pieces(self, pieces: Sequence[tuple[int, int, int, int]], out: np.ndarray) -> None:
-        """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run."""
-        await self._read_runs(merge_runs((m, off, out[at : at + n]) for m, off, n, at in pieces))
+        """Read (member, member offset, length, out offset) pieces straight into out, one I/O per member run.
+
+        With block checksums the whole of out is checksummed at once after the reads
+        (one kernel call, not one per piece) and compared with each piece's entries.
+        """
+        runs = merge_runs((m, off, out[at : at + n]) for m, off, n, at in pieces)
+        # (Not for local files: their reads are checksummed in the I/O threads, beside this one.)
+        whole = self.checksummed and all(
+            at % SUM_BLOCK == 0 and n % SUM_BLOCK == 0
+            and getattr(self.members[m], "engine", None) is False for m, _, n, at in pieces)
+        await self._read_runs(runs, verify=not whole)
+        if whole:
+            got = entries_of(out)
+            mine: list[np.ndarray] = []
+            want: list[np.ndarray] = []
+            for m, off, n, at in pieces:
+                dev = self.members[m]
+                if isinstance(dev, ChecksumDevice):
+                    mine.append(got[at // SUM_BLOCK : (at + n) // SUM_BLOCK])
+                    want.append(await dev.entries(off // SUM_BLOCK, n // SUM_BLOCK))
+            if len(mine) == 1 and np.array_equal(mine[0], want[0]) or np.array_equal(
+                    np.concatenate(mine), np.concatenate(want)):
+                return
+            bad: list[tuple[int, int]] = []
+            for m, off, n, at in pieces:
+                dev = self.members[m]
+                if isinstance(dev, ChecksumDevice):
+                    bad += [(m, b) for b in await dev.compare(off, got[at // SUM_BLOCK : (at + n) // SUM_BLOCK])]
+            if bad:
+                raise BlockCorrupt(bad)
 
     async def read_members(self, reqs: Sequence[tuple[int, int, int]]) -> list[np.ndarray]:
         """Read (member, offset, length) ranges at once into fresh buffers; MemberFailed if any failed."""
         bufs = [np.empty(n, dtype=np.uint8) for _, _, n in reqs]
         await self._read_runs(merge_runs((m, off, b) for (m, off, _), b in zip(reqs, bufs, strict=True)))
         return bufs
+
+    async def read_members_checked(self, reqs: Sequence[tuple[int, int, int]]
+                                   ) -> tuple[list[np.ndarray], list[list[int]]]:
+        """Read (member, offset, length) ranges as stored, with the offsets of their blocks failing checksums.
+
+        What a scrub reads: nothing raises for a bad checksum (a member without
+        checksums has none); MemberFailed when a member fails.
+        """
+        bufs: list[np.ndarray] = [np.empty(0, dtype=np.uint8)] * len(reqs)
+        bad: list[list[int]] = [[] for _ in reqs]
+        lost: list[tuple[int, MemberIOError]] = []
+
+        async def one(x: int) -> None:
+            m, off, n = reqs[x]
+            dev = self.members[m]
+            try:
+                if isinstance(dev, ChecksumDevice):
+                    bufs[x], bad[x] = await dev.check_blocks(off, n)
+                else:
+                    bufs[x] = as_u8(await dev.read(off, n))
+            except MemberIOError as e:
+                lost.append((m, e))
+
+        for m, _, _ in reqs:
+            if m in self.failed and m not in self.rebuilding:
+                raise MemberFailed(m)
+        await run_all([lambda x=x: one(x) for x in range(len(reqs))])
+        for m, e in lost:
+            await self.member_failed(m, e)
+        if lost:
+            raise MemberFailed(lost[0][0]) from lost[0][1]
+        return bufs, bad
 
     async def write_member(self, i: int, offset: int, data: np.ndarray) -> None:
         """Write to member i alone (a rebuild, a resync); a failure marks it failed, skipped if failed."""
@@ -504,6 +683,121 @@ class RaidLayout(DeviceBase):
         if self.resync is not None:
             await self.sync_rows(self.rows_of_keys(keys))
 
+    # --- block checksums (vstore.stack.checksum): self-healing reads ----------------------
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the members keep block checksums (a pool made with --checksums)."""
+        return any(isinstance(m, ChecksumDevice) for m in self.members)
+
+    async def note_checksum_errors(self, i: int, offsets: list[int], outcome: str) -> None:
+        """Count member i's blocks that failed their checksums; fail it past the threshold.
+
+        outcome (``CHECKSUM_OUTCOMES``): what becomes of them, for the owner's log line.
+        """
+        if not offsets:
+            return
+        self.checksum_errors[i] += len(offsets)
+        now = time.monotonic()
+        times = [t for t in self._checksum_times[i] if now - t < CHECKSUM_FAIL_WINDOW]
+        times += [now] * len(offsets)
+        self._checksum_times[i] = times[-1000:]
+        if self.on_checksum_error is not None:
+            res = self.on_checksum_error(i, offsets, outcome)
+            if inspect.isawaitable(res):
+                await res
+        limit = checksum_fail_count()
+        if limit and len(times) > limit and i not in self.failed:
+            await self.member_failed(i, MemberIOError(
+                f"{len(times)} blocks failed their checksums within {int(CHECKSUM_FAIL_WINDOW)} s "
+                f"(more than {limit}, {CHECKSUM_FAIL_COUNT_ENV})"))
+
+    async def rechecksum_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Make member row ``row``'s checksums agree with its bytes on every member (a resync after a crash).
+
+        The first step of a resync of a checksummed pool: a crash may have left a block
+        and its checksum from different writes, and the resync trusts the data, as it
+        does for parity. A no-op without checksums.
+        """
+        async def one(i: int) -> None:
+            dev = self.members[i]
+            if not isinstance(dev, ChecksumDevice) or (i in self.failed and i not in trusted):
+                return
+            start = row * self.chunk
+            n = min(self.chunk, dev.size - start)
+            if n <= 0:
+                return
+            try:
+                await dev.rechecksum(start, n)
+            except MemberIOError as e:
+                await self.member_failed(i, e)
+
+        if self.checksummed:
+            await run_all([lambda i=i: one(i) for i in range(self.n)])
+
+    async def _read_around(self, blocks: list[tuple[int, int]]) -> contextvars.Token[frozenset[int]]:
+        """Count blocks that failed their checksums on a read-only pool; read around their members."""
+        by_member: dict[int, list[int]] = {}
+        for m, off in blocks:
+            by_member.setdefault(m, []).append(off)
+        avoid = _AVOID.get() | set(by_member)
+        can = geometry.survives(self.level, self.n, self.failed | avoid)
+        for m, offs in sorted(by_member.items()):
+            await self.note_checksum_errors(m, sorted(set(offs)), "read-only" if can else "lost")
+        if not can:
+            raise CorruptError(
+                f"{self.level}: block(s) of member(s) {sorted(by_member)} fail their checksums and no "
+                f"redundancy is left to read around them")
+        return _AVOID.set(frozenset(avoid))
+
+    async def heal(self, blocks: Iterable[tuple[int, int]]) -> None:
+        """Rewrite member blocks that failed their checksums with what redundancy says they hold.
+
+        Each is checked again under its row's lock (a write racing the read that saw it
+        is no corruption; a row a crash left unsynced is resynced, its checksums
+        recomputed, not repaired), counted (``checksum_errors``; a member past the
+        threshold is failed instead), computed from the other members as a rebuild
+        would (``member_bytes``, whose reads are verified too) and written back in
+        place as an update. CorruptError when no redundancy is left to compute it from.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for m, off in blocks:
+            groups.setdefault((m, off // self.chunk), []).append(off - off % SUM_BLOCK)
+        for (m, row), offs in sorted(groups.items()):
+            dev = self.members[m]
+            if not isinstance(dev, ChecksumDevice):
+                raise CorruptError(f"member {m} reported a checksum error but keeps no checksums")
+            async with self.locked(self.resync_keys(row)):
+                await self.sync_rows([row])
+                if m in self.failed and m not in self.rebuilding:
+                    continue  # failed meanwhile: the retry reads around it
+                still: list[int] = []
+                try:
+                    for off in sorted(set(offs)):
+                        _, bad = await dev.check_blocks(off, SUM_BLOCK)
+                        still += bad
+                except MemberIOError as e:
+                    await self.member_failed(m, e)
+                    continue
+                if not still:
+                    continue
+                can = geometry.survives(self.level, self.n, self.failed | {m})
+                await self.note_checksum_errors(m, still, "repaired" if can else "lost")
+                if m in self.failed and m not in self.rebuilding:
+                    continue  # past the threshold: failed, and the retry reads around it
+                if not can:
+                    raise CorruptError(
+                        f"{self.level} member {m}: block(s) at {', '.join(map(str, still[:4]))} fail "
+                        f"their checksums and no redundancy is left to rebuild them")
+                self.iostats.bump("checksum_repairs", len(still))
+                try:
+                    good = [await self._member_bytes(m, off, SUM_BLOCK) for off in still]
+                except BlockCorrupt as e:
+                    raise CorruptError(
+                        f"{self.level} member {m}: block(s) at {', '.join(map(str, still[:4]))} fail "
+                        f"their checksums, and so does what would rebuild them ({e})") from e
+                await self.submit_member_writes([(m, off, g) for off, g in zip(still, good, strict=True)])
+
     # --- per-key locks ------------------------------------------------------------------
 
     @asynccontextmanager
@@ -528,6 +822,7 @@ class RaidLayout(DeviceBase):
         self.check(offset, length)
         self.io_count += 1
         t0 = now_ns()
+        avoiding = None
         try:
             while True:
                 self.require_usable()
@@ -536,7 +831,16 @@ class RaidLayout(DeviceBase):
                 except MemberFailed:
                     self.iostats.bump("retries_after_member_failure")
                     continue
+                except BlockCorrupt as e:
+                    if not self.read_only:
+                        await self.heal(e.blocks)
+                        continue
+                    # Read-only: nothing may be rewritten; this request reads around the member.
+                    token = await self._read_around(e.blocks)
+                    avoiding = avoiding or token
         finally:
+            if avoiding is not None:
+                _AVOID.reset(avoiding)
             self.iostats.read.add(length, now_ns() - t0)
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -611,6 +915,9 @@ class RaidLayout(DeviceBase):
             try:
                 return await self._member_bytes(i, offset, length)
             except MemberFailed:
+                continue
+            except BlockCorrupt as e:
+                await self.heal(e.blocks)
                 continue
 
     async def _member_bytes(self, i: int, offset: int, length: int) -> np.ndarray:
@@ -690,10 +997,11 @@ class ParityLayout(RaidLayout):
         C = self.chunk
         pieces: list[tuple[int, int, int, int]] = []  # member, member offset, length, out offset
         degraded_rows: dict[int, list[tuple[int, int, int]]] = {}  # row -> (row offset, len, out off)
+        gone = self.unreadable()
         for c, start, n, at in geometry.split_chunks(offset, length, C):
             row, j = divmod(c, self.k)
             m = self.row_members(row)[0][j]
-            if m in self.failed:
+            if m in gone:
                 degraded_rows.setdefault(row, []).append((j * C + start, n, at))
             else:
                 pieces.append((m, row * C + start, n, at))
@@ -743,7 +1051,7 @@ class ParityLayout(RaidLayout):
         base = row * self.chunk + c0
         # Decide once what to read: self.failed may grow while the reads are in flight
         # (a read that then fails raises MemberFailed and the caller starts again).
-        gone = (self.failed - (set(include) & self.rebuilding)) | set(exclude)
+        gone = (self.failed - (set(include) & self.rebuilding)) | set(exclude) | _AVOID.get()
         missing = [j for j, m in enumerate(dmem) if m in gone]
         live_data = [j for j, m in enumerate(dmem) if m not in gone]
         live_par = [i for i, m in enumerate(pmem) if m not in gone]
@@ -828,6 +1136,9 @@ class ParityLayout(RaidLayout):
                     writes = await self.plan_write(segments, buf)
                 except MemberFailed:
                     continue  # nothing was written yet; plan again without that member
+                except BlockCorrupt as e:
+                    await self.heal(e.blocks)  # old data or parity read wrong: mended first
+                    continue
                 await self.submit_member_writes(writes)
                 return
 

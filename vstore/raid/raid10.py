@@ -40,7 +40,8 @@ class Raid10Layout(RaidLayout):
 
     def pick_copy(self, c: int) -> tuple[int, int]:
         """The healthy copy to read from: fewer in flight, ties taken in turn."""
-        live = [x for x in self.copies(c) if x[0] not in self.failed]
+        gone = self.unreadable()
+        live = [x for x in self.copies(c) if x[0] not in gone]
         if len(live) == 2 and self.inflight[live[0][0]] == self.inflight[live[1][0]]:
             self._turn += 1
             return live[self._turn % 2]
@@ -60,10 +61,11 @@ class Raid10Layout(RaidLayout):
         # every member works, and each member's chunks stay consecutive (one I/O each).
         half = len(chunks) // 2
         pieces = []
+        gone = self.unreadable()
         for idx, (c, start, n, at) in enumerate(chunks):
             copies = self.copies(c)
             m, base = copies[idx >= half]
-            if m in self.failed:
+            if m in gone:
                 m, base = copies[idx < half]
             pieces.append((m, base + start, n, at))
         await self._read_pieces(pieces, out)
