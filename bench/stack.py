@@ -86,6 +86,7 @@ class Target:
     note: str
     level: str | None = None  # vstore: the pool's RAID level and member count
     members: int = 0
+    checksums: bool = False  # vstore: the pool keeps block checksums (create --checksums)
     fuse: dict[str, Any] | None = None  # ceiling: the FUSE settings it mounts with
     path: Path | None = None  # the file fio opens, once started
     pid: int | None = None  # the process serving the FUSE mount
@@ -96,7 +97,7 @@ class Target:
         """The target as stored in the JSON report."""
         d: dict[str, Any] = {"kind": self.kind, "storage": self.storage, "note": self.note}
         if self.level:
-            d.update(level=self.level, members=self.members, chunk=CHUNK)
+            d.update(level=self.level, members=self.members, chunk=CHUNK, checksums=self.checksums)
         if self.fuse is not None:
             d["fuse_settings"] = self.fuse
         if self.read_ahead_kb is not None:
@@ -128,6 +129,8 @@ def make_targets() -> dict[str, Target]:
         Target("plain tmpfs", "plain", "tmpfs", "plain file on tmpfs, no FUSE"),
         Target("raid5x5 tmpfs", "vstore", "tmpfs", "vstore raid5 pool of 5 file members on tmpfs", "raid5", 5),
         Target("raid0x5 tmpfs", "vstore", "tmpfs", "vstore raid0 pool of 5 file members on tmpfs", "raid0", 5),
+        Target("raid5x5 tmpfs cksum", "vstore", "tmpfs",
+               "vstore raid5 pool of 5 file members on tmpfs, block checksums", "raid5", 5, checksums=True),
         Target("raid5x5 disk", "vstore", "disk", "vstore raid5 pool of 5 file members on the disk", "raid5", 5),
         Target("raid0x4 disk", "vstore", "disk", "vstore raid0 pool of 4 file members on the disk", "raid0", 4),
         Target("plain disk", "plain", "disk", "plain file on the disk, no FUSE"),
@@ -154,6 +157,10 @@ def make_groups(quick: bool) -> list[Group]:
               ("raid5x5 tmpfs", "raid0x5 tmpfs"), (SEQ_WRITE,) if quick else (SEQ_WRITE, SEQ_READ),
               (("raid5/raid0", "raid5x5 tmpfs", "raid0x5 tmpfs"),),
               ((SEQ_WRITE, "raid5/raid0", None),)),
+        Group("checksums", "raid5 over 5 file members on tmpfs with block checksums vs without",
+              ("raid5x5 tmpfs cksum", "raid5x5 tmpfs"), (SEQ_WRITE, SEQ_READ),
+              (("cksum/plain", "raid5x5 tmpfs cksum", "raid5x5 tmpfs"),),
+              ((SEQ_WRITE, "cksum/plain", 0.85), (SEQ_READ, "cksum/plain", 0.85))),
         Group("disk", "file members on the disk vs a plain file of that disk",
               disk_targets, (SEQ_WRITE, SEQ_READ) if quick else tuple(JOBS),
               tuple(r for r in disk_ratios if r[1] in disk_targets and r[2] in disk_targets),
@@ -343,7 +350,8 @@ class Stack:
         member = (-(-self.size // data // MiB) + 64) * MiB  # whole MiB, with room for metadata and extent rounding
         uris = [f"file://{where}/{pool}-d{i}.img" for i in range(t.members)]
         self.log(f"stack: creating {t.name}: {t.level} pool of {t.members} file members in {where}")
-        self._vstore("create", pool, "--level", t.level or "", "--chunk", str(CHUNK), "--size", str(member), *uris)
+        self._vstore("create", pool, "--level", t.level or "", "--chunk", str(CHUNK), "--size", str(member),
+                     *(["--checksums"] if t.checksums else []), *uris)
         self._vstore("volume", "create", pool, "vol", "--size", str(self.size))
         mp = self.dir / f"{pool}-mnt"
         mp.mkdir()

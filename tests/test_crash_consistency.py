@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,59 @@ MIRRORS = {"raid1": 2, "raid10": 4}
 _counter = itertools.count()
 
 
+RUN_LIMIT = 120.0  # seconds one step of a machine may take before it is called stuck
+
+
+def _task_tree() -> str:
+    """Where every task of this trio run waits (what a stuck step is stuck on)."""
+    lines: list[str] = []
+
+    def walk(task, depth: int) -> None:
+        coro, where = task.coro, []
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is None:
+                break
+            where.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append("  " * depth + f"{task.name}: " + " <- ".join(reversed(where)))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines)
+
+
+def _run(fn, *args):
+    """trio.run(fn, *args), failing (with every task's place) instead of hanging past RUN_LIMIT."""
+    killer = threading.Timer(30.0, os._exit, (3,))
+
+    async def main():
+        stuck: list[str] = []
+        async with trio.open_nursery() as nursery:
+            async def watchdog() -> None:
+                await trio.sleep(RUN_LIMIT)
+                stuck.append(_task_tree())
+                print(f"stuck step, tasks:\n{stuck[0]}", file=sys.stderr, flush=True)
+                # A task stuck inside a shielded scope ignores the cancel: then the whole run
+                # is ended, rather than the suite hanging until CI's limit.
+                killer.start()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watchdog)
+            result = await fn(*args)
+            nursery.cancel_scope.cancel()
+        if stuck:
+            raise AssertionError(f"a step took more than {RUN_LIMIT} s; tasks:\n{stuck[0]}")
+        return result
+
+    try:
+        return trio.run(main)
+    finally:
+        killer.cancel()
+
+
 async def _no_resync(self) -> None:
     """The deliberately broken recovery without a journal: no resync at all."""
 
@@ -98,7 +152,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
             size = MEMBER_SIZE if level in CASES else 7 << 20  # a mirror's extent is 4 MiB
             self.uris = [self.rec.add_memory(f"m{i}", size) for i in range(n)]
             self.jr_uri = self.rec.add_memory("j", JOURNAL_SIZE) if journal else None
-            trio.run(self._setup)
+            _run(self._setup)
             self.ops: list[tuple] = []  # (kind, first event, last event, payload...)
             self.model = np.zeros(self.window, np.uint8)
 
@@ -127,7 +181,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
                            label="length")
             buf = np.random.default_rng(seed).integers(0, 256, ln, dtype=np.uint8)
             start = self._events()
-            trio.run(self.pool.data_dev.write, off, buf)
+            _run(self.pool.data_dev.write, off, buf)
             self.ops.append(("w", start, self._events(), off, buf))
             self.model[off : off + ln] = buf
 
@@ -147,7 +201,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
                         nursery.start_soon(self.pool.data_dev.write, a, buf)
 
             start = self._events()
-            trio.run(go)
+            _run(go)
             end = self._events()
             for a, buf in jobs:
                 self.ops.append(("w", start, end, a, buf))
@@ -156,7 +210,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
         @rule()
         def flush(self) -> None:
             start = self._events()
-            trio.run(self.pool.flush)
+            _run(self.pool.flush)
             self.ops.append(("f", start, self._events()))
 
         @precondition(lambda self: journal)
@@ -170,7 +224,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
                 return
             i = data.draw(st.sampled_from(choices), label="member")
             start = self._events()
-            trio.run(self.pool.fail_member, i)
+            _run(self.pool.fail_member, i)
             self.ops.append(("x", start, self._events(), i))
 
         @precondition(lambda self: journal)
@@ -188,7 +242,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
         def read(self, data) -> None:
             off = data.draw(st.integers(0, self.window - 1), label="offset")
             ln = data.draw(st.integers(1, min(self.window - off, 2 * self.row_bytes)), label="length")
-            got = trio.run(self.pool.data_dev.read, off, ln)
+            got = _run(self.pool.data_dev.read, off, ln)
             assert np.array_equal(got, self.model[off : off + ln])
 
         # ------------------------------------------------------------------ crash and checks
@@ -196,7 +250,7 @@ def machine_for(level: str, journal: bool, broken: str | None = None, *,
             if not hasattr(self, "pool"):
                 return
             try:
-                trio.run(self._crash_and_check)
+                _run(self._crash_and_check)
             finally:
                 self.rec.forget()
 

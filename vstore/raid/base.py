@@ -386,6 +386,17 @@ class RaidLayout(DeviceBase):
                 ops.append((run[0], op))
                 if isinstance(dev, ChecksumDevice):
                     checked.append((run, op))
+        # A write's CRCs are taken on this thread while the I/O threads write (below), once
+        # for a mirror's copies (the same buffers on several members).
+        same: dict[tuple[int, ...], io_op.Op] = {}
+        op_views: dict[tuple[int, ...], list[np.ndarray]] = {}
+        if is_write:
+            for (_, _, views), op in checked:
+                op.after = None
+                key = tuple(map(id, views))
+                if key not in same:
+                    same[key] = op
+                    op_views[key] = views
         failures: list[tuple[int, MemberIOError | ChecksumError]] = []
         inflight = self.inflight
         for run in runs:
@@ -394,7 +405,19 @@ class RaidLayout(DeviceBase):
         op_list = [op for _, op in ops]
         try:
             if ops:
-                io_threads.submit(op_list)
+                if checked and not is_write and len(op_list) > 1:
+                    # Each batch goes to one I/O thread, which also takes the CRCs of what it
+                    # read (Op.after): two batches, so that two threads share that work.
+                    half = len(op_list) // 2
+                    io_threads.submit(op_list[:half])
+                    io_threads.submit(op_list[half:])
+                else:
+                    io_threads.submit(op_list)
+                if checked and is_write:
+                    # A write's CRCs need only its bytes: taken here while the I/O thread writes.
+                    for key, op in same.items():
+                        if op.result is None:
+                            op.result = ChecksumDevice.entries_of_views([v for v in op_views[key]])
             if slow:
                 async def one(m: int, off: int, views: list[np.ndarray]) -> None:
                     try:
@@ -429,7 +452,11 @@ class RaidLayout(DeviceBase):
             for (m, off, views), op in checked:
                 if op.error is None:
                     dev = self.members[m]
-                    got = op.result if op.result is not None else ChecksumDevice.entries_of_views(views)
+                    got = op.result
+                    if got is None:
+                        first = same.get(tuple(map(id, views)))
+                        got = first.result if first is not None and first.result is not None \
+                            else ChecksumDevice.entries_of_views(views)
                     await dev.written(off, got)
         elif checked:
             await self._verify_ops(checked, failures)
