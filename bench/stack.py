@@ -571,11 +571,15 @@ def _numeric(d: dict | None) -> dict[str, float]:
     return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def run(quick: bool, log: Callable[[str], None] = print, *, profile: bool = False, out: Path | None = None) -> dict:
-    """Set up every target, run every job on its targets (interleaved), tear down; results, ratios, checks."""
+def run(quick: bool, log: Callable[[str], None] = print, *, profile: bool = False, out: Path | None = None,
+        only: list[str] | None = None) -> dict:
+    """Set up every target, run every job on its targets (interleaved), tear down; results, ratios, checks.
+
+    ``only``: the keys of the comparisons to run (default: all).
+    """
     size = (64 if quick else 1024) * MiB
     runtime = 0.5 if quick else 4.0
-    groups = make_groups(quick)
+    groups = [g for g in make_groups(quick) if not only or g.key in only]
     out = DEFAULT_OUT if out is None else out
     prof_dir = out / "stack-profiles"
     report: dict[str, Any] = {
@@ -703,11 +707,13 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m bench.stack", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small files, short jobs, fewer jobs (about a minute)")
+    ap.add_argument("--group", action="append", default=None, metavar="KEY",
+                    help="run only this comparison (tmpfs, parity, checksums, disk); repeatable")
     ap.add_argument("--profile", action="store_true", help="py-spy on the mount process during each vstore job")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    res = run(args.quick, profile=args.profile, out=args.out)
+    res = run(args.quick, profile=args.profile, out=args.out, only=args.group)
     report.show_stack(res)
     report.write_json(args.out / "stack.json", res)
     report.console().print(f"wrote {args.out / 'stack.json'}")
