@@ -152,9 +152,11 @@ def _bitmap_cap(pool: PoolView) -> int | None:
 # --------------------------------------------------------------------------- --add
 
 
-async def _join(pool: PoolView, uri: str, *, size: int | None, force: bool, need: int
+async def _join(pool: PoolView, uri: str, *, size: int | None, force: bool, need: int, index: int
                 ) -> tuple[list[MemberURI], BlockDevice]:
-    paths, dev = await open_new_member(pool, uri, size=size, force=force, need=need)
+    # A device labelled as this member index of this pool by a grow that never committed (a
+    # crash) is taken again without --force.
+    paths, dev = await open_new_member(pool, uri, size=size, force=force, need=need, replacing=index)
     try:
         raid_grow.check_block_size(pool.layout, dev)
         for other in pool.members:  # a member that failed or was given under another spelling
@@ -239,8 +241,9 @@ async def add_linear(pool: PoolView, uris: list[str], *, size: int | None = None
     layout = pool.layout
     joined: list[tuple[list[MemberURI], BlockDevice]] = []
     try:
-        for text in uris:
-            joined.append(await _join(pool, text, size=size, force=force, need=pool.meta["chunk"]))
+        for k, text in enumerate(uris):
+            joined.append(await _join(pool, text, size=size, force=force, need=pool.meta["chunk"],
+                                      index=len(pool.members) + k))
     except BaseException:
         for _, dev in joined:
             await _discard(dev)
@@ -284,7 +287,7 @@ async def _attach_mirror(pool: PoolView, uri: str, *, size: int | None, force: b
     layout = pool.layout
     n0 = len(pool.members)
     _check_journal_room(pool, n0 + 1)
-    paths, dev = await _join(pool, uri, size=size, force=force, need=layout.size)
+    paths, dev = await _join(pool, uri, size=size, force=force, need=layout.size, index=n0)
     index = -1
     try:
         data_size = _data_size(pool, dev)
