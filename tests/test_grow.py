@@ -114,15 +114,15 @@ def test_grow_raid1_adds_a_mirror_rebuilt_from_the_others(tmp_path: Path) -> Non
     (d / "in.raw").write_bytes(data)
     vstore(home, "import", "p", "v", str(d / "in.raw"))
     size0 = status(home)["size"]
-    res = vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", "16M")
-    assert "mirror(s) 2 added and copied" in res.stdout and "pool is clean" in res.stdout
+    res = vstore(home, "grow", "p", "--add", f"file://{d}/c.img", f"file://{d}/e.img", "--size", "16M")
+    assert "mirror(s) 2, 3 added and copied" in res.stdout and "pool is clean" in res.stdout
     assert "grow" in res.stderr and "100.0%" in res.stderr  # progress
     st = status(home)
-    assert st["size"] == size0 and [m["state"] for m in st["members"]] == ["active"] * 3
+    assert st["size"] == size0 and [m["state"] for m in st["members"]] == ["active"] * 4
     assert vstore(home, "scrub", "p").returncode == 0
-    # The new mirror alone holds the data: the two old ones failed.
-    vstore(home, "fail", "p", "0")
-    vstore(home, "fail", "p", "1")
+    # The last new mirror alone holds the data: the three others failed.
+    for i in range(3):
+        vstore(home, "fail", "p", str(i))
     _roundtrip(home, d, data)
 
 
