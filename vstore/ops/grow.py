@@ -34,7 +34,9 @@ metadata does not name, which the next open ignores), the commit makes the
 growth real, and nothing is written into new space before the layout covers it.
 
 Reshaping raid0/raid5/raid6/raid10 onto more members (md's ``--grow
---raid-devices``) is not done here; see ``RESHAPE_DESIGN`` below for the design.
+--raid-devices``) is refused with one line: its design and its crash-safe step
+order (a backup of the critical section, then md's reshape_safe checkpoints),
+proved on a model, are in ``vstore.raid.reshape``; the online part is not built.
 """
 
 from __future__ import annotations
@@ -70,32 +72,6 @@ BLKGETSIZE64 = 0x80081272
 # Levels whose rows must agree across members (parity, copies): rows a member grew by are zeroed.
 ZEROED_LEVELS = ("raid1", "raid5", "raid6", "raid10")
 
-RESHAPE_DESIGN = """\
-Reshape of raid0/raid5/raid6/raid10 onto n+k members (not implemented yet).
-
-A ReshapeLayout holds the old and the new layout over the same member windows
-(the new members appended) and a cursor, a logical offset: below it the new
-geometry serves, above it the old. A step moves the logical range
-[cursor, cursor + S) (S: a whole number of rows of both geometries, their lcm)
-under the row locks of that range in both layouts, then advances the cursor.
-
-The hazard: growing, new row r lies at member offset r*C while the same logical
-bytes were in old row r*k_new/k_old > r, so the first steps write member rows the
-old geometry still needs (the first stripes overlap); a crash mid-step would
-destroy data not yet copied. md avoids it either with a backup of the critical
-section (mdadm --backup-file) or by moving the data offset. The choice here is
-the data-offset move, as md does by default since 2012: the new geometry starts
-at member offset D_new = D_old - G (the members keep G bytes of gap below the
-data, reserved at create or made by the first steps into the tail), so the new
-rows that hold logical range [0, x) end below the old rows that hold [x, ...):
-with k_new > k_old, new row r ends at (r+1)*C - G while the old rows of the same
-logical bytes start at r*k_new/k_old*C >= (r+1)*C - G as long as G >= C. Each
-step is then an ordinary copy to space nobody reads: a crash between the copy and
-the checkpoint replays the copy (idempotent), and the cursor (a logical offset,
-committed in meta["operation"] only after the copied rows are flushed) decides
-which geometry a read trusts. When the reshape finishes, the pool's data offset
-is D_new, recorded in each superblock.
-"""
 
 
 # --------------------------------------------------------------------------- checks
