@@ -168,3 +168,56 @@ async def test_power_cut_anywhere_while_a_mirror_is_added(tmp_path: Path, journa
         assert len(writer.done) == 40 and writer.done[0][0] < writer.done[-1][0]
     finally:
         rec.forget()
+
+
+async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
+    """raid0 2 -> 3 members, online: the backup of the critical rows, the cursor's checkpoints, the finish."""
+    from vstore.ops import reshape
+
+    rec = CrashRecorder(f"reshape0{next(_counter)}")
+    try:
+        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(2)]
+        new = rec.add_memory("new", 8 * MiB)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", "raid0", uris, chunk=CHUNK)
+        await pool.create_volume("v", 12 * MiB)
+        old = np.random.default_rng(5).integers(0, 256, 12 * MiB, dtype=np.uint8)
+        await pool.get_volume("v").write(0, old)
+        await pool.flush()
+        size0 = pool.status()["size"]
+        await rec.start()
+        writer = Writer(rec, pool, "v", list(range(0, 3072, 61)), seed=6)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, 40, 0.003)  # acknowledged writes while the data moves
+            res = await reshape.add(pool, [new], speed={"max": 16 * MiB})
+        assert res["kind"] == "reshape" and res["to"] == 3 and pool.status()["size"] > size0
+        events = list(rec.events)
+        abandon(pool)
+        written = {off for _, off, _ in writer.done}
+        untouched = [o for o in range(0, 12 * MiB, 4096) if o not in written]
+        old_bytes = old.tobytes()
+        phases: Counter[str] = Counter()
+        for cut in _cuts(len(events)) + [1, 2, 3, 5, 8, 13, 21, 34, 55]:
+            rec.events = list(events)
+            states = rec.materialize(cut, "random", random.Random(cut))
+            await rec.crash(states)
+            pool = await reopen_after_crash(home, "p")
+            try:
+                r = pool.meta.get("reshape")
+                phases["before" if len(pool.members) == 2 else "backup" if r and r["backup"]
+                       else "copying" if r else "done"] += 1
+                for attempt in ("reopened", "finished"):
+                    vol = np.asarray(await pool.get_volume("v").read(0, 12 * MiB)).tobytes()
+                    assert all(vol[o : o + 4096] == old_bytes[o : o + 4096] for o in untouched), \
+                        f"cut {cut} ({attempt}): a block nobody wrote changed"
+                    await _check_acknowledged(pool, "v", writer.done, cut)
+                    if attempt == "reopened" and r:
+                        got = await reshape.resume(pool)
+                        assert got["kind"] == "reshape" and got["to"] == 3
+                        assert "reshape" not in pool.meta and pool.status()["size"] > size0
+            finally:
+                await pool.aclose()
+        # Cuts fell before the reshape, in its critical section, during the copy and after it.
+        assert phases["before"] and phases["backup"] and phases["copying"] and phases["done"], phases
+    finally:
+        rec.forget()

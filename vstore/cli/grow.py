@@ -67,6 +67,12 @@ def _echo(pool: str, r: dict[str, Any]) -> None:
                        f"{format_size(int(r['size']))} (members {', '.join(map(str, r['grown_members']))} grew)")
         return
     members = ", ".join(map(str, r.get("added_members", [])))
+    if r.get("kind") == "reshape":
+        secs = float(r.get("seconds", 0) or 0)
+        click.echo(f"pool {pool!r} reshaped from {r['from']} onto {r['to']} members "
+                   f"({format_size(int(r.get('bytes', 0)))} moved in {secs:.1f} s); now "
+                   f"{format_size(int(r['size']))}; pool is {r.get('pool_state', 'clean')}")
+        return
     if r.get("level") == "raid1":
         secs = float(r.get("seconds", 0) or 0)
         click.echo(f"pool {pool!r}: mirror(s) {members} added and copied ({format_size(int(r.get('bytes', 0)))} "

@@ -52,7 +52,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from vstore.consistency.metadata import DATA_OFFSET, Superblock, write_superblock
+from vstore.consistency.metadata import DATA_OFFSET, Superblock, write_slot, write_superblock
 from vstore.errors import ConfigError, DegradedError, ExistsError, VstoreError
 from vstore.ops import move as ops_move
 from vstore.ops import rebuild
@@ -171,10 +171,18 @@ def _data_size(pool: PoolView, dev: BlockDevice) -> int:
 
 
 async def _label(pool: PoolView, dev: BlockDevice, index: int, n_members: int, data_size: int) -> str:
-    """Write a new member's superblock (new member UUID, this index); the UUID."""
+    """Write a new member's superblock (new member UUID, this index) and the current metadata; the UUID.
+
+    The metadata slot (this generation, as on the other members) makes the member
+    current should the commit that adds it be cut short: a crash after another
+    member got the new generation leaves it one generation behind, which the next
+    open accepts when that commit never finished (with no slot it would be stale).
+    """
     member_uuid = str(uuid.uuid4())
+    gen = int(pool.meta["generation"])
     sb = Superblock(pool.meta["pool_uuid"], member_uuid, index, n_members, pool.level,
-                    pool.meta["chunk"], DATA_OFFSET, data_size, int(pool.meta["generation"]))
+                    pool.meta["chunk"], DATA_OFFSET, data_size, gen)
+    await write_slot(dev, gen, pool.meta)
     await write_superblock(dev, sb)
     await dev.flush()
     return member_uuid
@@ -323,8 +331,8 @@ def _check_add(pool: PoolView, uris: list[str], size: int | None) -> None:
                           f"needs {format_size(need)}")
     if pool.level not in raid_grow.APPENDABLE:
         raise ConfigError(f"growing a {pool.level} pool onto more members needs a reshape, which vstore "
-                          "does not do yet (linear and raid1 pools take new members; any pool takes "
-                          "members that grew: --members-grew)")
+                          "does not do yet for this level (linear, raid1 and raid0 pools take new members; "
+                          "any pool takes members that grew: --members-grew)")
 
 
 async def add(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,

@@ -333,11 +333,14 @@ async def grow(pool: Pool, *, add: list[str] | None = None, members_grew: bool =
     if members_grew:
         with progress("zeroing the space members grew by") as cb:
             return await ops_grow.members_grew(pool, progress=cb)
+    from vstore.ops import reshape as ops_reshape
+
+    how: Any = ops_reshape if pool.level in ops_reshape.ONLINE_LEVELS else ops_grow  # restripe, or append
     if pool.lifecycle.resident:
-        got = await ops_grow.start_add(pool, list(add or []), size=size, force=force, speed=speed)
+        got = await how.start_add(pool, list(add or []), size=size, force=force, speed=speed)
         return got if isinstance(got, dict) else {"started": got.status()}
     with progress() as cb:
-        return await ops_grow.add(pool, list(add or []), size=size, force=force, speed=speed, progress=cb)
+        return await how.add(pool, list(add or []), size=size, force=force, speed=speed, progress=cb)
 
 
 @command("scrub", background=True, label="scrub")
