@@ -226,7 +226,7 @@ def _fio_ok(proc: subprocess.Popen) -> None:
 def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
     """linear and raid1 grown by one member in their mount while fio --verify runs; then members-grew."""
     home, d = tmp_path / "home", tmp_path
-    for level in ("linear", "raid1"):
+    for level in ("linear", "raid1", "raid0"):
         mp = d / f"mnt-{level}"
         mp.mkdir()
         pool = f"p{level}"
@@ -241,10 +241,11 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                 res = vstore(home, "grow", pool, "--add", f"file://{d}/{level}-new.img", "--size", "24M",
                              "--speed-max", "8M", "--background")
                 assert fio.poll() is None, "fio ended before the grow: nothing ran alongside"
-                if level == "raid1":  # the copy runs in the mount, fio still writing
+                if level != "linear":  # the copy (raid0: the reshape) runs in the mount, fio still writing
                     assert "started in the mount process" in res.stdout
                     st = _wait_pool(home, pool, lambda s: (s["operation"] or {}).get("state") == "done")
-                    assert st["operation"]["kind"] == "grow" and st["operation"]["added_members"] == [2]
+                    assert st["operation"]["kind"] == ("grow" if level == "raid1" else "reshape")
+                    assert st["operation"]["added_members"] == [2]
                 else:
                     assert "members 2 added" in res.stdout
                 st = json.loads(vstore(home, "status", pool, "--json").stdout)
@@ -270,7 +271,7 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                 vstore(home, "umount", str(mp), check=False)
             force_unmount(mp)
         st = status(home, pool)
-        assert st["state"] == "clean" and st["size"] >= 28 * MiB  # 20M at create
+        assert st["state"] == "clean" and st["size"] >= 28 * MiB  # 20M at create (raid0 40M)
         if level == "raid1":
             assert vstore(home, "scrub", pool).returncode == 0
 
@@ -326,3 +327,75 @@ def test_kill9_mount_while_a_new_mirror_is_copied_then_resume(tmp_path: Path) ->
     out = d / "out.raw"
     vstore(home, "export", "p", "v", str(out))
     assert out.read_bytes() == bytes(model)  # the new mirror alone holds every acknowledged write
+
+
+def test_grow_raid0_reshapes_onto_the_new_member(tmp_path: Path) -> None:
+    home, d = tmp_path / "home", tmp_path
+    vstore(home, "create", "p", "--level", "raid0", "--size", "10M", "--chunk", "16K",
+           f"file://{d}/a.img", f"file://{d}/b.img")
+    data = _data(14 * MiB, 7)
+    (d / "in.raw").write_bytes(data)
+    vstore(home, "import", "p", "v", str(d / "in.raw"))
+    size0 = status(home)["size"]
+    res = vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", "10M", "--json")
+    js = json.loads(res.stdout)
+    assert js["kind"] == "reshape" and (js["from"], js["to"]) == (2, 3) and js["bytes"] == 2 * 8 * MiB
+    st = status(home)
+    assert st["size"] == js["size"] > size0 and len(st["members"]) == 3 and st["operation"] is None
+    _roundtrip(home, d, data)
+    # Row 0 is the new geometry: chunk 2 (bytes 32K..48K of the volume's first extent) on the new member.
+    assert (d / "c.img").read_bytes()[DATA_OFFSET : DATA_OFFSET + 16384] == data[32768:49152]
+    vstore(home, "volume", "resize", "p", "v", "--size", f"{st['size'] // MiB}M")
+    res = vstore(home, "grow", "p", "--add", f"file://{d}/e.img", "--size", "10M")
+    assert "reshaped from 3 onto 4 members" in res.stdout
+    _roundtrip(home, d, data)
+
+
+@needs_fuse
+def test_kill9_mount_during_a_reshape_then_resume(tmp_path: Path) -> None:
+    """kill -9 the mount while a raid0 pool is reshaped under writes; the remount resumes and finishes it."""
+    home, d, mp = tmp_path / "home", tmp_path, tmp_path / "mnt"
+    mp.mkdir()
+    vstore(home, "create", "p", "--level", "raid0", "--size", "14M", "--chunk", "16K",
+           f"file://{d}/a.img", f"file://{d}/b.img")
+    vstore(home, "volume", "create", "p", "v", "--size", "20M")
+    rng = np.random.default_rng(10)
+    model = bytearray(rng.integers(0, 256, 20 * MiB, dtype=np.uint8).tobytes())
+    try:
+        assert vstore_process(home, "mount", "p", str(mp)).returncode == 0
+        fd = os.open(mp / "v", os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(model), 0)
+            os.fsync(fd)
+            vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", "14M", "--background",
+                   "--speed-max", "2M")
+            for _ in range(30):  # acknowledged while the data moves
+                n = int(rng.integers(1, 64 * 1024))
+                off = int(rng.integers(0, len(model) - n))
+                buf = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+                os.pwrite(fd, buf, off)
+                model[off : off + n] = buf
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        st = _wait(home, lambda s: (s["operation"] or {}).get("percent", 0) >= 30)
+        assert st["operation"]["kind"] == "reshape" and st["operation"]["state"] == "running"
+        _kill_mount(home, mp)
+
+        st = status(home)  # on record: the reshape at its last checkpoint
+        assert st["operation"]["kind"] == "reshape" and st["operation"]["state"] == "interrupted"
+        assert st["operation"]["cursor"] > 0 and len(st["members"]) == 3
+
+        assert vstore_process(home, "mount", "p", str(mp)).returncode == 0  # resumes by itself
+        st = _wait(home, lambda s: (s["operation"] or {}).get("state") == "done")
+        assert st["operation"]["resumed_at_chunk"] > 0, st["operation"]
+        assert st["state"] == "clean" and st["size"] >= 32 * MiB
+        assert (mp / "v").read_bytes() == bytes(model)
+        vstore(home, "umount", str(mp))
+    finally:
+        if (mp / ".vstore").exists():
+            vstore(home, "umount", str(mp), check=False)
+        force_unmount(mp)
+    out = d / "out.raw"
+    vstore(home, "export", "p", "v", str(out))
+    assert out.read_bytes() == bytes(model)
