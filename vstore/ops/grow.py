@@ -33,10 +33,11 @@ pool record come first (a crash then leaves an extra record entry that the pool
 metadata does not name, which the next open ignores), the commit makes the
 growth real, and nothing is written into new space before the layout covers it.
 
-Reshaping raid0/raid5/raid6/raid10 onto more members (md's ``--grow
---raid-devices``) is refused with one line: its design and its crash-safe step
-order (a backup of the critical section, then md's reshape_safe checkpoints),
-proved on a model, are in ``vstore.raid.reshape``; the online part is not built.
+A raid0 pool takes new members by a reshape (``vstore.ops.reshape``, md's
+``--grow --raid-devices``); raid5/raid6/raid10 are refused with one line: the
+crash-safe order of their reshape (a backup of the critical section, then md's
+reshape_safe checkpoints) is proved on a model in ``vstore.raid.reshape``, but
+serving their parity rows from two geometries is not built.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ geometry, which rows form the *critical section*, and the order of steps,
 backups and metadata checkpoints that keeps every logical chunk recoverable
 after a crash at any point. ``simulate`` runs the plan over a model of the
 members and cuts the power anywhere (``tests/test_reshape_plan.py`` does, for
-every cut). The online reshape that drives it over a live pool (the
-``ReshapeLayout`` sketched below) is not built yet.
+every cut). The online reshape that drives it over a live pool is built for
+raid0 (``vstore.raid.reshape_layout``, ``vstore.ops.reshape``); the parity
+levels and raid10 still need the per-geometry resync described below.
 
 The hazard
 ----------
@@ -66,12 +67,13 @@ md blocks such writes until its superblock is updated). After a crash the
 write-intent bitmap's dirty rows are resynced in the geometry that owns the row
 on record: below the committed new rows by the new, at or above the first old row
 holding a chunk at the cursor by the old, and rows between are skipped (the redo
-rewrites them). When the last row is copied, the rows above the data (old data
-under a new parity) are zeroed as ``--members-grew`` zeroes grown rows, the
-layout becomes the new one, and one commit records the members, the level's new
-geometry and the larger ``n_extents``. A member failing mid-reshape is tolerated
-as each layout tolerates it (both share the failed set); a rebuild, move or scrub
-waits until the reshape ends.
+rewrites them). When the last row is copied, the rows above the data (for the
+parity levels: old data under a new parity) are zeroed as ``--members-grew``
+zeroes grown rows, the layout serves the new geometry whole, and one commit drops
+``meta["reshape"]`` and records the larger ``n_extents`` (the member table, with
+the new members, was recorded when the reshape started). A member failing
+mid-reshape is tolerated as each layout tolerates it (both share the failed
+set); a rebuild, move or scrub is refused until the reshape ends.
 """
 
 from __future__ import annotations
