@@ -221,3 +221,53 @@ async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
         assert phases["before"] and phases["backup"] and phases["copying"] and phases["done"], phases
     finally:
         rec.forget()
+
+
+async def test_a_write_past_the_recorded_cursor_survives_a_crash(tmp_path: Path) -> None:
+    """A write the new geometry took beyond the cursor on record: its flush puts the cursor on record."""
+    from vstore.ops import reshape
+
+    rec = CrashRecorder(f"reshapew{next(_counter)}")
+    try:
+        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(2)]
+        new = rec.add_memory("new", 8 * MiB)
+        home = Home(tmp_path / "home")
+        pool = await Pool.create(home, "p", "raid0", uris, chunk=CHUNK)
+        await pool.create_volume("v", 12 * MiB)  # the pool's first extents: volume offset = pool offset
+        old = np.random.default_rng(8).integers(0, 256, 12 * MiB, dtype=np.uint8)
+        await pool.get_volume("v").write(0, old)
+        await pool.flush()
+        await rec.start()
+        seen: dict[str, int] = {}
+        data = np.random.default_rng(9).integers(0, 256, 4096, dtype=np.uint8)
+
+        async def writer() -> None:
+            while True:
+                layout = pool.layout
+                if getattr(layout, "done", 0) - getattr(layout, "committed", 0) >= 4 and layout.committed >= 16:
+                    break
+                await trio.sleep(0.001)
+            seen["committed"], seen["done"] = layout.committed, layout.done
+            seen["offset"] = (layout.committed + 1) * CHUNK  # in the new geometry, not on record
+            await pool.get_volume("v").write(seen["offset"], data)
+            await pool.flush()
+            seen["cut"] = len(rec.events)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await reshape.add(pool, [new], speed={"max": 4 * MiB})
+        assert seen["done"] > seen["committed"]
+        abandon(pool)
+        await rec.crash(rec.materialize(seen["cut"], "drop"))  # only what the flush made durable
+        pool = await reopen_after_crash(home, "p")
+        try:
+            assert pool.meta["reshape"]["cursor"] * CHUNK > seen["offset"]
+            got = np.asarray(await pool.get_volume("v").read(seen["offset"], 4096))
+            assert np.array_equal(got, data), "a flushed write past the recorded cursor was lost"
+            await reshape.resume(pool)
+            got = np.asarray(await pool.get_volume("v").read(seen["offset"], 4096))
+            assert np.array_equal(got, data)
+        finally:
+            await pool.aclose()
+    finally:
+        rec.forget()
