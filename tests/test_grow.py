@@ -261,7 +261,10 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                         os.truncate(d / (f"{level}{i}.img" if i < n else f"{level}-new.img"), 32 * MiB)
                     res = vstore(home, "grow", pool, "--members-grew")
                     assert "members 0, 1, 2 grew" in res.stdout
-                    vstore(home, "volume", "resize", pool, "v", "--size", "24M")
+                    # Into the space the members grew by (raid0: past what the reshape gave).
+                    grown = json.loads(vstore(home, "status", pool, "--json").stdout)["size"]
+                    vstore(home, "volume", "resize", pool, "v", "--size", f"{grown // MiB}M")
+                    assert os.path.getsize(mp / "v") == grown
             finally:
                 _fio_ok(fio)
             _fio_ok(_fio(mp / "v", 16, 11, verify_only=True))  # what the last pass wrote is all there

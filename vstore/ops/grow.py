@@ -89,6 +89,9 @@ def _guard(pool: PoolView) -> None:
         raise DegradedError(f"pool {pool.name!r} has members {bad} not active: replace them (or let "
                             "their rebuild finish) before growing the pool")
     pool.lifecycle.check_idle()
+    if pool.meta.get("reshape"):
+        raise ConfigError(f"pool {pool.name!r} is being reshaped: let it finish first (vstore resume "
+                          "resumes an interrupted one)")
     if rebuild.interrupted(pool) is not None or ops_move.interrupted(pool) is not None:
         raise ConfigError(f"pool {pool.name!r} has an interrupted operation: resume it first "
                           "(vstore resume)")

@@ -109,6 +109,8 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
             added.append(ops_grow._new_member(pool, n0 + k, member_uuid, paths, "active", data_size,
                                               dev, data_dev))
         devs = [m.data_dev for m in pool.members] + [m.data_dev for m in added]
+        if isinstance(layout, ReshapeLayout) and layout.finished:
+            layout = layout.new  # a reshape finished in this process: its geometry is the old one now
         reshaping = ReshapeLayout(devs, C, level=pool.level, n_old=n0, committed=0, old=layout,
                                   on_member_failed=layout.on_member_failed)
     except BaseException:
@@ -154,42 +156,40 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
         await pool.commit()
         layout.checkpointed(cursor)
 
+    # Stays after a stop too: a later write past the recorded cursor must still put it on record.
     layout.on_checkpoint = checkpoint
-    try:
-        if int(pool.meta["reshape"]["cursor"]) == 0 and rc:
-            await _critical_section(pool, layout, old, new, rc, B, checkpoint)
-        r = new.rows_for(int(pool.meta["reshape"]["cursor"]))
-        batch_rows = max(1, BATCH_BYTES // (new.k * C))
-        since, last = 0, time.monotonic()
-        while r < data_rows:
-            if plan.needs_commit(old, r, layout.committed):
-                await checkpoint(layout.done)
-                since, last = 0, time.monotonic()
-            r1 = r + 1
-            while r1 < min(r + batch_rows, data_rows) and not plan.needs_commit(old, r1, layout.committed):
-                r1 += 1
-            c0, c1 = new.chunks_below(r), min(new.chunks_below(r1), total)
-            await limiter.pace((c1 - c0) * C)
-            async with layout.locked(range(c0, c1)):
-                data = await layout.old.read(c0 * C, (c1 - c0) * C)
-                await layout.new.write(c0 * C, data)
-                layout.advance(c1)
-            op.progress(c1 * C, total * C)
-            op.cursor = c1
-            since += (c1 - c0) * C
-            if since >= CHECKPOINT_BYTES or time.monotonic() - last > CHECKPOINT_SECONDS:
-                await checkpoint(layout.done)
-                since, last = 0, time.monotonic()
-            r = r1
-        await checkpoint(total)
-        # Done: the pool is its new geometry; one commit records the larger size.
-        layout.finish()
-        pool.data_dev.size = layout.size
-        pool.meta.pop("reshape", None)
-        pool.meta["n_extents"] = layout.size // pool.extent_size
-        await pool.commit()
-    finally:
-        layout.on_checkpoint = None
+    if int(pool.meta["reshape"]["cursor"]) == 0 and rc:
+        await _critical_section(pool, layout, old, new, rc, B, checkpoint)
+    r = new.rows_for(int(pool.meta["reshape"]["cursor"]))
+    batch_rows = max(1, BATCH_BYTES // (new.k * C))
+    since, last = 0, time.monotonic()
+    while r < data_rows:
+        if plan.needs_commit(old, r, layout.committed):
+            await checkpoint(layout.done)
+            since, last = 0, time.monotonic()
+        r1 = r + 1
+        while r1 < min(r + batch_rows, data_rows) and not plan.needs_commit(old, r1, layout.committed):
+            r1 += 1
+        c0, c1 = new.chunks_below(r), min(new.chunks_below(r1), total)
+        await limiter.pace((c1 - c0) * C)
+        async with layout.locked(range(c0, c1)):
+            data = await layout.old.read(c0 * C, (c1 - c0) * C)
+            await layout.new.write(c0 * C, data)
+            layout.advance(c1)
+        op.progress(c1 * C, total * C)
+        op.cursor = c1
+        since += (c1 - c0) * C
+        if since >= CHECKPOINT_BYTES or time.monotonic() - last > CHECKPOINT_SECONDS:
+            await checkpoint(layout.done)
+            since, last = 0, time.monotonic()
+        r = r1
+    await checkpoint(total)
+    # Done: the pool is its new geometry; one commit records the larger size.
+    layout.finish()
+    pool.data_dev.size = layout.size
+    pool.meta.pop("reshape", None)
+    pool.meta["n_extents"] = layout.size // pool.extent_size
+    await pool.commit()
     seconds = time.monotonic() - t0
     nbytes = (total - start_cursor) * C
     log.info("pool %s: reshaped onto %d members (%s in %.1f s)", pool.name, new.n, format_size(nbytes), seconds)

@@ -89,6 +89,14 @@ def rows_size(level: str, n: int, rows: int, chunk: int) -> int:
 
 def set_rows(layout: RaidLayout, rows: int) -> None:
     """Give a striped or raid1 layout more rows (its members' windows already hold them)."""
+    from vstore.raid.reshape_layout import ReshapeLayout
+
+    if isinstance(layout, ReshapeLayout):  # a reshape finished in this process: its new geometry serves
+        if not layout.finished:
+            raise ConfigError("a layout being reshaped does not take more rows")
+        set_rows(layout.new, rows)
+        layout.rows, layout.size = layout.new.rows, layout.new.size
+        return
     if layout.rows is None:
         raise ConfigError(f"a {layout.level} layout has no rows")
     if rows < layout.rows:
