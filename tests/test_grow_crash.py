@@ -271,3 +271,40 @@ async def test_a_write_past_the_recorded_cursor_survives_a_crash(tmp_path: Path)
             await pool.aclose()
     finally:
         rec.forget()
+
+
+async def test_a_stopped_reshape_serves_both_geometries_and_resumes(tmp_path: Path) -> None:
+    """`vstore stop` mid-reshape: the pool serves every byte from the geometry on record, then resumes."""
+    from vstore.ops import reshape
+
+    home = Home(tmp_path / "home")
+    tag = next(_counter)
+    uris = [f"memory://stop{tag}-{i}?size={8 * MiB}" for i in range(3)]
+    pool = await Pool.create(home, "p", "raid0", uris[:2], chunk=CHUNK)
+    try:
+        await pool.create_volume("v", 12 * MiB)
+        model = np.random.default_rng(11).integers(0, 256, 12 * MiB, dtype=np.uint8)
+        vol = pool.get_volume("v")
+        await vol.write(0, model)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.lifecycle.run_background)
+            pool.lifecycle.resident = True
+            await reshape.start_add(pool, [uris[2]], speed={"max": 4 * MiB})
+            while pool.layout.done < pool.layout.total // 3:
+                await trio.sleep(0.01)
+            assert await pool.lifecycle.stop()
+            assert pool.lifecycle.current is None and pool.meta["reshape"]["cursor"] > 0
+            # Writes on both sides of the cursor, and one past the recorded cursor, then a flush.
+            for off in (0, pool.layout.done * CHUNK - 4096, pool.layout.committed * CHUNK, 10 * MiB):
+                data = np.random.default_rng(off).integers(0, 256, 8192, dtype=np.uint8)
+                await vol.write(off, data)
+                model[off : off + 8192] = data
+            await pool.flush()
+            assert pool.meta["reshape"]["cursor"] >= pool.layout.done  # the flush put it on record
+            assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
+            res = await reshape.resume(pool)
+            assert res["resumed"] and "reshape" not in pool.meta
+            nursery.cancel_scope.cancel()
+        assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
+    finally:
+        await pool.aclose()
