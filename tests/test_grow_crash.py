@@ -170,16 +170,24 @@ async def test_power_cut_anywhere_while_a_mirror_is_added(tmp_path: Path, journa
         rec.forget()
 
 
-async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
-    """raid0 2 -> 3 members, online: the backup of the critical rows, the cursor's checkpoints, the finish."""
-    from vstore.ops import reshape
+RESHAPES = [("raid0", 2, False), ("raid5", 3, False), ("raid5", 3, True), ("raid6", 4, False)]
 
-    rec = CrashRecorder(f"reshape0{next(_counter)}")
+
+@pytest.mark.parametrize(("level", "n", "journal"), RESHAPES,
+                         ids=["raid0", "raid5-bitmap", "raid5-journal", "raid6-bitmap"])
+async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: int, journal: bool) -> None:
+    """n -> n+1 members, online: the backup of the critical rows, the cursor's checkpoints, the finish."""
+    from vstore.ops import reshape
+    from vstore.raid.reshape_layout import ReshapeLayout
+    from vstore.testing import verify_parity
+
+    rec = CrashRecorder(f"reshape{level}{next(_counter)}")
     try:
-        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(2)]
+        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(n)]
         new = rec.add_memory("new", 8 * MiB)
+        jr = rec.add_memory("j", 2 * MiB) if journal else None
         home = Home(tmp_path / "home")
-        pool = await Pool.create(home, "p", "raid0", uris, chunk=CHUNK)
+        pool = await Pool.create(home, "p", level, uris, chunk=CHUNK, journal=jr)
         await pool.create_volume("v", 12 * MiB)
         old = np.random.default_rng(5).integers(0, 256, 12 * MiB, dtype=np.uint8)
         await pool.get_volume("v").write(0, old)
@@ -190,7 +198,7 @@ async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run, 40, 0.003)  # acknowledged writes while the data moves
             res = await reshape.add(pool, [new], speed={"max": 16 * MiB})
-        assert res["kind"] == "reshape" and res["to"] == 3 and pool.status()["size"] > size0
+        assert res["kind"] == "reshape" and res["to"] == n + 1 and pool.status()["size"] > size0
         events = list(rec.events)
         abandon(pool)
         written = {off for _, off, _ in writer.done}
@@ -204,7 +212,7 @@ async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
             pool = await reopen_after_crash(home, "p")
             try:
                 r = pool.meta.get("reshape")
-                phases["before" if len(pool.members) == 2 else "backup" if r and r["backup"]
+                phases["before" if len(pool.members) == n else "backup" if r and r["backup"]
                        else "copying" if r else "done"] += 1
                 for attempt in ("reopened", "finished"):
                     vol = np.asarray(await pool.get_volume("v").read(0, 12 * MiB)).tobytes()
@@ -212,9 +220,14 @@ async def test_power_cut_anywhere_in_a_raid0_reshape(tmp_path: Path) -> None:
                         f"cut {cut} ({attempt}): a block nobody wrote changed"
                     await _check_acknowledged(pool, "v", writer.done, cut)
                     if attempt == "reopened" and r:
+                        await pool.consistency.wait_resynced()
                         got = await reshape.resume(pool)
-                        assert got["kind"] == "reshape" and got["to"] == 3
+                        assert got["kind"] == "reshape" and got["to"] == n + 1
                         assert "reshape" not in pool.meta and pool.status()["size"] > size0
+                if level != "raid0" and len(pool.members) == n + 1:
+                    await pool.consistency.wait_resynced()
+                    lay = pool.layout.new if isinstance(pool.layout, ReshapeLayout) else pool.layout
+                    assert await verify_parity(lay) == [], f"cut {cut}: parity wrong after the reshape"
             finally:
                 await pool.aclose()
         # Cuts fell before the reshape, in its critical section, during the copy and after it.

@@ -1,4 +1,4 @@
-"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0 so far.
+"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0, raid5, raid6.
 
 ``start`` joins the new members (superblocks, pool record, as ``vstore.ops.grow``
 does), puts a ``ReshapeLayout`` (``vstore.raid.reshape_layout``) in the pool's
@@ -11,12 +11,16 @@ geometry the cursor says. ``run`` then copies, in the order that
    top of every new member (``meta["reshape"]["backup"]``, with their CRC32C) and
    put on record before new row 0 is written; the whole critical section holds
    its chunks' locks;
-2. then row batches, each under the locks of the chunks it moves: a batch
+2. then row batches of whole new rows (parity computed from the data alone; the
+   last one padded with zeros), each under the locks of the rows it reads and
+   writes in both geometries: a batch
    overwrites old rows only once the committed cursor covers their chunks
    (otherwise the members are flushed and the cursor committed first), and the
    cursor is also committed every few seconds or megabytes, paced like a rebuild;
-3. at the end, ``meta["reshape"]`` goes and the larger ``n_extents`` comes in one
-   commit (the extent size stays: volumes' extent numbers keep their meaning).
+3. at the end (raid5/raid6: once the rows above the data, old rows under no
+   parity, are written as zero rows), ``meta["reshape"]`` goes and the larger
+   ``n_extents`` comes in one commit (the extent size stays: volumes' extent
+   numbers keep their meaning).
 
 After a restart, a crash or ``kill -9``, the pool opens with the reshape layout
 at the committed cursor (or, with a backup on record, redoes the critical rows
@@ -86,6 +90,8 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
                           f"needs {format_size(DATA_OFFSET + need)}")
     n0 = len(pool.members)
     old, new = plan.Shape(pool.level, n0), plan.Shape(pool.level, n0 + len(uris))
+    ops_grow._check_journal_room(pool, new.n)
+    await pool.consistency.wait_resynced()  # the rows of an unclean shutdown: consistent first
     if not plan.backup_fits(old, new, layout.rows):
         raise ConfigError(f"pool {pool.name!r} is too small to reshape onto {new.n} members "
                           f"({layout.rows} rows of {format_size(C)}): the copy needs room for its backup")
@@ -158,6 +164,8 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
 
     # Stays after a stop too: a later write past the recorded cursor must still put it on record.
     layout.on_checkpoint = checkpoint
+    # Rows dirty at a crash are resynced (each by the geometry owning it) before the copy moves on.
+    await pool.consistency.wait_resynced()
     if int(pool.meta["reshape"]["cursor"]) == 0 and rc:
         await _critical_section(pool, layout, old, new, rc, B, checkpoint)
     r = new.rows_for(int(pool.meta["reshape"]["cursor"]))
@@ -172,9 +180,9 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             r1 += 1
         c0, c1 = new.chunks_below(r), min(new.chunks_below(r1), total)
         await limiter.pace((c1 - c0) * C)
-        async with layout.locked(range(c0, c1)):
-            data = await layout.old.read(c0 * C, (c1 - c0) * C)
-            await layout.new.write(c0 * C, data)
+        async with layout.locked(layout.row_keys(c0, c1)):
+            data = await _source(layout, c0, c1, new.chunks_below(r1))
+            await layout.new.write(c0 * C, data)  # whole rows: parity from the data alone
             layout.advance(c1)
         op.progress(c1 * C, total * C)
         op.cursor = c1
@@ -183,6 +191,8 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             await checkpoint(layout.done)
             since, last = 0, time.monotonic()
         r = r1
+    if new.n > new.k:  # parity: the rows above the data hold old rows under no parity: zeros
+        await _zero_rows(layout, data_rows, layout.rows)
     await checkpoint(total)
     # Done: the pool is its new geometry; one commit records the larger size.
     layout.finish()
@@ -199,6 +209,30 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             "size": pool.n_extents * pool.extent_size, "pool_state": pool.state}
 
 
+async def _source(layout: ReshapeLayout, c0: int, c1: int, row_end: int,
+                  head: np.ndarray | None = None) -> np.ndarray:
+    """Chunks [c0, c1) from the old geometry (``head`` first, if given), zeros up to row_end (a whole row)."""
+    C = layout.chunk
+    out = np.zeros((row_end - c0) * C, dtype=np.uint8)
+    at = c0
+    if head is not None:
+        out[: len(head)] = head
+        at = c0 + len(head) // C
+    if c1 > at:
+        out[(at - c0) * C : (c1 - c0) * C] = np.asarray(await layout.old.read(at * C, (c1 - at) * C))
+    return out
+
+
+async def _zero_rows(layout: ReshapeLayout, r0: int, r1: int) -> None:
+    """Write whole zero rows [r0, r1) of the new geometry (nobody addresses them yet)."""
+    row = int(layout.new.row_bytes or layout.chunk * layout.new.n)
+    step = max(1, (4 << 20) // row)
+    zeros = np.zeros(step * row, dtype=np.uint8)
+    for r in range(r0, r1, step):
+        n = min(step, r1 - r)
+        await layout.new.write(r * row, zeros[: n * row])
+
+
 async def _critical_section(pool: PoolView, layout: ReshapeLayout, old: plan.Shape, new: plan.Shape,
                             rc: int, B: int, checkpoint: Any) -> None:
     """Copy the critical rows: from a backup on the new members, put on record first."""
@@ -206,7 +240,7 @@ async def _critical_section(pool: PoolView, layout: ReshapeLayout, old: plan.Sha
     span = min(new.chunks_below(rc), layout.total)
     backup_at = (layout.rows - B) * C
     new_members = list(range(old.n, new.n))
-    async with layout.locked(range(0, span)):
+    async with layout.locked(layout.row_keys(0, new.chunks_below(rc))):
         rec = pool.meta["reshape"]
         if rec.get("backup") is None:
             backup = np.asarray(await layout.old.read(0, B * C))
@@ -218,8 +252,7 @@ async def _critical_section(pool: PoolView, layout: ReshapeLayout, old: plan.Sha
             await pool.commit()
         else:  # a crash in the critical section: the old rows below rc may be half overwritten
             backup = await _read_backup(pool, layout, new_members, rec["backup"])
-        rest = np.asarray(await layout.old.read(B * C, (span - B) * C)) if span > B else np.empty(0, np.uint8)
-        await layout.new.write(0, np.concatenate([backup, rest]))
+        await layout.new.write(0, await _source(layout, 0, span, new.chunks_below(rc), head=backup))
         layout.advance(span)
         await checkpoint(span, backup=None)
 

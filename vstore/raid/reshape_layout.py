@@ -4,17 +4,23 @@
 geometry) and the layout of all members (the new one). Logical chunks below
 ``done`` are served by the new geometry, the rest by the old; ``committed`` is
 the cursor on record in the pool metadata (``vstore.raid.reshape`` says why the
-two differ and what the copy may overwrite). Every request holds the logical
-chunks it touches (``locked``, keys = logical chunk indexes), so a copy step,
-which holds the chunks it moves, never interleaves with a request on them.
+two differ and what the copy may overwrite). Every request holds the member rows
+its chunks lie in, in both geometries (``row_keys``: the keys of the base
+``locked``, as a resync's), so a copy step, which holds the rows it reads and
+writes, never interleaves with a request on them, and a resync of a row excludes
+every request on it whatever geometry serves it.
 
 A write into ``[committed, done)`` lands in the new geometry, which a crash
 would forget (the copy restarts at ``committed`` and reads the old one), so the
 next ``flush`` puts the cursor on record (``on_checkpoint``) after the member
 flush: md blocks such writes until its superblock is updated.
 
-Only raid0 is reshaped so far (no parity to keep consistent across the two
-geometries, no write-intent bitmap); ``vstore.ops.reshape`` drives the copy.
+The journal or write-intent bitmap and a pending resync are shared with both
+inner layouts. After a crash a dirty row is resynced by the geometry that owns it
+on record (``resync_row``): the new one below the committed cursor, the old one
+where its chunks are still at or above it; the rows between (copied past the
+checkpoint) are skipped, as the resumed copy writes them again.
+``vstore.ops.reshape`` drives the copy.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from vstore.errors import ConfigError
 from vstore.raid.base import OnMemberFailed, RaidLayout
 from vstore.stack.device import BlockDevice
 
-ONLINE_LEVELS = ("raid0",)
+ONLINE_LEVELS = ("raid0", "raid5", "raid6")
 
 
 class ReshapeLayout(RaidLayout):
@@ -52,7 +58,11 @@ class ReshapeLayout(RaidLayout):
         for inner in (self.old, self.new):
             inner.failed = self.failed  # one failed set: a member failing fails it in both
             inner.on_member_failed = on_member_failed
+        self.journal, self.resync = self._journal, self._resync  # (set before the inner layouts were)
+        self.k_old = self.old.size // self.old.rows // chunk if self.old.rows else 1
+        self.k_new = self.new.size // self.new.rows // chunk if self.new.rows else 1
         self.rows = self.new.rows
+        self.row_bytes = self.new.row_bytes
         self.total = self.old.size // chunk  # logical chunks to move
         self.size = self.old.size  # grows when the reshape is finished
         self.committed = committed
@@ -61,11 +71,56 @@ class ReshapeLayout(RaidLayout):
         self.window_written = False  # a write landed in [committed, done): the next flush commits
         self.on_checkpoint: Callable[[int], Awaitable[Any]] | None = None  # commit this cursor
 
+    # --- shared with the inner layouts ---------------------------------------------------------
+
+    @property
+    def journal(self) -> Any:
+        """The journal or write-intent bitmap (both geometries' updates go through it)."""
+        return self._journal
+
+    @journal.setter
+    def journal(self, value: Any) -> None:
+        self._journal = value
+        for inner in (getattr(self, "old", None), getattr(self, "new", None)):
+            if inner is not None:
+                inner.journal = value
+
+    @property
+    def resync(self) -> Any:
+        """A pending resync (rows synced before anything trusts them), in either geometry."""
+        return self._resync
+
+    @resync.setter
+    def resync(self, value: Any) -> None:
+        self._resync = value
+        for inner in (getattr(self, "old", None), getattr(self, "new", None)):
+            if inner is not None:
+                inner.resync = value
+
     # --- where a logical range lives ----------------------------------------------------------
 
-    def chunk_keys(self, offset: int, length: int) -> range:
-        """The logical chunk indexes a range touches (the keys of ``locked``)."""
-        return range(offset // self.chunk, (offset + max(length, 1) - 1) // self.chunk + 1)
+    def row_keys(self, c0: int, c1: int) -> list[int]:
+        """The member rows holding logical chunks [c0, c1) in either geometry (the lock keys)."""
+        if c1 <= c0:
+            return []
+        rows = set(range(c0 // self.k_new, (c1 - 1) // self.k_new + 1))
+        rows |= set(range(c0 // self.k_old, (c1 - 1) // self.k_old + 1))
+        return sorted(rows)
+
+    def chunk_keys(self, offset: int, length: int) -> list[int]:
+        """The lock keys of a logical byte range: the member rows of its chunks, both geometries."""
+        return self.row_keys(offset // self.chunk, (offset + max(length, 1) - 1) // self.chunk + 1)
+
+    def resync_keys(self, row: int) -> list[int]:
+        """A resync of a member row holds that row (every request on its chunks holds it too)."""
+        return [row]
+
+    async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
+        """Resync member row ``row`` in the geometry that owns it on record (nothing between the two)."""
+        if self.finished or row < self.committed // self.k_new:
+            await self.new.resync_row(row, trusted)
+        elif (row + 1) * self.k_old > self.committed:  # an old row still holding chunks at or past it
+            await self.old.resync_row(row, trusted)
 
     def split(self, offset: int, length: int) -> list[tuple[RaidLayout, int, int, int]]:
         """(layout, offset, length, request offset) pieces of a logical range, by the cursor."""
