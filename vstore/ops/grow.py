@@ -33,11 +33,10 @@ pool record come first (a crash then leaves an extra record entry that the pool
 metadata does not name, which the next open ignores), the commit makes the
 growth real, and nothing is written into new space before the layout covers it.
 
-A raid0 pool takes new members by a reshape (``vstore.ops.reshape``, md's
-``--grow --raid-devices``); raid5/raid6/raid10 are refused with one line: the
-crash-safe order of their reshape (a backup of the critical section, then md's
-reshape_safe checkpoints) is proved on a model in ``vstore.raid.reshape``, but
-serving their parity rows from two geometries is not built.
+raid0, raid5 and raid6 pools take new members by a reshape
+(``vstore.ops.reshape``, md's ``--grow --raid-devices``); raid10 is refused with
+one line (the crash-safe order of its reshape is proved on a model in
+``vstore.raid.reshape``, but its per-chunk locks and resync are not adapted).
 """
 
 from __future__ import annotations
@@ -335,7 +334,7 @@ def _check_add(pool: PoolView, uris: list[str], size: int | None) -> None:
                           f"needs {format_size(need)}")
     if pool.level not in raid_grow.APPENDABLE:
         raise ConfigError(f"growing a {pool.level} pool onto more members needs a reshape, which vstore "
-                          "does not do yet for this level (linear, raid1 and raid0 pools take new members; "
+                          "does not do yet for this level (linear, raid1, raid0, raid5 and raid6 pools take new members; "
                           "any pool takes members that grew: --members-grew)")
 
 

@@ -7,8 +7,8 @@ backups and metadata checkpoints that keeps every logical chunk recoverable
 after a crash at any point. ``simulate`` runs the plan over a model of the
 members and cuts the power anywhere (``tests/test_reshape_plan.py`` does, for
 every cut). The online reshape that drives it over a live pool is built for
-raid0 (``vstore.raid.reshape_layout``, ``vstore.ops.reshape``); the parity
-levels and raid10 still need the per-geometry resync described below.
+raid0, raid5 and raid6 (``vstore.raid.reshape_layout``, ``vstore.ops.reshape``);
+raid10 (whose locks and resync are per chunk, not per row) is not yet.
 
 The hazard
 ----------
