@@ -11,10 +11,10 @@ which must also read the other members and compute. A scrub of the rebuilt pool
 (every allocated and zeroed stripe read and verified) is reported too, in pool
 bytes verified per second. Writes a table and ``bench/results/rebuild.json``.
 
-Next to them, the rate of a reshape (``vstore grow --add`` on a raid0 pool of two
-such members, onto a third; ``vstore.ops.reshape``): pool bytes moved into the
-new geometry per second, against the raid1 rebuild of a member of the same size
-in the same run.
+Next to them, the rate of a reshape (``vstore grow --add``, ``vstore.ops.reshape``)
+of a raid0 pool of two such members onto a third and of a raid5 pool of four
+onto a fifth: pool bytes moved into the new geometry per second, against the
+rebuild of a member of the same size in the same run.
 """
 
 from __future__ import annotations
@@ -129,13 +129,16 @@ async def one_case(level: str, n: int, member_size: int, d: Path) -> dict:
             "scrub_repair_seconds": round(scrub_s, 3), "repaired_on_first_scrub": sc["repaired"]}
 
 
-async def reshape_case(member_size: int, d: Path) -> dict:
-    """A raid0 pool of two filled members reshaped onto a third, speed unlimited."""
-    home = Home(d / "home-reshape")
-    uris = [f"file://{d}/reshape-{i}.img" for i in range(2)]
-    pool = await Pool.create(home, "bench", "raid0", uris, chunk=CHUNK, size=member_size)
+RESHAPES = [("raid0", 2), ("raid5", 4)]
+
+
+async def reshape_case(level: str, n: int, member_size: int, d: Path) -> dict:
+    """A pool of n filled members reshaped onto one more, speed unlimited."""
+    home = Home(d / f"home-reshape-{level}")
+    uris = [f"file://{d}/reshape-{i}.img" for i in range(n)]
+    pool = await Pool.create(home, "bench", level, uris, chunk=CHUNK, size=member_size)
     await pool.aclose()
-    for i in range(2):
+    for i in range(n):
         fill(d / f"reshape-{i}.img", member_size, 10 + i)
     pool = await Pool.open(home, "bench")
     try:
@@ -146,7 +149,7 @@ async def reshape_case(member_size: int, d: Path) -> dict:
         await pool.aclose()
     for p in d.glob("reshape-*.img"):
         p.unlink()
-    return {"level": "raid0", "from": 2, "to": 3, "member_bytes": member_size - DATA_OFFSET,
+    return {"level": level, "from": n, "to": n + 1, "member_bytes": member_size - DATA_OFFSET,
             "moved_bytes": res["bytes"], "seconds": round(seconds, 3), "gbs": res["bytes"] / seconds / 1e9}
 
 
@@ -169,13 +172,14 @@ def run(quick: bool) -> dict:
     member_size = (64 if quick else 256) * MiB
     d = scratch_dir()
     rows: list[dict] = []
-    reshaped: dict = {}
+    reshaped: list[dict] = []
 
     async def main() -> None:
         await warm_up(d)
         for level, n in CASES:
             rows.append(await one_case(level, n, member_size, d))
-        reshaped.update(await reshape_case(member_size, d))
+        for level, n in RESHAPES:
+            reshaped.append(await reshape_case(level, n, member_size, d))
 
     try:
         trio.run(main)
@@ -202,10 +206,11 @@ def show(res: dict) -> None:
         t.add_row(r["level"], str(r["members"]), f"{r['rebuild_gbs']:.3f}", f"{r['copy_gbs']:.3f}",
                   f"{r['ratio']:.2f}", f"{r['rebuild_seconds']:.2f}", f"{r['scrub_gbs']:.3f}")
     Console(width=max(Console().width, 100)).print(t)
-    r = res.get("reshape")
-    if r:
-        raid1 = next((x for x in res["rows"] if x["level"] == "raid1"), None)
-        versus = f"; raid1 rebuild of a member of the same size {raid1['rebuild_gbs']:.3f} GB/s" if raid1 else ""
+    for r in res.get("reshape") or []:
+        same = next((x for x in res["rows"] if x["level"] == ("raid1" if r["level"] == "raid0" else r["level"])),
+                    None)
+        versus = (f"; {same['level']} rebuild of a member of the same size {same['rebuild_gbs']:.3f} GB/s"
+                  if same else "")
         print(f"reshape {r['level']} {r['from']} -> {r['to']} members: {r['moved_bytes'] // MiB} MiB moved in "
               f"{r['seconds']:.2f} s, {r['gbs']:.3f} GB/s{versus}")
 
