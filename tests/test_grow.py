@@ -211,8 +211,8 @@ def _fio(path: Path, size_mib: int, seed: int, *, verify_only: bool = False) -> 
         ["fio", "--name=grow", f"--filename={path}", f"--size={size_mib}M", "--rw=randwrite", "--bs=16k",
          "--ioengine=psync", "--iodepth=1", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
          f"--randseed={seed}", "--output-format=terse",
-         *(["--verify_only"] if verify_only else ["--loops=4"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--verify_state_save=0", *(["--verify_only"] if verify_only else ["--loops=4"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=path.parent.parent)
 
 
 def _fio_ok(proc: subprocess.Popen) -> None:
