@@ -231,14 +231,14 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
         mp.mkdir()
         pool = f"p{level}"
         n = {"raid5": 3, "raid6": 4}.get(level, 2)
-        vstore(home, "create", pool, "--level", level, "--size", "24M", "--chunk", "16K",
+        vstore(home, "create", pool, "--level", level, "--size", "16M", "--chunk", "16K",
                *[f"file://{d}/{level}{i}.img" for i in range(n)])
-        vstore(home, "volume", "create", pool, "v", "--size", "16M")
+        vstore(home, "volume", "create", pool, "v", "--size", "12M")
         try:
             assert vstore_process(home, "mount", pool, str(mp)).returncode == 0
-            fio = _fio(mp / "v", 16, 11)
+            fio = _fio(mp / "v", 12, 11)
             try:
-                res = vstore(home, "grow", pool, "--add", f"file://{d}/{level}-new.img", "--size", "24M",
+                res = vstore(home, "grow", pool, "--add", f"file://{d}/{level}-new.img", "--size", "16M",
                              "--speed-max", "8M", "--background")
                 assert fio.poll() is None, "fio ended before the grow: nothing ran alongside"
                 if level != "linear":  # the copy (raid0: the reshape) runs in the mount, fio still writing
@@ -267,14 +267,14 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                     assert os.path.getsize(mp / "v") == grown
             finally:
                 _fio_ok(fio)
-            _fio_ok(_fio(mp / "v", 16, 11, verify_only=True))  # what the last pass wrote is all there
+            _fio_ok(_fio(mp / "v", 12, 11, verify_only=True))  # what the last pass wrote is all there
             vstore(home, "umount", str(mp))
         finally:
             if (mp / ".vstore").exists():
                 vstore(home, "umount", str(mp), check=False)
             force_unmount(mp)
         st = status(home, pool)
-        assert st["state"] == "clean" and st["size"] >= 28 * MiB  # 20M at create (raid0 40M)
+        assert st["state"] == "clean" and st["size"] >= 28 * MiB  # 12M at create (raid0 24M)
         if level not in ("linear", "raid0"):  # parity and copies agree everywhere, new rows too
             assert vstore(home, "scrub", pool).returncode == 0
 
