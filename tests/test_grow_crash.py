@@ -321,3 +321,36 @@ async def test_a_stopped_reshape_serves_both_geometries_and_resumes(tmp_path: Pa
         assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
     finally:
         await pool.aclose()
+
+
+async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path) -> None:
+    """raid5 3 -> 4: member 1 fails half way; the copy goes on degraded, every byte reads back."""
+    from vstore.ops import reshape
+
+    home = Home(tmp_path / "home")
+    tag = next(_counter)
+    uris = [f"memory://fail{tag}-{i}?size={8 * MiB}" for i in range(4)]
+    pool = await Pool.create(home, "p", "raid5", uris[:3], chunk=CHUNK)
+    try:
+        await pool.create_volume("v", 12 * MiB)
+        model = np.random.default_rng(12).integers(0, 256, 12 * MiB, dtype=np.uint8)
+        vol = pool.get_volume("v")
+        await vol.write(0, model)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.lifecycle.run_background)
+            pool.lifecycle.resident = True
+            await reshape.start_add(pool, [uris[3]], speed={"max": 8 * MiB})
+            while pool.layout.done < pool.layout.total // 2:
+                await trio.sleep(0.01)
+            await pool.fail_member(1)
+            data = np.random.default_rng(13).integers(0, 256, 65536, dtype=np.uint8)
+            await vol.write(3 * MiB, data)  # a write while degraded, on either side of the cursor
+            model[3 * MiB : 3 * MiB + 65536] = data
+            while pool.lifecycle.current is not None:
+                await trio.sleep(0.01)
+            assert pool.lifecycle.last["state"] == "done", pool.lifecycle.last
+            nursery.cancel_scope.cancel()
+        assert "reshape" not in pool.meta and pool.state == "degraded"
+        assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
+    finally:
+        await pool.aclose()
