@@ -175,7 +175,7 @@ def test_members_grew_linear_takes_the_last_member_only(tmp_path: Path) -> None:
 
 def test_members_grew_refuses_a_pool_with_block_checksums(tmp_path: Path) -> None:
     """Their area sits at the tail of each member's data window: growing in place would leave it inside."""
-    from vstore.ops.grow import members_grew
+    from vstore.ops.grow import add, members_grew
     from vstore.pool.home import Home
     from vstore.pool.pool import Pool
 
@@ -190,6 +190,9 @@ def test_members_grew_refuses_a_pool_with_block_checksums(tmp_path: Path) -> Non
             pool.meta["checksums"] = {"block": 4096}
             with pytest.raises(ConfigError, match="checksums"):
                 await members_grew(pool)
+            with pytest.raises(ConfigError, match="checksums"):  # nor a new mirror (its window's tail)
+                await add(pool, [f"file://{d}/c.img"], size=12 * MiB)
+            assert not (d / "c.img").exists()
             assert pool.members[0].data_size == 6 * MiB
         finally:
             pool.meta.pop("checksums")

@@ -323,8 +323,16 @@ def _guard_idle_ok(pool: PoolView) -> None:
         raise DegradedError(f"pool {pool.name!r} has members {bad} not active: the next mirror is not added")
 
 
+def refuse_checksums(pool: PoolView, what: str) -> None:
+    """ConfigError for a pool that keeps per-member block checksums (their area: the tail of each window)."""
+    if pool.meta.get("checksums"):
+        raise ConfigError(f"pool {pool.name!r} keeps block checksums at the tail of each member: {what} "
+                          "is not supported for it yet")
+
+
 def _check_add(pool: PoolView, uris: list[str], size: int | None) -> None:
     _guard(pool)
+    refuse_checksums(pool, "adding members")
     if not uris:
         raise ConfigError("give at least one member to add (--add URI)")
     _unique_uris(uris)
@@ -396,9 +404,7 @@ async def _zero_tail(m: MemberView, start: int, end: int) -> None:
 async def members_grew(pool: PoolView, *, progress: Progress | None = None) -> dict[str, Any]:
     """Give the pool the space its members' devices grew by (as mdadm --grow --size=max)."""
     _guard(pool)
-    if pool.meta.get("checksums"):
-        raise ConfigError(f"pool {pool.name!r} keeps block checksums at the tail of each member: growing "
-                          "its members in place is not supported (add members instead)")
+    refuse_checksums(pool, "growing its members in place")
     await pool.consistency.wait_resynced()
     layout = pool.layout
     C = int(pool.meta["chunk"])

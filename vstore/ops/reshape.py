@@ -79,6 +79,7 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
                           f"does online for {', '.join(ONLINE_LEVELS)} only so far (any pool takes members "
                           "that grew: --members-grew)")
     ops_grow._guard(pool)
+    ops_grow.refuse_checksums(pool, "a reshape")
     if not uris:
         raise ConfigError("give at least one member to add (--add URI)")
     ops_grow._unique_uris(uris)
