@@ -10,6 +10,11 @@ reads and writes, four in flight, then fdatasync) — the ceiling of any rebuild
 which must also read the other members and compute. A scrub of the rebuilt pool
 (every allocated and zeroed stripe read and verified) is reported too, in pool
 bytes verified per second. Writes a table and ``bench/results/rebuild.json``.
+
+Next to them, the rate of a reshape (``vstore grow --add``, ``vstore.ops.reshape``)
+of a raid0 pool of two such members onto a third and of a raid5 pool of four
+onto a fifth: pool bytes moved into the new geometry per second, against the
+rebuild of a member of the same size in the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import trio
 
 from vstore.consistency.metadata import DATA_OFFSET
+from vstore.ops import reshape
 from vstore.ops.rebuild import replace
 from vstore.ops.scrub import run_scrub
 from vstore.pool.home import Home
@@ -123,6 +129,30 @@ async def one_case(level: str, n: int, member_size: int, d: Path) -> dict:
             "scrub_repair_seconds": round(scrub_s, 3), "repaired_on_first_scrub": sc["repaired"]}
 
 
+RESHAPES = [("raid0", 2), ("raid5", 4)]
+
+
+async def reshape_case(level: str, n: int, member_size: int, d: Path) -> dict:
+    """A pool of n filled members reshaped onto one more, speed unlimited."""
+    home = Home(d / f"home-reshape-{level}")
+    uris = [f"file://{d}/reshape-{i}.img" for i in range(n)]
+    pool = await Pool.create(home, "bench", level, uris, chunk=CHUNK, size=member_size)
+    await pool.aclose()
+    for i in range(n):
+        fill(d / f"reshape-{i}.img", member_size, 10 + i)
+    pool = await Pool.open(home, "bench")
+    try:
+        t0 = time.perf_counter()
+        res = await reshape.add(pool, [f"file://{d}/reshape-new.img"], size=member_size, speed=UNLIMITED)
+        seconds = time.perf_counter() - t0
+    finally:
+        await pool.aclose()
+    for p in d.glob("reshape-*.img"):
+        p.unlink()
+    return {"level": level, "from": n, "to": n + 1, "member_bytes": member_size - DATA_OFFSET,
+            "moved_bytes": res["bytes"], "seconds": round(seconds, 3), "gbs": res["bytes"] / seconds / 1e9}
+
+
 async def warm_up(d: Path) -> None:
     """One small rebuild and scrub per level first, so no figure includes loading the kernels."""
     for level, n in CASES:
@@ -142,11 +172,14 @@ def run(quick: bool) -> dict:
     member_size = (64 if quick else 256) * MiB
     d = scratch_dir()
     rows: list[dict] = []
+    reshaped: list[dict] = []
 
     async def main() -> None:
         await warm_up(d)
         for level, n in CASES:
             rows.append(await one_case(level, n, member_size, d))
+        for level, n in RESHAPES:
+            reshaped.append(await reshape_case(level, n, member_size, d))
 
     try:
         trio.run(main)
@@ -154,7 +187,7 @@ def run(quick: bool) -> dict:
         shutil.rmtree(d, ignore_errors=True)
     out = {"bench": "rebuild", "quick": quick, "member_size": member_size, "chunk": CHUNK,
            "baseline": "plain copy of one member of the same size through the same file backend",
-           "rows": rows}
+           "rows": rows, "reshape": reshaped}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "rebuild.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -173,6 +206,13 @@ def show(res: dict) -> None:
         t.add_row(r["level"], str(r["members"]), f"{r['rebuild_gbs']:.3f}", f"{r['copy_gbs']:.3f}",
                   f"{r['ratio']:.2f}", f"{r['rebuild_seconds']:.2f}", f"{r['scrub_gbs']:.3f}")
     Console(width=max(Console().width, 100)).print(t)
+    for r in res.get("reshape") or []:
+        same = next((x for x in res["rows"] if x["level"] == ("raid1" if r["level"] == "raid0" else r["level"])),
+                    None)
+        versus = (f"; {same['level']} rebuild of a member of the same size {same['rebuild_gbs']:.3f} GB/s"
+                  if same else "")
+        print(f"reshape {r['level']} {r['from']} -> {r['to']} members: {r['moved_bytes'] // MiB} MiB moved in "
+              f"{r['seconds']:.2f} s, {r['gbs']:.3f} GB/s{versus}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,8 +65,9 @@ def test_every_pool_command_is_registered_once() -> None:
         "status", "fail", "path_fail", "path_reinstate", "volume_list", "volume_create",
         "volume_resize", "volume_remove", "volume_rename", "operation", "operation_stop",
         "replace", "move", "resume", "scrub", "spare_add", "spare_remove",
-        "journal_attach", "journal_detach", "journal_status"}
-    assert {n for n, c in POOL_COMMANDS.items() if c.background} == {"replace", "move", "resume", "scrub"}
+        "journal_attach", "journal_detach", "journal_status", "grow"}
+    assert {n for n, c in POOL_COMMANDS.items() if c.background} == {"replace", "move", "resume", "scrub",
+                                                                     "grow"}
     assert {n for n, c in POOL_COMMANDS.items() if not c.writable} == {"status", "volume_list", "operation",
                                                                         "journal_status"}
     assert {n for n, c in POOL_COMMANDS.items() if c.guards_open_volume} == {"volume_remove", "volume_rename"}

@@ -19,6 +19,7 @@ from vstore.cli import (
     bench,
     boot,
     discover,
+    grow,
     journal,
     lifecycle,
     mount,
@@ -51,7 +52,7 @@ def cli(ctx: click.Context, home: str | None, verbose: bool, takeover: bool) -> 
 
 
 for _command in (*pools.COMMANDS, volume.volume, discover.discover, mount.mount, mount.umount,
-                 transfer.import_cmd, transfer.export_cmd, path.path, *lifecycle.COMMANDS,
+                 transfer.import_cmd, transfer.export_cmd, path.path, *lifecycle.COMMANDS, grow.grow,
                  journal.journal, torture.torture, bench.bench, boot.install_helpers):
     cli.add_command(_command)
 

@@ -93,7 +93,7 @@ def _operation(op: dict[str, Any]) -> str:
         if op.get("eta_seconds") is not None:
             line += f", {op['eta_seconds']} s left"
     if op.get("state") == "interrupted" and op.get("cursor") is not None:
-        unit = "region" if op.get("kind") == "move" else "row"
+        unit = {"move": "region", "reshape": "chunk"}.get(op.get("kind", ""), "row")
         line += f" at {unit} {op['cursor']} (a mount resumes it; or `vstore resume`)"
         if op.get("regions_to_recopy"):
             line += f", {op['regions_to_recopy']} region(s) to copy again"

@@ -39,7 +39,7 @@ import trio
 
 from vstore.consistency.metadata import BITMAP_OFFSET, BITMAP_SIZE
 from vstore.crc import crc32c
-from vstore.errors import MemberIOError
+from vstore.errors import ConfigError, MemberIOError
 from vstore.io.aio import run_all
 from vstore.stack.device import BlockDevice
 
@@ -157,6 +157,19 @@ class WriteIntentBitmap:
         self.pinned = set(keep)
         image = pack_header(self.pool_uuid, self.region, self.nbits) + self.bits.tobytes()
         await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, image), flush=True)
+
+    async def grow(self, data_size: int) -> None:
+        """Cover a larger member data area (a pool that grew): more bits, the header rewritten durably."""
+        nbits = -(-data_size // self.region)
+        if nbits > CAPACITY_BITS:
+            raise ConfigError(f"the write-intent bitmap holds {CAPACITY_BITS} regions of {self.region} "
+                              f"bytes: a member data area of {data_size} bytes needs {nbits}")
+        if nbits <= self.nbits:
+            return
+        async with self._lock:
+            self.nbits = nbits
+            header = pack_header(self.pool_uuid, self.region, self.nbits)
+            await self._on_members(lambda dev: dev.write(BITMAP_OFFSET, header), flush=True)
 
     async def mark(self, regions: Iterable[int]) -> None:
         """Set and pin these regions' bits on the members, durably (a resync is about to start)."""

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from vstore.errors import ConfigError, NotFoundError, PoolBusyError, VstoreError
-from vstore.ops import move, rebuild
+from vstore.ops import move, rebuild, reshape
 from vstore.ops.toolkit import Operation, PoolView, Progress
 
 log = logging.getLogger("vstore.ops.lifecycle")
@@ -53,6 +53,9 @@ class Lifecycle:
 
     def _claim(self, kind: str, total: int, **detail: Any) -> Operation:
         self.check_idle()
+        if self.pool.meta.get("reshape") and kind != "reshape":
+            raise ConfigError(f"pool {self.pool.name!r} is being reshaped: let it finish first "
+                              "(vstore resume resumes an interrupted one)")
         op = Operation(kind, total, **detail)
         self.current = op
         return op
@@ -144,7 +147,9 @@ class Lifecycle:
 
     def _resume_in_background(self) -> None:
         try:
-            if rebuild.interrupted(self.pool) is not None:
+            if reshape.interrupted(self.pool) is not None:
+                reshape.start_resume(self.pool)
+            elif rebuild.interrupted(self.pool) is not None:
                 rebuild.start_resume(self.pool)
             elif self.pending_spares or rebuild.failed_members(self.pool):
                 rebuild.start_spare_takeover(self.pool)  # (gives up an interrupted move first)
@@ -159,13 +164,15 @@ class Lifecycle:
 
     def interrupted(self) -> dict[str, Any] | None:
         """The recorded rebuild or move that no task runs now (what `vstore resume` resumes), or None."""
-        return rebuild.interrupted(self.pool) or move.interrupted(self.pool)
+        return rebuild.interrupted(self.pool) or move.interrupted(self.pool) or reshape.interrupted(self.pool)
 
     async def resume(self, speed: dict[str, Any] | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:
         """Resume the interrupted rebuild or move in this task."""
         if self.interrupted() is None:
             raise NotFoundError(f"pool {self.pool.name!r} has no interrupted rebuild or move")
+        if reshape.interrupted(self.pool) is not None:
+            return await reshape.resume(self.pool, speed=speed, progress=progress)
         if move.interrupted(self.pool) is not None and rebuild.interrupted(self.pool) is None:
             return await move.resume(self.pool, speed=speed, progress=progress)
         return await rebuild.resume(self.pool, speed=speed, progress=progress)
@@ -174,6 +181,8 @@ class Lifecycle:
         """Resume the interrupted rebuild or move in the background."""
         if self.interrupted() is None:
             raise NotFoundError(f"pool {self.pool.name!r} has no interrupted rebuild or move")
+        if reshape.interrupted(self.pool) is not None:
+            return reshape.start_resume(self.pool, speed=speed)
         if move.interrupted(self.pool) is not None and rebuild.interrupted(self.pool) is None:
             return move.start_resume(self.pool, speed=speed)
         return rebuild.start_resume(self.pool, speed=speed)

@@ -321,6 +321,28 @@ async def resume(pool: Pool, *, speed: dict[str, int] | None = None,
         return await pool.lifecycle.resume(speed, cb)
 
 
+@command("grow", background=True, label="grow")
+async def grow(pool: Pool, *, add: list[str] | None = None, members_grew: bool = False,
+               size: int | None = None, force: bool = False, speed: dict[str, int] | None = None,
+               progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Add members (linear: space at once; raid1: a copy rebuilt), or take the space members grew by."""
+    from vstore.ops import grow as ops_grow
+
+    if members_grew == bool(add):
+        raise ConfigError("say what grows: --add URI... (new members) or --members-grew")
+    if members_grew:
+        with progress("zeroing the space members grew by") as cb:
+            return await ops_grow.members_grew(pool, progress=cb)
+    from vstore.ops import reshape as ops_reshape
+
+    how: Any = ops_reshape if pool.level in ops_reshape.ONLINE_LEVELS else ops_grow  # restripe, or append
+    if pool.lifecycle.resident:
+        got = await how.start_add(pool, list(add or []), size=size, force=force, speed=speed)
+        return got if isinstance(got, dict) else {"started": got.status()}
+    with progress() as cb:
+        return await how.add(pool, list(add or []), size=size, force=force, speed=speed, progress=cb)
+
+
 @command("scrub", background=True, label="scrub")
 async def scrub(pool: Pool, *, repair: bool = False, restart: bool = False,
                 speed: dict[str, int] | None = None,

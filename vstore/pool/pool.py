@@ -493,6 +493,13 @@ class Pool:
         self.layout = make_layout(self.level, devs, self.meta["chunk"], failed=failed,
                                   on_member_failed=self.on_member_failed,
                                   rebuilding={m.index for m in self.members if m.state == "rebuilding"})
+        if self.meta.get("reshape"):  # a reshape under way (vstore.ops.reshape): two geometries by its cursor
+            from vstore.raid.reshape_layout import ReshapeLayout
+
+            rec = self.meta["reshape"]
+            self.layout = ReshapeLayout(devs, self.meta["chunk"], level=self.level, n_old=int(rec["from"]),
+                                        committed=int(rec["cursor"]), failed=failed,
+                                        on_member_failed=self.on_member_failed)
         self.layout.on_checksum_error = self.on_checksum_error
         self.layout.read_only = self.read_only
         # Volumes take any offset and length; iSCSI members only whole blocks.

@@ -1,0 +1,75 @@
+"""The reshape's crash-safe order (vstore.raid.reshape): a power cut at every member write loses no chunk."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vstore.errors import ConfigError
+from vstore.raid import reshape
+from vstore.raid.reshape import (
+    Shape,
+    backup_chunks,
+    backup_fits,
+    count_writes,
+    critical_rows,
+    simulate,
+)
+
+GROWTHS = [("raid0", 1, 2), ("raid0", 2, 3), ("raid0", 3, 5), ("raid5", 3, 4), ("raid5", 4, 5),
+           ("raid6", 4, 5), ("raid6", 5, 7), ("raid10", 2, 3), ("raid10", 3, 4), ("raid10", 4, 6)]
+
+
+def test_critical_rows_and_backup_size() -> None:
+    # raid5 4 -> 5 members: 3 -> 4 data chunks per row; new row r destroys old row r, whose
+    # chunks 3r..3r+2 are all in new rows below r only from r = 3 on.
+    assert critical_rows(Shape("raid5", 4), Shape("raid5", 5)) == 3
+    assert backup_chunks(Shape("raid5", 4), Shape("raid5", 5)) == 9
+    assert critical_rows(Shape("raid0", 2), Shape("raid0", 3)) == 2
+    assert critical_rows(Shape("raid0", 1), Shape("raid0", 2)) == 1
+    assert critical_rows(Shape("raid0", 2), Shape("raid0", 4)) == 1  # k doubles: one row
+    assert critical_rows(Shape("raid6", 5), Shape("raid6", 6)) == 3
+    for level, a, b in GROWTHS:
+        old, new = Shape(level, a), Shape(level, b)
+        rc = critical_rows(old, new)
+        for r in range(rc, rc + 50):  # past the critical rows the rule holds for ever
+            assert old.row_chunks(r).stop <= new.chunks_below(r)
+    assert backup_fits(Shape("raid5", 4), Shape("raid5", 5), 64)
+    assert not backup_fits(Shape("raid5", 4), Shape("raid5", 5), 20)
+
+
+def test_shapes_refuse_what_is_not_a_growth() -> None:
+    with pytest.raises(ConfigError, match="keeps the level"):
+        critical_rows(Shape("raid5", 4), Shape("raid6", 5))
+    with pytest.raises(ConfigError, match="grows the member count"):
+        critical_rows(Shape("raid5", 5), Shape("raid5", 4))
+    with pytest.raises(ConfigError):
+        Shape("raid1", 3)
+    with pytest.raises(ConfigError):
+        Shape("raid6", 3)
+
+
+@pytest.mark.parametrize(("level", "a", "b"), GROWTHS)
+def test_power_cut_at_every_write_loses_nothing(level: str, a: int, b: int) -> None:
+    old, new = Shape(level, a), Shape(level, b)
+    rows = 24
+    assert simulate(old, new, rows, None, random.Random(0)) == []
+    for cut in range(count_writes(old, new, rows) + 1):
+        for seed in range(3):
+            problems = simulate(old, new, rows, cut, random.Random(cut * 7 + seed))
+            assert problems == [], f"{level} {a}->{b}, cut after {cut} writes: {problems[:5]}"
+
+
+@pytest.mark.parametrize("broken", ["no backup", "no checkpoint"])
+def test_the_model_catches_an_unsafe_order(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """Without the backup of the critical rows, or without reshape_safe's checkpoints, some cut loses chunks."""
+    if broken == "no backup":
+        monkeypatch.setattr(reshape, "critical_rows", lambda old, new: 0)
+        monkeypatch.setattr(reshape, "backup_chunks", lambda old, new: 0)
+    else:
+        monkeypatch.setattr(reshape, "needs_commit", lambda old, row, committed: False)
+    old, new = Shape("raid5", 4), Shape("raid5", 5)
+    rows = 24
+    found = [simulate(old, new, rows, cut, random.Random(cut)) for cut in range(count_writes(old, new, rows) + 1)]
+    assert any(found)
