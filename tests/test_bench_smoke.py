@@ -101,15 +101,18 @@ def test_layouts_schema(report: dict) -> None:
     checks = {c["check"] for c in lay["checks"]}
     assert any("raid5 full-stripe" in c for c in checks)
     assert any("memory copy" in c for c in checks)
+    # Block checksums next to the same layout without, both ways, on both kinds of members.
+    assert sum("with block checksums / without" in c for c in checks) == 4  # raid1, raid5 x write, read
 
 
 def test_stack_schema(report: dict) -> None:
     st = report["stack"]
-    assert [g["key"] for g in st["groups"]] == ["tmpfs", "parity", "disk"]
+    assert [g["key"] for g in st["groups"]] == ["tmpfs", "parity", "checksums", "disk"]
     measured = set(st["results"])
     assert {"raid5x5 disk", "raid0x4 disk", "plain disk", "ceiling", "ceiling dflt"} <= measured, st["missing"]
     if "raid0x4 tmpfs" not in st["missing"]:  # a machine without a tmpfs on /dev/shm reports it missing
-        assert {"raid0x4 tmpfs", "plain tmpfs", "raid5x5 tmpfs", "raid0x5 tmpfs"} <= measured, st["missing"]
+        assert {"raid0x4 tmpfs", "plain tmpfs", "raid5x5 tmpfs", "raid0x5 tmpfs",
+                "raid5x5 tmpfs cksum"} <= measured, st["missing"]
     if shutil.which("qemu-storage-daemon"):
         assert "qemu tmpfs" in measured or "raid0x4 tmpfs" in st["missing"], st["missing"]
     for g in st["groups"]:

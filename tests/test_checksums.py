@@ -17,7 +17,15 @@ from tests.fuse_helpers import force_unmount
 from tests.test_lifecycle_cli import vstore, vstore_process
 from vstore.consistency.metadata import DATA_OFFSET
 from vstore.crc import BLOCK, block_sums, crc32c
-from vstore.stack.checksum import UNKNOWN, ChecksumDevice, ChecksumError, entries_of, split_window
+from vstore.stack.checksum import (
+    PAGE_ENTRIES,
+    UNKNOWN,
+    ChecksumDevice,
+    ChecksumError,
+    entries_of,
+    split_window,
+)
+from vstore.stack.device import FilterDevice
 
 MiB = 1 << 20
 
@@ -45,7 +53,8 @@ def test_split_window_fits_blocks_and_their_area() -> None:
     for window in (BLOCK + 4096, 10 * MiB, 62 * MiB + 12345, 1 << 34):
         blocks, area = split_window(window)
         assert blocks * BLOCK + area <= window and area >= 4 * blocks and area % BLOCK == 0
-        assert (blocks + 1) * BLOCK + -(-(blocks + 1) * 4 // BLOCK) * BLOCK > window  # the most that fit
+        assert area == -(-blocks // PAGE_ENTRIES) * BLOCK  # pages of 1023 entries and their own CRC
+        assert (blocks + 1) * BLOCK + -(-(blocks + 1) // PAGE_ENTRIES) * BLOCK > window  # the most that fit
 
 
 async def test_checksum_device_verifies_and_names_bad_blocks() -> None:
@@ -292,3 +301,61 @@ async def test_layout_heals_on_memory_members_with_concurrent_writes() -> None:
         nursery.start_soon(reader)
     assert layout.checksum_errors == [0, 0, 0, 0]
     assert np.array_equal(await layout.read(0, len(model)), model)
+
+
+class _FlipFirstRead(FilterDevice):
+    """Flips the bytes of its first read at or beyond ``at`` (a transient bad read of a checksum page)."""
+
+    def __init__(self, inner, at: int) -> None:
+        super().__init__(inner)
+        self.at, self.armed = at, True
+
+    async def read(self, offset: int, length: int) -> np.ndarray:
+        got = (await self.inner.read(offset, length)).copy()
+        if self.armed and offset >= self.at:
+            self.armed = False
+            got ^= 0xFF
+        return got
+
+
+async def test_a_checksum_page_is_checked_by_its_own_crc() -> None:
+    """A flipped read of a checksum page is read again (no healthy block taken for corrupt); a page
+    corrupt on the member leaves its blocks unverified, never reported bad, and is rewritten valid."""
+    inner = MemoryDevice(np.zeros(8 * MiB, np.uint8))
+    dev = ChecksumDevice(inner)
+    data = np.random.default_rng(3).integers(0, 256, 32 * BLOCK, dtype=np.uint8)
+    await dev.write(0, data)
+    await dev.flush()
+    flaky = ChecksumDevice(_FlipFirstRead(inner, dev.area_offset))
+    assert np.array_equal(await flaky.read(0, len(data)), data)
+    assert flaky.stats.get("page_rereads") == 1 and not flaky.stats.get("bad_pages")
+    raw = await inner.read(dev.area_offset, BLOCK)
+    await inner.write(dev.area_offset, raw ^ 0x01)  # the page itself rots on the member
+    rotten = ChecksumDevice(inner)
+    assert np.array_equal(await rotten.read(0, len(data)), data)  # unverified, not "corrupt"
+    assert rotten.stats["bad_pages"] == 1
+    await rotten.write(0, data)
+    await rotten.flush()  # the page is written again, valid, with the entries of what was written
+    again = ChecksumDevice(inner)
+    assert (await again.check_blocks(0, len(data)))[1] == []
+    assert not again.stats.get("bad_pages")
+
+
+def test_create_force_over_old_bytes_reads_zeros_and_scrubs_clean(tmp_path: Path) -> None:
+    """Members that held other bytes (--force): no volume sees them, nothing is taken for corrupt."""
+    home, d = tmp_path / "home", tmp_path
+    files = [d / f"m{i}.img" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(np.random.default_rng(i).integers(0, 256, 24 * MiB, dtype=np.uint8).tobytes())
+    vstore(home, "create", "p", "--level", "raid5", "--checksums", "--force", *[f"file://{f}" for f in files])
+    assert vstore(home, "scrub", "p").returncode == 0
+    vstore(home, "volume", "create", "p", "z", "--size", "8M")
+    out = d / "z.bin"
+    vstore(home, "export", "p", "z", str(out))
+    assert not np.frombuffer(out.read_bytes(), np.uint8).any()  # a new volume reads zeros
+    data = _import(home, d, 4 * MiB)
+    vstore(home, "export", "p", "v", str(out))
+    assert out.read_bytes()[: len(data)] == data
+    assert vstore(home, "scrub", "p").returncode == 0
+    st = json.loads(vstore(home, "status", "p", "--json").stdout)
+    assert _cksum(st) == [0, 0, 0]

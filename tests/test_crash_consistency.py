@@ -100,6 +100,7 @@ def _run(fn, *args):
 
     async def main():
         stuck: list[str] = []
+        outcome: dict = {}
         async with trio.open_nursery() as nursery:
             async def watchdog() -> None:
                 await trio.sleep(RUN_LIMIT)
@@ -111,11 +112,16 @@ def _run(fn, *args):
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watchdog)
-            result = await fn(*args)
+            try:
+                outcome["value"] = await fn(*args)
+            except BaseException as e:  # raised below as it is (not in the nursery's exception group)
+                outcome["error"] = e
             nursery.cancel_scope.cancel()
         if stuck:
             raise AssertionError(f"a step took more than {RUN_LIMIT} s; tasks:\n{stuck[0]}")
-        return result
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     try:
         return trio.run(main)

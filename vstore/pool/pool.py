@@ -50,7 +50,7 @@ from vstore.raid.base import CHECKSUM_OUTCOMES
 from vstore.raid.geometry import check_member_count, survives
 from vstore.sizes import format_size
 from vstore.stack.align import AlignedDevice
-from vstore.stack.checksum import data_bytes, data_window, zero_area
+from vstore.stack.checksum import data_bytes, data_window, unknown_area
 from vstore.stack.device import BlockDevice, DeviceBase
 from vstore.stack.members import open_member
 from vstore.stack.multipath import MultipathDevice, validate_options
@@ -258,14 +258,17 @@ class Pool:
             if checksums:
                 for dev, size_i in zip(devs, sizes, strict=True):
                     if not dev.created:  # a fresh file is sparse: its checksum area reads as zeros
-                        await zero_area(OffsetDevice(dev, DATA_OFFSET, size_i, close_inner=False))
-            # Every extent starts zeroed: the whole data area of each member is zeroed
-            # below unless it was created here (sparse, so already zero).
+                        await unknown_area(OffsetDevice(dev, DATA_OFFSET, size_i, close_inner=False))
+            # A volume never sees bytes from before the pool: an extent not known to be zero
+            # (members that held other bytes, --force) is zeroed when a volume first takes it.
             pool.meta = {
                 "format": 1, "name": name, "pool_uuid": pool_uuid, "generation": 0,
                 "level": level, "chunk": chunk, "extent_size": ext, "n_extents": n_extents,
                 "created": int(time.time()), "members": [m.to_meta() for m in pool.members],
-                "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
+                # Extents known to read as zeros: all of them when every member was created
+                # here (sparse); else none, and each is zeroed when a volume first takes it.
+                "volumes": [],
+                "zeroed": [[0, n_extents]] if n_extents and all(d.created for d in devs) else [],
                 "owner": owner_mod.my_token(), "clean": False,
             }
             if checksums:

@@ -8,14 +8,19 @@ a block that comes back wrong is known to be wrong whatever the member's storage
 The format, on each member's data window of ``W`` bytes (``split_window``)::
 
     [0, B*4096)            B data blocks: what the layout sees (``size``)
-    [B*4096, +S)           the checksum area: one little-endian uint32 per data block,
-                           block i's at B*4096 + 4*i; S = 4*B rounded up to 4 KiB
+    [B*4096, +S)           the checksum area: 4 KiB pages of 1023 little-endian uint32
+                           entries (block i's is entry i mod 1023 of page i // 1023)
+                           and, last, the page's own CRC; S = ceil(B / 1023) pages
 
 ``B`` is the largest count for which both fit. Each entry is ``CRC32C(block) XOR
-CRC32C(4096 zero bytes)``, so a block of zeros has the entry 0 and a new, sparse (or
-zeroed) member is consistent as it is. ``UNKNOWN`` (0xFFFFFFFF) marks a discarded
-block, whose bytes the member may or may not have kept: it is not verified until it is
-written again. The checksum area costs 1/1024 of the member.
+CRC32C(4096 zero bytes)``, so a block of zeros has the entry 0; a page's CRC is
+``CRC32C(its 1023 entries) XOR CRC32C(4092 zero bytes)``, so a new, sparse member is
+consistent as it is. ``UNKNOWN`` (0xFFFFFFFF) marks a block whose bytes vstore cannot
+vouch for: discarded (the member may or may not have kept them), or on a member that
+held other bytes before the pool (``create --force``); it is not verified until it is
+written again. A page that fails its own CRC is read once more (a flipped read must
+not make healthy blocks look corrupt); still bad, its blocks go unverified until
+rewritten. The checksum area costs 1/1023 of the member.
 
 Reads verify: a block whose CRC32C disagrees with its entry raises ``ChecksumError``
 naming it (the layout then heals it from redundancy: ``RaidLayout.heal``).
@@ -40,6 +45,7 @@ first); the layout verifies a read's bytes when the op is done (``verify``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -55,9 +61,12 @@ from vstore.stack.device import BlockDevice, Buffer, FilterDevice, as_u8
 if TYPE_CHECKING:
     from vstore.io.op import Op
 
+log = logging.getLogger("vstore.stack.checksum")
+
 ZERO = crc32c(bytes(BLOCK))  # the CRC32C of a block of zeros: its entry is 0
 UNKNOWN = 0xFFFFFFFF  # a discarded block: not verified until written again
-PAGE_ENTRIES = BLOCK // 4
+PAGE_ENTRIES = BLOCK // 4 - 1  # entries per 4 KiB checksum page; its last word is the page's own CRC
+ZERO_PAGE = crc32c(bytes(4 * PAGE_ENTRIES))
 CACHE_PAGES = int(os.environ.get("VSTORE_CHECKSUM_CACHE_PAGES", "") or 16384)  # 64 MiB: 64 GiB of data
 DIRTY_PAGES = 1024  # changed pages (4 GiB of data) that make a writer write them back before a flush
 
@@ -75,11 +84,16 @@ def split_window(window: int) -> tuple[int, int]:
     """(data blocks, checksum-area bytes) of a member data window of ``window`` bytes."""
     blocks = window // (BLOCK + 4)
     while blocks > 0:
-        area = -(-blocks * 4 // BLOCK) * BLOCK
+        area = -(-blocks // PAGE_ENTRIES) * BLOCK
         if blocks * BLOCK + area <= window:
             return blocks, area
         blocks -= 1
     return 0, 0
+
+
+def page_crc(page: np.ndarray) -> int:
+    """The stored CRC of a checksum page's entries (0 for a page of zeros, as a sparse member holds)."""
+    return crc32c(page[:PAGE_ENTRIES].tobytes()) ^ ZERO_PAGE
 
 
 def data_bytes(window: int) -> int:
@@ -143,9 +157,9 @@ class ChecksumDevice(FilterDevice):
                 self.stats["page_reads"] += hi - lo
                 for p in range(lo, hi):
                     if p not in self._pages and self._loading.get(p) is ev:
-                        page = np.zeros(PAGE_ENTRIES, dtype=np.uint32)
-                        got = raw[(p - lo) * PAGE_ENTRIES : (p - lo + 1) * PAGE_ENTRIES]
-                        page[: len(got)] = got
+                        page = raw[(p - lo) * (PAGE_ENTRIES + 1) : (p - lo + 1) * (PAGE_ENTRIES + 1)].copy()
+                        if int(page[PAGE_ENTRIES]) != page_crc(page):
+                            page = await self._bad_page(p, at + (p - lo) * BLOCK)
                         self._pages[p] = page
             finally:
                 for p in range(lo, hi):
@@ -153,6 +167,26 @@ class ChecksumDevice(FilterDevice):
                         del self._loading[p]
                 ev.set()
             self._evict()
+
+    async def _bad_page(self, p: int, at: int) -> np.ndarray:
+        """Checksum page p failed its own CRC: read it once more; still bad, its blocks go unverified.
+
+        A flipped read of the page must not make healthy blocks look corrupt (and be
+        "repaired", or counted against the member); a page corrupt on the member loses
+        the verification of its blocks until they are written again (it is rewritten,
+        valid, by the next flush).
+        """
+        page = as_u8(await self.inner.read(at, BLOCK)).view("<u4").copy()
+        self.stats["page_rereads"] = self.stats.get("page_rereads", 0) + 1
+        if int(page[PAGE_ENTRIES]) == page_crc(page):
+            return page
+        log.warning("%r: checksum page %d fails its own CRC: its %d blocks are not verified until "
+                    "written again", self, p, PAGE_ENTRIES)
+        self.stats["bad_pages"] = self.stats.get("bad_pages", 0) + 1
+        page = np.full(PAGE_ENTRIES + 1, UNKNOWN, dtype=np.uint32)
+        self._version[p] = self._version.get(p, 0) + 1
+        self._dirty.add(p)
+        return page
 
     def _evict(self) -> None:
         """Drop the least recently used clean pages beyond CACHE_PAGES."""
@@ -218,6 +252,9 @@ class ChecksumDevice(FilterDevice):
                 else:
                     runs.append([p])
             for run in runs:
+                for p in run:
+                    page = self._pages[p]
+                    page[PAGE_ENTRIES] = page_crc(page)
                 buf = np.concatenate([self._pages[p] for p in run]).view(np.uint8)
                 n = min(len(buf), self.area_bytes - run[0] * BLOCK)
                 await self.inner.write(self.area_offset + run[0] * BLOCK, buf[:n])
@@ -373,15 +410,21 @@ class ChecksumDevice(FilterDevice):
         return f"<ChecksumDevice {self.inner!r} {self.blocks} blocks>"
 
 
-async def zero_area(window: BlockDevice) -> None:
-    """Write zeros over a window's checksum area (a member that held other bytes before)."""
+async def unknown_area(window: BlockDevice) -> None:
+    """Mark every block of a window unverified (its checksum area filled with UNKNOWN pages).
+
+    For a member that held other bytes before the pool (``create --force``): its blocks
+    are not what a checksum of zeros says until the pool writes them.
+    """
     blocks, area = split_window(window.size)
-    zeros = np.zeros(min(area, 1 << 20), dtype=np.uint8)
+    page = np.full(PAGE_ENTRIES + 1, UNKNOWN, dtype=np.uint32)
+    page[PAGE_ENTRIES] = page_crc(page)
+    pages = np.tile(page.view(np.uint8), min(area // BLOCK, 256))
     pos = blocks * BLOCK
     end = pos + area
     while pos < end:
-        n = min(len(zeros), end - pos)
-        await window.write(pos, zeros[:n])
+        n = min(len(pages), end - pos)
+        await window.write(pos, pages[:n])
         pos += n
 
 
