@@ -50,7 +50,7 @@ def members(tmp_path_factory: pytest.TempPathFactory):
 
 def test_short_campaign_on_file_nfs_iscsi_passes(members) -> None:
     uris, tmp = members
-    res = torture("--level", "raid5", "--time", "10s", "--crashes", "--failures", "--seed", "1",
+    res = torture("--level", "raid5", "--time", "10s", "--crashes", "--failures", "--checksums", "--seed", "1",
                   *uris, home=tmp / "home")
     print(res.stdout, res.stderr)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -103,3 +103,45 @@ def test_existing_pool_scratch_volume(tmp_path: Path) -> None:
     assert "scratch volume 'torture-scratch'" in res.stdout and "PASS:" in res.stdout
     listing = vstore(home, "volume", "list", "tank").stdout
     assert "keep" in listing and "torture-scratch" not in listing
+
+
+def _file_members(tmp: Path, n: int) -> list[str]:
+    return [f"file://{tmp}/z{i}.img" for i in range(n)]
+
+
+def test_silent_corruption_repaired_with_checksums_and_a_finding_without(tmp_path: Path) -> None:
+    """--failures flips the bits of member reads (z steps): with --checksums every such read is
+    caught and healed (the campaign passes and counts them); the same seed without checksums
+    fails, naming the silent corruption and the member, with a rerun line that has the z step."""
+    import json
+
+    uris = _file_members(tmp_path, 3)
+    args = ("--level", "raid5", "--failures", "--seed", "1", "--rounds", "2", "--time", "60s")
+    res = torture(*args, "--checksums", "--json", *uris, home=tmp_path / "home")
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["ok"] and doc["rounds"] == 2 and doc["corruptions"] >= 1
+    assert doc["corrupt_reads"] >= 1 and doc["checksum_mismatches"] >= 1 and doc["checksum_repairs"] >= 1
+    assert "checksums; seed 1" in res.stderr
+
+    res = torture(*args, "--shrink-time", "3s", *uris, home=tmp_path / "home")
+    assert res.returncode == 1, res.stdout + res.stderr
+    fail = next(ln for ln in res.stdout.splitlines() if ln.startswith("FAIL"))
+    assert "silent corruption not caught: member" in fail and "no checksums" in fail, fail
+    rerun = next(ln for ln in res.stdout.splitlines() if ln.startswith("rerun: "))
+    assert "z:" in rerun and "--checksums" not in rerun
+
+
+def test_corrupted_parity_read_in_a_read_modify_write(tmp_path: Path) -> None:
+    """A flipped read of row 0's parity (member 3 of a 4-member raid5) while a small write updates
+    it: caught by its checksum with --checksums; without, the parity is silently wrong (check c)."""
+    uris = _file_members(tmp_path, 4)
+    schedule = "w:0:65536:1,f,z:3:1,w:100:10:2,f"
+    res = torture("--level", "raid5", "--checksums", "--replay", schedule, *uris, home=tmp_path / "home")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "(1 reads flipped by silent corruption, 1 checksum errors" in res.stdout, res.stdout
+    res = torture("--level", "raid5", "--replay", schedule, *uris, home=tmp_path / "home")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert ("FAIL at step 5: (c) silent corruption not caught: member 3 returned flipped bits on 1 "
+            "read(s)") in res.stdout, res.stdout
+
