@@ -762,10 +762,12 @@ class Runner:
                 self.rig.slow(t.members[i], ms / 1000)
         elif k == "z":
             # Silent corruption: the member's next N reads return flipped bits, no error.
-            # Within redundancy, as failures are: with nothing to rebuild the bytes from, a
-            # read that fails its checksum twice is rightly an error.
+            # Within redundancy, as failures are, counting members whose reads are still to
+            # be flipped: with nothing to rebuild the bytes from, a read that fails its
+            # checksum twice is rightly an error.
             i, count = a
             gone = {j for j, name in enumerate(t.members) if self.rig.failed(name)} | t.failed()
+            gone |= {j for j, _, rule in self.corruptions if rule.count and j != i}
             if 0 <= i < len(t.members) and i not in gone and t.survivable(gone | {i}):
                 self.corruptions.append((i, count, self.rig.corrupt(t.members[i], count)))
                 st.corruptions += 1
