@@ -146,25 +146,33 @@ def test_corrupted_parity_read_in_a_read_modify_write(tmp_path: Path) -> None:
             "read(s)") in res.stdout, res.stdout
 
 
-async def test_member_failing_while_a_corrupt_block_is_healed() -> None:
-    """Found by torture --checksums: raid6, member 0's reads fail, member 3's return flipped bits;
-    a small write's read-modify-write heals member 3's block from the others, reads member 0 and
-    marks it failed: that MemberFailed escaped the write. Now the write retries around member 0."""
+
+@pytest.mark.parametrize(("level", "n", "schedule"), [
+    # raid6, member 0's reads fail, member 3's return flipped bits: a small write's read-modify-
+    # write heals member 3's block from the others, reads member 0 and marks it failed; that
+    # MemberFailed escaped the write (now the write retries around member 0).
+    ("raid6", 4, "x:0:short:0.521,z:3:3,w:147456:8380:47860"),
+    # A three-way mirror, two copies flipped at once: the block was rebuilt from one other copy
+    # only, which failed its checksum too (now the next copy is read).
+    ("raid1", 3, "w:0:65536:1,f,z:0:2,z:1:2,r:0:65536"),
+])
+async def test_corruption_healed_where_torture_found_it_was_not(level: str, n: int, schedule: str) -> None:
+    """Found by vstore torture --checksums; replayed on memory members (each healed and counted)."""
     from vstore.testing.faults import Rig
     from vstore.testing.torture import PoolTarget, Runner, parse_schedule, run_schedule
 
     rig = Rig()
-    for i in range(4):
+    for i in range(n):
         rig.add_memory(f"m{i}", 8 << 20)
     await rig.start()
     runners: list[Runner] = []
 
     async def make() -> Runner:
-        runners.append(Runner(PoolTarget(rig, "raid6", checksums=True), window=256 << 10))
+        runners.append(Runner(PoolTarget(rig, level, checksums=True), window=256 << 10))
         return runners[-1]
 
     try:
-        out = await run_schedule(make, parse_schedule("x:0:short:0.521,z:3:3,w:147456:8380:47860"))
+        out = await run_schedule(make, parse_schedule(schedule))
         assert out.ok, out.message
         st = runners[-1].stats
         assert st.corrupt_reads >= 2 and st.checksum_mismatches >= 2 and st.checksum_repairs >= 1
