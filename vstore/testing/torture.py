@@ -767,7 +767,9 @@ class Runner:
             # checksum twice is rightly an error.
             i, count = a
             gone = {j for j, name in enumerate(t.members) if self.rig.failed(name)} | t.failed()
-            gone |= {j for j, _, rule in self.corruptions if rule.count and j != i}
+            armed = [r for rules in self.rig.rules.values() for r in rules]
+            gone |= {j for j, _, rule in self.corruptions
+                     if rule.count and j != i and any(r is rule for r in armed)}
             if 0 <= i < len(t.members) and i not in gone and t.survivable(gone | {i}):
                 self.corruptions.append((i, count, self.rig.corrupt(t.members[i], count)))
                 st.corruptions += 1
