@@ -83,6 +83,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         ("--level", "raid5", "--replay", "w:1", "file:///tmp/x.img"),  # a malformed schedule
         ("--level", "raid5", "--time", "soon", "file:///tmp/x.img"),
         ("nosuchpool", "--crashes"),  # crashes on an existing pool would harm it
+        ("nosuchpool", "--checksums"),  # an existing pool has checksums or not
+        ("nosuchpool", "--replay", "z:0:1"),  # nor flipped reads
+        ("--level", "raid0", "--checksums", "--time", "1s", f"file://{tmp_path}/a.img",
+         f"file://{tmp_path}/b.img"),  # no redundancy to heal from
     ]
     for args in cases:
         res = torture(*args, home=home)
