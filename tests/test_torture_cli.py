@@ -50,7 +50,7 @@ def members(tmp_path_factory: pytest.TempPathFactory):
 
 def test_short_campaign_on_file_nfs_iscsi_passes(members) -> None:
     uris, tmp = members
-    res = torture("--level", "raid5", "--time", "10s", "--crashes", "--failures", "--seed", "1",
+    res = torture("--level", "raid5", "--time", "10s", "--crashes", "--failures", "--checksums", "--seed", "1",
                   *uris, home=tmp / "home")
     print(res.stdout, res.stderr)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -83,6 +83,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         ("--level", "raid5", "--replay", "w:1", "file:///tmp/x.img"),  # a malformed schedule
         ("--level", "raid5", "--time", "soon", "file:///tmp/x.img"),
         ("nosuchpool", "--crashes"),  # crashes on an existing pool would harm it
+        ("nosuchpool", "--checksums"),  # an existing pool has checksums or not
+        ("nosuchpool", "--replay", "z:0:1"),  # nor flipped reads
+        ("--level", "raid0", "--checksums", "--time", "1s", f"file://{tmp_path}/a.img",
+         f"file://{tmp_path}/b.img"),  # no redundancy to heal from
     ]
     for args in cases:
         res = torture(*args, home=home)
@@ -103,3 +107,78 @@ def test_existing_pool_scratch_volume(tmp_path: Path) -> None:
     assert "scratch volume 'torture-scratch'" in res.stdout and "PASS:" in res.stdout
     listing = vstore(home, "volume", "list", "tank").stdout
     assert "keep" in listing and "torture-scratch" not in listing
+
+
+def _file_members(tmp: Path, n: int) -> list[str]:
+    return [f"file://{tmp}/z{i}.img" for i in range(n)]
+
+
+def test_silent_corruption_repaired_with_checksums_and_a_finding_without(tmp_path: Path) -> None:
+    """--failures flips the bits of member reads (z steps): with --checksums every such read is
+    caught and healed (the campaign passes and counts them); the same seed without checksums
+    fails, naming the silent corruption and the member, with a rerun line that has the z step."""
+    import json
+
+    uris = _file_members(tmp_path, 3)
+    args = ("--level", "raid5", "--failures", "--seed", "1", "--rounds", "2", "--time", "60s")
+    res = torture(*args, "--checksums", "--json", *uris, home=tmp_path / "home")
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["ok"] and doc["rounds"] == 2 and doc["corruptions"] >= 1
+    assert doc["corrupt_reads"] >= 1 and doc["checksum_mismatches"] >= 1 and doc["checksum_repairs"] >= 1
+    assert "checksums; seed 1" in res.stderr
+
+    res = torture(*args, "--shrink-time", "3s", *uris, home=tmp_path / "home")
+    assert res.returncode == 1, res.stdout + res.stderr
+    fail = next(ln for ln in res.stdout.splitlines() if ln.startswith("FAIL"))
+    assert "silent corruption not caught: member" in fail and "no checksums" in fail, fail
+    rerun = next(ln for ln in res.stdout.splitlines() if ln.startswith("rerun: "))
+    assert "z:" in rerun and "--checksums" not in rerun
+
+
+def test_corrupted_parity_read_in_a_read_modify_write(tmp_path: Path) -> None:
+    """A flipped read of row 0's parity (member 3 of a 4-member raid5) while a small write updates
+    it: caught by its checksum with --checksums; without, the parity is silently wrong (check c)."""
+    uris = _file_members(tmp_path, 4)
+    schedule = "w:0:65536:1,f,z:3:1,w:100:10:2,f"
+    res = torture("--level", "raid5", "--checksums", "--replay", schedule, *uris, home=tmp_path / "home")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "(1 reads flipped by silent corruption, 1 checksum errors" in res.stdout, res.stdout
+    res = torture("--level", "raid5", "--replay", schedule, *uris, home=tmp_path / "home")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert ("FAIL at step 5: (c) silent corruption not caught: member 3 returned flipped bits on 1 "
+            "read(s)") in res.stdout, res.stdout
+
+
+
+@pytest.mark.parametrize(("level", "n", "schedule"), [
+    # raid6, member 0's reads fail, member 3's return flipped bits: a small write's read-modify-
+    # write heals member 3's block from the others, reads member 0 and marks it failed; that
+    # MemberFailed escaped the write (now the write retries around member 0).
+    ("raid6", 4, "x:0:short:0.521,z:3:3,w:147456:8380:47860"),
+    # A three-way mirror, two copies flipped at once: the block was rebuilt from one other copy
+    # only, which failed its checksum too (now the next copy is read).
+    ("raid1", 3, "w:0:65536:1,f,z:0:2,z:1:2,r:0:65536"),
+])
+async def test_corruption_healed_where_torture_found_it_was_not(level: str, n: int, schedule: str) -> None:
+    """Found by vstore torture --checksums; replayed on memory members (each healed and counted)."""
+    from vstore.testing.faults import Rig
+    from vstore.testing.torture import PoolTarget, Runner, parse_schedule, run_schedule
+
+    rig = Rig()
+    for i in range(n):
+        rig.add_memory(f"m{i}", 8 << 20)
+    await rig.start()
+    runners: list[Runner] = []
+
+    async def make() -> Runner:
+        runners.append(Runner(PoolTarget(rig, level, checksums=True), window=256 << 10))
+        return runners[-1]
+
+    try:
+        out = await run_schedule(make, parse_schedule(schedule))
+        assert out.ok, out.message
+        st = runners[-1].stats
+        assert st.corrupt_reads >= 2 and st.checksum_mismatches >= 2 and st.checksum_repairs >= 1
+    finally:
+        await rig.aclose()

@@ -18,7 +18,7 @@ from vstore.sizes import format_size
 
 SCRATCH = "torture-scratch"
 STAT_KEYS = ("rounds", "ops", "bytes_written", "crashes", "failures", "rebuilds", "moves", "switches",
-             "paths", "checks")
+             "paths", "corruptions", "corrupt_reads", "checksum_mismatches", "checksum_repairs", "checks")
 
 
 def new_summary(seed: int, *, level: str | None, pool: str | None, replay: bool) -> dict[str, Any]:
@@ -88,6 +88,8 @@ class Reporter:
                 f"written {format_size(s.bytes_written)}  crashes {s.crashes}  "
                 f"failures {s.failures}  rebuilds {s.rebuilds}  moves {s.moves}  "
                 f"journal-switches {s.switches}  path-failures {s.paths}  "
+                f"corruptions {s.corruptions}  corrupt-reads {s.corrupt_reads}  "
+                f"checksum-errors {s.checksum_mismatches}  checksum-repairs {s.checksum_repairs}  "
                 f"checks {s.checks}  {c.phase}")
 
     def update(self, c: Any, force: bool = False) -> None:
@@ -105,6 +107,9 @@ class Reporter:
                                ("crashes", s.crashes), ("member failures", s.failures),
                                ("rebuilds", s.rebuilds), ("moves", s.moves),
                                ("journal switches", s.switches), ("path failures", s.paths),
+                               ("silent corruptions", s.corruptions), ("corrupted reads", s.corrupt_reads),
+                               ("checksum errors", s.checksum_mismatches),
+                               ("checksum repairs", s.checksum_repairs),
                                ("checks", s.checks), ("state", c.phase)):
                 t.add_row(key, str(value))
             self.live.update(t)
@@ -123,7 +128,13 @@ class Reporter:
               help="Cut the power at random points (also during recovery, member moves and journal "
                    "attach/detach, onto memory devices s0 and j), reopen, check.")
 @click.option("--failures", is_flag=True,
-              help="Fail members (and paths of multipath members) within the level's redundancy; heal and rebuild.")
+              help="Fail members (and paths of multipath members) within the level's redundancy; heal and "
+                   "rebuild; silent corruption (reads of a member return flipped bits, no error).")
+@click.option("--checksums", is_flag=True,
+              help="Make the throwaway pool with block checksums (vstore create --checksums): "
+                   "corrupted reads must be caught and repaired.")
+@click.option("--no-corruption", is_flag=True,
+              help="Leave silent corruption out of --failures (a pool without checksums cannot catch it).")
 @click.option("--journal", default="none", show_default=True, metavar="none|memory|URI",
               help="The throwaway pool's journal (none: write-intent bitmap).")
 @click.option("--journal-size", default="4M", show_default=True, help="Journal size.")
@@ -150,14 +161,15 @@ class Reporter:
               help="The summary as one JSON document on stdout; progress goes to stderr (see README).")
 @click.pass_context
 def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: int | None,
-            duration: str, crashes: bool, failures: bool, journal: str, journal_size: str,
+            duration: str, crashes: bool, failures: bool, checksums: bool, no_corruption: bool,
+            journal: str, journal_size: str,
             chunk: str, member_size: str, window: str, align: str, ops: int, rounds: int | None,
             no_rebuild: bool, wrap: str | None, replay: str | None, schedule_file: str | None,
             shrink_time: str, force: bool, as_json: bool) -> None:
     """Torture a pool: random I/O, crashes and failures, checked against a model.
 
     \b
-    Throwaway pool:  vstore torture --level raid5 [--crashes] [--failures] URI URI URI...
+    Throwaway pool:  vstore torture --level raid5 [--crashes] [--failures] [--checksums] URI...
       builds a fresh pool on the members each round (they are overwritten; comma-joined
       paths make a multipath member); crashes are simulated on the real members by
       recording their writes and flushes and writing back the bytes a power cut leaves.
@@ -166,7 +178,8 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
       crashes and failures need a throwaway pool.
 
     Checks: (a) acknowledged data intact, (b) no torn write units, (c) parity
-    consistent (scrub), (d) degraded reads identical. A failure prints the seed and
+    consistent (scrub), (d) degraded reads identical; a wrong read after silent
+    corruption is named as such (caught with --checksums). A failure prints the seed and
     the shrunk schedule as a command line that reproduces it. Exit 0: all checks
     passed; 1: a check failed; 2: bad usage.
 
@@ -178,6 +191,7 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
       x:M:short:F     member M's reads come back short; x:M:shrink:F: it ends at F of its size
       p:M:P / q:M:P   path P of member M fails / returns
       s:M:MS          member M answers MS ms late
+      z:M:N           member M's next N reads return flipped bits (silent corruption)
       m:M             member M moves to a spare     j:1 / j:0  journal attached / detached
       crash@FRAC:MODE:SEED   power cut after FRAC of the previous step's member I/O;
                              MODE random|drop|keep decides the unflushed writes
@@ -222,8 +236,11 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
         if len(spec) != 1 or "://" in spec[0]:
             raise click.UsageError("member URIs need --level (a throwaway pool); an existing pool "
                                    "is given by its name alone")
+        if checksums:
+            raise click.UsageError("--checksums makes a throwaway pool with checksums (--level and "
+                                   "member URIs); an existing pool keeps them or not as created")
         if crashes or failures or schedule is not None and any(
-                o.kind in "xhpqsmj" or o.kind == "crash" for o in schedule):
+                o.kind in "xhpqsmjz" or o.kind == "crash" for o in schedule):
             raise click.UsageError("crashes and failures need a throwaway pool (--level and member "
                                    "URIs): they would harm an existing pool")
         summary = new_summary(seed, level=None, pool=spec[0], replay=schedule is not None)
@@ -235,12 +252,17 @@ def torture(ctx: click.Context, spec: tuple[str, ...], level: str | None, seed: 
     jr = None if journal.lower() == "none" else journal
     opts = dict(level=level, members=list(spec), journal=jr, sizes=sizes, seed=seed,
                 seconds=seconds, crashes=crashes, failures=failures, ops=ops, rounds=rounds,
+                checksums=checksums, corruption=failures and not no_corruption,
                 rebuild=not no_rebuild, wrap=(wrap_fn, wrap_where), schedule=schedule, align=align_bytes,
                 shrink_budget=shrink_budget, force=force)
     rerun = ["vstore", "torture", "--level", level, "--chunk", chunk, "--member-size", member_size,
              "--window", window, "--align", str(align_bytes)]
     if jr:
         rerun += ["--journal", journal, "--journal-size", journal_size]
+    if checksums:
+        rerun.append("--checksums")
+    if no_corruption:
+        rerun.append("--no-corruption")
     if no_rebuild:
         rerun.append("--no-rebuild")
     if wrap:
@@ -284,7 +306,7 @@ def _report_failure(rerun: list[str], seed: int, failure: Any, *, round_info: st
 
 def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str | None,
                sizes: dict[str, int], seed: int, seconds: float, crashes: bool, failures: bool,
-               ops: int, rounds: int | None, rebuild: bool, wrap: tuple[Any, str],
+               checksums: bool, corruption: bool, ops: int, rounds: int | None, rebuild: bool, wrap: tuple[Any, str],
                schedule: list[Any] | None, shrink_budget: float, force: bool, align: int,
                summary: dict[str, Any], err: bool) -> bool:
     """A campaign (or one schedule) on throwaway pools built on the members; True when it passed."""
@@ -299,31 +321,40 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
                                 wrap_where=wrap[1], force=force, spare=crashes)
         try:
             shape = await T.pool_shape(rig, level, chunk=sizes["chunk"], journal=journal is not None,
-                                       window=sizes["window"])
+                                       window=sizes["window"], checksums=checksums)
+
+            made: list[T.Runner] = []
 
             async def make() -> T.Runner:
-                return T.Runner(T.PoolTarget(rig, level, chunk=sizes["chunk"],
-                                             journal=journal is not None, rebuild=rebuild),
-                                window=shape.window, align=align)
+                made.append(T.Runner(T.PoolTarget(rig, level, chunk=sizes["chunk"],
+                                                  journal=journal is not None, rebuild=rebuild,
+                                                  checksums=checksums),
+                                     window=shape.window, align=align))
+                return made[-1]
 
             desc = (f"{level} pool of {shape.members} members ({', '.join(m.split('://')[0] for m in members)}), "
                     f"chunk {format_size(shape.chunk)}, window {format_size(shape.window)}, align {align}, "
-                    f"{'journal ' + journal if journal else 'bitmap'}; seed {seed}")
+                    f"{'journal ' + journal if journal else 'bitmap'}"
+                    f"{', checksums' if checksums else ''}; seed {seed}")
             if schedule is not None:
                 say(f"replaying {len(schedule)} steps on a {desc}")
                 outcome = await T.run_schedule(make, schedule)
                 if outcome.ok:
-                    say("PASS: the schedule ran and every check passed")
+                    s = made[-1].stats
+                    extra = (f" ({s.corrupt_reads} reads flipped by silent corruption, "
+                             f"{s.checksum_mismatches} checksum errors, {s.checksum_repairs} "
+                             "blocks rewritten)") if s.corruptions else ""
+                    say(f"PASS: the schedule ran and every check passed{extra}")
                     return True
                 failure = T.Failure(seed, list(schedule), list(schedule), outcome)
                 summary["failure"] = _report_failure(rerun, seed, failure,
                                                      round_info=f" at step {outcome.step}", err=err)
                 return False
             say(f"torture: {desc}; {'crashes ' if crashes else ''}"
-                f"{'failures ' if failures else ''}for {seconds:g}s")
+                f"{'failures ' if failures else ''}{'corruption ' if corruption else ''}for {seconds:g}s")
             with Reporter(f"vstore torture {level}", err=err) as rep:
                 camp = T.Campaign(make, shape, seed=seed, seconds=seconds, crashes=crashes,
-                                  failures=failures, ops=ops, max_rounds=rounds,
+                                  failures=failures, corruption=corruption, ops=ops, max_rounds=rounds,
                                   shrink_budget=shrink_budget, on_round=rep.update)
                 failure = await camp.run()
                 camp.phase = "failed" if failure else "passed"
@@ -335,8 +366,10 @@ def _throwaway(rerun: list[str], *, level: str, members: list[str], journal: str
             if failure is None:
                 say(f"PASS: {s.rounds} rounds, {s.ops} operations, {s.crashes} crashes, "
                     f"{s.failures} member failures, {s.rebuilds} rebuilds, {s.moves} moves, "
-                    f"{s.switches} journal switches, {s.paths} path failures, {s.checks} "
-                    f"checks; seed {seed}")
+                    f"{s.switches} journal switches, {s.paths} path failures, "
+                    f"{s.corruptions} silent corruptions ({s.corrupt_reads} reads flipped, "
+                    f"{s.checksum_mismatches} checksum errors, {s.checksum_repairs} blocks rewritten), "
+                    f"{s.checks} checks; seed {seed}")
                 return True
             summary["failure"] = _report_failure(rerun, seed, failure, round_info=f" in round {s.rounds}",
                                                  err=err)

@@ -819,6 +819,8 @@ class RaidLayout(DeviceBase):
                 self.iostats.bump("checksum_repairs", len(still))
                 try:
                     good = [await self._member_bytes(m, off, SUM_BLOCK) for off in still]
+                except MemberFailed:
+                    continue  # another member failed meanwhile (marked): the caller's retry reads around it
                 except BlockCorrupt as e:
                     raise CorruptError(
                         f"{self.level} member {m}: block(s) at {', '.join(map(str, still[:4]))} fail "

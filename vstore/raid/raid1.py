@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vstore.raid.base import MemberFailed, RaidLayout
+from vstore.raid.base import BlockCorrupt, MemberFailed, RaidLayout
 
 
 class Raid1Layout(RaidLayout):
@@ -61,11 +61,17 @@ class Raid1Layout(RaidLayout):
         out = np.zeros(length, dtype=np.uint8)
         end = min(offset + length, self.size)
         if end > offset:
-            others = [m for m in self.healthy() if m != i]
-            src = min(others, key=lambda m: self.inflight[m])
+            # The least busy copy first; one whose blocks fail their checksums: the next.
+            others = sorted((m for m in self.healthy() if m != i), key=lambda m: self.inflight[m])
             async with self.locked(self.chunks_of(offset, end - offset)):
                 await self.sync_rows(self.chunks_of(offset, end - offset))
-                out[: end - offset] = await self.read_member(src, offset, end - offset)
+                for k, src in enumerate(others):
+                    try:
+                        out[: end - offset] = await self.read_member(src, offset, end - offset)
+                        break
+                    except BlockCorrupt:
+                        if k == len(others) - 1:
+                            raise
         return out
 
     async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:

@@ -192,9 +192,19 @@ class Rig:
             self.rules[name].append(FaultRule(frozenset(KINDS) if kind == "all" else frozenset([kind]),
                                               "fail"))
 
-    def corrupt(self, name: str, count: int | None = 1) -> None:
-        """The member's next `count` reads return inverted bytes (silent corruption)."""
-        self.rules[name].append(FaultRule(frozenset(["read"]), "corrupt", 0, count))
+    def corrupt(self, name: str, count: int | None = 1) -> FaultRule:
+        """The member's next `count` reads return inverted bytes (silent corruption); the rule armed.
+
+        The rule's ``count`` goes down as reads are hit: how many were is ``count`` minus it.
+        """
+        rule = FaultRule(frozenset(["read"]), "corrupt", 0, count)
+        self.rules[name].append(rule)
+        return rule
+
+    def clear_corruption(self, name: str | None = None) -> None:
+        """Disarm a member's (or every member's) pending corrupt reads; other faults stay."""
+        for n in [name] if name is not None else self.names:
+            self.rules[n][:] = [r for r in self.rules[n] if r.action != "corrupt"]
 
     def slow(self, name: str, delay: float) -> None:
         """Every operation on the member waits `delay` seconds first."""

@@ -12,6 +12,9 @@ A *schedule* is a list of operations, written as text (``w:0:4096:7,f,x:2,crash@
 ``h:M``                     member M is healed; if the pool dropped it, it is rebuilt
 ``p:M:P`` / ``q:M:P``       path P of multipath member M fails / is reinstated
 ``s:M:MS``                  member M answers MS milliseconds late (0: at once)
+``z:M:N``                   silent corruption: member M's next N reads return their bytes
+                            inverted, without an error (a pool with checksums heals them;
+                            without, a wrong byte read is reported as silent corruption)
 ``m:M``                     member M moves (``vstore move``) to a free rig member (``s0``...)
 ``j:1`` / ``j:0``           the rig member ``j`` is attached as the journal / the journal is
                             detached (``vstore journal attach|detach``)
@@ -64,7 +67,7 @@ from vstore.errors import ConfigError, VstoreError
 from vstore.pool.home import Home
 from vstore.raid.geometry import survives
 from vstore.stack.device import BlockDevice
-from vstore.testing.faults import Rig
+from vstore.testing.faults import FaultRule, Rig
 
 MODES = ("random", "drop", "keep")
 MIRRORED = ("raid1", "raid10")
@@ -85,7 +88,7 @@ class CheckFailed(AssertionError):
 class Op:
     """One step of a schedule."""
 
-    kind: str  # w c r f d x h p q s crash
+    kind: str  # w c r f d x h p q s z m j crash
     args: tuple[Any, ...] = ()
 
     def __str__(self) -> str:
@@ -122,9 +125,9 @@ class Op:
                     raise ValueError(rest)
                 return Op("c", tuple(parts))
             arity = {"w": 3, "r": 2, "f": 0, "d": 2, "x": 1, "h": 1, "p": 2, "q": 2, "s": 2, "m": 1,
-                     "j": 1}[kind]
+                     "j": 1, "z": 2}[kind]
             args = tuple(int(x) for x in rest.split(":")) if rest else ()
-            if len(args) != arity or (kind == "j" and args[0] not in (0, 1)):
+            if len(args) != arity or (kind == "j" and args[0] not in (0, 1)) or (kind == "z" and args[1] < 1):
                 raise ValueError(text)
             return Op(kind, args)
         except (ValueError, KeyError):
@@ -156,9 +159,13 @@ class Target:
     durable_writes = False  # acknowledged writes survive a crash without a flush (a journal)
     unit = 0  # bytes a write is atomic in, per aligned unit, across a crash (0: none promised)
     crashable = True
+    checksums = False  # the device verifies block checksums (a silently corrupted read is caught)
 
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
+        # Blocks found failing their checksums (re-checks included), and those the layout
+        # counted and rewrote from redundancy: summed over every open of the device.
+        self.checksum_counts = {"mismatches": 0, "repairs": 0}
 
     async def open(self, reopen: bool) -> BlockDevice:
         """The device under test (created when reopen is False)."""
@@ -218,9 +225,10 @@ class PoolTarget(Target):
     """A vstore pool of one level on rig members m0..m{n-1} (and the rig member "j" as journal)."""
 
     def __init__(self, rig: Rig, level: str, *, chunk: int = 4096, journal: bool = False,
-                 home: Path | None = None, rebuild: bool = True) -> None:
+                 home: Path | None = None, rebuild: bool = True, checksums: bool = False) -> None:
         super().__init__(rig)
         self.level = level
+        self.checksums = checksums  # the pool keeps a CRC32C per block (vstore create --checksums)
         self.rebuilds = rebuild  # False: a healed member the pool dropped stays out
         self.chunk = chunk
         self.journal = journal
@@ -246,7 +254,7 @@ class PoolTarget(Target):
             uris = [self.rig.uri(n) for n in self.members]
             jr = self.rig.uri("j") if self.journal else None
             p = await Pool.create(self.home, self.name, self.level, uris, chunk=self.chunk,
-                                  force=True, journal=jr, journal_size=None)
+                                  force=True, journal=jr, journal_size=None, checksums=self.checksums)
             await p.aclose()
             self.pool = await Pool.open(self.home, self.name)
         else:
@@ -338,11 +346,23 @@ class PoolTarget(Target):
             return "a degraded parity array without a journal has the write hole"
         return None
 
+    def _count_checksums(self) -> None:
+        """Add the open pool's checksum counts to ``checksum_counts`` (before it goes)."""
+        from vstore.stack.checksum import ChecksumDevice
+
+        lay = self.layout()
+        if lay is None:
+            return
+        self.checksum_counts["mismatches"] += sum(
+            m.stats["mismatches"] for m in lay.members if isinstance(m, ChecksumDevice))
+        self.checksum_counts["repairs"] += sum(lay.checksum_errors)
+
     def abandon(self) -> None:
         """Drop the pool as kill -9 would."""
         from vstore.testing.crash import abandon
 
         if self.pool is not None:
+            self._count_checksums()
             abandon(self.pool)
             self.pool = None
 
@@ -353,6 +373,7 @@ class PoolTarget(Target):
     async def close(self) -> None:
         """Close the pool cleanly."""
         if self.pool is not None:
+            self._count_checksums()
             pool, self.pool = self.pool, None
             await pool.aclose()
         if self._tmp is not None:
@@ -541,11 +562,12 @@ async def build_rig(members: Sequence[str], *, member_size: int, journal: str | 
     return rig
 
 
-async def pool_shape(rig: Rig, level: str, *, chunk: int, journal: bool, window: int) -> Shape:
+async def pool_shape(rig: Rig, level: str, *, chunk: int, journal: bool, window: int,
+                     checksums: bool = False) -> Shape:
     """Create the pool once to learn its geometry; the shape schedules are generated for."""
     from vstore.raid.geometry import redundancy
 
-    target = PoolTarget(rig, level, chunk=chunk, journal=journal)
+    target = PoolTarget(rig, level, chunk=chunk, journal=journal, checksums=checksums)
     try:
         dev = await target.open(False)
         lay = target.layout()
@@ -558,7 +580,8 @@ async def pool_shape(rig: Rig, level: str, *, chunk: int, journal: bool, window:
                      sector=max(512, lay.block_size), journal=journal, multipath=mp,
                      paths={i: len(rig.paths[members[i]].paths) for i in mp},
                      spares=sum(n.startswith("s") for n in rig.names),
-                     journal_device="j" in rig.names and level in MIRRORED + PARITY)
+                     journal_device="j" in rig.names and level in MIRRORED + PARITY,
+                     checksums=checksums)
     finally:
         await target.close()
 
@@ -584,6 +607,10 @@ class Stats:
     switches: int = 0  # journal attached or detached
     checks: int = 0
     skipped_crashes: int = 0
+    corruptions: int = 0  # silent-corruption faults armed (z steps)
+    corrupt_reads: int = 0  # member reads that returned flipped bits
+    checksum_mismatches: int = 0  # blocks found failing their checksums (re-checks included)
+    checksum_repairs: int = 0  # blocks the layout counted and rewrote from redundancy
     notes: set[str] = field(default_factory=set)
 
 
@@ -603,6 +630,7 @@ class Runner:
         self.ops: list[tuple] = []  # since the last crash: (kind, first event, last event, ...)
         self.last: tuple[int, int] = (0, 0)  # event slice of the previous operation
         self.last_kind = ""
+        self.corruptions: list[tuple[int, int, FaultRule]] = []  # z steps: (member, reads, rule)
 
     @property
     def window(self) -> int:
@@ -707,6 +735,7 @@ class Runner:
                 gone = {j for j, name in enumerate(t.members) if self.rig.failed(name)} | t.failed()
                 if i not in gone and t.survivable(gone | {i}):
                     at = int(a[2] * self.rig.handle(t.members[i]).size) if len(a) > 2 else 0
+                    self.rig.clear_corruption(t.members[i])  # a dead member returns no bytes at all
                     self.rig.fail(t.members[i], how=how, at=at)
                     st.failures += 1
         elif k == "h":
@@ -731,6 +760,19 @@ class Runner:
             i, ms = a
             if 0 <= i < len(t.members):
                 self.rig.slow(t.members[i], ms / 1000)
+        elif k == "z":
+            # Silent corruption: the member's next N reads return flipped bits, no error.
+            # Within redundancy, as failures are, counting members whose reads are still to
+            # be flipped: with nothing to rebuild the bytes from, a read that fails its
+            # checksum twice is rightly an error.
+            i, count = a
+            gone = {j for j, name in enumerate(t.members) if self.rig.failed(name)} | t.failed()
+            armed = [r for rules in self.rig.rules.values() for r in rules]
+            gone |= {j for j, _, rule in self.corruptions
+                     if rule.count and j != i and any(r is rule for r in armed)}
+            if 0 <= i < len(t.members) and i not in gone and t.survivable(gone | {i}):
+                self.corruptions.append((i, count, self.rig.corrupt(t.members[i], count)))
+                st.corruptions += 1
         elif k == "m":
             if 0 <= a[0] < len(t.members) and not any(self.rig.failed(n) for n in t.members):
                 await t.move(a[0])
@@ -760,6 +802,7 @@ class Runner:
         a, b = self.last
         cut = a + int(round(frac * (b - a)))
         t.abandon()
+        self.rig.clear_corruption()  # a flipped read is transient: it does not outlive the power
         await self.rig.crash(cut, mode, random.Random(seed))
         t.crashed(cut)
         self.stats.crashes += 1
@@ -869,6 +912,9 @@ class Runner:
             if not np.array_equal(got, self.model):
                 x = _first_diff(got, self.model)
                 raise CheckFailed("a", f"byte {x} reads {got[x]}, {self.model[x]} was written")
+            # The scrub and the degraded reads check what the members hold, read straight
+            # (no healing): reads still to be flipped are not for them.
+            self.rig.clear_corruption()
             await self._check_redundancy(got)
         finally:
             self.rig.heal()
@@ -877,6 +923,34 @@ class Runner:
                     with contextlib.suppress(VstoreError):
                         await mp.reinstate_path(i)
             await self.target.close()
+        st = self.stats
+        st.corrupt_reads += sum(hits for _, _, hits in self.corrupted())
+        st.checksum_mismatches += self.target.checksum_counts["mismatches"]
+        st.checksum_repairs += self.target.checksum_counts["repairs"]
+
+    def corrupted(self) -> list[tuple[int, int, int]]:
+        """The z steps so far: (member, reads armed, reads that returned flipped bits)."""
+        return [(i, n, n - (rule.count or 0)) for i, n, rule in self.corruptions]
+
+    def explain(self, error: BaseException) -> BaseException:
+        """A finding after reads returned flipped bits says so, naming the members (else error as is)."""
+        hit = [(i, h) for i, _, h in self.corrupted() if h > 0]
+        if not hit:
+            return error
+        who = ", ".join(f"member {i}" for i in sorted({i for i, _ in hit}))
+        reads = sum(h for _, h in hit)
+        if isinstance(error, CheckFailed):
+            check, msg = error.check, str(error)[len(f"({error.check}) "):]
+        else:
+            check, msg = "e", f"{type(error).__name__}: {error}"
+        if self.target.checksums:
+            out = CheckFailed(check, f"after silent corruption ({who}: {reads} read(s) returned "
+                                     f"flipped bits; the pool keeps checksums): {msg}")
+        else:
+            out = CheckFailed(check, f"silent corruption not caught: {who} returned flipped bits on "
+                                     f"{reads} read(s) and the pool has no checksums: {msg}")
+        out.__cause__ = error  # (its traceback, for a debugger)
+        return out
 
 
 def seed_scheduler(seed: int) -> None:
@@ -908,6 +982,7 @@ class Shape:
     paths: dict[int, int] = field(default_factory=dict)  # member -> path count
     spares: int = 0  # free rig members a member can move to
     journal_device: bool = False  # a rig member "j" a journal can be attached on
+    checksums: bool = False  # the pool keeps block checksums (vstore create --checksums)
 
 
 def _extent(rng: random.Random, shape: Shape) -> tuple[int, int]:
@@ -929,8 +1004,12 @@ def _extent(rng: random.Random, shape: Shape) -> tuple[int, int]:
 
 
 def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool = True,
-             failures: bool = True, slow: bool = True) -> list[Op]:
-    """A random schedule for a target of this shape."""
+             failures: bool = True, slow: bool = True, corruption: bool = False) -> list[Op]:
+    """A random schedule for a target of this shape.
+
+    ``corruption`` (with ``failures``, on a target with redundancy) adds silent-corruption
+    steps (``z``); without it the schedule of a seed is what it always was.
+    """
     out: list[Op] = []
     failed: set[int] = set()
     journaled = shape.journal
@@ -956,6 +1035,12 @@ def generate(rng: random.Random, shape: Shape, *, ops: int = 24, crashes: bool =
             out.append(Op("f"))
         elif r < 0.76:
             out.append(Op("d", _extent(rng, shape)))
+        elif r < 0.79 and can_fail and corruption and (covered := [
+                j for j in range(shape.members) if j not in failed
+                and survives(shape.level, shape.members, failed | {j})]):
+            # A member returns flipped bits on its next reads (one, sometimes a few): one the
+            # level can rebuild them for (a copy or parity left besides it).
+            out.append(Op("z", (rng.choice(covered), rng.choice([1, 1, 2, 3]))))
         elif r < 0.86 and can_fail:
             alive = [i for i in range(shape.members) if i not in failed
                      and survives(shape.level, shape.members, failed | {i})] \
@@ -1058,7 +1143,7 @@ async def run_schedule(make: MakeRunner, ops: Sequence[Op]) -> Outcome:
         leaf = unwrap(e)
         if isinstance(leaf, trio.Cancelled | KeyboardInterrupt):
             raise
-        return Outcome(False, leaf, step)
+        return Outcome(False, runner.explain(leaf), step)
     finally:
         if runner is not None:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception, BaseExceptionGroup):
@@ -1150,6 +1235,7 @@ class Campaign:
 
     def __init__(self, make: MakeRunner, shape: Shape, *, seed: int, seconds: float,
                  crashes: bool = True, failures: bool = True, ops: int = 24,
+                 corruption: bool = False,
                  max_rounds: int | None = None, shrink_budget: float = 30.0,
                  on_round: Callable[[Campaign], None] | None = None) -> None:
         self.make = make
@@ -1158,6 +1244,7 @@ class Campaign:
         self.seconds = seconds
         self.crashes = crashes
         self.failures = failures
+        self.corruption = corruption
         self.n_ops = ops
         self.max_rounds = max_rounds
         self.shrink_budget = shrink_budget
@@ -1174,7 +1261,7 @@ class Campaign:
     def schedule(self, k: int) -> list[Op]:
         """The schedule of round k."""
         return generate(random.Random(self.round_seed(k)), self.shape, ops=self.n_ops,
-                        crashes=self.crashes, failures=self.failures)
+                        crashes=self.crashes, failures=self.failures, corruption=self.corruption)
 
     async def run(self) -> Failure | None:
         """Run rounds; the first failing one is shrunk and returned."""
