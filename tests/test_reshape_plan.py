@@ -17,7 +17,8 @@ from vstore.raid.reshape import (
     simulate,
 )
 
-GROWTHS = [("raid0", 1, 2), ("raid0", 2, 3), ("raid0", 3, 5), ("raid5", 3, 4), ("raid5", 4, 5),
+GROWTHS = [("raid0", 1, 2), ("raid0", 2, 3), ("raid0", 3, 5), ("raid5", 2, 3), ("raid5", 2, 4),
+           ("raid5", 3, 4), ("raid5", 4, 5),
            ("raid6", 4, 5), ("raid6", 5, 7), ("raid10", 2, 3), ("raid10", 3, 4), ("raid10", 4, 6)]
 
 
@@ -48,6 +49,19 @@ def test_shapes_refuse_what_is_not_a_growth() -> None:
         Shape("raid1", 3)
     with pytest.raises(ConfigError):
         Shape("raid6", 3)
+
+
+def test_a_two_member_raid5_is_a_raid1() -> None:
+    """The middle of a raid1 -> raid5 conversion: chunk r and its parity (a copy) in row r of both members."""
+    from vstore.raid import geometry
+
+    for c in range(40):
+        row, j, m = geometry.raid5_locate(c, 2)
+        assert (row, j) == (c, 0) and geometry.raid5_parity_member(row, 2) == 1 - m
+    geometry.check_member_count("raid5", 2, layout=True)
+    with pytest.raises(ConfigError, match="at least 3"):
+        geometry.check_member_count("raid5", 2)  # no new pool of two: only a conversion passes there
+    assert critical_rows(Shape("raid5", 2), Shape("raid5", 3)) == 1
 
 
 @pytest.mark.parametrize(("level", "a", "b"), GROWTHS)

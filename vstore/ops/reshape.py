@@ -72,9 +72,34 @@ def _shapes(pool: PoolView, n_old: int) -> tuple[plan.Shape, plan.Shape]:
     return plan.Shape(pool.level, n_old), plan.Shape(pool.level, len(pool.members))
 
 
-async def start(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False) -> None:
-    """Join uris as new members and put the pool in the reshape layout, on record (cursor 0)."""
-    if pool.level not in ONLINE_LEVELS:
+CONVERSIONS = {("raid1", "raid5")}  # (from, to): the level changes and the reshape starts in one commit
+
+
+def check_level_change(pool: PoolView, level: str | None) -> str:
+    """The level the pool is reshaped into (``--level``); ConfigError for a conversion vstore does not do."""
+    if level is None or level == pool.level:
+        return pool.level
+    if (pool.level, level) not in CONVERSIONS:
+        raise ConfigError(f"vstore converts a raid1 pool of two members to raid5 only, not a {pool.level} "
+                          f"pool to {level}")
+    if len(pool.members) != 2:
+        raise ConfigError(f"a raid1 pool converts to raid5 with two members (as md), not "
+                          f"{len(pool.members)}: fail and remove the extra mirrors first")
+    return level
+
+
+async def start(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
+                level: str | None = None) -> None:
+    """Join uris as new members and put the pool in the reshape layout, on record (cursor 0).
+
+    With ``level="raid5"`` on a two-member raid1 pool (md's raid1 -> raid5): a
+    2-member raid5 holds exactly a 2-member raid1's bytes (``vstore.raid.geometry``),
+    so the same commit that records the reshape records the level raid5 with two
+    old members, and the reshape onto n + k members is a raid5 one from there.
+    """
+    target = check_level_change(pool, level)
+    converting = target != pool.level
+    if target not in ONLINE_LEVELS:
         raise ConfigError(f"growing a {pool.level} pool onto more members needs a reshape, which vstore "
                           f"does online for {', '.join(ONLINE_LEVELS)} only so far (any pool takes members "
                           "that grew: --members-grew)")
@@ -90,7 +115,7 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
         raise ConfigError(f"--size {format_size(size)} is too small: a new member of pool {pool.name!r} "
                           f"needs {format_size(DATA_OFFSET + need)}")
     n0 = len(pool.members)
-    old, new = plan.Shape(pool.level, n0), plan.Shape(pool.level, n0 + len(uris))
+    old, new = plan.Shape(target, n0), plan.Shape(target, n0 + len(uris))
     ops_grow._check_journal_room(pool, new.n)
     await pool.consistency.wait_resynced()  # the rows of an unclean shutdown: consistent first
     if not plan.backup_fits(old, new, layout.rows):
@@ -118,7 +143,8 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
         devs = [m.data_dev for m in pool.members] + [m.data_dev for m in added]
         if isinstance(layout, ReshapeLayout) and layout.finished:
             layout = layout.new  # a reshape finished in this process: its geometry is the old one now
-        reshaping = ReshapeLayout(devs, C, level=pool.level, n_old=n0, committed=0, old=layout,
+        # (A converted raid1 stays the old geometry in this process: its bytes are the 2-member raid5's.)
+        reshaping = ReshapeLayout(devs, C, level=target, n_old=n0, committed=0, old=layout,
                                   on_member_failed=layout.on_member_failed)
     except BaseException:
         for _, dev in joined:
@@ -129,8 +155,15 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
     pool.data_dev.inner = reshaping  # the volumes' device: the same object, a new layout below
     pool.meta["reshape"] = {"from": n0, "to": new.n, "cursor": 0, "backup": None,
                             "started": int(time.time())}
+    if converting:
+        pool.meta["reshape"]["converted_from"] = pool.level
+        pool.meta["level"] = target  # one commit: raid1 before it, raid5 being reshaped after it
+    # The journal or bitmap sees the updates of both geometries (and a parity level's rows).
+    pool.consistency.attach(reshaping)
     await pool.commit()
-    log.info("pool %s: reshaping from %d onto %d members", pool.name, n0, new.n)
+    log.info("pool %s: %sreshaping from %d onto %d members", pool.name,
+             f"converted from {pool.meta['reshape'].get('converted_from')} to {target}, " if converting else "",
+             n0, new.n)
 
 
 async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,7 +237,8 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
     seconds = time.monotonic() - t0
     nbytes = (total - start_cursor) * C
     log.info("pool %s: reshaped onto %d members (%s in %.1f s)", pool.name, new.n, format_size(nbytes), seconds)
-    return {"kind": "reshape", "level": pool.level, "from": old.n, "to": new.n, "bytes": nbytes,
+    conv = {"converted_from": rec["converted_from"]} if rec.get("converted_from") else {}
+    return {"kind": "reshape", "level": pool.level, **conv, "from": old.n, "to": new.n, "bytes": nbytes,
             "seconds": round(seconds, 3), "resumed": resumed, "resumed_at_chunk": start_cursor,
             "added_members": list(range(old.n, new.n)),
             "size": pool.n_extents * pool.extent_size, "pool_state": pool.state}
@@ -274,17 +308,18 @@ async def _read_backup(pool: PoolView, layout: ReshapeLayout, members: list[int]
 
 
 async def add(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
-              speed: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Reshape onto the added members in this task."""
-    await start(pool, uris, size=size, force=force)
+              speed: dict[str, Any] | None = None, progress: Progress | None = None,
+              level: str | None = None) -> dict[str, Any]:
+    """Reshape onto the added members in this task (``level``: convert a raid1 to raid5 first)."""
+    await start(pool, uris, size=size, force=force, level=level)
     return await pool.lifecycle.run("reshape", lambda op: run(pool, op, speed), progress)
 
 
 async def start_add(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
-                    speed: dict[str, Any] | None = None) -> Operation:
+                    speed: dict[str, Any] | None = None, level: str | None = None) -> Operation:
     """Reshape onto the added members in the background (the mount process)."""
     pool.lifecycle.check_idle()
-    await start(pool, uris, size=size, force=force)
+    await start(pool, uris, size=size, force=force, level=level)
     return pool.lifecycle.start("reshape", lambda op: run(pool, op, speed))
 
 

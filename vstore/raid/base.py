@@ -145,7 +145,7 @@ class RaidLayout(DeviceBase):
         on_member_failed: OnMemberFailed | None = None,
         rebuilding: Iterable[int] = frozenset(),
     ) -> None:
-        geometry.check_member_count(self.level, len(members))
+        geometry.check_member_count(self.level, len(members), layout=True)
         geometry.check_chunk(chunk)
         self.members: list[BlockDevice] = list(members)
         self.n = len(self.members)

@@ -96,7 +96,7 @@ class Shape:
     def __post_init__(self) -> None:
         if self.level not in RESHAPE_LEVELS:
             raise ConfigError(f"a {self.level} pool is not reshaped")
-        if self.n < {"raid0": 1, "raid5": 3, "raid6": 4, "raid10": 2}[self.level]:
+        if self.n < {"raid0": 1, "raid5": 2, "raid6": 4, "raid10": 2}[self.level]:
             raise ConfigError(f"{self.level} needs more than {self.n} members")
 
     @property
