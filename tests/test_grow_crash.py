@@ -170,21 +170,27 @@ async def test_power_cut_anywhere_while_a_mirror_is_added(tmp_path: Path, journa
         rec.forget()
 
 
-RESHAPES = [("raid0", 2, False), ("raid5", 3, False), ("raid5", 3, True), ("raid6", 4, False)]
+RESHAPES = [("raid0", 2, False), ("raid5", 3, False), ("raid5", 3, True), ("raid6", 4, False),
+            ("raid1", 2, False)]
 
 
 @pytest.mark.parametrize(("level", "n", "journal"), RESHAPES,
-                         ids=["raid0", "raid5-bitmap", "raid5-journal", "raid6-bitmap"])
+                         ids=["raid0", "raid5-bitmap", "raid5-journal", "raid6-bitmap", "raid1-to-raid5"])
 async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: int, journal: bool) -> None:
-    """n -> n+1 members, online: the backup of the critical rows, the cursor's checkpoints, the finish."""
+    """n -> n+1 members, online: the backup of the critical rows, the cursor's checkpoints, the finish.
+
+    raid1 is converted to raid5 (``--level raid5``) by the commit that starts the reshape.
+    """
     from vstore.ops import reshape
     from vstore.raid.reshape_layout import ReshapeLayout
     from vstore.testing import verify_parity
 
     rec = CrashRecorder(f"reshape{level}{next(_counter)}")
     try:
-        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(n)]
-        new = rec.add_memory("new", 8 * MiB)
+        convert = {"level": "raid5"} if level == "raid1" else {}
+        size = 16 * MiB if convert else 8 * MiB  # a mirror holds one member's worth
+        uris = [rec.add_memory(f"m{i}", size) for i in range(n)]
+        new = rec.add_memory("new", size)
         jr = rec.add_memory("j", 2 * MiB) if journal else None
         home = Home(tmp_path / "home")
         pool = await Pool.create(home, "p", level, uris, chunk=CHUNK, journal=jr)
@@ -197,8 +203,9 @@ async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: in
         writer = Writer(rec, pool, "v", list(range(0, 3072, 61)), seed=6)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run, 40, 0.003)  # acknowledged writes while the data moves
-            res = await reshape.add(pool, [new], speed={"max": 16 * MiB})
+            res = await reshape.add(pool, [new], speed={"max": 16 * MiB}, **convert)
         assert res["kind"] == "reshape" and res["to"] == n + 1 and pool.status()["size"] > size0
+        assert res["level"] == ("raid5" if convert else level)
         events = list(rec.events)
         abandon(pool)
         written = {off for _, off, _ in writer.done}
@@ -214,6 +221,8 @@ async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: in
                 r = pool.meta.get("reshape")
                 phases["before" if len(pool.members) == n else "backup" if r and r["backup"]
                        else "copying" if r else "done"] += 1
+                # The level changed with the member count, in one commit.
+                assert pool.level == (level if len(pool.members) == n or not convert else "raid5"), cut
                 for attempt in ("reopened", "finished"):
                     vol = np.asarray(await pool.get_volume("v").read(0, 12 * MiB)).tobytes()
                     assert all(vol[o : o + 4096] == old_bytes[o : o + 4096] for o in untouched), \
