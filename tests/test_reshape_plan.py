@@ -75,10 +75,13 @@ def test_power_cut_at_every_write_loses_nothing(level: str, a: int, b: int) -> N
             assert problems == [], f"{level} {a}->{b}, cut after {cut} writes: {problems[:5]}"
 
 
-@pytest.mark.parametrize("broken", ["no backup", "no checkpoint"])
+@pytest.mark.parametrize("broken", ["no backup", "no checkpoint", "zero rows first"])
 def test_the_model_catches_an_unsafe_order(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
-    """Without the backup of the critical rows, or without reshape_safe's checkpoints, some cut loses chunks."""
-    if broken == "no backup":
+    """Without the backup of the critical rows, reshape_safe's checkpoints, or the cursor on record before
+    the rows above the data are zeroed, some cut loses chunks."""
+    if broken == "zero rows first":
+        monkeypatch.setattr(reshape, "ZERO_ROWS_FIRST", True)
+    elif broken == "no backup":
         monkeypatch.setattr(reshape, "critical_rows", lambda old, new: 0)
         monkeypatch.setattr(reshape, "backup_chunks", lambda old, new: 0)
     else:

@@ -17,8 +17,10 @@ geometry the cursor says. ``run`` then copies, in the order that
    overwrites old rows only once the committed cursor covers their chunks
    (otherwise the members are flushed and the cursor committed first), and the
    cursor is also committed every few seconds or megabytes, paced like a rebuild;
-3. at the end (raid5/raid6: once the rows above the data, old rows under no
-   parity, are written as zero rows), ``meta["reshape"]`` goes and the larger
+3. at the end the cursor is committed at the last chunk; only then (raid5/raid6)
+   are the rows above the data, old rows under no parity, written as zero rows
+   (they overwrite old rows: before that commit a crash would copy chunks again
+   from rows already zeroed); then ``meta["reshape"]`` goes and the larger
    ``n_extents`` comes in one commit (the extent size stays: volumes' extent
    numbers keep their meaning).
 
@@ -225,9 +227,12 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             await checkpoint(layout.done)
             since, last = 0, time.monotonic()
         r = r1
+    # Every chunk on record in the new geometry first: the zero rows overwrite old rows, whose
+    # chunks a crash before this checkpoint would copy again from there (the plan's model).
+    await checkpoint(total)
     if new.n > new.k:  # parity: the rows above the data hold old rows under no parity: zeros
         await _zero_rows(layout, data_rows, layout.rows)
-    await checkpoint(total)
+        await layout.flush_members()
     # Done: the pool is its new geometry; one commit records the larger size.
     layout.finish()
     pool.data_dev.size = layout.size
