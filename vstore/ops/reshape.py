@@ -1,4 +1,4 @@
-"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0, raid5, raid6.
+"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0, raid5, raid6, raid10.
 
 ``start`` joins the new members (superblocks, pool record, as ``vstore.ops.grow``
 does), puts a ``ReshapeLayout`` (``vstore.raid.reshape_layout``) in the pool's
@@ -12,8 +12,10 @@ geometry the cursor says. ``run`` then copies, in the order that
    put on record before new row 0 is written; the whole critical section holds
    its chunks' locks;
 2. then row batches of whole new rows (parity computed from the data alone; the
-   last one padded with zeros), each under the locks of the rows it reads and
-   writes in both geometries: a batch
+   last one padded with zeros; raid10: the chunks wholly in those rows, both
+   copies, so with an odd member count a batch also writes the first copy of its
+   first chunk in the row below, a row reshape_safe already allowed), each under
+   the locks of the rows it reads and writes in both geometries: a batch
    overwrites old rows only once the committed cursor covers their chunks
    (otherwise the members are flushed and the cursor committed first), and the
    cursor is also committed every few seconds or megabytes, paced like a rebuild;
@@ -189,15 +191,7 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
     lo, hi = speed_of(speed)
     limiter = RateLimiter(layout, lo, hi)
 
-    async def checkpoint(cursor: int, **extra: Any) -> None:
-        """Flush the members, then put the cursor (never lower than on record) in the metadata."""
-        await layout.flush_members()
-        rec_now = pool.meta["reshape"]
-        cursor = max(cursor, int(rec_now["cursor"]))
-        pool.meta["reshape"] = {**rec_now, "cursor": cursor, **extra}
-        await pool.commit()
-        layout.checkpointed(cursor)
-
+    checkpoint = _checkpointer(pool, layout)
     # Stays after a stop too: a later write past the recorded cursor must still put it on record.
     layout.on_checkpoint = checkpoint
     # Rows dirty at a crash are resynced (each by the geometry owning it) before the copy moves on.
@@ -233,6 +227,9 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
     if new.n > new.k:  # parity: the rows above the data hold old rows under no parity: zeros
         await _zero_rows(layout, data_rows, layout.rows)
         await layout.flush_members()
+    elif new.level == "raid10":  # old chunks under the new pairing (copies that differ): zeros
+        await _zero_chunks(layout, new.chunks_below(data_rows), int(layout.new.size) // C)
+        await layout.flush_members()
     # Done: the pool is its new geometry; one commit records the larger size.
     layout.finish()
     pool.data_dev.size = layout.size
@@ -247,6 +244,39 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             "seconds": round(seconds, 3), "resumed": resumed, "resumed_at_chunk": start_cursor,
             "added_members": list(range(old.n, new.n)),
             "size": pool.n_extents * pool.extent_size, "pool_state": pool.state}
+
+
+def _checkpointer(pool: PoolView, layout: ReshapeLayout) -> Any:
+    """The reshape's checkpoint: flush the members, then put the cursor (never lower) on record."""
+
+    async def checkpoint(cursor: int, **extra: Any) -> None:
+        await layout.flush_members()
+        rec_now = pool.meta["reshape"]
+        cursor = max(cursor, int(rec_now["cursor"]))
+        pool.meta["reshape"] = {**rec_now, "cursor": cursor, **extra}
+        await pool.commit()
+        layout.checkpointed(cursor)
+
+    return checkpoint
+
+
+async def redo_critical_section(pool: PoolView) -> bool:
+    """At open, before anything is served: a crash in the critical section (backup on record) redone.
+
+    The old rows below the critical row may be half overwritten by new rows, so
+    the old geometry cannot serve their chunks: the new rows are written again
+    from the backup and the cursor committed past them (as ``run`` would first).
+    Whether there was one to redo.
+    """
+    layout = pool.layout
+    rec = pool.meta.get("reshape")
+    if not rec or rec.get("backup") is None or not isinstance(layout, ReshapeLayout) or pool.read_only:
+        return False
+    old, new = _shapes(pool, int(rec["from"]))
+    await _critical_section(pool, layout, old, new, plan.critical_rows(old, new), plan.backup_chunks(old, new),
+                            _checkpointer(pool, layout))
+    log.info("pool %s: the reshape's critical section was redone from its backup", pool.name)
+    return True
 
 
 async def _source(layout: ReshapeLayout, c0: int, c1: int, row_end: int,
@@ -271,6 +301,16 @@ async def _zero_rows(layout: ReshapeLayout, r0: int, r1: int) -> None:
     for r in range(r0, r1, step):
         n = min(step, r1 - r)
         await layout.new.write(r * row, zeros[: n * row])
+
+
+async def _zero_chunks(layout: ReshapeLayout, c0: int, c1: int) -> None:
+    """Write zeros over logical chunks [c0, c1) of the new geometry (raid10: both copies; nobody addresses them yet)."""
+    C = layout.chunk
+    step = max(1, (4 << 20) // C)
+    zeros = np.zeros(step * C, dtype=np.uint8)
+    for c in range(c0, c1, step):
+        n = min(step, c1 - c)
+        await layout.new.write(c * C, zeros[: n * C])
 
 
 async def _critical_section(pool: PoolView, layout: ReshapeLayout, old: plan.Shape, new: plan.Shape,

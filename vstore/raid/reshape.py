@@ -7,8 +7,18 @@ backups and metadata checkpoints that keeps every logical chunk recoverable
 after a crash at any point. ``simulate`` runs the plan over a model of the
 members and cuts the power anywhere (``tests/test_reshape_plan.py`` does, for
 every cut). The online reshape that drives it over a live pool is built for
-raid0, raid5 and raid6 (``vstore.raid.reshape_layout``, ``vstore.ops.reshape``);
-raid10 (whose locks and resync are per chunk, not per row) is not yet.
+every level here (``vstore.raid.reshape_layout``, ``vstore.ops.reshape``): raid10's
+own locks and resync are per chunk, but a reshape locks member rows of both
+geometries (every row holding a copy of a chunk touched) and resyncs a dirty row
+in the geometry owning it, as for the others. A raid5 of two members (the middle
+of a raid1 -> raid5 conversion) is a shape too.
+
+The rows above the moved data (old rows under the new parity or pairing) become
+zero rows only after the cursor on record covers every chunk: they overwrite old
+rows, which a crash before that commit would copy again (``ZERO_ROWS_FIRST``
+flips the order for the test that the model catches it). After a crash in the
+critical section the pool's open rewrites the critical rows from the backup
+before it serves anything (the old rows there may be half overwritten).
 
 The hazard
 ----------
