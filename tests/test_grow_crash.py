@@ -370,14 +370,16 @@ async def test_a_stopped_reshape_serves_both_geometries_and_resumes(tmp_path: Pa
         await pool.aclose()
 
 
-async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path) -> None:
-    """raid5 3 -> 4: member 1 fails half way; the copy goes on degraded, every byte reads back."""
+@pytest.mark.parametrize("level", ["raid5", "raid10"])
+async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path, level: str) -> None:
+    """3 -> 4 members: member 1 fails half way; the copy goes on degraded, every byte reads back."""
     from vstore.ops import reshape
 
     home = Home(tmp_path / "home")
     tag = next(_counter)
-    uris = [f"memory://fail{tag}-{i}?size={8 * MiB}" for i in range(4)]
-    pool = await Pool.create(home, "p", "raid5", uris[:3], chunk=CHUNK)
+    size = 12 * MiB if level == "raid10" else 8 * MiB
+    uris = [f"memory://fail{tag}-{i}?size={size}" for i in range(4)]
+    pool = await Pool.create(home, "p", level, uris[:3], chunk=CHUNK)
     try:
         await pool.create_volume("v", 12 * MiB)
         model = np.random.default_rng(12).integers(0, 256, 12 * MiB, dtype=np.uint8)

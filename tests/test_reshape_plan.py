@@ -90,3 +90,21 @@ def test_the_model_catches_an_unsafe_order(monkeypatch: pytest.MonkeyPatch, brok
     rows = 24
     found = [simulate(old, new, rows, cut, random.Random(cut)) for cut in range(count_writes(old, new, rows) + 1)]
     assert any(found)
+
+
+def test_a_raid10_reshape_fails_when_either_geometry_loses_a_pair() -> None:
+    """raid10 3 -> 4: members 0 and 2 hold both copies of a chunk in the old (odd) geometry, not in the new."""
+    import numpy as np
+
+    from backends.memory import MemoryDevice
+    from vstore.raid.reshape_layout import ReshapeLayout
+
+    devs = [MemoryDevice(np.zeros(1 << 20, np.uint8)) for _ in range(4)]
+    lay = ReshapeLayout(devs, 16384, level="raid10", n_old=3, committed=0, failed={0})
+    assert lay.state == "degraded"
+    lay.failed.add(2)  # new pairs (0, 1) and (2, 3) keep a copy each; the old pair (2, 0) is gone
+    assert lay.state == "failed"
+    lay.finish()
+    assert lay.state == "degraded"  # all in the new geometry now
+    # Rows locked for a chunk: both copies' rows in both geometries (chunk 1: old positions 2, 3 -> rows 0, 1).
+    assert ReshapeLayout(devs, 16384, level="raid10", n_old=3, committed=0).row_keys(1, 2) == [0, 1]
