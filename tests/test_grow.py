@@ -229,12 +229,13 @@ def _fio_ok(proc: subprocess.Popen) -> None:
 def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
     """Each level grown by one member in its mount while fio --verify runs; then members-grew."""
     home, d = tmp_path / "home", tmp_path
-    for level in ("linear", "raid1", "raid0", "raid5", "raid6", "raid10"):
+    for level in ("linear", "raid1", "raid0", "raid5", "raid6", "raid10", "raid1-to-raid5"):
         mp = d / f"mnt-{level}"
         mp.mkdir()
         pool = f"p{level}"
         n = {"raid5": 3, "raid6": 4}.get(level, 2)
-        vstore(home, "create", pool, "--level", level, "--size", "16M", "--chunk", "16K",
+        convert = ["--level", "raid5"] if level == "raid1-to-raid5" else []
+        vstore(home, "create", pool, "--level", level.split("-")[0], "--size", "16M", "--chunk", "16K",
                *[f"file://{d}/{level}{i}.img" for i in range(n)])
         vstore(home, "volume", "create", pool, "v", "--size", "12M")
         try:
@@ -242,7 +243,7 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
             fio = _fio(mp / "v", 12, 11)
             try:
                 res = vstore(home, "grow", pool, "--add", f"file://{d}/{level}-new.img", "--size", "16M",
-                             "--speed-max", "8M", "--background")
+                             "--speed-max", "8M", "--background", *convert)
                 assert fio.poll() is None, "fio ended before the grow: nothing ran alongside"
                 if level != "linear":  # the copy (raid0: the reshape) runs in the mount, fio still writing
                     assert "started in the mount process" in res.stdout
@@ -253,6 +254,7 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                     assert "members 2 added" in res.stdout
                 st = json.loads(vstore(home, "status", pool, "--json").stdout)
                 assert len(st["members"]) == n + 1 and st["state"] == "clean"
+                assert st["level"] == ("raid5" if convert else level)
                 if level == "linear":  # the new space is there at once, while mounted
                     vstore(home, "volume", "resize", pool, "v", "--size", "40M")
                     assert os.path.getsize(mp / "v") == 40 * MiB
