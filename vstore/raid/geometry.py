@@ -86,7 +86,7 @@ def check_chunk(chunk: int) -> int:
 MAX_MEMBERS = {"raid6": 255 + 2}
 
 
-# A layout (not a new pool) takes a 2-member raid5, as md does: its rows hold one data chunk
+# A transient layout (``RaidLayout.transient``: not a pool's own) takes a 2-member raid5, as md does: its rows hold one data chunk
 # and P, a copy of it, on the two members in turn, which are exactly the bytes of a 2-member
 # raid1 (row r = member bytes [r*C, (r+1)*C) = logical chunk r on both). It is the state a
 # raid1 -> raid5 conversion passes through (vstore.ops.reshape), reshaped at once onto more.
@@ -94,7 +94,7 @@ _LAYOUT_MIN_MEMBERS = {"raid5": 2}
 
 
 def check_member_count(level: str, n: int, *, layout: bool = False) -> None:
-    """Raise ConfigError unless n members suit the level (``layout``: a 2-member raid5 too)."""
+    """Raise ConfigError unless n members suit the level (``layout``: a transient layout, a 2-member raid5 too)."""
     need = _LAYOUT_MIN_MEMBERS.get(level, min_members(level)) if layout else min_members(level)
     if n < need:
         raise ConfigError(f"{level} needs at least {need} members, got {n}")

@@ -56,6 +56,10 @@ class ReshapeLayout(RaidLayout):
             raise ConfigError(f"a reshape from {n_old} onto {self.n} members")
         self.n_old = n_old
         # The old geometry may be the pool's layout until now (its locks and counters go on).
+        if old is None and level == "raid5" and n_old == 2:  # a raid1 converted (vstore.ops.reshape)
+            from vstore.raid.raid5 import ConvertedRaid5Layout
+
+            old = ConvertedRaid5Layout(list(members[:n_old]), chunk)
         self.old = old if old is not None else make_layout(level, list(members[:n_old]), chunk)
         self.new = make_layout(level, list(members), chunk)
         for inner in (self.old, self.new):
