@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import trio
 
 from vstore.errors import ConfigError
 from vstore.raid import reshape
@@ -108,3 +109,25 @@ def test_a_raid10_reshape_fails_when_either_geometry_loses_a_pair() -> None:
     assert lay.state == "degraded"  # all in the new geometry now
     # Rows locked for a chunk: both copies' rows in both geometries (chunk 1: old positions 2, 3 -> rows 0, 1).
     assert ReshapeLayout(devs, 16384, level="raid10", n_old=3, committed=0).row_keys(1, 2) == [0, 1]
+
+
+def test_a_raid10_row_across_the_cursor_is_resynced_chunk_by_chunk() -> None:
+    """raid10 2 -> 3, cursor at chunk 1: new row 0 holds chunk 0 (new geometry) and chunk 1 (still old)."""
+    import numpy as np
+
+    from backends.memory import MemoryDevice
+    from vstore.raid.reshape_layout import ReshapeLayout
+
+    C = 4096
+    stores = [np.zeros(64 * C, np.uint8) for _ in range(3)]
+    lay = ReshapeLayout([MemoryDevice(s) for s in stores], C, level="raid10", n_old=2, committed=1)
+    # Chunk 0 in the new geometry, torn at a crash: positions 0, 1 (members 0, 1 of row 0) differ.
+    stores[0][:C], stores[1][:C] = 1, 2
+    # Chunk 1 still in the old geometry: old positions 2, 3 = row 1 of members 0, 1 (a torn write too);
+    # its new positions (member 2 of row 0, member 0 of row 1) must not be written from old bytes.
+    stores[0][C : 2 * C], stores[1][C : 2 * C], stores[2][:C] = 3, 4, 9
+    trio.run(lay.resync_row, 0)
+    assert stores[1][:C].tolist() == stores[0][:C].tolist() == [1] * C  # chunk 0: first copy over the other
+    assert (stores[2][:C] == 9).all()  # new position of chunk 1: left to the copy
+    trio.run(lay.resync_row, 1)
+    assert (stores[1][C : 2 * C] == 3).all()  # old row 1 (chunk 1, old geometry): its copies agree

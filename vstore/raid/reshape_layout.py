@@ -138,7 +138,13 @@ class ReshapeLayout(RaidLayout):
 
     async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
         """Resync member row ``row`` in the geometry that owns it on record (nothing between the two)."""
-        if self.finished or self.shape_new.row_chunks(row).stop <= self.committed:
+        if not self.finished and self.level == "raid10":
+            # With an odd member count a row holds chunks on both sides of the cursor: each chunk
+            # in the geometry owning it (new below the cursor, where the copy wrote both copies;
+            # old at or past it, whose old copies reshape_safe leaves intact).
+            await self.new.resync_chunks([c for c in self.new.resync_keys(row) if c < self.committed])
+            await self.old.resync_chunks([c for c in self.old.resync_keys(row) if c >= self.committed])
+        elif self.finished or self.shape_new.row_chunks(row).stop <= self.committed:
             await self.new.resync_row(row, trusted)
         elif self.shape_old.row_chunks(row).stop > self.committed:  # an old row holding chunks at or past it
             await self.old.resync_row(row, trusted)
