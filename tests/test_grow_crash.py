@@ -403,3 +403,22 @@ async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path, level: s
         assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["bitmap", "journal"])
+async def test_a_started_reshape_keeps_the_journal_or_bitmap(tmp_path: Path, journal: bool) -> None:
+    """The process that starts a reshape routes both geometries' updates through the pool's journal or bitmap."""
+    from vstore.ops import reshape
+
+    home = Home(tmp_path / "home")
+    tag = next(_counter)
+    uris = [f"memory://keep{tag}-{i}?size={8 * MiB}" for i in range(4)]
+    jr = f"memory://keep{tag}-j?size={2 * MiB}" if journal else None
+    pool = await Pool.create(home, "p", "raid5", uris[:3], chunk=CHUNK, journal=jr)
+    try:
+        log = pool.layout.journal
+        assert log is not None
+        await reshape.start(pool, [uris[3]])
+        assert pool.layout.journal is log and pool.layout.old.journal is log and pool.layout.new.journal is log
+    finally:
+        await pool.aclose()

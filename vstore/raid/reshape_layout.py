@@ -20,7 +20,9 @@ The journal or write-intent bitmap and a pending resync are shared with both
 inner layouts. After a crash a dirty row is resynced by the geometry that owns it
 on record (``resync_row``): the new one below the committed cursor, the old one
 where its chunks are still at or above it; the rows between (copied past the
-checkpoint) are skipped, as the resumed copy writes them again.
+checkpoint) are skipped, as the resumed copy writes them again. raid10 with an
+odd member count has rows holding chunks on both sides of the cursor: there each
+chunk is resynced in the geometry owning it (``Raid10Layout.resync_chunks``).
 ``vstore.ops.reshape`` drives the copy.
 """
 
