@@ -129,7 +129,7 @@ async def one_case(level: str, n: int, member_size: int, d: Path) -> dict:
             "scrub_repair_seconds": round(scrub_s, 3), "repaired_on_first_scrub": sc["repaired"]}
 
 
-RESHAPES = [("raid0", 2), ("raid5", 4)]
+RESHAPES = [("raid0", 2), ("raid5", 4), ("raid10", 4)]
 
 
 async def reshape_case(level: str, n: int, member_size: int, d: Path) -> dict:

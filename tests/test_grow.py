@@ -93,7 +93,7 @@ def test_grow_refusals_are_one_line_and_change_nothing(tmp_path: Path) -> None:
         (["grow", "p", "--add", f"file://{d}/nosuch.img"], "no such file"),
         (["grow", "p"], "--members-grew"),
         (["grow", "p", "--add"], "at least one uri"),
-        (["grow", "q", "--add", f"file://{d}/q3.img", "--size", "8M"], "reshape"),
+        (["grow", "q", "--add", f"file://{d}/q3.img", "--size", "8M", "--level", "raid5"], "converts a raid1"),
         (["grow", "q", "--members-grew", f"file://{d}/x.img"], "takes no uri"),
     ]
     for args, words in cases:
@@ -227,14 +227,15 @@ def _fio_ok(proc: subprocess.Popen) -> None:
 @needs_fuse
 @needs_fio
 def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
-    """Each level but raid10 grown by one member in its mount while fio --verify runs; then members-grew."""
+    """Each level grown by one member in its mount while fio --verify runs; then members-grew."""
     home, d = tmp_path / "home", tmp_path
-    for level in ("linear", "raid1", "raid0", "raid5", "raid6"):
+    for level in ("linear", "raid1", "raid0", "raid5", "raid6", "raid10", "raid1-to-raid5"):
         mp = d / f"mnt-{level}"
         mp.mkdir()
         pool = f"p{level}"
         n = {"raid5": 3, "raid6": 4}.get(level, 2)
-        vstore(home, "create", pool, "--level", level, "--size", "16M", "--chunk", "16K",
+        convert = ["--level", "raid5"] if level == "raid1-to-raid5" else []
+        vstore(home, "create", pool, "--level", level.split("-")[0], "--size", "16M", "--chunk", "16K",
                *[f"file://{d}/{level}{i}.img" for i in range(n)])
         vstore(home, "volume", "create", pool, "v", "--size", "12M")
         try:
@@ -242,7 +243,7 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
             fio = _fio(mp / "v", 12, 11)
             try:
                 res = vstore(home, "grow", pool, "--add", f"file://{d}/{level}-new.img", "--size", "16M",
-                             "--speed-max", "8M", "--background")
+                             "--speed-max", "8M", "--background", *convert)
                 assert fio.poll() is None, "fio ended before the grow: nothing ran alongside"
                 if level != "linear":  # the copy (raid0: the reshape) runs in the mount, fio still writing
                     assert "started in the mount process" in res.stdout
@@ -253,6 +254,7 @@ def test_grow_mounted_pools_while_fio_verifies(tmp_path: Path) -> None:
                     assert "members 2 added" in res.stdout
                 st = json.loads(vstore(home, "status", pool, "--json").stdout)
                 assert len(st["members"]) == n + 1 and st["state"] == "clean"
+                assert st["level"] == ("raid5" if convert else level)
                 if level == "linear":  # the new space is there at once, while mounted
                     vstore(home, "volume", "resize", pool, "v", "--size", "40M")
                     assert os.path.getsize(mp / "v") == 40 * MiB
@@ -357,14 +359,56 @@ def test_grow_raid0_reshapes_onto_the_new_member(tmp_path: Path) -> None:
     _roundtrip(home, d, data)
 
 
+def test_grow_raid1_converts_to_raid5_by_adding_a_member(tmp_path: Path) -> None:
+    """md's raid1 -> raid5: the level changes (a 2-member raid5 is the mirror's bytes), then a 2 -> 3 reshape."""
+    home, d = tmp_path / "home", tmp_path
+    vstore(home, "create", "p", "--level", "raid1", "--size", "12M", "--chunk", "16K",
+           f"file://{d}/a.img", f"file://{d}/b.img")
+    data = _data(7 * MiB, 12)
+    (d / "in.raw").write_bytes(data)
+    vstore(home, "import", "p", "v", str(d / "in.raw"))
+    size0 = status(home)["size"]
+    files = sorted(d.glob("*.img"))
+    before = _data_areas(files)
+    for args, words in [
+        (["--add", f"file://{d}/n.img", "--size", "12M", "--level", "raid6"], "raid1 pool of two members to raid5"),
+        (["--members-grew", "--level", "raid5"], "--level goes with --add"),
+    ]:
+        res = vstore(home, "grow", "p", *args, check=False)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode != 0 and len(lines) == 1 and words.lower() in lines[0].lower(), res.stderr
+    assert sorted(d.glob("*.img")) == files and _data_areas(files) == before
+
+    res = vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", "12M", "--level", "raid5", "--json")
+    js = json.loads(res.stdout)
+    assert (js["kind"], js["level"], js["converted_from"], js["from"], js["to"]) == ("reshape", "raid5", "raid1", 2, 3)
+    st = status(home)
+    assert st["level"] == "raid5" and len(st["members"]) == 3 and st["size"] >= 2 * size0
+    assert st["state"] == "clean" and st["operation"] is None
+    _roundtrip(home, d, data)
+    assert "0 mismatch" in vstore(home, "scrub", "p").stdout
+    # Row 0 is raid5 over three members: chunks 0 and 1 on members 0 and 1, P = their XOR on the new one.
+    C = 16384
+    p = np.frombuffer(data[:C], np.uint8) ^ np.frombuffer(data[C : 2 * C], np.uint8)
+    assert (d / "c.img").read_bytes()[DATA_OFFSET : DATA_OFFSET + C] == p.tobytes()
+    vstore(home, "fail", "p", "0")  # degraded raid5: the rest rebuilt from parity
+    _roundtrip(home, d, data)
+    # Two members of a raid1 are needed: a three-way mirror is refused in one line.
+    vstore(home, "create", "q", "--level", "raid1", "--size", "12M", *[f"file://{d}/q{i}.img" for i in range(3)])
+    res = vstore(home, "grow", "q", "--add", f"file://{d}/q3.img", "--size", "12M", "--level", "raid5", check=False)
+    assert res.returncode != 0 and "with two members" in res.stderr and not (d / "q3.img").exists()
+    assert status(home, "q")["level"] == "raid1"
+
+
 @needs_fuse
-@pytest.mark.parametrize("level", ["raid0", "raid5"])
+@pytest.mark.parametrize("level", ["raid0", "raid5", "raid10", "raid1-to-raid5"])
 def test_kill9_mount_during_a_reshape_then_resume(tmp_path: Path, level: str) -> None:
     """kill -9 the mount while a pool is reshaped under writes; the remount resumes and finishes it."""
     home, d, mp = tmp_path / "home", tmp_path, tmp_path / "mnt"
     mp.mkdir()
-    count = 2 if level == "raid0" else 3
-    vstore(home, "create", "p", "--level", level, "--size", "14M", "--chunk", "16K",
+    count = 3 if level == "raid5" else 2
+    size = "24M" if level in ("raid1-to-raid5", "raid10") else "14M"  # a mirror holds one member's worth
+    vstore(home, "create", "p", "--level", level.split("-")[0], "--size", size, "--chunk", "16K",
            *[f"file://{d}/m{i}.img" for i in range(count)])
     vstore(home, "volume", "create", "p", "v", "--size", "20M")
     rng = np.random.default_rng(10)
@@ -375,8 +419,9 @@ def test_kill9_mount_during_a_reshape_then_resume(tmp_path: Path, level: str) ->
         try:
             os.pwrite(fd, bytes(model), 0)
             os.fsync(fd)
-            vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", "14M", "--background",
-                   "--speed-max", "2M")
+            convert = ["--level", "raid5"] if level == "raid1-to-raid5" else []
+            vstore(home, "grow", "p", "--add", f"file://{d}/c.img", "--size", size, "--background",
+                   "--speed-max", "2M", *convert)
             for _ in range(30):  # acknowledged while the data moves
                 n = int(rng.integers(1, 64 * 1024))
                 off = int(rng.integers(0, len(model) - n))
@@ -393,6 +438,7 @@ def test_kill9_mount_during_a_reshape_then_resume(tmp_path: Path, level: str) ->
         st = status(home)  # on record: the reshape at its last checkpoint
         assert st["operation"]["kind"] == "reshape" and st["operation"]["state"] == "interrupted"
         assert st["operation"]["cursor"] > 0 and len(st["members"]) == count + 1
+        assert st["level"] == ("raid5" if level == "raid1-to-raid5" else level)  # converted in the reshape's commit
 
         assert vstore_process(home, "mount", "p", str(mp)).returncode == 0  # resumes by itself
         st = _wait(home, lambda s: (s["operation"] or {}).get("state") == "done")
@@ -407,5 +453,5 @@ def test_kill9_mount_during_a_reshape_then_resume(tmp_path: Path, level: str) ->
     out = d / "out.raw"
     vstore(home, "export", "p", "v", str(out))
     assert out.read_bytes() == bytes(model)
-    if level == "raid5":
-        assert vstore(home, "scrub", "p").returncode == 0
+    if level != "raid0":
+        assert "0 mismatch" in vstore(home, "scrub", "p").stdout

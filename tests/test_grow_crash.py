@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import trio
 
+from vstore.consistency.metadata import DATA_OFFSET
 from vstore.ops import grow as ops_grow
 from vstore.ops import rebuild
 from vstore.pool.home import Home
@@ -170,21 +171,51 @@ async def test_power_cut_anywhere_while_a_mirror_is_added(tmp_path: Path, journa
         rec.forget()
 
 
-RESHAPES = [("raid0", 2, False), ("raid5", 3, False), ("raid5", 3, True), ("raid6", 4, False)]
+RESHAPES = [("raid0", 2, False), ("raid5", 3, False), ("raid5", 3, True), ("raid6", 4, False),
+            ("raid1", 2, False), ("raid10", 3, False)]
+
+
+async def _raid10_copies_differ(lay) -> list[int]:
+    """The logical chunks of a raid10 layout whose two copies differ (healthy members only)."""
+    bad = []
+    for c in range(lay.chunks):
+        (m0, o0), (m1, o1) = lay.copies(c)
+        if m0 in lay.failed or m1 in lay.failed:
+            continue
+        a = np.asarray(await lay.members[m0].read(o0, lay.chunk))
+        if not np.array_equal(a, np.asarray(await lay.members[m1].read(o1, lay.chunk))):
+            bad.append(c)
+    return bad
 
 
 @pytest.mark.parametrize(("level", "n", "journal"), RESHAPES,
-                         ids=["raid0", "raid5-bitmap", "raid5-journal", "raid6-bitmap"])
-async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: int, journal: bool) -> None:
-    """n -> n+1 members, online: the backup of the critical rows, the cursor's checkpoints, the finish."""
+                         ids=["raid0", "raid5-bitmap", "raid5-journal", "raid6-bitmap", "raid1-to-raid5",
+                              "raid10-odd"])
+async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: int, journal: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """n -> n+1 members, online: the backup of the critical rows, the cursor's checkpoints, the finish.
+
+    raid1 is converted to raid5 (``--level raid5``) by the commit that starts the reshape.
+    """
     from vstore.ops import reshape
     from vstore.raid.reshape_layout import ReshapeLayout
     from vstore.testing import verify_parity
 
+    redone: list[bool] = []  # the open rewrote the critical rows from the backup (a cut inside them)
+    redo = reshape.redo_critical_section
+
+    async def counted(pool: Pool) -> bool:
+        redone.append(await redo(pool))
+        return redone[-1]
+
+    monkeypatch.setattr(reshape, "redo_critical_section", counted)
     rec = CrashRecorder(f"reshape{level}{next(_counter)}")
     try:
-        uris = [rec.add_memory(f"m{i}", 8 * MiB) for i in range(n)]
-        new = rec.add_memory("new", 8 * MiB)
+        convert = {"level": "raid5"} if level == "raid1" else {}
+        # A mirror holds one member's worth; raid10 over 3 half of the members' space.
+        size = 16 * MiB if convert else 12 * MiB if level == "raid10" else 8 * MiB
+        uris = [rec.add_memory(f"m{i}", size) for i in range(n)]
+        new = rec.add_memory("new", size)
         jr = rec.add_memory("j", 2 * MiB) if journal else None
         home = Home(tmp_path / "home")
         pool = await Pool.create(home, "p", level, uris, chunk=CHUNK, journal=jr)
@@ -197,23 +228,36 @@ async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: in
         writer = Writer(rec, pool, "v", list(range(0, 3072, 61)), seed=6)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run, 40, 0.003)  # acknowledged writes while the data moves
-            res = await reshape.add(pool, [new], speed={"max": 16 * MiB})
+            res = await reshape.add(pool, [new], speed={"max": 16 * MiB}, **convert)
         assert res["kind"] == "reshape" and res["to"] == n + 1 and pool.status()["size"] > size0
+        assert res["level"] == ("raid5" if convert else level)
         events = list(rec.events)
         abandon(pool)
         written = {off for _, off, _ in writer.done}
         untouched = [o for o in range(0, 12 * MiB, 4096) if o not in written]
         old_bytes = old.tobytes()
         phases: Counter[str] = Counter()
-        for cut in _cuts(len(events)) + [1, 2, 3, 5, 8, 13, 21, 34, 55]:
+        # (and densely near the end: the last copy, its checkpoint, the zero rows, the finish)
+        tail = list(range(max(0, len(events) - 60), len(events), 4))
+        # and densely after the backup reached the new member: the critical section (short for raid10)
+        from vstore.testing.crash import WriteEvent
+
+        first_backup = next(i for i, e in enumerate(events) if isinstance(e, WriteEvent) and e.device == "new"
+                            and e.offset >= DATA_OFFSET + size // 2)
+        critical = list(range(first_backup, min(first_backup + 48, len(events)), 3))
+        for cut in _cuts(len(events)) + [1, 2, 3, 5, 8, 13, 21, 34, 55] + tail + critical:
             rec.events = list(events)
             states = rec.materialize(cut, "random", random.Random(cut))
             await rec.crash(states)
+            redone.clear()
             pool = await reopen_after_crash(home, "p")
             try:
                 r = pool.meta.get("reshape")
-                phases["before" if len(pool.members) == n else "backup" if r and r["backup"]
+                assert not (r and r["backup"]), "the open left the critical section to redo"
+                phases["before" if len(pool.members) == n else "backup" if any(redone)
                        else "copying" if r else "done"] += 1
+                # The level changed with the member count, in one commit.
+                assert pool.level == (level if len(pool.members) == n or not convert else "raid5"), cut
                 for attempt in ("reopened", "finished"):
                     vol = np.asarray(await pool.get_volume("v").read(0, 12 * MiB)).tobytes()
                     assert all(vol[o : o + 4096] == old_bytes[o : o + 4096] for o in untouched), \
@@ -227,7 +271,10 @@ async def test_power_cut_anywhere_in_a_reshape(tmp_path: Path, level: str, n: in
                 if level != "raid0" and len(pool.members) == n + 1:
                     await pool.consistency.wait_resynced()
                     lay = pool.layout.new if isinstance(pool.layout, ReshapeLayout) else pool.layout
-                    assert await verify_parity(lay) == [], f"cut {cut}: parity wrong after the reshape"
+                    if level == "raid10":
+                        assert await _raid10_copies_differ(lay) == [], f"cut {cut}: copies differ after it"
+                    else:
+                        assert await verify_parity(lay) == [], f"cut {cut}: parity wrong after the reshape"
             finally:
                 await pool.aclose()
         # Cuts fell before the reshape, in its critical section, during the copy and after it.
@@ -323,14 +370,16 @@ async def test_a_stopped_reshape_serves_both_geometries_and_resumes(tmp_path: Pa
         await pool.aclose()
 
 
-async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path) -> None:
-    """raid5 3 -> 4: member 1 fails half way; the copy goes on degraded, every byte reads back."""
+@pytest.mark.parametrize("level", ["raid5", "raid10"])
+async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path, level: str) -> None:
+    """3 -> 4 members: member 1 fails half way; the copy goes on degraded, every byte reads back."""
     from vstore.ops import reshape
 
     home = Home(tmp_path / "home")
     tag = next(_counter)
-    uris = [f"memory://fail{tag}-{i}?size={8 * MiB}" for i in range(4)]
-    pool = await Pool.create(home, "p", "raid5", uris[:3], chunk=CHUNK)
+    size = 12 * MiB if level == "raid10" else 8 * MiB
+    uris = [f"memory://fail{tag}-{i}?size={size}" for i in range(4)]
+    pool = await Pool.create(home, "p", level, uris[:3], chunk=CHUNK)
     try:
         await pool.create_volume("v", 12 * MiB)
         model = np.random.default_rng(12).integers(0, 256, 12 * MiB, dtype=np.uint8)
@@ -352,5 +401,24 @@ async def test_a_member_failing_mid_reshape_is_survived(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
         assert "reshape" not in pool.meta and pool.state == "degraded"
         assert np.array_equal(np.asarray(await vol.read(0, 12 * MiB)), model)
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["bitmap", "journal"])
+async def test_a_started_reshape_keeps_the_journal_or_bitmap(tmp_path: Path, journal: bool) -> None:
+    """The process that starts a reshape routes both geometries' updates through the pool's journal or bitmap."""
+    from vstore.ops import reshape
+
+    home = Home(tmp_path / "home")
+    tag = next(_counter)
+    uris = [f"memory://keep{tag}-{i}?size={8 * MiB}" for i in range(4)]
+    jr = f"memory://keep{tag}-j?size={2 * MiB}" if journal else None
+    pool = await Pool.create(home, "p", "raid5", uris[:3], chunk=CHUNK, journal=jr)
+    try:
+        log = pool.layout.journal
+        assert log is not None
+        await reshape.start(pool, [uris[3]])
+        assert pool.layout.journal is log and pool.layout.old.journal is log and pool.layout.new.journal is log
     finally:
         await pool.aclose()

@@ -27,25 +27,30 @@ from vstore.sizes import format_size
               help="Take the space the members' devices grew by (as mdadm --grow --size=max).")
 @click.option("--size", type=SIZE, default=None, help="Create missing file:// members of this size.")
 @click.option("--force", is_flag=True, help="Use a URI even if it belongs to another pool.")
+@click.option("--level", default=None, metavar="LEVEL",
+              help="With --add: convert a two-member raid1 pool to raid5 (then reshaped onto the new members).")
 @click.option("--background", is_flag=True, help="Return once started (the pool must be mounted).")
 @json_option
 @speed_options
 @click.pass_context
 def grow(ctx: click.Context, pool: str, uris: tuple[str, ...], add: bool, members_grew: bool,
-         size: int | None, force: bool, background: bool, as_json: bool, speed_min: int | None,
+         size: int | None, force: bool, level: str | None, background: bool, as_json: bool, speed_min: int | None,
          speed_max: int | None) -> None:
     """Grow POOL: `--add URI...` adds members, `--members-grew` takes the space its members grew by."""
     if add == members_grew:
         raise ConfigError("say what grows: --add URI... (new members) or --members-grew")
     if add and not uris:
         raise ConfigError("--add needs at least one URI")
+    if members_grew and level is not None:
+        raise ConfigError("--level goes with --add (a conversion adds a member)")
     if members_grew and uris:
         raise ConfigError("--members-grew takes no URI (it reads the members' sizes again)")
     if members_grew:
         r = run_pool_command(ctx, pool, "grow", as_json=as_json, members_grew=True)
     else:
+        extra = {"level": level} if level is not None else {}
         r = run_pool_command(ctx, pool, "grow", background=background, as_json=as_json, add=list(uris),
-                             size=size, force=force, speed=_speed(speed_min, speed_max))
+                             size=size, force=force, speed=_speed(speed_min, speed_max), **extra)
     if r is None:
         return
     if as_json:
@@ -69,7 +74,8 @@ def _echo(pool: str, r: dict[str, Any]) -> None:
     members = ", ".join(map(str, r.get("added_members", [])))
     if r.get("kind") == "reshape":
         secs = float(r.get("seconds", 0) or 0)
-        click.echo(f"pool {pool!r} reshaped from {r['from']} onto {r['to']} members "
+        conv = f"converted from {r['converted_from']} to {r['level']} and " if r.get("converted_from") else ""
+        click.echo(f"pool {pool!r} {conv}reshaped from {r['from']} onto {r['to']} members "
                    f"({format_size(int(r.get('bytes', 0)))} moved in {secs:.1f} s); now "
                    f"{format_size(int(r['size']))}; pool is {r.get('pool_state', 'clean')}")
         return

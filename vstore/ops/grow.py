@@ -33,10 +33,9 @@ pool record come first (a crash then leaves an extra record entry that the pool
 metadata does not name, which the next open ignores), the commit makes the
 growth real, and nothing is written into new space before the layout covers it.
 
-raid0, raid5 and raid6 pools take new members by a reshape
-(``vstore.ops.reshape``, md's ``--grow --raid-devices``); raid10 is refused with
-one line (the crash-safe order of its reshape is proved on a model in
-``vstore.raid.reshape``, but its per-chunk locks and resync are not adapted).
+raid0, raid5, raid6 and raid10 pools take new members by a reshape
+(``vstore.ops.reshape``, md's ``--grow --raid-devices``), and so does a two-member
+raid1 converted to raid5 (``--level raid5``, md's raid1 -> raid5).
 """
 
 from __future__ import annotations
@@ -342,7 +341,7 @@ def _check_add(pool: PoolView, uris: list[str], size: int | None) -> None:
                           f"needs {format_size(need)}")
     if pool.level not in raid_grow.APPENDABLE:
         raise ConfigError(f"growing a {pool.level} pool onto more members needs a reshape, which vstore "
-                          "does not do yet for this level (linear, raid1, raid0, raid5 and raid6 pools take new members; "
+                          "does not do yet for this level (linear, raid1, raid0, raid5, raid6 and raid10 pools take new members; "
                           "any pool takes members that grew: --members-grew)")
 
 

@@ -1,4 +1,4 @@
-"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0, raid5, raid6.
+"""Reshape a pool onto more members online (md's ``--grow --raid-devices``): raid0, raid5, raid6, raid10.
 
 ``start`` joins the new members (superblocks, pool record, as ``vstore.ops.grow``
 does), puts a ``ReshapeLayout`` (``vstore.raid.reshape_layout``) in the pool's
@@ -12,13 +12,17 @@ geometry the cursor says. ``run`` then copies, in the order that
    put on record before new row 0 is written; the whole critical section holds
    its chunks' locks;
 2. then row batches of whole new rows (parity computed from the data alone; the
-   last one padded with zeros), each under the locks of the rows it reads and
-   writes in both geometries: a batch
+   last one padded with zeros; raid10: the chunks wholly in those rows, both
+   copies, so with an odd member count a batch also writes the first copy of its
+   first chunk in the row below, a row reshape_safe already allowed), each under
+   the locks of the rows it reads and writes in both geometries: a batch
    overwrites old rows only once the committed cursor covers their chunks
    (otherwise the members are flushed and the cursor committed first), and the
    cursor is also committed every few seconds or megabytes, paced like a rebuild;
-3. at the end (raid5/raid6: once the rows above the data, old rows under no
-   parity, are written as zero rows), ``meta["reshape"]`` goes and the larger
+3. at the end the cursor is committed at the last chunk; only then (raid5/raid6)
+   are the rows above the data, old rows under no parity, written as zero rows
+   (they overwrite old rows: before that commit a crash would copy chunks again
+   from rows already zeroed); then ``meta["reshape"]`` goes and the larger
    ``n_extents`` comes in one commit (the extent size stays: volumes' extent
    numbers keep their meaning).
 
@@ -72,9 +76,34 @@ def _shapes(pool: PoolView, n_old: int) -> tuple[plan.Shape, plan.Shape]:
     return plan.Shape(pool.level, n_old), plan.Shape(pool.level, len(pool.members))
 
 
-async def start(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False) -> None:
-    """Join uris as new members and put the pool in the reshape layout, on record (cursor 0)."""
-    if pool.level not in ONLINE_LEVELS:
+CONVERSIONS = {("raid1", "raid5")}  # (from, to): the level changes and the reshape starts in one commit
+
+
+def check_level_change(pool: PoolView, level: str | None) -> str:
+    """The level the pool is reshaped into (``--level``); ConfigError for a conversion vstore does not do."""
+    if level is None or level == pool.level:
+        return pool.level
+    if (pool.level, level) not in CONVERSIONS:
+        raise ConfigError(f"vstore converts a raid1 pool of two members to raid5 only, not a {pool.level} "
+                          f"pool to {level}")
+    if len(pool.members) != 2:
+        raise ConfigError(f"a raid1 pool converts to raid5 with two members (as md), not "
+                          f"{len(pool.members)}: fail and remove the extra mirrors first")
+    return level
+
+
+async def start(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
+                level: str | None = None) -> None:
+    """Join uris as new members and put the pool in the reshape layout, on record (cursor 0).
+
+    With ``level="raid5"`` on a two-member raid1 pool (md's raid1 -> raid5): a
+    2-member raid5 holds exactly a 2-member raid1's bytes (``vstore.raid.geometry``),
+    so the same commit that records the reshape records the level raid5 with two
+    old members, and the reshape onto n + k members is a raid5 one from there.
+    """
+    target = check_level_change(pool, level)
+    converting = target != pool.level
+    if target not in ONLINE_LEVELS:
         raise ConfigError(f"growing a {pool.level} pool onto more members needs a reshape, which vstore "
                           f"does online for {', '.join(ONLINE_LEVELS)} only so far (any pool takes members "
                           "that grew: --members-grew)")
@@ -90,7 +119,7 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
         raise ConfigError(f"--size {format_size(size)} is too small: a new member of pool {pool.name!r} "
                           f"needs {format_size(DATA_OFFSET + need)}")
     n0 = len(pool.members)
-    old, new = plan.Shape(pool.level, n0), plan.Shape(pool.level, n0 + len(uris))
+    old, new = plan.Shape(target, n0), plan.Shape(target, n0 + len(uris))
     ops_grow._check_journal_room(pool, new.n)
     await pool.consistency.wait_resynced()  # the rows of an unclean shutdown: consistent first
     if not plan.backup_fits(old, new, layout.rows):
@@ -118,7 +147,8 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
         devs = [m.data_dev for m in pool.members] + [m.data_dev for m in added]
         if isinstance(layout, ReshapeLayout) and layout.finished:
             layout = layout.new  # a reshape finished in this process: its geometry is the old one now
-        reshaping = ReshapeLayout(devs, C, level=pool.level, n_old=n0, committed=0, old=layout,
+        # (A converted raid1 stays the old geometry in this process: its bytes are the 2-member raid5's.)
+        reshaping = ReshapeLayout(devs, C, level=target, n_old=n0, committed=0, old=layout,
                                   on_member_failed=layout.on_member_failed)
     except BaseException:
         for _, dev in joined:
@@ -129,8 +159,15 @@ async def start(pool: PoolView, uris: list[str], *, size: int | None = None, for
     pool.data_dev.inner = reshaping  # the volumes' device: the same object, a new layout below
     pool.meta["reshape"] = {"from": n0, "to": new.n, "cursor": 0, "backup": None,
                             "started": int(time.time())}
+    if converting:
+        pool.meta["reshape"]["converted_from"] = pool.level
+        pool.meta["level"] = target  # one commit: raid1 before it, raid5 being reshaped after it
+    # The journal or bitmap sees the updates of both geometries (and a parity level's rows).
+    pool.consistency.attach(reshaping)
     await pool.commit()
-    log.info("pool %s: reshaping from %d onto %d members", pool.name, n0, new.n)
+    log.info("pool %s: %sreshaping from %d onto %d members", pool.name,
+             f"converted from {pool.meta['reshape'].get('converted_from')} to {target}, " if converting else "",
+             n0, new.n)
 
 
 async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -154,15 +191,7 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
     lo, hi = speed_of(speed)
     limiter = RateLimiter(layout, lo, hi)
 
-    async def checkpoint(cursor: int, **extra: Any) -> None:
-        """Flush the members, then put the cursor (never lower than on record) in the metadata."""
-        await layout.flush_members()
-        rec_now = pool.meta["reshape"]
-        cursor = max(cursor, int(rec_now["cursor"]))
-        pool.meta["reshape"] = {**rec_now, "cursor": cursor, **extra}
-        await pool.commit()
-        layout.checkpointed(cursor)
-
+    checkpoint = _checkpointer(pool, layout)
     # Stays after a stop too: a later write past the recorded cursor must still put it on record.
     layout.on_checkpoint = checkpoint
     # Rows dirty at a crash are resynced (each by the geometry owning it) before the copy moves on.
@@ -192,9 +221,15 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
             await checkpoint(layout.done)
             since, last = 0, time.monotonic()
         r = r1
+    # Every chunk on record in the new geometry first: the zero rows overwrite old rows, whose
+    # chunks a crash before this checkpoint would copy again from there (the plan's model).
+    await checkpoint(total)
     if new.n > new.k:  # parity: the rows above the data hold old rows under no parity: zeros
         await _zero_rows(layout, data_rows, layout.rows)
-    await checkpoint(total)
+        await layout.flush_members()
+    elif new.level == "raid10":  # old chunks under the new pairing (copies that differ): zeros
+        await _zero_chunks(layout, new.chunks_below(data_rows), int(layout.new.size) // C)
+        await layout.flush_members()
     # Done: the pool is its new geometry; one commit records the larger size.
     layout.finish()
     pool.data_dev.size = layout.size
@@ -204,10 +239,44 @@ async def run(pool: PoolView, op: Operation, speed: dict[str, Any] | None = None
     seconds = time.monotonic() - t0
     nbytes = (total - start_cursor) * C
     log.info("pool %s: reshaped onto %d members (%s in %.1f s)", pool.name, new.n, format_size(nbytes), seconds)
-    return {"kind": "reshape", "level": pool.level, "from": old.n, "to": new.n, "bytes": nbytes,
+    conv = {"converted_from": rec["converted_from"]} if rec.get("converted_from") else {}
+    return {"kind": "reshape", "level": pool.level, **conv, "from": old.n, "to": new.n, "bytes": nbytes,
             "seconds": round(seconds, 3), "resumed": resumed, "resumed_at_chunk": start_cursor,
             "added_members": list(range(old.n, new.n)),
             "size": pool.n_extents * pool.extent_size, "pool_state": pool.state}
+
+
+def _checkpointer(pool: PoolView, layout: ReshapeLayout) -> Any:
+    """The reshape's checkpoint: flush the members, then put the cursor (never lower) on record."""
+
+    async def checkpoint(cursor: int, **extra: Any) -> None:
+        await layout.flush_members()
+        rec_now = pool.meta["reshape"]
+        cursor = max(cursor, int(rec_now["cursor"]))
+        pool.meta["reshape"] = {**rec_now, "cursor": cursor, **extra}
+        await pool.commit()
+        layout.checkpointed(cursor)
+
+    return checkpoint
+
+
+async def redo_critical_section(pool: PoolView) -> bool:
+    """At open, before anything is served: a crash in the critical section (backup on record) redone.
+
+    The old rows below the critical row may be half overwritten by new rows, so
+    the old geometry cannot serve their chunks: the new rows are written again
+    from the backup and the cursor committed past them (as ``run`` would first).
+    Whether there was one to redo.
+    """
+    layout = pool.layout
+    rec = pool.meta.get("reshape")
+    if not rec or rec.get("backup") is None or not isinstance(layout, ReshapeLayout) or pool.read_only:
+        return False
+    old, new = _shapes(pool, int(rec["from"]))
+    await _critical_section(pool, layout, old, new, plan.critical_rows(old, new), plan.backup_chunks(old, new),
+                            _checkpointer(pool, layout))
+    log.info("pool %s: the reshape's critical section was redone from its backup", pool.name)
+    return True
 
 
 async def _source(layout: ReshapeLayout, c0: int, c1: int, row_end: int,
@@ -232,6 +301,16 @@ async def _zero_rows(layout: ReshapeLayout, r0: int, r1: int) -> None:
     for r in range(r0, r1, step):
         n = min(step, r1 - r)
         await layout.new.write(r * row, zeros[: n * row])
+
+
+async def _zero_chunks(layout: ReshapeLayout, c0: int, c1: int) -> None:
+    """Write zeros over logical chunks [c0, c1) of the new geometry (raid10: both copies; nobody addresses them yet)."""
+    C = layout.chunk
+    step = max(1, (4 << 20) // C)
+    zeros = np.zeros(step * C, dtype=np.uint8)
+    for c in range(c0, c1, step):
+        n = min(step, c1 - c)
+        await layout.new.write(c * C, zeros[: n * C])
 
 
 async def _critical_section(pool: PoolView, layout: ReshapeLayout, old: plan.Shape, new: plan.Shape,
@@ -274,17 +353,18 @@ async def _read_backup(pool: PoolView, layout: ReshapeLayout, members: list[int]
 
 
 async def add(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
-              speed: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Reshape onto the added members in this task."""
-    await start(pool, uris, size=size, force=force)
+              speed: dict[str, Any] | None = None, progress: Progress | None = None,
+              level: str | None = None) -> dict[str, Any]:
+    """Reshape onto the added members in this task (``level``: convert a raid1 to raid5 first)."""
+    await start(pool, uris, size=size, force=force, level=level)
     return await pool.lifecycle.run("reshape", lambda op: run(pool, op, speed), progress)
 
 
 async def start_add(pool: PoolView, uris: list[str], *, size: int | None = None, force: bool = False,
-                    speed: dict[str, Any] | None = None) -> Operation:
+                    speed: dict[str, Any] | None = None, level: str | None = None) -> Operation:
     """Reshape onto the added members in the background (the mount process)."""
     pool.lifecycle.check_idle()
-    await start(pool, uris, size=size, force=force)
+    await start(pool, uris, size=size, force=force, level=level)
     return pool.lifecycle.start("reshape", lambda op: run(pool, op, speed))
 
 

@@ -324,23 +324,29 @@ async def resume(pool: Pool, *, speed: dict[str, int] | None = None,
 @command("grow", background=True, label="grow")
 async def grow(pool: Pool, *, add: list[str] | None = None, members_grew: bool = False,
                size: int | None = None, force: bool = False, speed: dict[str, int] | None = None,
-               progress: ProgressFactory = no_progress) -> dict[str, Any]:
-    """Add members (linear: space at once; raid1: a copy rebuilt), or take the space members grew by."""
+               level: str | None = None, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Add members (linear: space at once; raid1: a copy rebuilt; level: raid1 -> raid5), or take the space members grew by."""
     from vstore.ops import grow as ops_grow
 
     if members_grew == bool(add):
         raise ConfigError("say what grows: --add URI... (new members) or --members-grew")
     if members_grew:
+        if level is not None:
+            raise ConfigError("--level goes with --add (a conversion adds a member)")
         with progress("zeroing the space members grew by") as cb:
             return await ops_grow.members_grew(pool, progress=cb)
     from vstore.ops import reshape as ops_reshape
 
-    how: Any = ops_reshape if pool.level in ops_reshape.ONLINE_LEVELS else ops_grow  # restripe, or append
+    # Restripe (raid1 -> raid5 too: a conversion, then a reshape), or append.
+    extra: dict[str, Any] = {}
+    how: Any = ops_grow
+    if pool.level in ops_reshape.ONLINE_LEVELS or (level is not None and level != pool.level):
+        how, extra = ops_reshape, {"level": level}
     if pool.lifecycle.resident:
-        got = await how.start_add(pool, list(add or []), size=size, force=force, speed=speed)
+        got = await how.start_add(pool, list(add or []), size=size, force=force, speed=speed, **extra)
         return got if isinstance(got, dict) else {"started": got.status()}
     with progress() as cb:
-        return await how.add(pool, list(add or []), size=size, force=force, speed=speed, progress=cb)
+        return await how.add(pool, list(add or []), size=size, force=force, speed=speed, progress=cb, **extra)
 
 
 @command("scrub", background=True, label="scrub")

@@ -328,6 +328,11 @@ class Pool:
                 await pool._take_ownership()
                 await pool.consistency.recover_and_start()
                 pool.lifecycle.reattach()  # before anything writes: an interrupted move records them
+                if (pool.meta.get("reshape") or {}).get("backup") is not None:
+                    from vstore.ops.reshape import redo_critical_section
+
+                    # Half-written critical rows: rewritten from the reshape's backup before any read.
+                    await redo_critical_section(pool)
             else:
                 await pool.consistency.probe_journal()
                 pool.consistency.warn_if_recovery_pending()
@@ -500,6 +505,13 @@ class Pool:
             from vstore.raid.reshape_layout import ReshapeLayout
 
             rec = self.meta["reshape"]
+            if rec.get("backup") is not None and self.read_only:
+                # A crash inside the critical section: its old rows may be half overwritten, and
+                # only a read-write open rewrites them from the backup (vstore.ops.reshape).
+                log.warning("pool %s: a reshape's critical section awaits its redo: open it read-write "
+                            "to serve its data", self.name)
+                self.layout, self.data_dev, self.volumes = None, None, {}
+                return
             self.layout = ReshapeLayout(devs, self.meta["chunk"], level=self.level, n_old=int(rec["from"]),
                                         committed=int(rec["cursor"]), failed=failed,
                                         on_member_failed=self.on_member_failed)

@@ -189,6 +189,7 @@ class RaidLayout(DeviceBase):
     level: str = ""
     rows: int | None = None  # stripe rows (None: linear, which has none)
     row_bytes: int | None = None  # data bytes of one row (parity levels)
+    transient = False  # the old geometry of a conversion (a 2-member raid5): geometry.check_member_count
 
     def __init__(
         self,
@@ -198,7 +199,7 @@ class RaidLayout(DeviceBase):
         on_member_failed: OnMemberFailed | None = None,
         rebuilding: Iterable[int] = frozenset(),
     ) -> None:
-        geometry.check_member_count(self.level, len(members))
+        geometry.check_member_count(self.level, len(members), layout=self.transient)
         geometry.check_chunk(chunk)
         self.members: list[BlockDevice] = list(members)
         self.n = len(self.members)

@@ -24,7 +24,9 @@ raid5 (md left-symmetric)
     ``k = n - 1`` data chunks per row; logical chunk ``c`` is data chunk
     ``j = c mod k`` of row ``r = c // k``. Parity of row ``r`` is on member
     ``p = n - 1 - (r mod n)``; data chunk ``j`` is on member ``(p + 1 + j) mod n``.
-    P is the XOR of the row's data chunks. Size ``rows * k * C``.
+    P is the XOR of the row's data chunks. Size ``rows * k * C``. A layout over
+    ``n = 2`` (not a new pool: the middle of a raid1 -> raid5 conversion) holds
+    chunk ``r`` and its copy P in row ``r``: the bytes of a 2-member raid1.
 
 raid6 (md left-symmetric, P then Q)
     ``k = n - 2``; P of row ``r`` on ``p = n - 1 - (r mod n)``, Q on
@@ -84,9 +86,16 @@ def check_chunk(chunk: int) -> int:
 MAX_MEMBERS = {"raid6": 255 + 2}
 
 
-def check_member_count(level: str, n: int) -> None:
-    """Raise ConfigError unless n members suit the level."""
-    need = min_members(level)
+# A transient layout (``RaidLayout.transient``: not a pool's own) takes a 2-member raid5, as md does: its rows hold one data chunk
+# and P, a copy of it, on the two members in turn, which are exactly the bytes of a 2-member
+# raid1 (row r = member bytes [r*C, (r+1)*C) = logical chunk r on both). It is the state a
+# raid1 -> raid5 conversion passes through (vstore.ops.reshape), reshaped at once onto more.
+_LAYOUT_MIN_MEMBERS = {"raid5": 2}
+
+
+def check_member_count(level: str, n: int, *, layout: bool = False) -> None:
+    """Raise ConfigError unless n members suit the level (``layout``: a transient layout, a 2-member raid5 too)."""
+    need = _LAYOUT_MIN_MEMBERS.get(level, min_members(level)) if layout else min_members(level)
     if n < need:
         raise ConfigError(f"{level} needs at least {need} members, got {n}")
     most = MAX_MEMBERS.get(level)

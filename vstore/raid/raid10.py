@@ -101,7 +101,11 @@ class Raid10Layout(RaidLayout):
 
     async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
         """For each chunk with a copy in member row ``row``: its first healthy copy over the other."""
-        for c in self.resync_keys(row):
+        await self.resync_chunks(self.resync_keys(row))
+
+    async def resync_chunks(self, chunks: Iterable[int]) -> None:
+        """For each of these logical chunks: its first healthy copy over the other (the caller holds them)."""
+        for c in chunks:
             while True:
                 self.require_usable()
                 copies = self.copies(c)

@@ -39,3 +39,9 @@ class Raid5Layout(ParityLayout):
         """Rebuild the one missing data row in place from the others and P."""
         (x,) = missing
         kernels.recover_data_q(data, parity[0], x)
+
+
+class ConvertedRaid5Layout(Raid5Layout):
+    """A raid5 of two members: a two-member raid1's bytes, the old geometry of a raid1 -> raid5 conversion."""
+
+    transient = True

@@ -5,7 +5,8 @@ geometry) and the layout of all members (the new one). Logical chunks below
 ``done`` are served by the new geometry, the rest by the old; ``committed`` is
 the cursor on record in the pool metadata (``vstore.raid.reshape`` says why the
 two differ and what the copy may overwrite). Every request holds the member rows
-its chunks lie in, in both geometries (``row_keys``: the keys of the base
+its chunks lie in, in both geometries (raid10: the rows of both copies of each
+chunk; ``row_keys``: the keys of the base
 ``locked``, as a resync's), so a copy step, which holds the rows it reads and
 writes, never interleaves with a request on them, and a resync of a row excludes
 every request on it whatever geometry serves it.
@@ -19,7 +20,9 @@ The journal or write-intent bitmap and a pending resync are shared with both
 inner layouts. After a crash a dirty row is resynced by the geometry that owns it
 on record (``resync_row``): the new one below the committed cursor, the old one
 where its chunks are still at or above it; the rows between (copied past the
-checkpoint) are skipped, as the resumed copy writes them again.
+checkpoint) are skipped, as the resumed copy writes them again. raid10 with an
+odd member count has rows holding chunks on both sides of the cursor: there each
+chunk is resynced in the geometry owning it (``Raid10Layout.resync_chunks``).
 ``vstore.ops.reshape`` drives the copy.
 """
 
@@ -31,10 +34,12 @@ from typing import Any
 import numpy as np
 
 from vstore.errors import ConfigError
+from vstore.raid import geometry
 from vstore.raid.base import OnMemberFailed, RaidLayout
+from vstore.raid.reshape import Shape
 from vstore.stack.device import BlockDevice
 
-ONLINE_LEVELS = ("raid0", "raid5", "raid6")
+ONLINE_LEVELS = ("raid0", "raid5", "raid6", "raid10")
 
 
 class ReshapeLayout(RaidLayout):
@@ -53,14 +58,19 @@ class ReshapeLayout(RaidLayout):
             raise ConfigError(f"a reshape from {n_old} onto {self.n} members")
         self.n_old = n_old
         # The old geometry may be the pool's layout until now (its locks and counters go on).
+        if old is None and level == "raid5" and n_old == 2:  # a raid1 converted (vstore.ops.reshape)
+            from vstore.raid.raid5 import ConvertedRaid5Layout
+
+            old = ConvertedRaid5Layout(list(members[:n_old]), chunk)
         self.old = old if old is not None else make_layout(level, list(members[:n_old]), chunk)
         self.new = make_layout(level, list(members), chunk)
         for inner in (self.old, self.new):
             inner.failed = self.failed  # one failed set: a member failing fails it in both
             inner.on_member_failed = on_member_failed
         self.journal, self.resync = self._journal, self._resync  # (set before the inner layouts were)
-        self.k_old = self.old.size // self.old.rows // chunk if self.old.rows else 1
-        self.k_new = self.new.size // self.new.rows // chunk if self.new.rows else 1
+        # Which logical chunks each member row holds in each geometry (raid10: n/2 per row, a
+        # pair of copies straddling two rows when n is odd).
+        self.shape_old, self.shape_new = Shape(level, n_old), Shape(level, self.n)
         self.rows = self.new.rows
         self.row_bytes = self.new.row_bytes
         self.total = self.old.size // chunk  # logical chunks to move
@@ -103,9 +113,22 @@ class ReshapeLayout(RaidLayout):
         """The member rows holding logical chunks [c0, c1) in either geometry (the lock keys)."""
         if c1 <= c0:
             return []
-        rows = set(range(c0 // self.k_new, (c1 - 1) // self.k_new + 1))
-        rows |= set(range(c0 // self.k_old, (c1 - 1) // self.k_old + 1))
+        rows: set[int] = set()
+        for shape in (self.shape_new, self.shape_old):
+            rows |= set(range(_first_row(shape, c0), _first_row(shape, c1 - 1, last=True) + 1))
         return sorted(rows)
+
+    @property
+    def state(self) -> str:
+        """'clean', 'degraded' or 'failed': the failed members must leave both geometries whole."""
+        if not self.failed:
+            return "clean"
+        old_failed = {i for i in self.failed if i < self.n_old}
+        if self.finished:
+            return self.new.state
+        ok = (geometry.survives(self.level, self.n, self.failed)
+              and geometry.survives(self.level, self.n_old, old_failed))
+        return "degraded" if ok else "failed"
 
     def chunk_keys(self, offset: int, length: int) -> list[int]:
         """The lock keys of a logical byte range: the member rows of its chunks, both geometries."""
@@ -117,9 +140,15 @@ class ReshapeLayout(RaidLayout):
 
     async def resync_row(self, row: int, trusted: frozenset[int] | set[int] = frozenset()) -> None:
         """Resync member row ``row`` in the geometry that owns it on record (nothing between the two)."""
-        if self.finished or row < self.committed // self.k_new:
+        if not self.finished and self.level == "raid10":
+            # With an odd member count a row holds chunks on both sides of the cursor: each chunk
+            # in the geometry owning it (new below the cursor, where the copy wrote both copies;
+            # old at or past it, whose old copies reshape_safe leaves intact).
+            await self.new.resync_chunks([c for c in self.new.resync_keys(row) if c < self.committed])
+            await self.old.resync_chunks([c for c in self.old.resync_keys(row) if c >= self.committed])
+        elif self.finished or self.shape_new.row_chunks(row).stop <= self.committed:
             await self.new.resync_row(row, trusted)
-        elif (row + 1) * self.k_old > self.committed:  # an old row still holding chunks at or past it
+        elif self.shape_old.row_chunks(row).stop > self.committed:  # an old row holding chunks at or past it
             await self.old.resync_row(row, trusted)
 
     def split(self, offset: int, length: int) -> list[tuple[RaidLayout, int, int, int]]:
@@ -190,3 +219,10 @@ class ReshapeLayout(RaidLayout):
         self.done = self.committed = self.total
         self.window_written = False
         self.size = self.new.size
+
+
+def _first_row(shape: Shape, c: int, *, last: bool = False) -> int:
+    """The member row of chunk c's first copy or data (``last``: of its last copy, raid10's second)."""
+    if shape.level == "raid10":
+        return (2 * c + (1 if last else 0)) // shape.n
+    return c // shape.k
