@@ -109,11 +109,13 @@ def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
     home = tmp_path / "home"
     vstore(home, "create", "tank", "--level", "raid1", "--size", "8M", *members(tmp_path, 2))
     proc = _popen(home, "status", "tank", "--watch", "0.5", "--json")
-    time.sleep(2.5)
+    # Interrupt once it draws (a loaded machine may take seconds just to start it), a frame later.
+    first = proc.stdout.readline()
+    time.sleep(1.2)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    frames = [json.loads(line) for line in out.splitlines()]
+    frames = [json.loads(line) for line in (first + out).splitlines()]
     assert len(frames) >= 2
     assert all(f["name"] == "tank" and f["state"] == "clean" for f in frames)
     # Not a terminal: text frames separated by a blank line; --count stops.
