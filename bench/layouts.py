@@ -31,7 +31,7 @@ import trio
 
 from backends.memory import MemoryDevice
 from vstore.raid import kernels, make_layout
-from vstore.stack.checksum import ChecksumDevice
+from vstore.stack.checksum import ChecksumDevice, unknown_area
 from vstore.stack.device import BlockDevice
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -347,6 +347,8 @@ async def bench_kind(kind: str, quick: bool, log: Callable[[str], None]) -> tupl
                 # The same layout with block checksums, over members of its own (filled through it
                 # first, so that reads verify real checksums), next to the layout without.
                 ckdevs = await members.make(n)
+                for d in ckdevs:  # members full of random bytes: as after create --force
+                    await unknown_area(d)
                 ck = make_layout(level, [ChecksumDevice(d) for d in ckdevs], CHUNK)
                 fill = np.random.default_rng(7).integers(0, 256, MiB, dtype=np.uint8)
                 for off in range(0, ck.size - MiB + 1, MiB):
