@@ -310,6 +310,7 @@ class RaidLayout(DeviceBase):
             raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
         self.failed.add(i)
         self.members[i] = dev
+        self._checksummed = None
         self.rebuilding.add(i)
 
     def finish_rebuild(self, i: int) -> None:
@@ -324,6 +325,7 @@ class RaidLayout(DeviceBase):
         if not 0 <= i < self.n:
             raise ConfigError(f"member index {i} out of range 0..{self.n - 1}")
         old, self.members[i] = self.members[i], dev
+        self._checksummed = None
         return old
 
     # --- member I/O ---------------------------------------------------------------------
@@ -716,7 +718,10 @@ class RaidLayout(DeviceBase):
     @property
     def checksummed(self) -> bool:
         """Whether the members keep block checksums (a pool made with --checksums)."""
-        return any(isinstance(m, ChecksumDevice) for m in self.members)
+        got = self.__dict__.get("_checksummed")
+        if got is None:  # looked up once, again after a member's device changes
+            got = self._checksummed = any(isinstance(m, ChecksumDevice) for m in self.members)
+        return got
 
     async def note_checksum_errors(self, i: int, offsets: list[int], outcome: str) -> None:
         """Count member i's blocks that failed their checksums; fail it past the threshold.
