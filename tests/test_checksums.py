@@ -359,3 +359,25 @@ def test_create_force_over_old_bytes_reads_zeros_and_scrubs_clean(tmp_path: Path
     assert vstore(home, "scrub", "p").returncode == 0
     st = json.loads(vstore(home, "status", "p", "--json").stdout)
     assert _cksum(st) == [0, 0, 0]
+
+
+async def test_a_discarded_block_reads_as_zeros_whatever_the_member_returns() -> None:
+    """A block vstore cannot vouch for (discarded: UNKNOWN) reads as zeros on every copy, even when a
+    member kept its old bytes (NFS) or returns flipped ones, and a resync does not bless those bytes."""
+    from vstore.raid import make_layout
+
+    inner = [MemoryDevice(np.zeros(4 * MiB, np.uint8)) for _ in range(2)]
+    layout = make_layout("raid1", [ChecksumDevice(m) for m in inner], 16384)
+    data = np.random.default_rng(4).integers(0, 256, 16 * BLOCK, dtype=np.uint8)
+    await layout.write(0, data)
+    await layout.discard(4 * BLOCK, 4 * BLOCK)
+    # Whatever the members hold there now (a member that ignores discards keeps old bytes;
+    # rot flips them), the discarded blocks read as zeros, and the rest as written.
+    await inner[0].write(4 * BLOCK, np.full(4 * BLOCK, 0xEE, np.uint8))
+    expect = data.copy()
+    expect[4 * BLOCK : 8 * BLOCK] = 0
+    for _ in range(4):  # both mirrors are read in turn
+        assert np.array_equal(await layout.read(0, len(data)), expect)
+    await layout.rechecksum_row(0)
+    assert np.array_equal(await layout.read(0, len(data)), expect)
+    assert layout.checksum_errors == [0, 0]

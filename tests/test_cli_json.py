@@ -109,9 +109,9 @@ def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
     home = tmp_path / "home"
     vstore(home, "create", "tank", "--level", "raid1", "--size", "8M", *members(tmp_path, 2))
     proc = _popen(home, "status", "tank", "--watch", "0.5", "--json")
-    # Interrupt once it draws (a loaded machine may take seconds just to start it), a frame later.
+    # Interrupt once it has drawn twice (a loaded machine may take seconds just to start it).
     first = proc.stdout.readline()
-    time.sleep(1.2)
+    first += proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

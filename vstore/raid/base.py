@@ -483,6 +483,10 @@ class RaidLayout(DeviceBase):
         if not runs:
             return
         want = [await self.members[m].entries(off // SUM_BLOCK, len(got)) for m, off, got in runs]
+        for (m, off, views), _ in checked:  # blocks vstore cannot vouch for read as zeros
+            dev = self.members[m]
+            if isinstance(dev, ChecksumDevice) and dev.has_unknown:
+                dev.zero_unknown(off, views)
         if len(runs) == 1:
             if np.array_equal(runs[0][2], want[0]):
                 return
@@ -529,6 +533,10 @@ class RaidLayout(DeviceBase):
                 if isinstance(dev, ChecksumDevice):
                     mine.append(got[at // SUM_BLOCK : (at + n) // SUM_BLOCK])
                     want.append(await dev.entries(off // SUM_BLOCK, n // SUM_BLOCK))
+            for m, off, n, at in pieces:  # blocks vstore cannot vouch for read as zeros
+                dev = self.members[m]
+                if isinstance(dev, ChecksumDevice) and dev.has_unknown:
+                    dev.zero_unknown(off, [out[at : at + n]])
             if len(mine) == 1 and np.array_equal(mine[0], want[0]) or np.array_equal(
                     np.concatenate(mine), np.concatenate(want)):
                 return

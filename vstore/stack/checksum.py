@@ -17,9 +17,10 @@ CRC32C(4096 zero bytes)``, so a block of zeros has the entry 0; a page's CRC is
 ``CRC32C(its 1023 entries) XOR CRC32C(4092 zero bytes)``, so a new, sparse member is
 consistent as it is. ``UNKNOWN`` (0xFFFFFFFF) marks a block whose bytes vstore cannot
 vouch for: discarded (the member may or may not have kept them), or on a member that
-held other bytes before the pool (``create --force``); it is not verified until it is
-written again. A page that fails its own CRC is read once more (a flipped read must
-not make healthy blocks look corrupt); still bad, its blocks go unverified until
+held other bytes before the pool (``create --force``); it reads as zeros (what a
+discard promises, the same on every copy) until it is written again. A page that
+fails its own CRC is read once more (a flipped read must not make healthy blocks look
+corrupt); still bad, its blocks are ``UNVERIFIED`` (0xFFFFFFFE: read as stored) until
 rewritten. The checksum area costs 1/1023 of the member.
 
 Reads verify: a block whose CRC32C disagrees with its entry raises ``ChecksumError``
@@ -64,7 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vstore.stack.checksum")
 
 ZERO = crc32c(bytes(BLOCK))  # the CRC32C of a block of zeros: its entry is 0
-UNKNOWN = 0xFFFFFFFF  # a discarded block: not verified until written again
+UNKNOWN = 0xFFFFFFFF  # a block vstore cannot vouch for (discarded, old bytes): reads as zeros
+UNVERIFIED = 0xFFFFFFFE  # a block whose checksum page rotted: read as stored, unverified, until rewritten
+MAX_ENTRY = 0xFFFFFFFD  # a CRC landing on a marker is stored as this (a 1-in-2^31 weaker check, no marker)
 PAGE_ENTRIES = BLOCK // 4 - 1  # entries per 4 KiB checksum page; its last word is the page's own CRC
 ZERO_PAGE = crc32c(bytes(4 * PAGE_ENTRIES))
 CACHE_PAGES = int(os.environ.get("VSTORE_CHECKSUM_CACHE_PAGES", "") or 16384)  # 64 MiB: 64 GiB of data
@@ -103,7 +106,13 @@ def data_bytes(window: int) -> int:
 
 def entries_of(buf: np.ndarray) -> np.ndarray:
     """The checksum entries of the whole blocks of a buffer (CRC32C XOR the zero block's)."""
-    return block_sums(buf, xor=ZERO)
+    return _clamp(block_sums(buf, xor=ZERO))
+
+
+def _clamp(entries: np.ndarray) -> np.ndarray:
+    """A real entry never takes a marker's value (UNVERIFIED, UNKNOWN): those two map to MAX_ENTRY."""
+    np.minimum(entries, np.uint32(MAX_ENTRY), out=entries)
+    return entries
 
 
 class ChecksumDevice(FilterDevice):
@@ -131,6 +140,8 @@ class ChecksumDevice(FilterDevice):
         # in the I/O threads (Op.after); else (memory, network) the layout checksums a request
         # whole at once (RaidLayout._read_pieces). None until the first op is asked for.
         self.engine: bool | None = None
+        # Whether any UNKNOWN entry was ever seen (cached or set): reads then zero those blocks.
+        self.has_unknown = False
         self.stats = {"verified_blocks": 0, "mismatches": 0, "page_reads": 0, "page_writes": 0}
 
     # --- the entry cache ----------------------------------------------------------------
@@ -160,6 +171,8 @@ class ChecksumDevice(FilterDevice):
                         page = raw[(p - lo) * (PAGE_ENTRIES + 1) : (p - lo + 1) * (PAGE_ENTRIES + 1)].copy()
                         if int(page[PAGE_ENTRIES]) != page_crc(page):
                             page = await self._bad_page(p, at + (p - lo) * BLOCK)
+                        if not self.has_unknown and (page[:PAGE_ENTRIES] == UNKNOWN).any():
+                            self.has_unknown = True
                         self._pages[p] = page
             finally:
                 for p in range(lo, hi):
@@ -183,7 +196,7 @@ class ChecksumDevice(FilterDevice):
         log.warning("%r: checksum page %d fails its own CRC: its %d blocks are not verified until "
                     "written again", self, p, PAGE_ENTRIES)
         self.stats["bad_pages"] = self.stats.get("bad_pages", 0) + 1
-        page = np.full(PAGE_ENTRIES + 1, UNKNOWN, dtype=np.uint32)
+        page = np.full(PAGE_ENTRIES + 1, UNVERIFIED, dtype=np.uint32)
         self._version[p] = self._version.get(p, 0) + 1
         self._dirty.add(p)
         return page
@@ -222,6 +235,8 @@ class ChecksumDevice(FilterDevice):
 
     def _set(self, first: int, entries: np.ndarray) -> None:
         """Put entries for blocks [first, ...) in the cache (pages loaded), to be written back."""
+        if not self.has_unknown and (entries == UNKNOWN).any():
+            self.has_unknown = True
         b, count = first, len(entries)
         while b < first + count:
             p, e = divmod(b, PAGE_ENTRIES)
@@ -275,7 +290,7 @@ class ChecksumDevice(FilterDevice):
     def entries_of_views(views: list[np.ndarray]) -> np.ndarray:
         """``entries_of`` the consecutive bytes of views, as one array."""
         if all(v.ndim == 1 and v.dtype == np.uint8 and not len(v) & (BLOCK - 1) for v in views):
-            return block_sums_of(views, ZERO)
+            return _clamp(block_sums_of(views, ZERO))
         return entries_of(np.concatenate([as_u8(v) for v in views]))
 
     async def verify(self, offset: int, views: list[np.ndarray]) -> list[int]:
@@ -292,25 +307,56 @@ class ChecksumDevice(FilterDevice):
         diff = got != want
         if not diff.any():
             return []
-        diff &= want != np.uint32(UNKNOWN)
+        diff &= want < np.uint32(UNVERIFIED)  # neither UNKNOWN nor UNVERIFIED
         if not diff.any():
             return []
         self.stats["mismatches"] += int(diff.sum())
         return [offset + int(i) * BLOCK for i in np.flatnonzero(diff)]
 
     async def check_blocks(self, offset: int, length: int) -> tuple[np.ndarray, list[int]]:
-        """Read a range without raising: (its bytes as stored, offsets of blocks failing their checksum)."""
+        """Read a range without raising: (its bytes, UNKNOWN blocks as zeros; offsets of blocks failing)."""
         self._aligned(offset, length)
         buf = np.empty(length, dtype=np.uint8)
         await self.inner.readv_into(offset, [buf])
-        return buf, await self.verify(offset, [buf])
+        bad = await self.verify(offset, [buf])
+        self.zero_unknown(offset, [buf])
+        return buf, bad
+
+    def zero_unknown(self, offset: int, views: list[np.ndarray]) -> None:
+        """Zero the blocks of views (consecutive bytes read at offset, entries cached) whose entry is UNKNOWN.
+
+        A block vstore cannot vouch for (discarded, or from before the pool) reads as
+        zeros, whatever the member kept or returns: what a discard promises, and the
+        same on every copy.
+        """
+        if not self.has_unknown:
+            return
+        length = sum(len(v) for v in views)
+        first = offset // BLOCK
+        mask = self._entries(first, length // BLOCK) == UNKNOWN
+        if not mask.any():
+            return
+        for i in np.flatnonzero(mask).tolist():
+            a, b, pos = i * BLOCK, (i + 1) * BLOCK, 0
+            for v in views:
+                lo, hi = max(a, pos), min(b, pos + len(v))
+                if lo < hi:
+                    v[lo - pos : hi - pos] = 0
+                pos += len(v)
 
     async def rechecksum(self, offset: int, length: int) -> None:
-        """Make the entries of a range agree with its bytes (a resync trusting the data after a crash)."""
+        """Make the entries of a range agree with its bytes (a resync trusting the data after a crash).
+
+        An UNKNOWN block stays UNKNOWN (it reads as zeros; its bytes are not blessed).
+        """
         self._aligned(offset, length)
         if length:
             buf = as_u8(await self.inner.read(offset, length))
-            await self._store(offset // BLOCK, entries_of(buf))
+            first = offset // BLOCK
+            fresh = entries_of(buf)
+            old = await self.entries(first, len(fresh))
+            fresh[old == UNKNOWN] = UNKNOWN
+            await self._store(first, fresh)
 
     # --- BlockDevice --------------------------------------------------------------------
 
@@ -335,6 +381,7 @@ class ChecksumDevice(FilterDevice):
         bad = await self.verify(offset, views)
         if bad:
             raise ChecksumError(bad)
+        self.zero_unknown(offset, views)
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write whole blocks (their checksums on the member by the next flush)."""
