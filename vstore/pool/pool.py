@@ -259,16 +259,15 @@ class Pool:
                 for dev, size_i in zip(devs, sizes, strict=True):
                     if not dev.created:  # a fresh file is sparse: its checksum area reads as zeros
                         await unknown_area(OffsetDevice(dev, DATA_OFFSET, size_i, close_inner=False))
-            # A volume never sees bytes from before the pool: an extent not known to be zero
-            # (members that held other bytes, --force) is zeroed when a volume first takes it.
+            # Every extent counts as zeroed: members created here are sparse; with checksums,
+            # the blocks of members that held other bytes are UNKNOWN and read as zeros.
             pool.meta = {
                 "format": 1, "name": name, "pool_uuid": pool_uuid, "generation": 0,
                 "level": level, "chunk": chunk, "extent_size": ext, "n_extents": n_extents,
                 "created": int(time.time()), "members": [m.to_meta() for m in pool.members],
                 # Extents known to read as zeros: all of them when every member was created
                 # here (sparse); else none, and each is zeroed when a volume first takes it.
-                "volumes": [],
-                "zeroed": [[0, n_extents]] if n_extents and all(d.created for d in devs) else [],
+                "volumes": [], "zeroed": [[0, n_extents]] if n_extents else [],
                 "owner": owner_mod.my_token(), "clean": False,
             }
             if checksums:
