@@ -109,10 +109,12 @@ def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
     home = tmp_path / "home"
     vstore(home, "create", "tank", "--level", "raid1", "--size", "8M", *members(tmp_path, 2))
     env = dict(os.environ, VSTORE_HOME=str(home))
-    # Ctrl-C's default disposition in the child, whatever the test process inherited.
-    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli.main", "status", "tank", "--watch", "0.5",
-                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C raises KeyboardInterrupt in the child whatever disposition the test process passed on.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = ['vstore', 'status', 'tank', '--watch', '0.5', '--json']; "
+             "runpy.run_module('vstore.cli.main', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", start], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     # Interrupt once it has drawn twice (a loaded machine may take seconds just to start it), as a
     # user does: again if the first Ctrl-C went unheard (a known window: the closing note of session 5).
     first = proc.stdout.readline()
